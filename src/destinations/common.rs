@@ -1,0 +1,294 @@
+//! Helpers shared by the vendor adapters: dotted-path access on JSON, URL
+//! reduction, vendor hashing, form bodies and a per-event batch driver.
+//!
+//! Paths are dotted keys; an array met on the way is walked element by element,
+//! so `user.email` reaches `user.email[0..]` and `contents.item_name` reaches
+//! every content's `item_name`.
+
+use super::{BodyError, EventApplied};
+use crate::decide::EventVerdict;
+use crate::identify::{self, Identifiers};
+use serde_json::{Map, Value};
+
+pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
+    serde_json::from_slice(body).map_err(|e| {
+        BodyError::Unreadable(format!(
+            "invalid JSON at line {} column {}",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+pub fn to_json(v: &Value) -> Vec<u8> {
+    // Serialising a Value cannot fail (all keys are strings).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Every string (or number, as text) found at `path`.
+pub fn strings_at<'a>(v: &'a Value, path: &str) -> Vec<std::borrow::Cow<'a, str>> {
+    let mut out = Vec::new();
+    walk(v, path, &mut |x| collect_strings(x, &mut out));
+    out
+}
+
+fn collect_strings<'a>(v: &'a Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
+    match v {
+        Value::String(s) => out.push(std::borrow::Cow::Borrowed(s.as_str())),
+        Value::Number(n) => out.push(std::borrow::Cow::Owned(n.to_string())),
+        Value::Array(a) => a.iter().for_each(|x| collect_strings(x, out)),
+        _ => {}
+    }
+}
+
+fn walk<'a>(v: &'a Value, path: &str, f: &mut dyn FnMut(&'a Value)) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| walk(x, path, f)),
+        Value::Object(m) => {
+            let (head, rest) = split(path);
+            if let Some(x) = m.get(head) {
+                match rest {
+                    None => f(x),
+                    Some(r) => walk(x, r, f),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn split(path: &str) -> (&str, Option<&str>) {
+    match path.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (path, None),
+    }
+}
+
+/// Apply `f` to every value at `path` (mutable walk). Returns whether `f` said
+/// it changed anything.
+pub fn modify_at(v: &mut Value, path: &str, f: &mut dyn FnMut(&mut Value) -> bool) -> bool {
+    match v {
+        Value::Array(a) => a
+            .iter_mut()
+            .fold(false, |acc, x| modify_at(x, path, f) | acc),
+        Value::Object(m) => {
+            let (head, rest) = split(path);
+            match (m.get_mut(head), rest) {
+                (Some(x), None) => f(x),
+                (Some(x), Some(r)) => modify_at(x, r, f),
+                (None, _) => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Remove the key at `path` wherever it occurs. Returns whether anything went.
+pub fn remove_at(v: &mut Value, path: &str) -> bool {
+    match v {
+        Value::Array(a) => a.iter_mut().fold(false, |acc, x| remove_at(x, path) | acc),
+        Value::Object(m) => match split(path) {
+            (head, None) => m.shift_remove(head).is_some(),
+            (head, Some(r)) => m.get_mut(head).is_some_and(|x| remove_at(x, r)),
+        },
+        _ => false,
+    }
+}
+
+/// Remove every path in `paths`; push the names of those removed to `stripped`.
+pub fn remove_all(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
+    for p in paths {
+        if remove_at(v, p) {
+            stripped.push((*p).to_string());
+        }
+    }
+}
+
+/// Set `path` to `value`, creating objects on the way (no array walking).
+pub fn set_at(v: &mut Value, path: &str, value: Value) {
+    let mut cur = v;
+    let mut parts = path.split('.').peekable();
+    while let Some(p) = parts.next() {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        let Value::Object(m) = cur else { return };
+        if parts.peek().is_none() {
+            m.insert(p.to_string(), value);
+            return;
+        }
+        cur = m
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+/// `https://host/path?q` → `https://host/`. Unparseable values become "".
+pub fn reduce_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(u) => match u.host_str() {
+            Some(h) => match u.port() {
+                Some(p) => format!("{}://{}:{}/", u.scheme(), h, p),
+                None => format!("{}://{}/", u.scheme(), h),
+            },
+            None => String::new(),
+        },
+        Err(_) => String::new(),
+    }
+}
+
+/// Reduce every URL string at each path; push the names of those changed.
+pub fn reduce_urls(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
+    for p in paths {
+        let changed = modify_at(v, p, &mut |x| match x {
+            Value::String(s) => {
+                let r = reduce_url(s);
+                if r != *s {
+                    *s = r;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        });
+        if changed {
+            stripped.push((*p).to_string());
+        }
+    }
+}
+
+/// Hash every plaintext string at `path` with `hash` (values that already look
+/// hashed are left alone). Returns whether anything changed.
+pub fn hash_at(v: &mut Value, path: &str, hash: fn(&str) -> String) -> bool {
+    modify_at(v, path, &mut |x| hash_value(x, hash))
+}
+
+fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
+    match x {
+        Value::String(s) if !s.is_empty() && !identify::looks_hashed(s) => {
+            *s = hash(s);
+            true
+        }
+        Value::Number(n) => {
+            let h = hash(&n.to_string());
+            *x = Value::String(h);
+            true
+        }
+        Value::Array(a) => a.iter_mut().fold(false, |acc, y| hash_value(y, hash) | acc),
+        _ => false,
+    }
+}
+
+/// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
+pub fn hash_all(v: &mut Value, spec: &[(&str, fn(&str) -> String)], hashed: &mut Vec<String>) {
+    for (p, h) in spec {
+        if hash_at(v, p, *h) {
+            hashed.push((*p).to_string());
+        }
+    }
+}
+
+/// Add every string at each path to `ids` with `add`.
+pub fn collect(v: &Value, paths: &[&str], ids: &mut Identifiers, add: fn(&mut Identifiers, &str)) {
+    for p in paths {
+        for s in strings_at(v, p) {
+            add(ids, &s);
+        }
+    }
+}
+
+/// The events of a batch at `key` of a top-level object, one verdict each.
+/// Dropped events are removed; kept ones are passed to `apply`. Returns whether
+/// anything changed, and what was done per event (payload order).
+pub fn enforce_array(
+    events: &mut Vec<Value>,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> (bool, Vec<EventApplied>) {
+    let mut applied = Vec::with_capacity(events.len());
+    let mut keep_mask = Vec::with_capacity(events.len());
+    for ev in events.iter_mut() {
+        let ids = identify(ev);
+        let verdict = decide(&ids);
+        let mut a = EventApplied::new(verdict);
+        match verdict {
+            EventVerdict::Drop(_) => keep_mask.push(false),
+            EventVerdict::Keep(k) => {
+                apply(ev, &k, &mut a);
+                keep_mask.push(true);
+            }
+        }
+        applied.push(a);
+    }
+    let changed = applied.iter().any(EventApplied::changed);
+    let mut i = 0;
+    events.retain(|_| {
+        let k = keep_mask[i];
+        i += 1;
+        k
+    });
+    (changed, applied)
+}
+
+/// Enforce the array at `key` of a top-level JSON object (`{"data":[...]}`).
+/// An absent or non-array `key` is unreadable for the destination.
+pub fn enforce_json_batch(
+    body: &[u8],
+    key: &str,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> Result<super::Enforced, BodyError> {
+    let mut root = parse_json(body)?;
+    let Some(Value::Array(events)) = root.get_mut(key) else {
+        return Err(BodyError::Unreadable(format!(
+            "`{key}` is missing or not an array"
+        )));
+    };
+    let (changed, applied) = enforce_array(events, decide, identify, apply);
+    Ok(super::Enforced {
+        body: changed.then(|| to_json(&root)),
+        events: applied,
+    })
+}
+
+/// Form body as ordered pairs.
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+pub fn encode_form(pairs: &[(String, String)]) -> Vec<u8> {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter())
+        .finish()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn paths_walk_arrays() {
+        let mut v =
+            json!({"user":{"email":["a@x.com","b@x.com"]},"contents":[{"n":"x","k":1},{"n":"y"}]});
+        assert_eq!(strings_at(&v, "user.email").len(), 2);
+        assert!(remove_at(&mut v, "contents.n"));
+        assert_eq!(v["contents"], json!([{"k":1},{}]));
+        set_at(&mut v, "consent.ad_user_data", json!("DENIED"));
+        assert_eq!(v["consent"]["ad_user_data"], "DENIED");
+    }
+
+    #[test]
+    fn urls_reduce_and_hashes_apply_once() {
+        assert_eq!(reduce_url("https://h.org/oncology?q=1"), "https://h.org/");
+        assert_eq!(reduce_url("not a url"), "");
+        let mut v = json!({"em":["Jane@X.com", identify::sha256_hex(b"a@x.com")]});
+        assert!(hash_at(&mut v, "em", identify::hash_email_for_vendor));
+        assert_eq!(v["em"][0], identify::sha256_hex(b"jane@x.com"));
+        assert!(!hash_at(&mut v, "em", identify::hash_email_for_vendor));
+    }
+}

@@ -1,0 +1,125 @@
+//! Route + rewrite: the destination catalog. Each vendor is one small file
+//! implementing [`Adapter`]; the registry below is the only other place that
+//! names it. The proxy never names a vendor.
+
+pub mod common;
+
+use crate::decide::EventVerdict;
+use crate::identify::Identifiers;
+use crate::model::{Category, Channel, DestKind};
+use http::Method;
+use std::sync::Arc;
+
+/// What an adapter sees of the request (never the headers that carry secrets).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// Lower-cased media type without parameters, e.g. `application/json`.
+    pub content_type: Option<&'a str>,
+}
+
+/// What the adapter did to one event, in payload order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventApplied {
+    pub verdict: EventVerdict,
+    /// Dotted field paths removed or reduced (names only, never values).
+    pub fields_stripped: Vec<String>,
+    /// Signals set, e.g. `data_processing_options=LDU`.
+    pub flags_set: Vec<String>,
+    /// Field paths whose plaintext was hashed on the way out.
+    pub hashed: Vec<String>,
+}
+
+impl EventApplied {
+    pub fn new(verdict: EventVerdict) -> Self {
+        EventApplied {
+            verdict,
+            fields_stripped: vec![],
+            flags_set: vec![],
+            hashed: vec![],
+        }
+    }
+    /// Whether the event leaves in a different form than it arrived.
+    pub fn changed(&self) -> bool {
+        self.verdict.is_drop()
+            || !self.fields_stripped.is_empty()
+            || !self.flags_set.is_empty()
+            || !self.hashed.is_empty()
+    }
+}
+
+/// The result of enforcing one body.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Enforced {
+    /// The rewritten body; `None` when the original bytes go out unchanged.
+    pub body: Option<Vec<u8>>,
+    pub events: Vec<EventApplied>,
+}
+
+/// A body the adapter refuses. Each maps to a status and a JSON error code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not parseable as the destination's format (422 `unreadable_body`).
+    Unreadable(String),
+    /// Parseable, but the request itself breaks policy, e.g. SendGrid
+    /// `bypass_list_management` (451 with the given code).
+    Forbidden { code: &'static str, detail: String },
+}
+
+/// The vendor's empty-success answer for `on_blocked: synthetic_ok`.
+#[derive(Clone, Copy, Debug)]
+pub struct SyntheticOk {
+    pub status: u16,
+    pub body: &'static str,
+}
+
+/// One destination: how to recognise its traffic and enforce consent on it.
+pub trait Adapter: Send + Sync + 'static {
+    /// Config name, e.g. `meta_capi` (used in `destinations:` and metric labels).
+    fn name(&self) -> &str;
+    /// Human-readable name for docs and `explain`.
+    fn display_name(&self) -> &str;
+    fn kind(&self) -> DestKind;
+    fn default_category(&self) -> Category;
+    /// The channel the destination delivers over, if any (email, sms, voice).
+    fn channel(&self) -> Option<Channel> {
+        None
+    }
+    /// Whether a request to `host` (lower-case, no port) belongs to this destination.
+    fn matches_host(&self, host: &str) -> bool;
+    /// Whether this request carries patient data that must be inspected.
+    /// Requests on a known host that return false are governed by the
+    /// destination's `uninspected` setting (default: bodiless methods pass,
+    /// anything with a body is blocked).
+    fn inspects(&self, method: &Method, path: &str) -> bool;
+    /// Parse the body, call `decide` once per event/recipient in payload order,
+    /// apply each verdict, serialise back.
+    fn enforce(
+        &self,
+        req: &RequestView<'_>,
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError>;
+    fn synthetic_ok(&self) -> SyntheticOk {
+        SyntheticOk {
+            status: 200,
+            body: "{}",
+        }
+    }
+    /// Identifier fields, for the README table and `explain`.
+    fn identifier_fields(&self) -> &str {
+        ""
+    }
+    /// The limited-data-use / consent signal it sets, for the README table.
+    fn ldu_signal(&self) -> &str {
+        "none"
+    }
+}
+
+/// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.
+pub fn builtins() -> Vec<Arc<dyn Adapter>> {
+    vec![]
+}

@@ -1,0 +1,145 @@
+//! Shared vocabulary: consent categories, channels, grants and destination kinds.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What a message or event is for. Names are part of the contract (SPEC §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Advertising,
+    MarketingEmail,
+    MarketingSms,
+    PhoneOutreach,
+    AppointmentReminders,
+    PatientSurveys,
+    CareFollowups,
+}
+
+impl Category {
+    pub const ALL: [Category; 7] = [
+        Category::Advertising,
+        Category::MarketingEmail,
+        Category::MarketingSms,
+        Category::PhoneOutreach,
+        Category::AppointmentReminders,
+        Category::PatientSurveys,
+        Category::CareFollowups,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Advertising => "advertising",
+            Category::MarketingEmail => "marketing_email",
+            Category::MarketingSms => "marketing_sms",
+            Category::PhoneOutreach => "phone_outreach",
+            Category::AppointmentReminders => "appointment_reminders",
+            Category::PatientSurveys => "patient_surveys",
+            Category::CareFollowups => "care_followups",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Shipped default grant when a record does not set the category.
+    pub fn shipped_default(self) -> Grant {
+        match self {
+            Category::Advertising | Category::MarketingSms | Category::PhoneOutreach => {
+                Grant::Denied
+            }
+            _ => Grant::Granted,
+        }
+    }
+
+    /// Shipped default for failing closed when the consent source is stale.
+    pub fn shipped_fail_closed_when_stale(self) -> bool {
+        !matches!(
+            self,
+            Category::AppointmentReminders | Category::CareFollowups
+        )
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a message reaches the patient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Email,
+    Sms,
+    Voice,
+    Mail,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Voice => "voice",
+            Channel::Mail => "mail",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Channel> {
+        [Channel::Email, Channel::Sms, Channel::Voice, Channel::Mail]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    Granted,
+    Denied,
+}
+
+/// What sort of destination an adapter speaks to; drives which policy steps apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestKind {
+    /// Ad platforms: sale/share opt-out and GPC apply, limit_sensitive applies.
+    AdPlatform,
+    /// Analytics (GA4): treated like an ad platform for LDU and limit_sensitive.
+    Analytics,
+    Email,
+    Sms,
+    Voice,
+    Crm,
+}
+
+impl DestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestKind::AdPlatform => "ad_platform",
+            DestKind::Analytics => "analytics",
+            DestKind::Email => "email",
+            DestKind::Sms => "sms",
+            DestKind::Voice => "voice",
+            DestKind::Crm => "crm",
+        }
+    }
+    pub fn parse(s: &str) -> Option<DestKind> {
+        [
+            DestKind::AdPlatform,
+            DestKind::Analytics,
+            DestKind::Email,
+            DestKind::Sms,
+            DestKind::Voice,
+            DestKind::Crm,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+    /// Whether sale/share opt-out, GPC and limit_sensitive steps apply.
+    pub fn is_ads_or_analytics(self) -> bool {
+        matches!(self, DestKind::AdPlatform | DestKind::Analytics)
+    }
+}

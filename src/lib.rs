@@ -1,11 +1,24 @@
 //! consentgate: a consent-enforcing egress proxy.
 //!
 //! Modules follow the data path: listen → route → identify → look up (consent)
-//! → decide → rewrite (destinations) → audit → forward (upstream).
+//! → decide → rewrite (destinations) → audit → forward (upstream). `app`, `run`
+//! and `admin` hold the process together; `config`, `model` and `metrics` are
+//! shared vocabulary.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
 pub mod consent;
 pub mod decide;
 pub mod destinations;
+pub mod forward;
 pub mod identify;
+pub mod listen;
+pub mod metrics;
 pub mod model;
+pub mod pipeline;
+pub mod route;
+pub mod run;

@@ -123,3 +123,8 @@ pub trait Adapter: Send + Sync + 'static {
 pub fn builtins() -> Vec<Arc<dyn Adapter>> {
     vec![]
 }
+
+/// The builder for `type: generic` destinations from config entries.
+pub fn generic_builder() -> Option<crate::route::GenericBuilder> {
+    None
+}

@@ -1,0 +1,112 @@
+//! The process state shared by the listeners: the reloadable runtime (config,
+//! routes, policy, upstream client), the consent store and the metrics.
+
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::consent::ConsentStore;
+use crate::decide::Policy;
+use crate::forward::UpstreamClient;
+use crate::metrics::Metrics;
+use crate::route::Registry;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Everything a hot reload replaces at once.
+pub struct Runtime {
+    pub config: Config,
+    pub registry: Registry,
+    pub policy: Policy,
+    pub upstream: UpstreamClient,
+}
+
+impl Runtime {
+    pub fn build(config: Config, file: &str) -> Result<Runtime, Vec<ConfigError>> {
+        let registry = Registry::build(&config, file)?;
+        let upstream = UpstreamClient::new(&config.upstream).map_err(|e| {
+            vec![ConfigError { file: file.to_string(), line: 0, key: "upstream".into(), message: e }]
+        })?;
+        let policy = Policy {
+            defaults: config.categories.iter().map(|(c, v)| (*c, v.default)).collect(),
+            fail_closed_when_stale: config
+                .categories
+                .iter()
+                .map(|(c, v)| (*c, v.fail_closed_when_stale))
+                .collect(),
+        };
+        Ok(Runtime { config, registry, policy, upstream })
+    }
+
+    /// Load and build from a source (used at start, by `check` and by reload).
+    pub fn load(source: &ConfigSource) -> Result<Runtime, Vec<ConfigError>> {
+        let cfg = source.load()?;
+        Runtime::build(cfg, &source.label())
+    }
+}
+
+pub struct App {
+    pub runtime: ArcSwap<Runtime>,
+    pub consent: Arc<ConsentStore>,
+    pub metrics: Arc<Metrics>,
+    pub source: ConfigSource,
+    /// Set once the proxy listener is bound and serving.
+    pub serving: AtomicBool,
+}
+
+impl App {
+    pub fn new(runtime: Runtime, consent: Arc<ConsentStore>, metrics: Arc<Metrics>, source: ConfigSource) -> App {
+        App {
+            runtime: ArcSwap::from_pointee(runtime),
+            consent,
+            metrics,
+            source,
+            serving: AtomicBool::new(false),
+        }
+    }
+
+    /// Re-read the config and swap it in for new requests; on any error the
+    /// old runtime keeps serving. Counted in consentgate_config_reloads_total.
+    pub fn reload(&self) -> Result<(), Vec<ConfigError>> {
+        match Runtime::load(&self.source) {
+            Ok(rt) => {
+                let old = self.runtime.load();
+                if old.config.listen != rt.config.listen {
+                    tracing::warn!("listen addresses changed; they take effect on restart only");
+                }
+                self.runtime.store(Arc::new(rt));
+                self.metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                tracing::info!(config = %self.source.label(), "configuration reloaded");
+                Ok(())
+            }
+            Err(errs) => {
+                self.metrics.config_reloads_total.with_label_values(&["failure"]).inc();
+                for e in &errs {
+                    tracing::error!(error = %e, "configuration reload refused");
+                }
+                Err(errs)
+            }
+        }
+    }
+
+    /// Ready: serving, and (unless configured otherwise) consent is fresh.
+    pub fn ready(&self) -> (bool, &'static str) {
+        if !self.serving.load(Ordering::Relaxed) {
+            return (false, "not serving yet");
+        }
+        let rt = self.runtime.load();
+        if rt.config.admin.ready_requires_fresh_consent
+            && self.consent.is_stale(rt.config.consent.max_staleness)
+        {
+            return (false, "consent source stale");
+        }
+        (true, "ready")
+    }
+
+    /// Refresh the gauges that are read rather than counted.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.consent_records.set(self.consent.len() as i64);
+        m.consent_source_up.set(i64::from(self.consent.source_up()));
+        m.consent_staleness
+            .set(self.consent.staleness().map(|d| d.as_secs_f64()).unwrap_or(f64::INFINITY));
+    }
+}

@@ -1,0 +1,26 @@
+//! Command line (SPEC §3).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "consentgate", version, about = "Consent-enforcing egress proxy for healthcare organisations")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file (default: config/consentgate.yaml, else the embedded default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config, consent snapshot and CA; exit 0, or 1 with every error.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}

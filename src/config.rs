@@ -1,0 +1,753 @@
+//! Configuration (SPEC §4). Parsed from YAML into a tree with line numbers, then
+//! read key by key so that `check` can report every error at once, each naming
+//! its key and line. Unknown keys are errors.
+
+use crate::model::{Category, Grant};
+use marked_yaml::{Node, Span};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The shipped config, embedded so `consentgate run` works with no files at all.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/consentgate.yaml");
+pub const DEFAULT_PATH: &str = "config/consentgate.yaml";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub unknown_destinations: UnknownDestinations,
+    pub interception: Interception,
+    pub upstream: Upstream,
+    pub consent: ConsentCfg,
+    pub admin: AdminCfg,
+    pub audit: AuditCfg,
+    pub max_body_bytes: u64,
+    pub destinations: Vec<DestinationCfg>,
+    pub categories: BTreeMap<Category, CategoryCfg>,
+    pub log: LogCfg,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listen {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub gateway: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownDestinations {
+    Deny,
+    Tunnel,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Interception {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    pub extra_ca: Option<PathBuf>,
+    pub resolve: HashMap<String, SocketAddr>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    File,
+    Postgres,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsentCfg {
+    pub source: SourceKind,
+    pub file: PathBuf,
+    pub journal: PathBuf,
+    pub max_staleness: Duration,
+    pub postgres: PostgresCfg,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresCfg {
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminCfg {
+    pub tokens_file: PathBuf,
+    pub ready_requires_fresh_consent: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditCfg {
+    pub path: PathBuf,
+    pub pseudonym_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Shadow,
+    Passthrough,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBlocked {
+    Error,
+    SyntheticOk,
+}
+
+/// A `destinations:` entry: overrides a built-in by name, or (with `type:
+/// generic`) defines a configurable JSON / form destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationCfg {
+    pub name: String,
+    pub line: usize,
+    pub enabled: bool,
+    pub mode: Option<Mode>,
+    pub on_blocked: Option<OnBlocked>,
+    pub category: Option<Category>,
+    /// Extra hosts routed to this destination (e.g. a vendor's regional host).
+    pub hosts: Vec<String>,
+    /// The whole entry as JSON, for `type: generic` destinations.
+    pub generic: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CategoryCfg {
+    pub default: Grant,
+    pub fail_closed_when_stale: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogCfg {
+    pub level: String,
+}
+
+/// One configuration error: the file, the line, the dotted key and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.message)
+    }
+}
+
+/// Where a config came from (for messages and reloads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Embedded,
+}
+
+impl ConfigSource {
+    pub fn label(&self) -> String {
+        match self {
+            ConfigSource::File(p) => p.display().to_string(),
+            ConfigSource::Embedded => format!("<embedded {DEFAULT_PATH}>"),
+        }
+    }
+    /// `--config` given → that file; otherwise the default path if present,
+    /// else the embedded copy.
+    pub fn resolve(explicit: Option<&Path>) -> ConfigSource {
+        match explicit {
+            Some(p) => ConfigSource::File(p.to_path_buf()),
+            None if Path::new(DEFAULT_PATH).exists() => ConfigSource::File(DEFAULT_PATH.into()),
+            None => ConfigSource::Embedded,
+        }
+    }
+    pub fn load(&self) -> Result<Config, Vec<ConfigError>> {
+        match self {
+            ConfigSource::File(p) => match std::fs::read_to_string(p) {
+                Ok(text) => parse(&text, &p.display().to_string()),
+                Err(e) => Err(vec![ConfigError {
+                    file: p.display().to_string(),
+                    line: 0,
+                    key: "(file)".into(),
+                    message: format!("cannot read: {e}"),
+                }]),
+            },
+            ConfigSource::Embedded => parse(EMBEDDED_DEFAULT, &self.label()),
+        }
+    }
+}
+
+/// Parse and validate a config text; every error found is returned.
+pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
+    let mut r = Reader { file: file.to_string(), errors: Vec::new() };
+    let root = match marked_yaml::parse_yaml(0, text) {
+        Ok(n) => n,
+        Err(e) => {
+            let (line, msg) = load_error(&e);
+            r.err_at(line, "(yaml)", msg);
+            return Err(r.errors);
+        }
+    };
+    let cfg = r.config(&root);
+    if r.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        r.errors.sort_by_key(|e| e.line);
+        Err(r.errors)
+    }
+}
+
+fn load_error(e: &marked_yaml::LoadError) -> (usize, String) {
+    use marked_yaml::LoadError as L;
+    match e {
+        L::TopLevelMustBeMapping(m) => (m.line(), "the top level must be a mapping".into()),
+        L::ScanError(m, s) => (m.line(), format!("YAML syntax error: {s}")),
+        L::DuplicateKey(d) => (
+            d.key.span().start().map(|m| m.line()).unwrap_or(0),
+            format!("duplicate key `{}`", d.key.as_str()),
+        ),
+        L::UnexpectedAnchor(m) => (m.line(), "anchors are not supported".into()),
+        L::UnexpectedTag(m) => (m.line(), "tags are not supported".into()),
+        L::MappingKeyMustBeScalar(m) => (m.line(), "mapping keys must be scalars".into()),
+        L::TopLevelMustBeSequence(m) => (m.line(), "unexpected top level".into()),
+    }
+}
+
+fn line_of(span: &Span) -> usize {
+    span.start().map(|m| m.line()).unwrap_or(0)
+}
+
+fn is_null(n: &Node) -> bool {
+    match n {
+        Node::Scalar(s) => s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"),
+        _ => false,
+    }
+}
+
+struct Reader {
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+type Map = marked_yaml::types::MarkedMappingNode;
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+impl Reader {
+    fn err_at(&mut self, line: usize, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Reject keys not in `allowed`.
+    fn known(&mut self, map: &Map, prefix: &str, allowed: &[&str]) {
+        for (k, _) in map.iter() {
+            if !allowed.contains(&k.as_str()) {
+                let key = join(prefix, k.as_str());
+                self.err_at(
+                    line_of(k.span()),
+                    &key,
+                    format!("unknown key (expected one of: {})", allowed.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn mapping<'a>(&mut self, parent: &'a Map, prefix: &str, key: &str) -> Option<&'a Map> {
+        let n = parent.get_node(key)?;
+        if is_null(n) {
+            return None;
+        }
+        match n.as_mapping() {
+            Some(m) => Some(m),
+            None => {
+                self.err_at(line_of(n.span()), &join(prefix, key), "expected a mapping");
+                None
+            }
+        }
+    }
+
+    /// A scalar value as text, with its line. `None` when absent or null.
+    fn scalar(&mut self, map: &Map, prefix: &str, key: &str) -> Option<(String, usize)> {
+        let n = map.get_node(key)?;
+        if is_null(n) {
+            return None;
+        }
+        match n.as_scalar() {
+            Some(s) => Some((s.as_str().to_string(), line_of(s.span()))),
+            None => {
+                self.err_at(line_of(n.span()), &join(prefix, key), "expected a single value");
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(
+        &mut self,
+        map: &Map,
+        prefix: &str,
+        key: &str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> T {
+        match self.scalar(map, prefix, key) {
+            None => default,
+            Some((v, line)) => match parse(&v) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.err_at(line, &join(prefix, key), e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn opt_parsed<T>(
+        &mut self,
+        map: &Map,
+        prefix: &str,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let (v, line) = self.scalar(map, prefix, key)?;
+        match parse(&v) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                self.err_at(line, &join(prefix, key), e);
+                None
+            }
+        }
+    }
+
+    /// A path to an input file that must exist.
+    fn input_file(&mut self, map: &Map, prefix: &str, key: &str) -> Option<PathBuf> {
+        let (v, line) = self.scalar(map, prefix, key)?;
+        let p = PathBuf::from(&v);
+        if !p.is_file() {
+            self.err_at(line, &join(prefix, key), format!("file not found: {v}"));
+        }
+        Some(p)
+    }
+
+    fn config(&mut self, root: &Node) -> Config {
+        let empty = Map::new_empty(Span::new_blank());
+        let root = match root.as_mapping() {
+            Some(m) => m,
+            None => {
+                self.err_at(line_of(root.span()), "(root)", "expected a mapping");
+                &empty
+            }
+        };
+        self.known(
+            root,
+            "",
+            &[
+                "listen",
+                "unknown_destinations",
+                "interception",
+                "upstream",
+                "consent",
+                "admin",
+                "audit",
+                "max_body_bytes",
+                "destinations",
+                "categories",
+                "log",
+                "shutdown_grace",
+            ],
+        );
+        let listen = {
+            let m = self.mapping(root, "", "listen").unwrap_or(&empty);
+            self.known(m, "listen", &["proxy", "admin", "gateway"]);
+            Listen {
+                proxy: self.parsed(m, "listen", "proxy", ([127, 0, 0, 1], 15001).into(), parse_addr),
+                admin: self.parsed(m, "listen", "admin", ([127, 0, 0, 1], 15000).into(), parse_addr),
+                gateway: self.opt_parsed(m, "listen", "gateway", parse_addr),
+            }
+        };
+        let unknown_destinations =
+            self.parsed(root, "", "unknown_destinations", UnknownDestinations::Deny, |v| match v {
+                "deny" => Ok(UnknownDestinations::Deny),
+                "tunnel" => Ok(UnknownDestinations::Tunnel),
+                _ => Err(format!("expected deny or tunnel, got {v:?}")),
+            });
+        let interception = {
+            let m = self.mapping(root, "", "interception").unwrap_or(&empty);
+            self.known(m, "interception", &["ca_cert", "ca_key"]);
+            Interception {
+                ca_cert: self.parsed(m, "interception", "ca_cert", "certs/ca.pem".into(), path),
+                ca_key: self.parsed(m, "interception", "ca_key", "certs/ca-key.pem".into(), path),
+            }
+        };
+        let upstream = {
+            let p = "upstream";
+            let m = self.mapping(root, "", p).unwrap_or(&empty);
+            self.known(
+                m,
+                p,
+                &["extra_ca", "resolve", "connect_timeout", "response_timeout", "pool_idle_timeout"],
+            );
+            let mut resolve = HashMap::new();
+            if let Some(rm) = self.mapping(m, p, "resolve") {
+                for (k, v) in rm.iter() {
+                    let key = format!("upstream.resolve.{}", k.as_str());
+                    if parse_host_port(k.as_str()).is_err() {
+                        self.err_at(line_of(k.span()), &key, "key must be \"host:port\"");
+                        continue;
+                    }
+                    match v.as_scalar().map(|s| parse_addr(s.as_str())) {
+                        Some(Ok(a)) => {
+                            resolve.insert(k.as_str().to_ascii_lowercase(), a);
+                        }
+                        Some(Err(e)) => self.err_at(line_of(v.span()), &key, e),
+                        None => self.err_at(line_of(v.span()), &key, "expected \"ip:port\""),
+                    }
+                }
+            }
+            Upstream {
+                extra_ca: self.input_file(m, p, "extra_ca"),
+                resolve,
+                connect_timeout: self.parsed(m, p, "connect_timeout", Duration::from_secs(5), duration),
+                response_timeout: self.parsed(m, p, "response_timeout", Duration::from_secs(30), duration),
+                pool_idle_timeout: self.parsed(m, p, "pool_idle_timeout", Duration::from_secs(90), duration),
+            }
+        };
+        let consent = {
+            let p = "consent";
+            let m = self.mapping(root, "", p).unwrap_or(&empty);
+            self.known(m, p, &["source", "file", "journal", "max_staleness", "postgres"]);
+            let source = self.parsed(m, p, "source", SourceKind::File, |v| match v {
+                "file" => Ok(SourceKind::File),
+                "postgres" => Ok(SourceKind::Postgres),
+                _ => Err(format!("expected file or postgres, got {v:?}")),
+            });
+            let file = if source == SourceKind::File {
+                self.input_file(m, p, "file")
+                    .unwrap_or_else(|| "config/consent.example.jsonl".into())
+            } else {
+                self.parsed(m, p, "file", "config/consent.example.jsonl".into(), path)
+            };
+            let pg = self.mapping(m, p, "postgres").unwrap_or(&empty);
+            self.known(pg, "consent.postgres", &["url", "password_file"]);
+            let postgres = PostgresCfg {
+                url: self.parsed(
+                    pg,
+                    "consent.postgres",
+                    "url",
+                    "postgres://consentgate@127.0.0.1:5432/consent".into(),
+                    |v| {
+                        if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                            Ok(v.to_string())
+                        } else {
+                            Err("expected a postgres:// URL".into())
+                        }
+                    },
+                ),
+                password_file: self.input_file(pg, "consent.postgres", "password_file"),
+            };
+            ConsentCfg {
+                source,
+                file,
+                journal: self.parsed(m, p, "journal", "var/consent-journal".into(), path),
+                max_staleness: self.parsed(m, p, "max_staleness", Duration::from_secs(300), duration),
+                postgres,
+            }
+        };
+        let admin = {
+            let m = self.mapping(root, "", "admin").unwrap_or(&empty);
+            self.known(m, "admin", &["tokens_file", "ready_requires_fresh_consent"]);
+            AdminCfg {
+                tokens_file: self
+                    .input_file(m, "admin", "tokens_file")
+                    .unwrap_or_else(|| "config/admin-tokens.example".into()),
+                ready_requires_fresh_consent: self.parsed(
+                    m,
+                    "admin",
+                    "ready_requires_fresh_consent",
+                    true,
+                    boolean,
+                ),
+            }
+        };
+        let audit = {
+            let m = self.mapping(root, "", "audit").unwrap_or(&empty);
+            self.known(m, "audit", &["path", "pseudonym_key_file"]);
+            AuditCfg {
+                path: self.parsed(m, "audit", "path", "var/audit".into(), path),
+                pseudonym_key_file: self.opt_parsed(m, "audit", "pseudonym_key_file", path),
+            }
+        };
+        let max_body_bytes = self.parsed(root, "", "max_body_bytes", 8 << 20, size);
+        let destinations = self.destinations(root);
+        let categories = self.categories(root);
+        let log = {
+            let m = self.mapping(root, "", "log").unwrap_or(&empty);
+            self.known(m, "log", &["level"]);
+            LogCfg {
+                level: self.parsed(m, "log", "level", "info".into(), |v| {
+                    match v {
+                        "trace" | "debug" | "info" | "warn" | "error" => Ok(v.to_string()),
+                        _ => Err(format!("expected trace, debug, info, warn or error, got {v:?}")),
+                    }
+                }),
+            }
+        };
+        let shutdown_grace = self.parsed(root, "", "shutdown_grace", Duration::from_secs(30), duration);
+        Config {
+            listen,
+            unknown_destinations,
+            interception,
+            upstream,
+            consent,
+            admin,
+            audit,
+            max_body_bytes,
+            destinations,
+            categories,
+            log,
+            shutdown_grace,
+        }
+    }
+
+    fn destinations(&mut self, root: &Map) -> Vec<DestinationCfg> {
+        let mut out = Vec::new();
+        let Some(n) = root.get_node("destinations") else {
+            return out;
+        };
+        if is_null(n) {
+            return out;
+        }
+        let Some(seq) = n.as_sequence() else {
+            self.err_at(line_of(n.span()), "destinations", "expected a list");
+            return out;
+        };
+        for (i, item) in seq.iter().enumerate() {
+            let p = format!("destinations[{i}]");
+            let Some(m) = item.as_mapping() else {
+                self.err_at(line_of(item.span()), &p, "expected a mapping");
+                continue;
+            };
+            let line = line_of(m.span());
+            let generic = matches!(self.scalar(m, &p, "type"), Some((t, _)) if t == "generic");
+            if !generic {
+                self.known(
+                    m,
+                    &p,
+                    &["name", "type", "enabled", "mode", "on_blocked", "category", "hosts"],
+                );
+                if let Some((t, l)) = self.scalar(m, &p, "type") {
+                    if t != "builtin" {
+                        self.err_at(l, &format!("{p}.type"), format!("expected builtin or generic, got {t:?}"));
+                    }
+                }
+            }
+            let Some((name, _)) = self.scalar(m, &p, "name") else {
+                self.err_at(line, &format!("{p}.name"), "missing");
+                continue;
+            };
+            let hosts = match m.get_sequence("hosts") {
+                Some(s) => s
+                    .iter()
+                    .filter_map(|h| h.as_scalar().map(|x| x.as_str().to_ascii_lowercase()))
+                    .collect(),
+                None => Vec::new(),
+            };
+            out.push(DestinationCfg {
+                enabled: self.parsed(m, &p, "enabled", true, boolean),
+                mode: self.opt_parsed(m, &p, "mode", |v| match v {
+                    "enforce" => Ok(Mode::Enforce),
+                    "shadow" => Ok(Mode::Shadow),
+                    "passthrough" => Ok(Mode::Passthrough),
+                    _ => Err(format!("expected enforce, shadow or passthrough, got {v:?}")),
+                }),
+                on_blocked: self.opt_parsed(m, &p, "on_blocked", |v| match v {
+                    "error" => Ok(OnBlocked::Error),
+                    "synthetic_ok" => Ok(OnBlocked::SyntheticOk),
+                    _ => Err(format!("expected error or synthetic_ok, got {v:?}")),
+                }),
+                category: self.opt_parsed(m, &p, "category", category),
+                hosts,
+                generic: generic.then(|| to_json(item)),
+                name,
+                line,
+            });
+        }
+        out
+    }
+
+    fn categories(&mut self, root: &Map) -> BTreeMap<Category, CategoryCfg> {
+        let mut out: BTreeMap<Category, CategoryCfg> = Category::ALL
+            .iter()
+            .map(|c| {
+                (
+                    *c,
+                    CategoryCfg {
+                        default: c.shipped_default(),
+                        fail_closed_when_stale: c.shipped_fail_closed_when_stale(),
+                    },
+                )
+            })
+            .collect();
+        let Some(m) = self.mapping(root, "", "categories") else {
+            return out;
+        };
+        for (k, v) in m.iter() {
+            let key = format!("categories.{}", k.as_str());
+            let Some(c) = Category::parse(k.as_str()) else {
+                self.err_at(line_of(k.span()), &key, "unknown category");
+                continue;
+            };
+            let Some(cm) = v.as_mapping() else {
+                self.err_at(line_of(v.span()), &key, "expected a mapping");
+                continue;
+            };
+            self.known(cm, &key, &["default", "fail_closed_when_stale"]);
+            let cur = out[&c];
+            let default = self.parsed(cm, &key, "default", cur.default, |v| match v {
+                "granted" => Ok(Grant::Granted),
+                "denied" => Ok(Grant::Denied),
+                _ => Err(format!("expected granted or denied, got {v:?}")),
+            });
+            let fcws = self.parsed(cm, &key, "fail_closed_when_stale", cur.fail_closed_when_stale, boolean);
+            out.insert(c, CategoryCfg { default, fail_closed_when_stale: fcws });
+        }
+        out
+    }
+}
+
+/// A YAML node as JSON (scalars typed the way YAML would).
+fn to_json(n: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match n {
+        Node::Scalar(s) => {
+            if is_null(n) {
+                Value::Null
+            } else if !s.may_coerce() {
+                Value::String(s.as_str().to_string())
+            } else if let Some(b) = s.as_bool() {
+                Value::Bool(b)
+            } else if let Ok(i) = s.as_str().parse::<i64>() {
+                Value::from(i)
+            } else {
+                Value::String(s.as_str().to_string())
+            }
+        }
+        Node::Sequence(seq) => Value::Array(seq.iter().map(to_json).collect()),
+        Node::Mapping(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().to_string(), to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn path(v: &str) -> Result<PathBuf, String> {
+    if v.is_empty() {
+        Err("expected a path".into())
+    } else {
+        Ok(PathBuf::from(v))
+    }
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("expected true or false, got {v:?}")),
+    }
+}
+
+fn category(v: &str) -> Result<Category, String> {
+    Category::parse(v).ok_or_else(|| format!("unknown category {v:?}"))
+}
+
+pub fn parse_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse::<SocketAddr>()
+        .map_err(|_| format!("expected ip:port, got {v:?}"))
+}
+
+fn parse_host_port(v: &str) -> Result<(), String> {
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(()),
+        _ => Err("expected host:port".into()),
+    }
+}
+
+/// "5m", "30s", "250ms".
+pub fn duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|_| format!("expected a duration like 30s or 5m, got {v:?}"))
+}
+
+/// "8MiB", "512KiB", "1048576", "10MB".
+pub fn size(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 8MiB, got {v:?}"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    n.checked_mul(mul)
+        .filter(|x| *x > 0)
+        .ok_or_else(|| format!("size out of range: {v:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.listen.proxy.port(), 15001);
+        assert_eq!(c.max_body_bytes, 8 << 20);
+        assert_eq!(c.consent.max_staleness, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_key_and_line() {
+        let text = "listen:\n  proxy: nope\nunknown_destinations: maybe\nmax_body_bytes: 8 furlongs\ncolour: blue\n";
+        let errs = parse(text, "t.yaml").unwrap_err();
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 4, "{shown:#?}");
+        assert!(shown[0].starts_with("t.yaml:2: listen.proxy:"), "{shown:#?}");
+        assert!(shown[1].starts_with("t.yaml:3: unknown_destinations:"));
+        assert!(shown[2].starts_with("t.yaml:4: max_body_bytes:"));
+        assert!(shown[3].starts_with("t.yaml:5: colour: unknown key"));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(size("8MiB").unwrap(), 8 << 20);
+        assert_eq!(size("100").unwrap(), 100);
+        assert!(size("0").is_err());
+        assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,83 @@
+//! CONNECT on the proxy port: intercept known destinations (TLS with a minted
+//! certificate, then the same pipeline), deny or blind-tunnel unknown ones.
+
+use crate::app::App;
+use crate::config::UnknownDestinations;
+use crate::forward::ProxyBody;
+use crate::pipeline::{self, RequestDecision};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+pub async fn handle_connect(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<ProxyBody> {
+    let request_id = pipeline::new_request_id();
+    let Some((host, port)) = req
+        .uri()
+        .authority()
+        .and_then(|a| pipeline::split_host_port(a.as_str()))
+        .map(|(h, p)| (h, p.unwrap_or(443)))
+    else {
+        return pipeline::error_response(400, &request_id, "bad_request", "CONNECT needs host:port");
+    };
+    let rt = app.runtime.load_full();
+    let known = rt.registry.route(&host).is_some();
+    if !known && rt.config.unknown_destinations == UnknownDestinations::Deny {
+        app.metrics.requests_total.with_label_values(&["unknown", "blocked"]).inc();
+        tracing::info!(request_id = %request_id, "CONNECT to unknown destination denied");
+        return pipeline::error_response(403, &request_id, "unknown_destination", "destination host is not a configured destination");
+    }
+    if !known {
+        // Blind tunnel: connect first so a dead target is a 502, not a 200 then EOF.
+        let upstream = match rt.upstream.connect_tcp(&host, port).await {
+            Ok(s) => s,
+            Err(e) => {
+                app.metrics.upstream_errors_total.with_label_values(&["unknown", e.kind.as_str()]).inc();
+                return pipeline::error_response(e.kind.status(), &request_id, "upstream_unavailable", e.detail);
+            }
+        };
+        app.metrics.tunnels_total.inc();
+        app.metrics.requests_total.with_label_values(&["unknown", "tunneled"]).inc();
+        tracing::info!(request_id = %request_id, decision = "tunneled", "CONNECT tunneled blind");
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let mut client = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "tunnel upgrade failed"),
+            }
+        });
+        return ok_response(&request_id, RequestDecision::Allowed);
+    }
+    intercept(app, req, host, port, request_id, shutdown)
+}
+
+fn ok_response(request_id: &str, decision: RequestDecision) -> Response<ProxyBody> {
+    let mut r = Response::new(pipeline::empty_body());
+    *r.status_mut() = StatusCode::OK;
+    let h = r.headers_mut();
+    h.insert(pipeline::H_DECISION, hyper::header::HeaderValue::from_static(decision.as_str()));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
+        h.insert(pipeline::H_REQUEST_ID, v);
+    }
+    r
+}
+
+fn intercept(
+    app: Arc<App>,
+    _req: Request<Incoming>,
+    _host: String,
+    _port: u16,
+    request_id: String,
+    _shutdown: watch::Receiver<bool>,
+) -> Response<ProxyBody> {
+    let _ = app;
+    pipeline::error_response(501, &request_id, "interception_unavailable", "TLS interception is not built in yet")
+}

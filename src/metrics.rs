@@ -1,0 +1,157 @@
+//! Every figure an SRE needs, under the SPEC §9 names. Label values are
+//! destination names, decisions, reasons and error kinds: never patient data.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub events_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors_total: IntCounterVec,
+    pub consent_records: IntGauge,
+    pub consent_source_up: IntGauge,
+    pub consent_staleness: Gauge,
+    pub consent_propagation: Histogram,
+    pub config_reloads_total: IntCounterVec,
+    pub audit_records_total: IntCounter,
+    pub audit_write_failures_total: IntCounter,
+    pub tls_minted_total: IntCounter,
+    pub tls_mint_duration: Histogram,
+    pub tls_cert_cache_size: IntGauge,
+    pub tunnels_total: IntCounter,
+    pub connections_open: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                // Registration only fails on duplicate names, which this fixed set has not.
+                let _ = registry.register(Box::new(m.clone()));
+                m
+            }};
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let hist_vec = |name: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let hist = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let int_gauge = |name: &str, help: &str| {
+            IntGauge::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        Metrics {
+            requests_total: reg!(counter_vec(
+                "consentgate_requests_total",
+                "Requests by destination and decision (allowed, modified, blocked).",
+                &["destination", "decision"]
+            )),
+            events_total: reg!(counter_vec(
+                "consentgate_events_total",
+                "Events and recipients by destination, decision and reason.",
+                &["destination", "decision", "reason"]
+            )),
+            request_duration: reg!(hist_vec(
+                "consentgate_request_duration_seconds",
+                "Time spent inside the proxy per request, excluding upstream.",
+                &["destination"]
+            )),
+            upstream_duration: reg!(hist_vec(
+                "consentgate_upstream_duration_seconds",
+                "Time from sending upstream to response headers.",
+                &["destination"]
+            )),
+            upstream_errors_total: reg!(counter_vec(
+                "consentgate_upstream_errors_total",
+                "Upstream failures by destination and kind (connect, tls, timeout, reset, protocol).",
+                &["destination", "kind"]
+            )),
+            consent_records: reg!(int_gauge("consentgate_consent_records", "Consent records in the cache.")),
+            consent_source_up: reg!(int_gauge(
+                "consentgate_consent_source_up",
+                "1 when the consent source is connected and healthy."
+            )),
+            consent_staleness: reg!(Gauge::new(
+                "consentgate_consent_staleness_seconds",
+                "Seconds since the consent source was last known good."
+            )
+            .unwrap_or_else(|e| panic!("staleness: {e}"))),
+            consent_propagation: reg!(hist(
+                "consentgate_consent_propagation_seconds",
+                "From a consent change at the source to its enforcement in the cache."
+            )),
+            config_reloads_total: reg!(counter_vec(
+                "consentgate_config_reloads_total",
+                "Config loads and reloads by result (success, failure).",
+                &["result"]
+            )),
+            audit_records_total: reg!(counter(
+                "consentgate_audit_records_total",
+                "Audit records written."
+            )),
+            audit_write_failures_total: reg!(counter(
+                "consentgate_audit_write_failures_total",
+                "Audit records that could not be written (requests fail closed)."
+            )),
+            tls_minted_total: reg!(counter(
+                "consentgate_tls_certificates_minted_total",
+                "Interception certificates minted."
+            )),
+            tls_mint_duration: reg!(hist(
+                "consentgate_tls_mint_duration_seconds",
+                "Time to mint one interception certificate."
+            )),
+            tls_cert_cache_size: reg!(int_gauge(
+                "consentgate_tls_certificate_cache_size",
+                "Minted certificates held in the cache."
+            )),
+            tunnels_total: reg!(counter(
+                "consentgate_tunnels_total",
+                "CONNECT tunnels passed through blind to unknown destinations."
+            )),
+            connections_open: reg!(int_gauge(
+                "consentgate_connections_open",
+                "Client connections currently open on the proxy listeners."
+            )),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if enc.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

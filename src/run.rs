@@ -1,0 +1,190 @@
+//! `consentgate run` and `consentgate check`: start-up, signals, shutdown.
+
+use crate::app::{App, Runtime};
+use crate::config::{ConfigError, ConfigSource};
+use crate::consent::{ConsentRecord, ConsentStore};
+use crate::metrics::Metrics;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Install aws-lc-rs as the process-wide rustls provider (a dependency may also
+/// enable `ring`; without an explicit default rustls would panic).
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn print_errors(errs: &[ConfigError]) {
+    for e in errs {
+        eprintln!("error: {e}");
+    }
+}
+
+/// Load a JSON Lines consent snapshot; every bad line is reported by number.
+pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match ConsentRecord::from_json(line.as_bytes()) {
+            Ok(r) => out.push(r),
+            Err(e) => errs.push(format!("{}: line {}: {e}", path.display(), i + 1)),
+        }
+    }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(errs)
+    }
+}
+
+/// `consentgate check`: every error in config, snapshot and CA; exit code.
+pub fn check(explicit: Option<&Path>) -> i32 {
+    install_crypto();
+    let source = ConfigSource::resolve(explicit);
+    let mut failed = false;
+    match Runtime::load(&source) {
+        Err(errs) => {
+            print_errors(&errs);
+            failed = true;
+        }
+        Ok(rt) => {
+            if rt.config.consent.source == crate::config::SourceKind::File {
+                if let Err(errs) = load_snapshot(&rt.config.consent.file) {
+                    for e in errs {
+                        eprintln!("error: consent.file: {e}");
+                    }
+                    failed = true;
+                }
+            }
+        }
+    }
+    if failed {
+        1
+    } else {
+        println!("ok: {}", source.label());
+        0
+    }
+}
+
+/// `consentgate run`.
+pub fn run(explicit: Option<&Path>) -> i32 {
+    install_crypto();
+    let source = ConfigSource::resolve(explicit);
+    let runtime = match Runtime::load(&source) {
+        Ok(r) => r,
+        Err(errs) => {
+            print_errors(&errs);
+            eprintln!("refusing to start: {} configuration error(s)", errs.len());
+            return 1;
+        }
+    };
+    init_logging(&runtime.config.log.level);
+    if source == ConfigSource::Embedded {
+        tracing::info!("no config/consentgate.yaml found; using the embedded default");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(serve(runtime, source))
+}
+
+async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
+    let metrics = Arc::new(Metrics::new());
+    metrics.config_reloads_total.with_label_values(&["success"]).inc_by(0);
+    metrics.config_reloads_total.with_label_values(&["failure"]).inc_by(0);
+    let consent = Arc::new(ConsentStore::new());
+    let cfg = runtime.config.clone();
+    if cfg.consent.source == crate::config::SourceKind::File {
+        match load_snapshot(&cfg.consent.file) {
+            Ok(recs) => {
+                let n = recs.len();
+                for r in recs {
+                    consent.upsert(r);
+                }
+                consent.mark_good();
+                tracing::info!(records = n, "consent snapshot loaded");
+            }
+            Err(errs) => {
+                for e in errs {
+                    tracing::error!(error = %e, "consent snapshot rejected");
+                }
+                return 1;
+            }
+        }
+    }
+    let app = Arc::new(App::new(runtime, consent, metrics, source));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let listener = match tokio::net::TcpListener::bind(cfg.listen.proxy).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %cfg.listen.proxy, error = %e, "cannot bind listen.proxy");
+            return 1;
+        }
+    };
+    let admin = match crate::admin::spawn(app.clone(), cfg.listen.admin, None, shutdown_rx.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(addr = %cfg.listen.admin, error = %e, "cannot bind listen.admin");
+            return 1;
+        }
+    };
+    let (tracker, drain) = crate::listen::tracker();
+    let proxy = tokio::spawn(crate::listen::run_proxy(app.clone(), listener, shutdown_rx.clone(), tracker.clone()));
+    app.serving.store(true, Ordering::Relaxed);
+    tracing::info!(proxy = %cfg.listen.proxy, admin = %cfg.listen.admin, "consentgate serving");
+
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return 1;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let _ = app.reload();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    app.serving.store(false, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    let _ = proxy.await;
+    let grace = app.runtime.load().config.shutdown_grace;
+    let drained = drain.wait(tracker, grace).await;
+    if !drained {
+        tracing::warn!(grace = ?grace, "grace period over; closing remaining connections");
+    }
+    let _ = admin.join();
+    tracing::info!("stopped");
+    0
+}

@@ -16,46 +16,78 @@ use tokio::sync::watch;
 
 pub type AdminBody = Full<Bytes>;
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<AdminBody> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<AdminBody> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
 pub fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
-    text(status, "application/json", serde_json::to_vec(&v).unwrap_or_default())
+    text(
+        status,
+        "application/json",
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
 }
 
 /// Extra routes mounted under /v1/ (the consent API).
 pub type ApiHandler = Arc<
-    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<AdminBody>> + Send>>
+    dyn Fn(
+            Request<Incoming>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<AdminBody>> + Send>>
         + Send
         + Sync,
 >;
 
-async fn route(app: Arc<App>, api: Option<ApiHandler>, req: Request<Incoming>) -> Response<AdminBody> {
+async fn route(
+    app: Arc<App>,
+    api: Option<ApiHandler>,
+    req: Request<Incoming>,
+) -> Response<AdminBody> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
             app.refresh_gauges();
-            text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.render())
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(),
+            )
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             let (ready, why) = app.ready();
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             json(status, serde_json::json!({"ready": ready, "reason": why}))
         }
         (_, p) if p.starts_with("/v1/") => match api {
             Some(h) => h(req).await,
-            None => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"})),
+            None => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not_found"}),
+            ),
         },
-        (_, "/metrics" | "/healthz" | "/readyz") => {
-            json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method_not_allowed"}))
-        }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "path": path})),
+        (_, "/metrics" | "/healthz" | "/readyz") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method_not_allowed"}),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "path": path}),
+        ),
     }
 }
 

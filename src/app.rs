@@ -23,17 +23,31 @@ impl Runtime {
     pub fn build(config: Config, file: &str) -> Result<Runtime, Vec<ConfigError>> {
         let registry = Registry::build(&config, file)?;
         let upstream = UpstreamClient::new(&config.upstream).map_err(|e| {
-            vec![ConfigError { file: file.to_string(), line: 0, key: "upstream".into(), message: e }]
+            vec![ConfigError {
+                file: file.to_string(),
+                line: 0,
+                key: "upstream".into(),
+                message: e,
+            }]
         })?;
         let policy = Policy {
-            defaults: config.categories.iter().map(|(c, v)| (*c, v.default)).collect(),
+            defaults: config
+                .categories
+                .iter()
+                .map(|(c, v)| (*c, v.default))
+                .collect(),
             fail_closed_when_stale: config
                 .categories
                 .iter()
                 .map(|(c, v)| (*c, v.fail_closed_when_stale))
                 .collect(),
         };
-        Ok(Runtime { config, registry, policy, upstream })
+        Ok(Runtime {
+            config,
+            registry,
+            policy,
+            upstream,
+        })
     }
 
     /// Load and build from a source (used at start, by `check` and by reload).
@@ -53,7 +67,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(runtime: Runtime, consent: Arc<ConsentStore>, metrics: Arc<Metrics>, source: ConfigSource) -> App {
+    pub fn new(
+        runtime: Runtime,
+        consent: Arc<ConsentStore>,
+        metrics: Arc<Metrics>,
+        source: ConfigSource,
+    ) -> App {
         App {
             runtime: ArcSwap::from_pointee(runtime),
             consent,
@@ -73,12 +92,18 @@ impl App {
                     tracing::warn!("listen addresses changed; they take effect on restart only");
                 }
                 self.runtime.store(Arc::new(rt));
-                self.metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                self.metrics
+                    .config_reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
                 tracing::info!(config = %self.source.label(), "configuration reloaded");
                 Ok(())
             }
             Err(errs) => {
-                self.metrics.config_reloads_total.with_label_values(&["failure"]).inc();
+                self.metrics
+                    .config_reloads_total
+                    .with_label_values(&["failure"])
+                    .inc();
                 for e in &errs {
                     tracing::error!(error = %e, "configuration reload refused");
                 }
@@ -106,7 +131,11 @@ impl App {
         let m = &self.metrics;
         m.consent_records.set(self.consent.len() as i64);
         m.consent_source_up.set(i64::from(self.consent.source_up()));
-        m.consent_staleness
-            .set(self.consent.staleness().map(|d| d.as_secs_f64()).unwrap_or(f64::INFINITY));
+        m.consent_staleness.set(
+            self.consent
+                .staleness()
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(f64::INFINITY),
+        );
     }
 }

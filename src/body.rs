@@ -27,7 +27,9 @@ pub enum BodyReadError {
 impl Encoding {
     /// From a Content-Encoding header value. Only one coding is accepted.
     pub fn parse(v: Option<&str>) -> Result<Encoding, BodyReadError> {
-        let Some(v) = v else { return Ok(Encoding::Identity) };
+        let Some(v) = v else {
+            return Ok(Encoding::Identity);
+        };
         match v.trim().to_ascii_lowercase().as_str() {
             "" | "identity" => Ok(Encoding::Identity),
             "gzip" | "x-gzip" => Ok(Encoding::Gzip),
@@ -35,7 +37,11 @@ impl Encoding {
             "br" => Ok(Encoding::Brotli),
             "zstd" => Ok(Encoding::Zstd),
             other => Err(BodyReadError::UnknownEncoding(
-                other.chars().filter(|c| c.is_ascii_graphic() || *c == ',').take(64).collect(),
+                other
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic() || *c == ',')
+                    .take(64)
+                    .collect(),
             )),
         }
     }
@@ -54,7 +60,9 @@ where
             if e.is::<http_body_util::LengthLimitError>() {
                 Err(BodyReadError::TooLarge)
             } else {
-                Err(BodyReadError::Unreadable(format!("body could not be read: {e}")))
+                Err(BodyReadError::Unreadable(format!(
+                    "body could not be read: {e}"
+                )))
             }
         }
     }
@@ -124,12 +132,23 @@ mod tests {
     #[test]
     fn round_trips_every_coding() {
         let data = br#"{"data":[{"event_name":"Lead"}]}"#.repeat(20);
-        for enc in [Encoding::Gzip, Encoding::Deflate, Encoding::Brotli, Encoding::Zstd] {
+        for enc in [
+            Encoding::Gzip,
+            Encoding::Deflate,
+            Encoding::Brotli,
+            Encoding::Zstd,
+        ] {
             let e = encode(enc, &data).unwrap();
             assert_eq!(decode(enc, &e, 1 << 20).unwrap(), data, "{enc:?}");
             assert_eq!(decode(enc, &e, 10), Err(BodyReadError::TooLarge), "{enc:?}");
         }
-        assert!(matches!(Encoding::parse(Some("foo")), Err(BodyReadError::UnknownEncoding(_))));
-        assert!(matches!(decode(Encoding::Gzip, b"not gzip", 100), Err(BodyReadError::Unreadable(_))));
+        assert!(matches!(
+            Encoding::parse(Some("foo")),
+            Err(BodyReadError::UnknownEncoding(_))
+        ));
+        assert!(matches!(
+            decode(Encoding::Gzip, b"not gzip", 100),
+            Err(BodyReadError::Unreadable(_))
+        ));
     }
 }

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "consentgate", version, about = "Consent-enforcing egress proxy for healthcare organisations")]
+#[command(
+    name = "consentgate",
+    version,
+    about = "Consent-enforcing egress proxy for healthcare organisations"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

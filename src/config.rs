@@ -142,7 +142,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.message)
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file, self.line, self.key, self.message
+        )
     }
 }
 
@@ -187,7 +191,10 @@ impl ConfigSource {
 
 /// Parse and validate a config text; every error found is returned.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    let mut r = Reader { file: file.to_string(), errors: Vec::new() };
+    let mut r = Reader {
+        file: file.to_string(),
+        errors: Vec::new(),
+    };
     let root = match marked_yaml::parse_yaml(0, text) {
         Ok(n) => n,
         Err(e) => {
@@ -227,7 +234,9 @@ fn line_of(span: &Span) -> usize {
 
 fn is_null(n: &Node) -> bool {
     match n {
-        Node::Scalar(s) => s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"),
+        Node::Scalar(s) => {
+            s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL")
+        }
         _ => false,
     }
 }
@@ -294,7 +303,11 @@ impl Reader {
         match n.as_scalar() {
             Some(s) => Some((s.as_str().to_string(), line_of(s.span()))),
             None => {
-                self.err_at(line_of(n.span()), &join(prefix, key), "expected a single value");
+                self.err_at(
+                    line_of(n.span()),
+                    &join(prefix, key),
+                    "expected a single value",
+                );
                 None
             }
         }
@@ -378,17 +391,34 @@ impl Reader {
             let m = self.mapping(root, "", "listen").unwrap_or(&empty);
             self.known(m, "listen", &["proxy", "admin", "gateway"]);
             Listen {
-                proxy: self.parsed(m, "listen", "proxy", ([127, 0, 0, 1], 15001).into(), parse_addr),
-                admin: self.parsed(m, "listen", "admin", ([127, 0, 0, 1], 15000).into(), parse_addr),
+                proxy: self.parsed(
+                    m,
+                    "listen",
+                    "proxy",
+                    ([127, 0, 0, 1], 15001).into(),
+                    parse_addr,
+                ),
+                admin: self.parsed(
+                    m,
+                    "listen",
+                    "admin",
+                    ([127, 0, 0, 1], 15000).into(),
+                    parse_addr,
+                ),
                 gateway: self.opt_parsed(m, "listen", "gateway", parse_addr),
             }
         };
-        let unknown_destinations =
-            self.parsed(root, "", "unknown_destinations", UnknownDestinations::Deny, |v| match v {
+        let unknown_destinations = self.parsed(
+            root,
+            "",
+            "unknown_destinations",
+            UnknownDestinations::Deny,
+            |v| match v {
                 "deny" => Ok(UnknownDestinations::Deny),
                 "tunnel" => Ok(UnknownDestinations::Tunnel),
                 _ => Err(format!("expected deny or tunnel, got {v:?}")),
-            });
+            },
+        );
         let interception = {
             let m = self.mapping(root, "", "interception").unwrap_or(&empty);
             self.known(m, "interception", &["ca_cert", "ca_key"]);
@@ -403,7 +433,13 @@ impl Reader {
             self.known(
                 m,
                 p,
-                &["extra_ca", "resolve", "connect_timeout", "response_timeout", "pool_idle_timeout"],
+                &[
+                    "extra_ca",
+                    "resolve",
+                    "connect_timeout",
+                    "response_timeout",
+                    "pool_idle_timeout",
+                ],
             );
             let mut resolve = HashMap::new();
             if let Some(rm) = self.mapping(m, p, "resolve") {
@@ -425,15 +461,37 @@ impl Reader {
             Upstream {
                 extra_ca: self.input_file(m, p, "extra_ca"),
                 resolve,
-                connect_timeout: self.parsed(m, p, "connect_timeout", Duration::from_secs(5), duration),
-                response_timeout: self.parsed(m, p, "response_timeout", Duration::from_secs(30), duration),
-                pool_idle_timeout: self.parsed(m, p, "pool_idle_timeout", Duration::from_secs(90), duration),
+                connect_timeout: self.parsed(
+                    m,
+                    p,
+                    "connect_timeout",
+                    Duration::from_secs(5),
+                    duration,
+                ),
+                response_timeout: self.parsed(
+                    m,
+                    p,
+                    "response_timeout",
+                    Duration::from_secs(30),
+                    duration,
+                ),
+                pool_idle_timeout: self.parsed(
+                    m,
+                    p,
+                    "pool_idle_timeout",
+                    Duration::from_secs(90),
+                    duration,
+                ),
             }
         };
         let consent = {
             let p = "consent";
             let m = self.mapping(root, "", p).unwrap_or(&empty);
-            self.known(m, p, &["source", "file", "journal", "max_staleness", "postgres"]);
+            self.known(
+                m,
+                p,
+                &["source", "file", "journal", "max_staleness", "postgres"],
+            );
             let source = self.parsed(m, p, "source", SourceKind::File, |v| match v {
                 "file" => Ok(SourceKind::File),
                 "postgres" => Ok(SourceKind::Postgres),
@@ -467,7 +525,13 @@ impl Reader {
                 source,
                 file,
                 journal: self.parsed(m, p, "journal", "var/consent-journal".into(), path),
-                max_staleness: self.parsed(m, p, "max_staleness", Duration::from_secs(300), duration),
+                max_staleness: self.parsed(
+                    m,
+                    p,
+                    "max_staleness",
+                    Duration::from_secs(300),
+                    duration,
+                ),
                 postgres,
             }
         };
@@ -502,15 +566,21 @@ impl Reader {
             let m = self.mapping(root, "", "log").unwrap_or(&empty);
             self.known(m, "log", &["level"]);
             LogCfg {
-                level: self.parsed(m, "log", "level", "info".into(), |v| {
-                    match v {
-                        "trace" | "debug" | "info" | "warn" | "error" => Ok(v.to_string()),
-                        _ => Err(format!("expected trace, debug, info, warn or error, got {v:?}")),
-                    }
+                level: self.parsed(m, "log", "level", "info".into(), |v| match v {
+                    "trace" | "debug" | "info" | "warn" | "error" => Ok(v.to_string()),
+                    _ => Err(format!(
+                        "expected trace, debug, info, warn or error, got {v:?}"
+                    )),
                 }),
             }
         };
-        let shutdown_grace = self.parsed(root, "", "shutdown_grace", Duration::from_secs(30), duration);
+        let shutdown_grace = self.parsed(
+            root,
+            "",
+            "shutdown_grace",
+            Duration::from_secs(30),
+            duration,
+        );
         Config {
             listen,
             unknown_destinations,
@@ -551,11 +621,23 @@ impl Reader {
                 self.known(
                     m,
                     &p,
-                    &["name", "type", "enabled", "mode", "on_blocked", "category", "hosts"],
+                    &[
+                        "name",
+                        "type",
+                        "enabled",
+                        "mode",
+                        "on_blocked",
+                        "category",
+                        "hosts",
+                    ],
                 );
                 if let Some((t, l)) = self.scalar(m, &p, "type") {
                     if t != "builtin" {
-                        self.err_at(l, &format!("{p}.type"), format!("expected builtin or generic, got {t:?}"));
+                        self.err_at(
+                            l,
+                            &format!("{p}.type"),
+                            format!("expected builtin or generic, got {t:?}"),
+                        );
                     }
                 }
             }
@@ -576,7 +658,9 @@ impl Reader {
                     "enforce" => Ok(Mode::Enforce),
                     "shadow" => Ok(Mode::Shadow),
                     "passthrough" => Ok(Mode::Passthrough),
-                    _ => Err(format!("expected enforce, shadow or passthrough, got {v:?}")),
+                    _ => Err(format!(
+                        "expected enforce, shadow or passthrough, got {v:?}"
+                    )),
                 }),
                 on_blocked: self.opt_parsed(m, &p, "on_blocked", |v| match v {
                     "error" => Ok(OnBlocked::Error),
@@ -626,8 +710,20 @@ impl Reader {
                 "denied" => Ok(Grant::Denied),
                 _ => Err(format!("expected granted or denied, got {v:?}")),
             });
-            let fcws = self.parsed(cm, &key, "fail_closed_when_stale", cur.fail_closed_when_stale, boolean);
-            out.insert(c, CategoryCfg { default, fail_closed_when_stale: fcws });
+            let fcws = self.parsed(
+                cm,
+                &key,
+                "fail_closed_when_stale",
+                cur.fail_closed_when_stale,
+                boolean,
+            );
+            out.insert(
+                c,
+                CategoryCfg {
+                    default,
+                    fail_closed_when_stale: fcws,
+                },
+            );
         }
         out
     }
@@ -693,7 +789,8 @@ fn parse_host_port(v: &str) -> Result<(), String> {
 
 /// "5m", "30s", "250ms".
 pub fn duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v).map_err(|_| format!("expected a duration like 30s or 5m, got {v:?}"))
+    humantime::parse_duration(v)
+        .map_err(|_| format!("expected a duration like 30s or 5m, got {v:?}"))
 }
 
 /// "8MiB", "512KiB", "1048576", "10MB".
@@ -712,7 +809,11 @@ pub fn size(v: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GB" => 1_000_000_000,
         "GiB" => 1 << 30,
-        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
     };
     n.checked_mul(mul)
         .filter(|x| *x > 0)
@@ -737,7 +838,10 @@ mod tests {
         let errs = parse(text, "t.yaml").unwrap_err();
         let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 4, "{shown:#?}");
-        assert!(shown[0].starts_with("t.yaml:2: listen.proxy:"), "{shown:#?}");
+        assert!(
+            shown[0].starts_with("t.yaml:2: listen.proxy:"),
+            "{shown:#?}"
+        );
         assert!(shown[1].starts_with("t.yaml:3: unknown_destinations:"));
         assert!(shown[2].starts_with("t.yaml:4: max_body_bytes:"));
         assert!(shown[3].starts_with("t.yaml:5: colour: unknown key"));

@@ -78,7 +78,10 @@ impl tower::Service<Uri> for ResolvingConnector {
         let resolve = self.resolve.clone();
         let timeout = self.connect_timeout;
         Box::pin(async move {
-            let host = uri.host().ok_or("request URI has no host")?.to_ascii_lowercase();
+            let host = uri
+                .host()
+                .ok_or("request URI has no host")?
+                .to_ascii_lowercase();
             let port = uri.port_u16().unwrap_or(443);
             let key = format!("{host}:{port}");
             let fut = async {
@@ -121,7 +124,8 @@ pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCert
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
         let mut n = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
@@ -131,7 +135,10 @@ pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCert
             n += 1;
         }
         if n == 0 {
-            return Err(format!("upstream.extra_ca: {}: no certificates found", path.display()));
+            return Err(format!(
+                "upstream.extra_ca: {}: no certificates found",
+                path.display()
+            ));
         }
     }
     Ok(roots)
@@ -150,7 +157,10 @@ impl UpstreamClient {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let resolve = Arc::new(cfg.resolve.clone());
-        let inner = ResolvingConnector { resolve: resolve.clone(), connect_timeout: cfg.connect_timeout };
+        let inner = ResolvingConnector {
+            resolve: resolve.clone(),
+            connect_timeout: cfg.connect_timeout,
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
@@ -184,16 +194,25 @@ impl UpstreamClient {
 
     /// A raw TCP connection for a blind tunnel (honours `resolve`).
     pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-        let mut c = ResolvingConnector { resolve: self.resolve.clone(), connect_timeout: self.connect_timeout };
-        let uri: Uri = format!("https://{host}:{port}/").parse().map_err(|_| UpstreamError {
-            kind: UpstreamErrorKind::Connect,
-            detail: "invalid tunnel target".into(),
-        })?;
+        let mut c = ResolvingConnector {
+            resolve: self.resolve.clone(),
+            connect_timeout: self.connect_timeout,
+        };
+        let uri: Uri = format!("https://{host}:{port}/")
+            .parse()
+            .map_err(|_| UpstreamError {
+                kind: UpstreamErrorKind::Connect,
+                detail: "invalid tunnel target".into(),
+            })?;
         use tower::Service;
         match c.call(uri).await {
             Ok(io) => Ok(io.into_inner()),
             Err(e) => Err(UpstreamError {
-                kind: if e.is::<ConnectTimeout>() { UpstreamErrorKind::Timeout } else { UpstreamErrorKind::Connect },
+                kind: if e.is::<ConnectTimeout>() {
+                    UpstreamErrorKind::Timeout
+                } else {
+                    UpstreamErrorKind::Connect
+                },
                 detail: e.to_string(),
             }),
         }
@@ -203,7 +222,11 @@ impl UpstreamClient {
 fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     use std::error::Error as _;
     let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
-    let mut kind = if e.is_connect() { UpstreamErrorKind::Connect } else { UpstreamErrorKind::Protocol };
+    let mut kind = if e.is_connect() {
+        UpstreamErrorKind::Connect
+    } else {
+        UpstreamErrorKind::Protocol
+    };
     let mut detail = e.to_string();
     while let Some(s) = src {
         if let Some(t) = s.downcast_ref::<rustls::Error>() {

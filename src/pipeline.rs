@@ -59,11 +59,15 @@ pub fn new_request_id() -> String {
 }
 
 pub fn empty_body() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn full_body(data: impl Into<Bytes>) -> ProxyBody {
-    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A JSON error answer with the decision headers.
@@ -77,7 +81,10 @@ pub fn json_response(
     let mut resp = Response::new(full_body(bytes));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     stamp(h, decision, request_id);
     resp
 }
@@ -97,7 +104,10 @@ pub fn error_response(
 }
 
 fn stamp(h: &mut HeaderMap, decision: RequestDecision, request_id: &str) {
-    h.insert(HeaderName::from_static(H_DECISION), HeaderValue::from_static(decision.as_str()));
+    h.insert(
+        HeaderName::from_static(H_DECISION),
+        HeaderValue::from_static(decision.as_str()),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert(HeaderName::from_static(H_REQUEST_ID), v);
     }
@@ -112,7 +122,11 @@ pub fn plain_target(req: &Request<Incoming>) -> Option<(String, u16)> {
         None => req.headers().get(header::HOST)?.to_str().ok()?.to_string(),
     };
     let (host, port) = split_host_port(&authority)?;
-    let port = if req.uri().scheme_str() == Some("https") { port.unwrap_or(443) } else { 443 };
+    let port = if req.uri().scheme_str() == Some("https") {
+        port.unwrap_or(443)
+    } else {
+        443
+    };
     Some((host, port))
 }
 
@@ -136,7 +150,11 @@ pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
             None => (a.to_string(), None),
         }
     };
-    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/' || c == '@') {
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
         return None;
     }
     Some((host.to_ascii_lowercase(), port))
@@ -180,7 +198,14 @@ fn scrub_request_headers(h: &mut HeaderMap) {
 }
 
 fn scrub_response_headers(h: &mut HeaderMap) {
-    for n in ["connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "trailer"] {
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    ] {
         h.remove(n);
     }
     let ours: Vec<HeaderName> = h
@@ -206,7 +231,9 @@ impl RequestHints {
         let category = match h.get(H_CATEGORY) {
             None => route.category,
             Some(v) => {
-                let s = v.to_str().map_err(|_| "X-Consent-Category is not text".to_string())?;
+                let s = v
+                    .to_str()
+                    .map_err(|_| "X-Consent-Category is not text".to_string())?;
                 Category::parse(s.trim()).ok_or_else(|| {
                     "X-Consent-Category names no known category (expected one of: advertising, \
                      marketing_email, marketing_sms, phone_outreach, appointment_reminders, \
@@ -224,7 +251,11 @@ impl RequestHints {
             .get("sec-gpc")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() == "1");
-        Ok(RequestHints { category, patient, header_gpc })
+        Ok(RequestHints {
+            category,
+            patient,
+            header_gpc,
+        })
     }
 }
 
@@ -292,13 +323,23 @@ pub fn enforce(
         v
     };
     let enforced = route.adapter.enforce(view, body, &mut decide)?;
-    Ok(Enforcement { enforced, decisions, context })
+    Ok(Enforcement {
+        enforced,
+        decisions,
+        context,
+    })
 }
 
 fn media_type(h: &HeaderMap) -> Option<String> {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
 }
 
 fn has_body(req: &Request<Incoming>) -> bool {
@@ -311,7 +352,11 @@ fn has_body(req: &Request<Incoming>) -> bool {
 
 fn upstream_uri(host: &str, port: u16, pq: Option<&str>) -> Result<Uri, http::Error> {
     let pq = pq.unwrap_or("/");
-    let s = if port == 443 { format!("https://{host}{pq}") } else { format!("https://{host}:{port}{pq}") };
+    let s = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
     Uri::try_from(s).map_err(http::Error::from)
 }
 
@@ -325,30 +370,73 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         Via::Plain => match plain_target(&req) {
             Some(t) => t,
             None => {
-                return error_response(400, &request_id, "bad_request", "no destination host (absolute URI or Host header)")
+                return error_response(
+                    400,
+                    &request_id,
+                    "bad_request",
+                    "no destination host (absolute URI or Host header)",
+                )
             }
         },
     };
     let Some(route) = rt.registry.route(&host).cloned() else {
-        app.metrics.requests_total.with_label_values(&["unknown", "blocked"]).inc();
+        app.metrics
+            .requests_total
+            .with_label_values(&["unknown", "blocked"])
+            .inc();
         if rt.config.unknown_destinations == UnknownDestinations::Tunnel {
             tracing::info!(request_id = %request_id, "unknown destination passed through (tunnel mode)");
-            return forward(&app, &rt, req, &host, port, "unknown", RequestDecision::Allowed, &request_id, started).await;
+            return forward(
+                &app,
+                &rt,
+                req,
+                &host,
+                port,
+                "unknown",
+                RequestDecision::Allowed,
+                &request_id,
+                started,
+            )
+            .await;
         }
         tracing::info!(request_id = %request_id, "unknown destination denied");
-        return error_response(403, &request_id, "unknown_destination", "destination host is not a configured destination");
+        return error_response(
+            403,
+            &request_id,
+            "unknown_destination",
+            "destination host is not a configured destination",
+        );
     };
     let name = route.name().to_string();
     let hints = match RequestHints::from_headers(req.headers(), &route) {
         Ok(h) => h,
-        Err(e) => return blocked(&app, &name, &request_id, started, error_response(400, &request_id, "bad_request", e)),
+        Err(e) => {
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(400, &request_id, "bad_request", e),
+            )
+        }
     };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let inspect = route.mode != Mode::Passthrough && route.adapter.inspects(&method, &path);
     if !inspect {
         if route.mode == Mode::Passthrough || !has_body(&req) {
-            return forward(&app, &rt, req, &host, port, &name, RequestDecision::Allowed, &request_id, started).await;
+            return forward(
+                &app,
+                &rt,
+                req,
+                &host,
+                port,
+                &name,
+                RequestDecision::Allowed,
+                &request_id,
+                started,
+            )
+            .await;
         }
         return blocked(
             &app,
@@ -360,26 +448,86 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     }
     // Inspected: read the whole body (bounded), decode, enforce.
     let limit = rt.config.max_body_bytes;
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok()) {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+    {
         if len > limit {
-            return blocked(&app, &name, &request_id, started, error_response(413, &request_id, "body_too_large", format!("body over max_body_bytes ({limit})")));
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(
+                    413,
+                    &request_id,
+                    "body_too_large",
+                    format!("body over max_body_bytes ({limit})"),
+                ),
+            );
         }
     }
-    let encoding = match Encoding::parse(req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok())) {
+    let encoding = match Encoding::parse(
+        req.headers()
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    ) {
         Ok(e) => e,
         Err(BodyReadError::UnknownEncoding(e)) => {
-            return blocked(&app, &name, &request_id, started, error_response(415, &request_id, "unsupported_content_encoding", format!("Content-Encoding {e:?} is not supported (gzip, deflate, br, zstd)")))
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(
+                    415,
+                    &request_id,
+                    "unsupported_content_encoding",
+                    format!("Content-Encoding {e:?} is not supported (gzip, deflate, br, zstd)"),
+                ),
+            )
         }
-        Err(_) => return blocked(&app, &name, &request_id, started, error_response(415, &request_id, "unsupported_content_encoding", "unsupported Content-Encoding")),
+        Err(_) => {
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(
+                    415,
+                    &request_id,
+                    "unsupported_content_encoding",
+                    "unsupported Content-Encoding",
+                ),
+            )
+        }
     };
     let (parts, incoming) = req.into_parts();
     let raw = match body::read_limited(incoming, limit).await {
         Ok(b) => b,
-        Err(e) => return blocked(&app, &name, &request_id, started, body_error_response(&request_id, e, limit)),
+        Err(e) => {
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                body_error_response(&request_id, e, limit),
+            )
+        }
     };
     let plain = match body::decode(encoding, &raw, limit) {
         Ok(p) => p,
-        Err(e) => return blocked(&app, &name, &request_id, started, body_error_response(&request_id, e, limit)),
+        Err(e) => {
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                body_error_response(&request_id, e, limit),
+            )
+        }
     };
     let ct = media_type(&parts.headers);
     let view = RequestView {
@@ -392,10 +540,22 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     let outcome = match enforce(&rt, &app.consent, &route, &view, &hints, &plain) {
         Ok(o) => o,
         Err(BodyError::Unreadable(detail)) => {
-            return blocked(&app, &name, &request_id, started, error_response(422, &request_id, "unreadable_body", detail))
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(422, &request_id, "unreadable_body", detail),
+            )
         }
         Err(BodyError::Forbidden { code, detail }) => {
-            return blocked(&app, &name, &request_id, started, error_response(451, &request_id, code, detail))
+            return blocked(
+                &app,
+                &name,
+                &request_id,
+                started,
+                error_response(451, &request_id, code, detail),
+            )
         }
     };
     count_events(&app, &name, &outcome, route.mode == Mode::Shadow);
@@ -403,7 +563,18 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     if route.mode == Mode::Shadow {
         tracing::info!(request_id = %request_id, destination = %name, events = log_events, "shadow: original bytes forwarded");
         let req = Request::from_parts(parts, full_body(raw));
-        return forward(&app, &rt, req, &host, port, &name, RequestDecision::Allowed, &request_id, started).await;
+        return forward(
+            &app,
+            &rt,
+            req,
+            &host,
+            port,
+            &name,
+            RequestDecision::Allowed,
+            &request_id,
+            started,
+        )
+        .await;
     }
     if outcome.all_dropped() {
         let reasons = outcome.drop_reasons();
@@ -413,7 +584,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             let mut r = Response::new(full_body(Bytes::from_static(s.body.as_bytes())));
             *r.status_mut() = StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK);
             if !s.body.is_empty() {
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
             }
             stamp(r.headers_mut(), RequestDecision::Blocked, &request_id);
             r
@@ -431,22 +605,53 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     let (decision, out_body) = match outcome.enforced.body {
         Some(new_plain) => match body::encode(encoding, &new_plain) {
             Ok(b) => (RequestDecision::Modified, Bytes::from(b)),
-            Err(e) => return blocked(&app, &name, &request_id, started, error_response(500, &request_id, "encode_failed", e)),
+            Err(e) => {
+                return blocked(
+                    &app,
+                    &name,
+                    &request_id,
+                    started,
+                    error_response(500, &request_id, "encode_failed", e),
+                )
+            }
         },
         None if changed => (RequestDecision::Modified, raw),
         None => (RequestDecision::Allowed, raw),
     };
     let mut parts = parts;
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out_body.len()));
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(out_body.len()));
     let req = Request::from_parts(parts, full_body(out_body));
-    forward(&app, &rt, req, &host, port, &name, decision, &request_id, started).await
+    forward(
+        &app,
+        &rt,
+        req,
+        &host,
+        port,
+        &name,
+        decision,
+        &request_id,
+        started,
+    )
+    .await
 }
 
 fn body_error_response(request_id: &str, e: BodyReadError, limit: u64) -> Response<ProxyBody> {
     match e {
-        BodyReadError::TooLarge => error_response(413, request_id, "body_too_large", format!("body over max_body_bytes ({limit})")),
-        BodyReadError::UnknownEncoding(enc) => error_response(415, request_id, "unsupported_content_encoding", format!("Content-Encoding {enc:?} is not supported")),
+        BodyReadError::TooLarge => error_response(
+            413,
+            request_id,
+            "body_too_large",
+            format!("body over max_body_bytes ({limit})"),
+        ),
+        BodyReadError::UnknownEncoding(enc) => error_response(
+            415,
+            request_id,
+            "unsupported_content_encoding",
+            format!("Content-Encoding {enc:?} is not supported"),
+        ),
         BodyReadError::Unreadable(d) => error_response(422, request_id, "unreadable_body", d),
     }
 }
@@ -461,14 +666,25 @@ fn count_events(app: &App, dest: &str, o: &Enforcement, shadow: bool) {
             (false, true, true) => "would_modify",
             (false, false, _) => "allowed",
         };
-        app.metrics.events_total.with_label_values(&[dest, decision, reason]).inc();
+        app.metrics
+            .events_total
+            .with_label_values(&[dest, decision, reason])
+            .inc();
     }
 }
 
-fn blocked(app: &App, dest: &str, request_id: &str, started: Instant, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+fn blocked(
+    app: &App,
+    dest: &str,
+    request_id: &str,
+    started: Instant,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
     let m = &app.metrics;
     m.requests_total.with_label_values(&[dest, "blocked"]).inc();
-    m.request_duration.with_label_values(&[dest]).observe(started.elapsed().as_secs_f64());
+    m.request_duration
+        .with_label_values(&[dest])
+        .observe(started.elapsed().as_secs_f64());
     tracing::info!(request_id = %request_id, destination = %dest, status = resp.status().as_u16(), decision = "blocked", "request blocked");
     resp
 }
@@ -493,7 +709,20 @@ where
     let (mut parts, body) = req.into_parts();
     let uri = match upstream_uri(host, port, parts.uri.path_and_query().map(|p| p.as_str())) {
         Ok(u) => u,
-        Err(_) => return blocked(app, dest, request_id, started, error_response(400, request_id, "bad_request", "request target is not a valid URI")),
+        Err(_) => {
+            return blocked(
+                app,
+                dest,
+                request_id,
+                started,
+                error_response(
+                    400,
+                    request_id,
+                    "bad_request",
+                    "request target is not a valid URI",
+                ),
+            )
+        }
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -503,28 +732,42 @@ where
     let inside = started.elapsed();
     let up_start = Instant::now();
     let result = rt.upstream.send(req).await;
-    m.upstream_duration.with_label_values(&[dest]).observe(up_start.elapsed().as_secs_f64());
+    m.upstream_duration
+        .with_label_values(&[dest])
+        .observe(up_start.elapsed().as_secs_f64());
     let t_after = Instant::now();
     match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             scrub_response_headers(&mut parts.headers);
             stamp(&mut parts.headers, decision, request_id);
-            m.requests_total.with_label_values(&[dest, decision.as_str()]).inc();
+            m.requests_total
+                .with_label_values(&[dest, decision.as_str()])
+                .inc();
             m.request_duration
                 .with_label_values(&[dest])
                 .observe((inside + t_after.elapsed()).as_secs_f64());
             tracing::info!(request_id = %request_id, destination = %dest, status = parts.status.as_u16(), decision = decision.as_str(), "forwarded");
-            Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+            Response::from_parts(
+                parts,
+                body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+            )
         }
         Err(e) => {
-            m.upstream_errors_total.with_label_values(&[dest, e.kind.as_str()]).inc();
+            m.upstream_errors_total
+                .with_label_values(&[dest, e.kind.as_str()])
+                .inc();
             tracing::warn!(request_id = %request_id, destination = %dest, kind = e.kind.as_str(), detail = %e.detail, "upstream failed");
             let code = match e.kind.status() {
                 504 => "upstream_timeout",
                 _ => "upstream_unavailable",
             };
-            let resp = error_response(e.kind.status(), request_id, code, format!("{}: {}", e.kind.as_str(), e.detail));
+            let resp = error_response(
+                e.kind.status(),
+                request_id,
+                code,
+                format!("{}: {}", e.kind.as_str(), e.detail),
+            );
             m.requests_total.with_label_values(&[dest, "blocked"]).inc();
             resp
         }
@@ -533,7 +776,10 @@ where
 
 /// Methods that carry no body by convention (used for uninspected endpoints).
 pub fn is_bodiless(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+    )
 }
 
 #[cfg(test)]
@@ -542,8 +788,14 @@ mod tests {
 
     #[test]
     fn authority_parsing() {
-        assert_eq!(split_host_port("Graph.Facebook.com:443"), Some(("graph.facebook.com".into(), Some(443))));
-        assert_eq!(split_host_port("[::1]:8443"), Some(("[::1]".into(), Some(8443))));
+        assert_eq!(
+            split_host_port("Graph.Facebook.com:443"),
+            Some(("graph.facebook.com".into(), Some(443)))
+        );
+        assert_eq!(
+            split_host_port("[::1]:8443"),
+            Some(("[::1]".into(), Some(8443)))
+        );
         assert_eq!(split_host_port("a b"), None);
         assert_eq!(split_host_port("host:notaport"), None);
     }

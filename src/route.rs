@@ -28,9 +28,11 @@ impl Route {
 /// `*.example.com` matches any subdomain; anything else matches exactly.
 pub fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
-        Some(suffix) => host.len() > suffix.len() + 1
-            && host.ends_with(suffix)
-            && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
         None => pattern == host,
     }
 }
@@ -46,7 +48,12 @@ pub type GenericBuilder = fn(&DestinationCfg) -> Result<Arc<dyn Adapter>, String
 impl Registry {
     /// The built-ins with the config's overrides applied, plus generic entries.
     pub fn build(cfg: &Config, file: &str) -> Result<Registry, Vec<ConfigError>> {
-        Self::build_with(cfg, file, destinations::builtins(), destinations::generic_builder())
+        Self::build_with(
+            cfg,
+            file,
+            destinations::builtins(),
+            destinations::generic_builder(),
+        )
     }
 
     pub fn build_with(
@@ -79,7 +86,9 @@ impl Registry {
                     continue;
                 }
                 let Some(build) = generic else {
-                    errors.push(err("generic destinations are not available in this build".into()));
+                    errors.push(err(
+                        "generic destinations are not available in this build".into()
+                    ));
                     continue;
                 };
                 match build(d) {
@@ -150,9 +159,15 @@ mod tests {
 
     #[test]
     fn wildcard_hosts() {
-        assert!(host_matches("*.api.mailchimp.com", "us21.api.mailchimp.com"));
+        assert!(host_matches(
+            "*.api.mailchimp.com",
+            "us21.api.mailchimp.com"
+        ));
         assert!(!host_matches("*.api.mailchimp.com", "api.mailchimp.com"));
-        assert!(!host_matches("*.api.mailchimp.com", "evilapi.mailchimp.com"));
+        assert!(!host_matches(
+            "*.api.mailchimp.com",
+            "evilapi.mailchimp.com"
+        ));
         assert!(host_matches("graph.facebook.com", "graph.facebook.com"));
     }
 }

@@ -35,7 +35,8 @@ fn print_errors(errs: &[ConfigError]) {
 
 /// Load a JSON Lines consent snapshot; every bad line is reported by number.
 pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
     let mut out = Vec::new();
     let mut errs = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -99,7 +100,10 @@ pub fn run(explicit: Option<&Path>) -> i32 {
     if source == ConfigSource::Embedded {
         tracing::info!("no config/consentgate.yaml found; using the embedded default");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -111,8 +115,14 @@ pub fn run(explicit: Option<&Path>) -> i32 {
 
 async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     let metrics = Arc::new(Metrics::new());
-    metrics.config_reloads_total.with_label_values(&["success"]).inc_by(0);
-    metrics.config_reloads_total.with_label_values(&["failure"]).inc_by(0);
+    metrics
+        .config_reloads_total
+        .with_label_values(&["success"])
+        .inc_by(0);
+    metrics
+        .config_reloads_total
+        .with_label_values(&["failure"])
+        .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
     if cfg.consent.source == crate::config::SourceKind::File {
@@ -142,7 +152,8 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let admin = match crate::admin::spawn(app.clone(), cfg.listen.admin, None, shutdown_rx.clone()) {
+    let admin = match crate::admin::spawn(app.clone(), cfg.listen.admin, None, shutdown_rx.clone())
+    {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(addr = %cfg.listen.admin, error = %e, "cannot bind listen.admin");
@@ -150,7 +161,12 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         }
     };
     let (tracker, drain) = crate::listen::tracker();
-    let proxy = tokio::spawn(crate::listen::run_proxy(app.clone(), listener, shutdown_rx.clone(), tracker.clone()));
+    let proxy = tokio::spawn(crate::listen::run_proxy(
+        app.clone(),
+        listener,
+        shutdown_rx.clone(),
+        tracker.clone(),
+    ));
     app.serving.store(true, Ordering::Relaxed);
     tracing::info!(proxy = %cfg.listen.proxy, admin = %cfg.listen.admin, "consentgate serving");
 

@@ -23,26 +23,50 @@ pub async fn handle_connect(
         .and_then(|a| pipeline::split_host_port(a.as_str()))
         .map(|(h, p)| (h, p.unwrap_or(443)))
     else {
-        return pipeline::error_response(400, &request_id, "bad_request", "CONNECT needs host:port");
+        return pipeline::error_response(
+            400,
+            &request_id,
+            "bad_request",
+            "CONNECT needs host:port",
+        );
     };
     let rt = app.runtime.load_full();
     let known = rt.registry.route(&host).is_some();
     if !known && rt.config.unknown_destinations == UnknownDestinations::Deny {
-        app.metrics.requests_total.with_label_values(&["unknown", "blocked"]).inc();
+        app.metrics
+            .requests_total
+            .with_label_values(&["unknown", "blocked"])
+            .inc();
         tracing::info!(request_id = %request_id, "CONNECT to unknown destination denied");
-        return pipeline::error_response(403, &request_id, "unknown_destination", "destination host is not a configured destination");
+        return pipeline::error_response(
+            403,
+            &request_id,
+            "unknown_destination",
+            "destination host is not a configured destination",
+        );
     }
     if !known {
         // Blind tunnel: connect first so a dead target is a 502, not a 200 then EOF.
         let upstream = match rt.upstream.connect_tcp(&host, port).await {
             Ok(s) => s,
             Err(e) => {
-                app.metrics.upstream_errors_total.with_label_values(&["unknown", e.kind.as_str()]).inc();
-                return pipeline::error_response(e.kind.status(), &request_id, "upstream_unavailable", e.detail);
+                app.metrics
+                    .upstream_errors_total
+                    .with_label_values(&["unknown", e.kind.as_str()])
+                    .inc();
+                return pipeline::error_response(
+                    e.kind.status(),
+                    &request_id,
+                    "upstream_unavailable",
+                    e.detail,
+                );
             }
         };
         app.metrics.tunnels_total.inc();
-        app.metrics.requests_total.with_label_values(&["unknown", "tunneled"]).inc();
+        app.metrics
+            .requests_total
+            .with_label_values(&["unknown", "tunneled"])
+            .inc();
         tracing::info!(request_id = %request_id, decision = "tunneled", "CONNECT tunneled blind");
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
@@ -63,7 +87,10 @@ fn ok_response(request_id: &str, decision: RequestDecision) -> Response<ProxyBod
     let mut r = Response::new(pipeline::empty_body());
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
-    h.insert(pipeline::H_DECISION, hyper::header::HeaderValue::from_static(decision.as_str()));
+    h.insert(
+        pipeline::H_DECISION,
+        hyper::header::HeaderValue::from_static(decision.as_str()),
+    );
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
         h.insert(pipeline::H_REQUEST_ID, v);
     }
@@ -79,5 +106,10 @@ fn intercept(
     _shutdown: watch::Receiver<bool>,
 ) -> Response<ProxyBody> {
     let _ = app;
-    pipeline::error_response(501, &request_id, "interception_unavailable", "TLS interception is not built in yet")
+    pipeline::error_response(
+        501,
+        &request_id,
+        "interception_unavailable",
+        "TLS interception is not built in yet",
+    )
 }

@@ -42,7 +42,9 @@ impl Drain {
 
 pub fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     b.http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
@@ -72,7 +74,12 @@ pub async fn serve_connection<IO>(
                     connect::handle_connect(app, req, shutdown).await
                 } else {
                     let id = pipeline::new_request_id();
-                    pipeline::error_response(405, &id, "connect_not_allowed", "CONNECT is not accepted inside an intercepted connection")
+                    pipeline::error_response(
+                        405,
+                        &id,
+                        "connect_not_allowed",
+                        "CONNECT is not accepted inside an intercepted connection",
+                    )
                 }
             } else {
                 pipeline::handle(app, req, via).await

@@ -181,6 +181,7 @@ fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
 }
 
 /// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
+#[allow(clippy::type_complexity)]
 pub fn hash_all(v: &mut Value, spec: &[(&str, fn(&str) -> String)], hashed: &mut Vec<String>) {
     for (p, h) in spec {
         if hash_at(v, p, *h) {

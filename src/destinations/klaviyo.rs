@@ -23,12 +23,14 @@ use serde_json::Value;
 
 pub struct Klaviyo;
 
+type AddFn = fn(&mut Identifiers, &str);
+
 /// Identifiers of a profile attributes object found at `prefix` of `v`.
 fn profile_ids(v: &Value, prefixes: &[&str]) -> Identifiers {
     let mut ids = Identifiers::new();
     for p in prefixes {
         let at = |f: &str| format!("{p}.{f}");
-        let fields: [(&str, fn(&mut Identifiers, &str)); 6] = [
+        let fields: [(&str, AddFn); 6] = [
             ("email", Identifiers::add_email),
             ("$email", Identifiers::add_email),
             ("phone_number", Identifiers::add_phone),

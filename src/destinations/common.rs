@@ -481,6 +481,20 @@ mod tests {
     }
 
     #[test]
+    fn builtins_are_named_once_and_described() {
+        let all = super::super::builtins();
+        let mut names: Vec<&str> = all.iter().map(|a| a.name()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate adapter name");
+        for a in &all {
+            assert!(!a.identifier_fields().is_empty(), "{}", a.name());
+            assert!(!a.display_name().is_empty(), "{}", a.name());
+        }
+    }
+
+    #[test]
     fn hosts_and_nested_arrays() {
         assert!(host_matches("*.api.mailchimp.com", "us6.api.mailchimp.com"));
         assert!(!host_matches("*.api.mailchimp.com", "api.mailchimp.com"));

@@ -10,6 +10,9 @@
 //! `whatsapp:+…`). Kept: the body goes out byte for byte. Dropped: the request
 //! is blocked by the caller. A missing, repeated or non-phone `To` is
 //! unreadable (a `client:`/`sip:` target names no patient we can check).
+//!
+//! Both share the host: a router must choose between them by `inspects`
+//! (host alone is ambiguous).
 
 use super::common;
 use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
@@ -183,6 +186,21 @@ mod tests {
         assert!(!TwilioVoice.inspects(&Method::POST, SMS_PATH));
         assert!(!TwilioSms.inspects(&Method::POST, "/2010-04-01/Accounts/AC1/Messages/SM1.json"));
         assert_eq!(TwilioSms.synthetic_ok().status, 201);
+    }
+
+    /// Two destinations share `api.twilio.com`: the router must pick the one
+    /// whose `inspects` accepts the path; exactly one does for each resource.
+    #[test]
+    fn twilio_shared_host_is_split_by_path() {
+        let all = crate::destinations::builtins();
+        for path in [SMS_PATH, CALL_PATH] {
+            let hits: Vec<&str> = all
+                .iter()
+                .filter(|a| a.matches_host(HOST) && a.inspects(&Method::POST, path))
+                .map(|a| a.name())
+                .collect();
+            assert_eq!(hits.len(), 1, "{path}: {hits:?}");
+        }
     }
 
     #[test]

@@ -257,6 +257,30 @@ pub fn enforce_json_batch(
     })
 }
 
+/// Like [`enforce_json_batch`], for an array at a dotted path of nested
+/// objects (`data.attributes.profiles.data`; `""` or `"$"`: a top-level array).
+pub fn enforce_json_batch_at(
+    body: &[u8],
+    path: &str,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> Result<super::Enforced, BodyError> {
+    let mut root = parse_json(body)?;
+    let Some(events) = array_at_mut(&mut root, path) else {
+        return Err(BodyError::Unreadable(if path.is_empty() || path == "$" {
+            "body is not a JSON array".to_string()
+        } else {
+            format!("`{path}` is missing or not an array")
+        }));
+    };
+    let (changed, applied) = enforce_array(events, decide, identify, apply);
+    Ok(super::Enforced {
+        body: changed.then(|| to_json(&root)),
+        events: applied,
+    })
+}
+
 /// Form body as ordered pairs.
 pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body).into_owned().collect()
@@ -267,6 +291,169 @@ pub fn encode_form(pairs: &[(String, String)]) -> Vec<u8> {
         .extend_pairs(pairs.iter())
         .finish()
         .into_bytes()
+}
+
+/// Whether `host` (lower-case, no port) matches `pattern`: an exact host, or
+/// `*.suffix` for any host with at least one label before `.suffix` (the bare
+/// suffix itself does not match).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.trim().trim_end_matches('.');
+    let host = host.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .strip_suffix(suffix)
+            .and_then(|h| h.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty()),
+        None => host.eq_ignore_ascii_case(pattern),
+    }
+}
+
+/// The non-empty segments of a URL path (`/a//b/` → `["a", "b"]`).
+pub fn path_segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// The array at a dotted path of nested objects (no array walking); `""` or
+/// `"$"` is the root itself.
+pub fn array_at_mut<'a>(root: &'a mut Value, path: &str) -> Option<&'a mut Vec<Value>> {
+    let mut cur = root;
+    if !(path.is_empty() || path == "$") {
+        for part in path.split('.') {
+            cur = cur.as_object_mut()?.get_mut(part)?;
+        }
+    }
+    cur.as_array_mut()
+}
+
+/// Percent-decode a URL path segment (`%40` → `@`; `+` stays `+`). Invalid
+/// escapes are kept as they are; invalid UTF-8 is replaced.
+pub fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Enforce a request that carries exactly one event: one decision, and the
+/// original bytes unchanged (a dropped single event blocks the request).
+pub fn enforce_single(
+    ids: &Identifiers,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+) -> super::Enforced {
+    super::Enforced {
+        body: None,
+        events: vec![EventApplied::new(decide(ids))],
+    }
+}
+
+/// A kept event that needs no rewriting (messaging and CRM vendors: no LDU).
+pub fn keep_as_is(_: &mut Value, _: &crate::decide::Keep, _: &mut EventApplied) {}
+
+/// Test support shared by the adapters: the fixture consent store, a decide
+/// closure built from the default policy, and a leak check on output bytes.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use super::super::{Adapter, RequestView};
+    use crate::consent::{ConsentRecord, ConsentStore};
+    use crate::decide::{Context, EventVerdict, Policy};
+    use crate::identify::{self, Identifiers};
+    use crate::model::{Category, Channel, DestKind};
+    use md5::{Digest, Md5};
+
+    pub fn store() -> ConsentStore {
+        let store = ConsentStore::new();
+        for line in include_str!("../../config/consent.example.jsonl").lines() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec = ConsentRecord::from_json(line.as_bytes()).expect("fixture record");
+            store.upsert(rec);
+        }
+        store
+    }
+
+    pub fn decider(
+        store: &ConsentStore,
+        category: Category,
+        channel: Option<Channel>,
+        kind: DestKind,
+    ) -> impl FnMut(&Identifiers) -> EventVerdict + '_ {
+        let policy = Policy::default();
+        let ctx = Context {
+            category,
+            channel,
+            kind,
+            header_gpc: false,
+            stale: false,
+        };
+        move |ids: &Identifiers| policy.decide(&ctx, store.lookup(ids)).verdict
+    }
+
+    /// The adapter's own defaults: category, channel and kind.
+    pub fn decider_for<'a>(
+        a: &dyn Adapter,
+        store: &'a ConsentStore,
+    ) -> impl FnMut(&Identifiers) -> EventVerdict + 'a {
+        decider(store, a.default_category(), a.channel(), a.kind())
+    }
+
+    pub fn req<'a>(method: &'a http::Method, host: &'a str, path: &'a str) -> RequestView<'a> {
+        RequestView {
+            method,
+            host,
+            path,
+            query: None,
+            content_type: Some("application/json"),
+        }
+    }
+
+    pub fn md5_hex(s: &str) -> String {
+        hex::encode(Md5::digest(s.as_bytes()))
+    }
+
+    /// Assert no trace of each email / phone in `out`: plaintext (any case),
+    /// SHA-256 hex or MD5 hex of its normalised forms.
+    pub fn assert_absent(out: &[u8], values: &[&str]) {
+        let text = String::from_utf8_lossy(out).to_lowercase();
+        for v in values {
+            let mut forms = vec![v.trim().to_lowercase()];
+            if let Some(e) = identify::normalize_email(v) {
+                forms.push(e);
+            } else if let Some(p) = identify::normalize_phone(v) {
+                forms.push(format!("+{p}"));
+                forms.push(p);
+            }
+            for f in forms.clone() {
+                forms.push(identify::sha256_hex(f.as_bytes()));
+                forms.push(md5_hex(&f));
+            }
+            for f in &forms {
+                assert!(!text.contains(f.as_str()), "output still carries {v}");
+            }
+        }
+    }
+
+    /// The verdicts' drop flags, in order.
+    pub fn drops(events: &[super::EventApplied]) -> Vec<bool> {
+        events.iter().map(|e| e.verdict.is_drop()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -293,5 +480,38 @@ mod tests {
         assert!(hash_at(&mut v, "em", identify::hash_email_for_vendor));
         assert_eq!(v["em"][0], identify::sha256_hex(b"jane@x.com"));
         assert!(!hash_at(&mut v, "em", identify::hash_email_for_vendor));
+    }
+
+    #[test]
+    fn builtins_are_named_once_and_described() {
+        let all = super::super::builtins();
+        let mut names: Vec<&str> = all.iter().map(|a| a.name()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate adapter name");
+        for a in &all {
+            assert!(!a.identifier_fields().is_empty(), "{}", a.name());
+            assert!(!a.display_name().is_empty(), "{}", a.name());
+        }
+    }
+
+    #[test]
+    fn hosts_and_nested_arrays() {
+        assert!(host_matches("*.api.mailchimp.com", "us6.api.mailchimp.com"));
+        assert!(!host_matches("*.api.mailchimp.com", "api.mailchimp.com"));
+        assert!(!host_matches(
+            "*.api.mailchimp.com",
+            "evilapi.mailchimp.com"
+        ));
+        assert!(host_matches("API.example.com", "api.example.com"));
+        assert_eq!(path_segments("/a//b/"), vec!["a", "b"]);
+        assert_eq!(percent_decode("j+x%40ex.com%2"), "j+x@ex.com%2");
+        assert_eq!(percent_decode("%zz%é"), "%zz%é");
+        let mut v = json!({"a":{"b":[1,2]}});
+        assert_eq!(array_at_mut(&mut v, "a.b").map(|a| a.len()), Some(2));
+        assert!(array_at_mut(&mut v, "a").is_none());
+        let mut top = json!([1]);
+        assert!(array_at_mut(&mut top, "$").is_some());
     }
 }

@@ -2,7 +2,16 @@
 //! implementing [`Adapter`]; the registry below is the only other place that
 //! names it. The proxy never names a vendor.
 
+pub mod braze;
 pub mod common;
+pub mod generic;
+pub mod genesys;
+pub mod hubspot;
+pub mod klaviyo;
+pub mod mailchimp;
+pub mod mandrill;
+pub mod sendgrid;
+pub mod twilio;
 
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
@@ -121,7 +130,17 @@ pub trait Adapter: Send + Sync + 'static {
 
 /// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.
 pub fn builtins() -> Vec<Arc<dyn Adapter>> {
-    vec![]
+    vec![
+        Arc::new(sendgrid::SendGrid),
+        Arc::new(mailchimp::Mailchimp),
+        Arc::new(mandrill::Mandrill),
+        Arc::new(klaviyo::Klaviyo),
+        Arc::new(twilio::TwilioSms),
+        Arc::new(twilio::TwilioVoice),
+        Arc::new(braze::Braze),
+        Arc::new(hubspot::HubSpot),
+        Arc::new(genesys::GenesysOutbound),
+    ]
 }
 
 /// The builder for `type: generic` destinations from config entries.

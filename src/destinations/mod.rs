@@ -3,6 +3,13 @@
 //! names it. The proxy never names a vendor.
 
 pub mod common;
+pub mod ga4;
+pub mod google_ads;
+pub mod linkedin;
+pub mod meta;
+pub mod pinterest;
+pub mod snap;
+pub mod tiktok;
 
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
@@ -121,5 +128,13 @@ pub trait Adapter: Send + Sync + 'static {
 
 /// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.
 pub fn builtins() -> Vec<Arc<dyn Adapter>> {
-    vec![]
+    vec![
+        Arc::new(meta::MetaCapi),
+        Arc::new(ga4::Ga4Mp),
+        Arc::new(google_ads::GoogleAds),
+        Arc::new(tiktok::TiktokEvents),
+        Arc::new(linkedin::LinkedinCapi),
+        Arc::new(pinterest::PinterestCapi),
+        Arc::new(snap::SnapCapi),
+    ]
 }

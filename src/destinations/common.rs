@@ -264,7 +264,16 @@ pub fn enforce_json_single(
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> Result<super::Enforced, BodyError> {
-    let root = parse_json(body)?;
+    enforce_single_value(parse_json(body)?, decide, identify, apply)
+}
+
+/// [`enforce_json_single`] on a body already parsed.
+pub fn enforce_single_value(
+    root: Value,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> Result<super::Enforced, BodyError> {
     if !root.is_object() {
         return Err(BodyError::Unreadable(
             "top level is not a JSON object".into(),

@@ -110,12 +110,18 @@ impl Adapter for LinkedinCapi {
         body: &[u8],
         decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
     ) -> Result<Enforced, BodyError> {
-        let root = common::parse_json(body)?;
-        match root.get("elements") {
-            Some(_) => {
-                common::enforce_json_batch(body, "elements", decide, &identify_event, &apply)
+        let mut root = common::parse_json(body)?;
+        match root.get_mut("elements") {
+            Some(Value::Array(events)) => {
+                let (changed, applied) =
+                    common::enforce_array(events, decide, &identify_event, &apply);
+                Ok(Enforced {
+                    body: changed.then(|| common::to_json(&root)),
+                    events: applied,
+                })
             }
-            None => common::enforce_json_single(body, decide, &identify_event, &apply),
+            Some(_) => Err(BodyError::Unreadable("`elements` is not an array".into())),
+            None => common::enforce_single_value(root, decide, &identify_event, &apply),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

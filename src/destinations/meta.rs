@@ -434,6 +434,27 @@ mod tests {
     }
 
     #[test]
+    fn ldu_geolocates_outside_california() {
+        // P-1015: sale/share opt-out in US-OR; P-1005: GPC in US-CO.
+        let body = common::to_json(&json!({"data":[
+            {"event_name":"Lead","user_data":{"em":"oregon@example.com"}},
+            {"event_name":"Lead","user_data":{"ph":"+1 720 555 0105"}}]}));
+        let mut decide = testkit::decider(DestKind::AdPlatform);
+        let r = MetaCapi
+            .enforce(&view("application/json"), &body, &mut decide)
+            .unwrap();
+        let out = r.body.unwrap();
+        testkit::assert_absent(&out, &["oregon@example.com", "+17205550105"]);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        for e in v["data"].as_array().unwrap() {
+            assert_eq!(e["data_processing_options"], json!(["LDU"]));
+            assert_eq!(e["data_processing_options_country"], json!(0));
+            assert_eq!(e["data_processing_options_state"], json!(0));
+            assert_eq!(e["user_data"], json!({}));
+        }
+    }
+
+    #[test]
     fn unchanged_body_goes_out_as_is() {
         let h = identify::sha256_hex(b"jane.roe@example.com");
         let body = common::to_json(&json!({"data":[{"event_name":"Lead","user_data":{"em":[h]}}]}));

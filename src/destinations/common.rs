@@ -180,8 +180,11 @@ fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
     }
 }
 
+/// A vendor hashing function: plaintext in, lowercase hex out.
+pub type Hasher = fn(&str) -> String;
+
 /// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
-pub fn hash_all(v: &mut Value, spec: &[(&str, fn(&str) -> String)], hashed: &mut Vec<String>) {
+pub fn hash_all(v: &mut Value, spec: &[(&str, Hasher)], hashed: &mut Vec<String>) {
     for (p, h) in spec {
         if hash_at(v, p, *h) {
             hashed.push((*p).to_string());

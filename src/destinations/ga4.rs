@@ -36,7 +36,7 @@ const SENSITIVE: &[&str] = &[
     "events.params.items",
 ];
 
-const HASHED: &[(&str, fn(&str) -> String)] = &[
+const HASHED: &[(&str, common::Hasher)] = &[
     ("user_data.sha256_email_address", common::hash_email_google),
     (
         "user_data.sha256_phone_number",

@@ -37,7 +37,7 @@ const IDENTITY: &[&str] = &[
 
 const SENSITIVE: &[&str] = &["customVariables", "cartData"];
 
-const HASHED: &[(&str, fn(&str) -> String)] = &[
+const HASHED: &[(&str, common::Hasher)] = &[
     ("userIdentifiers.hashedEmail", common::hash_email_google),
     (
         "userIdentifiers.hashedPhoneNumber",

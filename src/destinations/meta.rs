@@ -48,7 +48,7 @@ const IDENTITY: &[&str] = &[
 /// fields, search strings, arbitrary custom keys) goes.
 const CUSTOM_DATA_KEEP: &[&str] = &["value", "currency", "order_id", "num_items"];
 
-const HASHED: &[(&str, fn(&str) -> String)] = &[
+const HASHED: &[(&str, common::Hasher)] = &[
     ("user_data.em", identify::hash_email_for_vendor),
     ("user_data.ph", identify::hash_phone_digits_for_vendor),
     ("user_data.fn", common::hash_trimmed_lowercase),

@@ -41,7 +41,7 @@ const SENSITIVE: &[&str] = &[
     "custom_data.search_string",
 ];
 
-const HASHED: &[(&str, fn(&str) -> String)] = &[
+const HASHED: &[(&str, common::Hasher)] = &[
     ("user_data.em", identify::hash_email_for_vendor),
     ("user_data.ph", identify::hash_phone_digits_for_vendor),
     ("user_data.fn", common::hash_trimmed_lowercase),

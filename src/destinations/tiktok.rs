@@ -40,7 +40,7 @@ const SENSITIVE: &[&str] = &[
     "properties.content_category",
 ];
 
-const HASHED: &[(&str, fn(&str) -> String)] = &[
+const HASHED: &[(&str, common::Hasher)] = &[
     ("user.email", identify::hash_email_for_vendor),
     ("user.phone", identify::hash_phone_e164_for_vendor),
     ("user.external_id", common::hash_trimmed_lowercase),

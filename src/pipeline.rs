@@ -379,7 +379,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             }
         },
     };
-    let Some(route) = rt.registry.route(&host).cloned() else {
+    let Some(route) = rt
+        .registry
+        .route(&host, req.method(), req.uri().path())
+        .cloned()
+    else {
         app.metrics
             .requests_total
             .with_label_values(&["unknown", "blocked"])

@@ -2,8 +2,10 @@
 //! built-in catalog plus the config's `destinations:` overrides).
 
 use crate::config::{Config, ConfigError, DestinationCfg, Mode, OnBlocked};
+use crate::destinations::common::host_matches;
 use crate::destinations::{self, Adapter};
 use crate::model::Category;
+use http::Method;
 use std::sync::Arc;
 
 /// One routable destination with its effective settings.
@@ -22,18 +24,6 @@ impl Route {
     }
     fn matches(&self, host: &str) -> bool {
         self.adapter.matches_host(host) || self.extra_hosts.iter().any(|h| host_matches(h, host))
-    }
-}
-
-/// `*.example.com` matches any subdomain; anything else matches exactly.
-pub fn host_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => {
-            host.len() > suffix.len() + 1
-                && host.ends_with(suffix)
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-        }
-        None => pattern == host,
     }
 }
 
@@ -143,9 +133,22 @@ impl Registry {
         }
     }
 
-    /// The destination for a host (lower-case, no port), if any.
-    pub fn route(&self, host: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(host))
+    /// The destination for a request: among those serving the host (lower-case,
+    /// no port), the first that inspects this method and path, else the first.
+    pub fn route(&self, host: &str, method: &Method, path: &str) -> Option<&Route> {
+        let mut first = None;
+        for r in self.routes.iter().filter(|r| r.matches(host)) {
+            if r.mode != Mode::Passthrough && r.adapter.inspects(method, path) {
+                return Some(r);
+            }
+            first.get_or_insert(r);
+        }
+        first
+    }
+
+    /// Whether any destination serves this host (CONNECT, SNI).
+    pub fn knows_host(&self, host: &str) -> bool {
+        self.routes.iter().any(|r| r.matches(host))
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -158,16 +161,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wildcard_hosts() {
-        assert!(host_matches(
-            "*.api.mailchimp.com",
-            "us21.api.mailchimp.com"
-        ));
-        assert!(!host_matches("*.api.mailchimp.com", "api.mailchimp.com"));
-        assert!(!host_matches(
-            "*.api.mailchimp.com",
-            "evilapi.mailchimp.com"
-        ));
-        assert!(host_matches("graph.facebook.com", "graph.facebook.com"));
+    fn shared_host_routes_by_path() {
+        let cfg = crate::config::parse(crate::config::EMBEDDED_DEFAULT, "t").unwrap();
+        let reg = Registry::build(&cfg, "t").unwrap();
+        let sms = reg.route(
+            "api.twilio.com",
+            &Method::POST,
+            "/2010-04-01/Accounts/AC1/Messages.json",
+        );
+        let voice = reg.route(
+            "api.twilio.com",
+            &Method::POST,
+            "/2010-04-01/Accounts/AC1/Calls.json",
+        );
+        assert_eq!(sms.map(|r| r.name()), Some("twilio_sms"));
+        assert_eq!(voice.map(|r| r.name()), Some("twilio_voice"));
+        assert!(reg.route("nowhere.example", &Method::GET, "/").is_none());
+        assert!(reg.knows_host("us21.api.mailchimp.com"));
     }
 }

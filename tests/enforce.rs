@@ -6,7 +6,12 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 
-const DENIED: &[&str] = &["deny.me@example.com", "+14155550102", "unknown.person@example.com", "+15555550199"];
+const DENIED: &[&str] = &[
+    "deny.me@example.com",
+    "+14155550102",
+    "unknown.person@example.com",
+    "+15555550199",
+];
 
 async fn setup(name: &str, opts: ProxyOpts) -> (Proxy, Upstream) {
     let dir = test_dir(name);
@@ -46,27 +51,59 @@ fn mixed_meta_batch() -> Value {
 }
 
 fn by_id(events: &[Value], id: &str) -> Value {
-    events.iter().find(|e| e["event_id"] == id).cloned().unwrap_or(Value::Null)
+    events
+        .iter()
+        .find(|e| e["event_id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 fn check_meta_mixed(events: &[Value]) {
-    let ids: Vec<&str> = events.iter().filter_map(|e| e["event_id"].as_str()).collect();
-    assert_eq!(ids, ["e-granted", "e-sso", "e-limited"], "denied and unknown dropped, order kept");
+    let ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["e-granted", "e-sso", "e-limited"],
+        "denied and unknown dropped, order kept"
+    );
     let g = by_id(events, "e-granted");
-    assert_eq!(g["user_data"]["em"][0], sha("jane.roe@example.com"), "plaintext email hashed on the way out");
-    assert_eq!(g["user_data"]["ph"][0], sha("14155550100"), "phone hashed as digits with country code");
+    assert_eq!(
+        g["user_data"]["em"][0],
+        sha("jane.roe@example.com"),
+        "plaintext email hashed on the way out"
+    );
+    assert_eq!(
+        g["user_data"]["ph"][0],
+        sha("14155550100"),
+        "phone hashed as digits with country code"
+    );
     assert!(g.get("data_processing_options").is_none());
     let s = by_id(events, "e-sso");
     assert_eq!(s["data_processing_options"], json!(["LDU"]));
     assert_eq!(s["data_processing_options_country"], 1);
     assert_eq!(s["data_processing_options_state"], 1000);
     let ud = s["user_data"].as_object().cloned().unwrap_or_default();
-    for k in ["em", "ph", "client_ip_address", "client_user_agent", "fbc", "fbp"] {
-        assert!(!ud.contains_key(k), "identity field {k} stripped for sale/share opt-out");
+    for k in [
+        "em",
+        "ph",
+        "client_ip_address",
+        "client_user_agent",
+        "fbc",
+        "fbp",
+    ] {
+        assert!(
+            !ud.contains_key(k),
+            "identity field {k} stripped for sale/share opt-out"
+        );
     }
     let l = by_id(events, "e-limited");
     assert_eq!(l["event_source_url"], "https://hospital.example/");
-    assert!(l["custom_data"].get("content_name").is_none() && l["custom_data"].get("content_category").is_none());
+    assert!(
+        l["custom_data"].get("content_name").is_none()
+            && l["custom_data"].get("content_category").is_none()
+    );
 }
 
 fn sha(s: &str) -> String {
@@ -78,15 +115,33 @@ fn sha(s: &str) -> String {
 async fn meta_json_and_form_mixed_batches() {
     let (p, up) = setup("meta-mixed", ProxyOpts::default()).await;
     let body = serde_json::to_vec(&mixed_meta_batch()).unwrap();
-    let r = send(p.proxy, Req::post("graph.facebook.com", "/v19.0/1234567890/events?access_token=SECRET", body)).await;
+    let r = send(
+        p.proxy,
+        Req::post(
+            "graph.facebook.com",
+            "/v19.0/1234567890/events?access_token=SECRET",
+            body,
+        ),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.decision(), "modified");
     let got = up.last();
-    assert_eq!(got.path_and_query, "/v19.0/1234567890/events?access_token=SECRET");
-    assert_eq!(got.header("content-length").map(|v| v.parse::<usize>().unwrap()), Some(got.body.len()));
+    assert_eq!(
+        got.path_and_query,
+        "/v19.0/1234567890/events?access_token=SECRET"
+    );
+    assert_eq!(
+        got.header("content-length")
+            .map(|v| v.parse::<usize>().unwrap()),
+        Some(got.body.len())
+    );
     assert_absent(&got.body, DENIED, "meta json upstream bytes");
     let v = got.json();
-    assert_eq!(v["test_event_code"], "TEST123", "other top-level keys preserved");
+    assert_eq!(
+        v["test_event_code"], "TEST123",
+        "other top-level keys preserved"
+    );
     check_meta_mixed(v["data"].as_array().unwrap());
 
     // The Python SDK's form body: data is a JSON array of JSON-encoded event strings.
@@ -108,10 +163,19 @@ async fn meta_json_and_form_mixed_batches() {
     let got = up.last();
     assert_absent(&got.body, DENIED, "meta form upstream bytes");
     let pairs: Vec<(String, String)> = form_urlencoded::parse(&got.body).into_owned().collect();
-    assert!(pairs.iter().any(|(k, v)| k == "access_token" && v == "SECRET"));
-    let data = &pairs.iter().find(|(k, _)| k == "data").expect("data field").1;
+    assert!(pairs
+        .iter()
+        .any(|(k, v)| k == "access_token" && v == "SECRET"));
+    let data = &pairs
+        .iter()
+        .find(|(k, _)| k == "data")
+        .expect("data field")
+        .1;
     let strings: Vec<String> = serde_json::from_str(data).expect("data stays an array of strings");
-    let events: Vec<Value> = strings.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    let events: Vec<Value> = strings
+        .iter()
+        .map(|s| serde_json::from_str(s).unwrap())
+        .collect();
     check_meta_mixed(&events);
 }
 
@@ -124,20 +188,38 @@ async fn sec_gpc_header_tags_every_meta_event() {
     ]});
     let r = send(
         p.proxy,
-        Req::post("graph.facebook.com", "/v19.0/1/events", serde_json::to_vec(&body).unwrap()).header("Sec-GPC", "1"),
+        Req::post(
+            "graph.facebook.com",
+            "/v19.0/1/events",
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .header("Sec-GPC", "1"),
     )
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.decision(), "modified");
     let got = up.last();
-    assert_absent(&got.body, &["jane.roe@example.com", "+14155550100", "mixed.case@gmail.com", "+442079460108"], "gpc");
+    assert_absent(
+        &got.body,
+        &[
+            "jane.roe@example.com",
+            "+14155550100",
+            "mixed.case@gmail.com",
+            "+442079460108",
+        ],
+        "gpc",
+    );
     let v = got.json();
     let events = v["data"].as_array().unwrap();
     assert_eq!(events.len(), 2);
     for e in events {
         assert_eq!(e["data_processing_options"], json!(["LDU"]));
         // P-1001 is US-CA → 1/1000; P-1008 is GB → 0/0 (Meta geolocates).
-        let expect = if e["event_id"] == "a" { (1, 1000) } else { (0, 0) };
+        let expect = if e["event_id"] == "a" {
+            (1, 1000)
+        } else {
+            (0, 0)
+        };
         assert_eq!(e["data_processing_options_country"], expect.0);
         assert_eq!(e["data_processing_options_state"], expect.1);
         assert!(e["user_data"].get("em").is_none() && e["user_data"].get("ph").is_none());
@@ -160,7 +242,9 @@ async fn gzip_batch_is_enforced_and_reencoded_unknown_encoding_blocked() {
     let got = up.last();
     assert_eq!(got.header("content-encoding"), Some("gzip"));
     let mut plain = Vec::new();
-    flate2::read::GzDecoder::new(got.body.as_slice()).read_to_end(&mut plain).unwrap();
+    flate2::read::GzDecoder::new(got.body.as_slice())
+        .read_to_end(&mut plain)
+        .unwrap();
     assert_absent(&plain, DENIED, "gzip upstream bytes");
     let v: Value = serde_json::from_slice(&plain).unwrap();
     check_meta_mixed(v["data"].as_array().unwrap());
@@ -168,7 +252,8 @@ async fn gzip_batch_is_enforced_and_reencoded_unknown_encoding_blocked() {
     let before = up.count();
     let r = send(
         p.proxy,
-        Req::post("graph.facebook.com", "/v19.0/1/events", raw.clone()).header("content-encoding", "foo"),
+        Req::post("graph.facebook.com", "/v19.0/1/events", raw.clone())
+            .header("content-encoding", "foo"),
     )
     .await;
     assert_eq!(r.status, 415);
@@ -189,35 +274,68 @@ async fn twilio_sms_denied_channel_blocked_reminder_forwarded_unchanged() {
             .finish()
     };
     let sms = |to: &str| {
-        Req::post("api.twilio.com", path, form(to)).header("content-type", "application/x-www-form-urlencoded")
+        Req::post("api.twilio.com", path, form(to))
+            .header("content-type", "application/x-www-form-urlencoded")
     };
     let r = send(p.proxy, sms("+14155550106")).await;
     assert_eq!(r.status, 451);
     assert_eq!(r.decision(), "blocked");
     let j = r.json();
     assert_eq!(j["error"], "blocked_by_consent_policy");
-    assert_eq!(j["request_id"], r.header("x-consentgate-request-id").unwrap());
+    assert_eq!(
+        j["request_id"],
+        r.header("x-consentgate-request-id").unwrap()
+    );
     assert_eq!(up.count(), 0, "upstream receives nothing");
 
-    let r = send(p.proxy, sms("+14155550107").header("X-Consent-Category", "appointment_reminders")).await;
+    let r = send(
+        p.proxy,
+        sms("+14155550107").header("X-Consent-Category", "appointment_reminders"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.decision(), "allowed");
     let got = up.last();
-    assert_eq!(got.body, form("+14155550107").into_bytes(), "forwarded byte for byte");
+    assert_eq!(
+        got.body,
+        form("+14155550107").into_bytes(),
+        "forwarded byte for byte"
+    );
     assert!(got.header("x-consent-category").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_and_oversized_bodies_are_blocked_never_forwarded() {
-    let opts = ProxyOpts { extra_yaml: "max_body_bytes: 4KiB\n".into(), ..Default::default() };
+    let opts = ProxyOpts {
+        extra_yaml: "max_body_bytes: 4KiB\n".into(),
+        ..Default::default()
+    };
     let (p, up) = setup("malformed", opts).await;
-    let r = send(p.proxy, Req::post("graph.facebook.com", "/v19.0/1/events", r#"{"data":[{"event_name":"Lead","user_data":{"em":["deny.me@example.com"]}}"#)).await;
+    let r = send(
+        p.proxy,
+        Req::post(
+            "graph.facebook.com",
+            "/v19.0/1/events",
+            r#"{"data":[{"event_name":"Lead","user_data":{"em":["deny.me@example.com"]}}"#,
+        ),
+    )
+    .await;
     assert_eq!(r.status, 422);
     assert_eq!(r.json()["error"], "unreadable_body");
-    assert!(!String::from_utf8_lossy(&r.body).contains("deny.me"), "error never echoes the payload");
-    let big = serde_json::to_vec(&json!({"data": vec![meta_event("jane.roe@example.com", "+14155550100", "x"); 20]})).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("deny.me"),
+        "error never echoes the payload"
+    );
+    let big = serde_json::to_vec(
+        &json!({"data": vec![meta_event("jane.roe@example.com", "+14155550100", "x"); 20]}),
+    )
+    .unwrap();
     assert!(big.len() > 4096);
-    let r = send(p.proxy, Req::post("graph.facebook.com", "/v19.0/1/events", big)).await;
+    let r = send(
+        p.proxy,
+        Req::post("graph.facebook.com", "/v19.0/1/events", big),
+    )
+    .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"], "body_too_large");
     assert_eq!(up.count(), 0);
@@ -231,15 +349,36 @@ async fn all_dropped_answers_451_or_synthetic_ok_and_counts_events() {
     };
     let (p, up) = setup("all-dropped", opts).await;
     let body = json!({"data": [meta_event("deny.me@example.com", "+14155550102", "d"), meta_event("unknown.person@example.com", "+15555550199", "u")]});
-    let r = send(p.proxy, Req::post("graph.facebook.com", "/v19.0/1/events", serde_json::to_vec(&body).unwrap())).await;
+    let r = send(
+        p.proxy,
+        Req::post(
+            "graph.facebook.com",
+            "/v19.0/1/events",
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(r.status, 451);
-    let mut reasons: Vec<String> = r.json()["reasons"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let mut reasons: Vec<String> = r.json()["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
     reasons.sort();
     assert_eq!(reasons, ["consent_denied", "unknown_patient"]);
     let tt = json!({"event_source": "web", "event_source_id": "PIXEL", "data": [
         {"event": "ViewContent", "event_time": 1763600000, "user": {"email": ["deny.me@example.com"]}}
     ]});
-    let r = send(p.proxy, Req::post("business-api.tiktok.com", "/open_api/v1.3/event/track/", serde_json::to_vec(&tt).unwrap())).await;
+    let r = send(
+        p.proxy,
+        Req::post(
+            "business-api.tiktok.com",
+            "/open_api/v1.3/event/track/",
+            serde_json::to_vec(&tt).unwrap(),
+        ),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.decision(), "blocked");
     assert_eq!(r.json()["code"], 0, "TikTok's empty success");

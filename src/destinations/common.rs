@@ -281,6 +281,83 @@ pub fn enforce_json_batch_at(
     })
 }
 
+/// Enforce a body that is one event as a whole (one user per request: GA4,
+/// a single LinkedIn conversion). The top level must be a JSON object. When
+/// the event is dropped the body becomes `{}` (the request is blocked anyway,
+/// and nothing of the original survives in it).
+pub fn enforce_json_single(
+    body: &[u8],
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> Result<super::Enforced, BodyError> {
+    enforce_single_value(parse_json(body)?, decide, identify, apply)
+}
+
+/// [`enforce_json_single`] on a body already parsed.
+pub fn enforce_single_value(
+    root: Value,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
+) -> Result<super::Enforced, BodyError> {
+    if !root.is_object() {
+        return Err(BodyError::Unreadable(
+            "top level is not a JSON object".into(),
+        ));
+    }
+    let mut one = vec![root];
+    let (changed, applied) = enforce_array(&mut one, decide, identify, apply);
+    let body = match one.first() {
+        Some(v) => changed.then(|| to_json(v)),
+        None => Some(b"{}".to_vec()),
+    };
+    Ok(super::Enforced {
+        body,
+        events: applied,
+    })
+}
+
+/// SHA-256 hex of the trimmed, lower-cased value (names, cities, external
+/// ids). A value that already looks hashed is returned lower-cased as it is.
+pub fn hash_trimmed_lowercase(v: &str) -> String {
+    if identify::looks_hashed(v) {
+        return v.trim().to_ascii_lowercase();
+    }
+    identify::sha256_hex(v.trim().to_lowercase().as_bytes())
+}
+
+/// Google's email hashing (GA4 `user_data`, Google Ads `hashedEmail`): trimmed,
+/// lower-cased, and for gmail.com / googlemail.com without dots before the `@`.
+pub fn hash_email_google(v: &str) -> String {
+    if identify::looks_hashed(v) {
+        return v.trim().to_ascii_lowercase();
+    }
+    match identify::normalize_email(v) {
+        Some(n) => {
+            let n = identify::gmail_variant(&n).unwrap_or(n);
+            identify::sha256_hex(n.as_bytes())
+        }
+        None => identify::hash_email_for_vendor(v),
+    }
+}
+
+/// Whether `method` is POST and `path` (trailing `/` ignored) splits into
+/// segments accepted by `shape`.
+pub fn post_path_matches(
+    method: &http::Method,
+    path: &str,
+    shape: &dyn Fn(&[&str]) -> bool,
+) -> bool {
+    if method != http::Method::POST {
+        return false;
+    }
+    let p = path.strip_prefix('/').unwrap_or(path);
+    let p = p.strip_suffix('/').unwrap_or(p);
+    let segs: Vec<&str> = p.split('/').collect();
+    !segs.iter().any(|s| s.is_empty()) && shape(&segs)
+}
+
 /// Form body as ordered pairs.
 pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body).into_owned().collect()
@@ -513,5 +590,113 @@ mod tests {
         assert!(array_at_mut(&mut v, "a").is_none());
         let mut top = json!([1]);
         assert!(array_at_mut(&mut top, "$").is_some());
+    }
+}
+
+/// Fixture-backed helpers for adapter tests: a store loaded with
+/// `config/consent.example.jsonl`, the default policy, and a leak check.
+#[cfg(test)]
+pub mod adkit {
+    use crate::consent::{ConsentRecord, ConsentStore};
+    use crate::decide::{Context, EventVerdict, Policy};
+    use crate::identify::{self, Identifiers};
+    use crate::model::{Category, DestKind};
+    use md5::{Digest, Md5};
+
+    pub fn store() -> ConsentStore {
+        let store = ConsentStore::new();
+        for line in include_str!("../../config/consent.example.jsonl").lines() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec = ConsentRecord::from_json(line.as_bytes()).expect("fixture record");
+            store.upsert(rec);
+        }
+        store
+    }
+
+    /// The default policy for `advertising` on a destination of `kind`.
+    pub fn decider(kind: DestKind) -> impl FnMut(&Identifiers) -> EventVerdict {
+        let store = store();
+        let policy = Policy::default();
+        move |ids: &Identifiers| {
+            let ctx = Context {
+                category: Category::Advertising,
+                channel: None,
+                kind,
+                header_gpc: false,
+                stale: false,
+            };
+            policy.decide(&ctx, store.lookup(ids)).verdict
+        }
+    }
+
+    fn md5_hex(s: &str) -> String {
+        hex::encode(Md5::digest(s.as_bytes()))
+    }
+
+    /// Every form an identifier could leave in: plain, lower-cased, phone
+    /// digits and E.164, each also as SHA-256 hex and MD5 hex.
+    pub fn forms(v: &str) -> Vec<String> {
+        let mut base = vec![v.to_string(), v.trim().to_lowercase()];
+        if let Some(d) = identify::normalize_phone(v) {
+            if v.chars().filter(|c| c.is_ascii_digit()).count() >= 7 && !v.contains('@') {
+                base.push(format!("+{d}"));
+                base.push(d);
+            }
+        }
+        if let Some(g) = identify::normalize_email(v).and_then(|n| identify::gmail_variant(&n)) {
+            base.push(g);
+        }
+        let mut out = Vec::new();
+        for b in base {
+            out.push(identify::sha256_hex(b.as_bytes()));
+            out.push(md5_hex(&b));
+            out.push(b.to_lowercase());
+        }
+        out
+    }
+
+    /// Panics (naming the fixture, not the output) when any form of any of
+    /// `values` occurs in `out`, raw or form-decoded.
+    pub fn assert_absent(out: &[u8], values: &[&str]) {
+        let raw = String::from_utf8_lossy(out).to_lowercase();
+        let decoded = form_urlencoded::parse(out)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+            .to_lowercase();
+        for v in values {
+            for f in forms(v) {
+                assert!(
+                    !raw.contains(&f) && !decoded.contains(&f),
+                    "a form of fixture identifier {v:?} leaked"
+                );
+            }
+        }
+    }
+
+    /// Panics when any of `values` occurs in plain text in `out`, raw or
+    /// form-decoded (kept events: their identifiers must leave hashed).
+    pub fn assert_no_plaintext(out: &[u8], values: &[&str]) {
+        let raw = String::from_utf8_lossy(out).to_lowercase();
+        let decoded = form_urlencoded::parse(out)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+            .to_lowercase();
+        for v in values {
+            let v = v.to_lowercase();
+            assert!(
+                !raw.contains(&v) && !decoded.contains(&v),
+                "fixture identifier {v:?} left in plain text"
+            );
+        }
+    }
+
+    /// Whether some SHA-256 form of `v` occurs in `out`.
+    pub fn contains_hash_of(out: &[u8], v: &str) -> bool {
+        let raw = String::from_utf8_lossy(out).to_lowercase();
+        raw.contains(&identify::sha256_hex(v.as_bytes()))
     }
 }

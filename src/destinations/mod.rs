@@ -4,13 +4,20 @@
 
 pub mod braze;
 pub mod common;
+pub mod ga4;
 pub mod generic;
 pub mod genesys;
+pub mod google_ads;
 pub mod hubspot;
 pub mod klaviyo;
+pub mod linkedin;
 pub mod mailchimp;
 pub mod mandrill;
+pub mod meta;
+pub mod pinterest;
 pub mod sendgrid;
+pub mod snap;
+pub mod tiktok;
 pub mod twilio;
 
 use crate::decide::EventVerdict;
@@ -131,6 +138,13 @@ pub trait Adapter: Send + Sync + 'static {
 /// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.
 pub fn builtins() -> Vec<Arc<dyn Adapter>> {
     vec![
+        Arc::new(meta::MetaCapi),
+        Arc::new(ga4::Ga4Mp),
+        Arc::new(google_ads::GoogleAds),
+        Arc::new(tiktok::TiktokEvents),
+        Arc::new(linkedin::LinkedinCapi),
+        Arc::new(pinterest::PinterestCapi),
+        Arc::new(snap::SnapCapi),
         Arc::new(sendgrid::SendGrid),
         Arc::new(mailchimp::Mailchimp),
         Arc::new(mandrill::Mandrill),
@@ -143,7 +157,19 @@ pub fn builtins() -> Vec<Arc<dyn Adapter>> {
     ]
 }
 
-/// The builder for `type: generic` destinations from config entries.
+/// The builder for `type: generic` destinations from config entries. Keys
+/// every destination entry shares (`type`, `mode`, `on_blocked`, `enabled`) are
+/// removed before the rest is read as a [`generic::GenericSpec`].
 pub fn generic_builder() -> Option<crate::route::GenericBuilder> {
-    None
+    Some(|d| {
+        let mut v = d.generic.clone().ok_or("not a generic destination")?;
+        if let Some(m) = v.as_object_mut() {
+            for k in ["type", "mode", "on_blocked", "enabled"] {
+                m.remove(k);
+            }
+        }
+        let spec: generic::GenericSpec = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        let adapter: Arc<dyn Adapter> = Arc::new(generic::GenericAdapter::new(spec)?);
+        Ok(adapter)
+    })
 }

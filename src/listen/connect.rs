@@ -31,7 +31,7 @@ pub async fn handle_connect(
         );
     };
     let rt = app.runtime.load_full();
-    let known = rt.registry.route(&host).is_some();
+    let known = rt.registry.knows_host(&host);
     if !known && rt.config.unknown_destinations == UnknownDestinations::Deny {
         app.metrics
             .requests_total

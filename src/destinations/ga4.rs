@@ -1,0 +1,284 @@
+//! Google Analytics 4 Measurement Protocol: `POST /mp/collect` (and the
+//! validation endpoint `/debug/mp/collect`) on www. or region1.google-analytics.com.
+//!
+//! One user per request: the whole body is one event for the decision, so a
+//! drop blocks the request. Sale/share opt-out removes `user_id`, `user_data`,
+//! `ip_override`, `user_location` and `device`, replaces `client_id` with a
+//! random value and sets both `consent` signals to `DENIED`.
+
+use super::common;
+use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use crate::decide::{EventVerdict, Keep};
+use crate::identify::{self, Identifiers};
+use crate::model::{Category, DestKind};
+use http::Method;
+use serde_json::{json, Value};
+
+pub struct Ga4Mp;
+
+const IDENTITY: &[&str] = &[
+    "user_id",
+    "user_data",
+    "ip_override",
+    "user_location",
+    "device",
+];
+
+const URLS: &[&str] = &[
+    "events.params.page_location",
+    "events.params.page_referrer",
+    "events.params.link_url",
+];
+
+const SENSITIVE: &[&str] = &[
+    "events.params.page_title",
+    "events.params.search_term",
+    "events.params.items",
+];
+
+const HASHED: &[(&str, common::Hasher)] = &[
+    ("user_data.sha256_email_address", common::hash_email_google),
+    (
+        "user_data.sha256_phone_number",
+        identify::hash_phone_e164_for_vendor,
+    ),
+    (
+        "user_data.address.sha256_first_name",
+        common::hash_trimmed_lowercase,
+    ),
+    (
+        "user_data.address.sha256_last_name",
+        common::hash_trimmed_lowercase,
+    ),
+    (
+        "user_data.address.sha256_street",
+        common::hash_trimmed_lowercase,
+    ),
+];
+
+fn identify_body(v: &Value) -> Identifiers {
+    let mut ids = Identifiers::new();
+    common::collect(v, &["user_id"], &mut ids, Identifiers::add_external);
+    common::collect(v, &["user_id"], &mut ids, Identifiers::add_patient);
+    common::collect(
+        v,
+        &["user_data.sha256_email_address"],
+        &mut ids,
+        Identifiers::add_email,
+    );
+    common::collect(
+        v,
+        &["user_data.sha256_phone_number"],
+        &mut ids,
+        Identifiers::add_phone,
+    );
+    ids
+}
+
+/// A fresh client id in GA's `random.timestamp` shape, unlinkable to the old one.
+fn random_client_id() -> String {
+    format!(
+        "{}.{}",
+        rand::random::<u32>(),
+        1_600_000_000 + rand::random::<u32>() % 200_000_000
+    )
+}
+
+fn apply(v: &mut Value, keep: &Keep, a: &mut EventApplied) {
+    if keep.strip_identity {
+        common::remove_all(v, IDENTITY, &mut a.fields_stripped);
+        if let Value::Object(m) = v {
+            if m.contains_key("client_id") {
+                m.insert("client_id".into(), Value::String(random_client_id()));
+                a.fields_stripped.push("client_id".into());
+            }
+            if m.contains_key("app_instance_id") {
+                let id: String = (0..4)
+                    .map(|_| format!("{:08x}", rand::random::<u32>()))
+                    .collect();
+                m.insert("app_instance_id".into(), Value::String(id));
+                a.fields_stripped.push("app_instance_id".into());
+            }
+        }
+    }
+    if keep.strip_identity || keep.ldu.is_some() {
+        common::set_at(v, "consent.ad_user_data", json!("DENIED"));
+        common::set_at(v, "consent.ad_personalization", json!("DENIED"));
+        a.flags_set.push("consent.ad_user_data=DENIED".into());
+        a.flags_set.push("consent.ad_personalization=DENIED".into());
+    }
+    if keep.limit_sensitive {
+        common::reduce_urls(v, URLS, &mut a.fields_stripped);
+        common::remove_all(v, SENSITIVE, &mut a.fields_stripped);
+    }
+    common::hash_all(v, HASHED, &mut a.hashed);
+}
+
+impl Adapter for Ga4Mp {
+    fn name(&self) -> &str {
+        "ga4_mp"
+    }
+    fn display_name(&self) -> &str {
+        "Google Analytics 4 Measurement Protocol"
+    }
+    fn kind(&self) -> DestKind {
+        DestKind::Analytics
+    }
+    fn default_category(&self) -> Category {
+        Category::Advertising
+    }
+    fn matches_host(&self, host: &str) -> bool {
+        matches!(
+            host,
+            "www.google-analytics.com" | "region1.google-analytics.com"
+        )
+    }
+    fn inspects(&self, method: &Method, path: &str) -> bool {
+        common::post_path_matches(method, path, &|s| {
+            matches!(s, ["mp", "collect"] | ["debug", "mp", "collect"])
+        })
+    }
+    fn enforce(
+        &self,
+        _req: &RequestView<'_>,
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError> {
+        common::enforce_json_single(body, decide, &identify_body, &apply)
+    }
+    fn synthetic_ok(&self) -> SyntheticOk {
+        SyntheticOk {
+            status: 204,
+            body: "",
+        }
+    }
+    fn identifier_fields(&self) -> &str {
+        "user_id, user_data.sha256_email_address, user_data.sha256_phone_number"
+    }
+    fn ldu_signal(&self) -> &str {
+        "consent.ad_user_data / ad_personalization DENIED; client_id randomised"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destinations::common::adkit;
+    use serde_json::json;
+
+    fn view() -> RequestView<'static> {
+        RequestView {
+            method: &Method::POST,
+            host: "www.google-analytics.com",
+            path: "/mp/collect",
+            query: Some("measurement_id=G-XXXX&api_secret=s"),
+            content_type: Some("application/json"),
+        }
+    }
+
+    fn body(user_id: &str, email: &str) -> Vec<u8> {
+        common::to_json(&json!({
+            "client_id": "123456.7654321",
+            "user_id": user_id,
+            "ip_override": "203.0.113.7",
+            "user_data": {"sha256_email_address": [email]},
+            "events": [{"name":"page_view","params":{
+                "page_location":"https://hospital.example/oncology/book?dr=7",
+                "page_referrer":"https://hospital.example/search?q=chemo",
+                "page_title":"Book chemotherapy",
+                "engagement_time_msec": 100}},
+              {"name":"view_item","params":{"items":[{"item_name":"HIV test"}],
+                "search_term":"hiv"}}]
+        }))
+    }
+
+    fn run(b: &[u8]) -> Enforced {
+        let mut decide = adkit::decider(DestKind::Analytics);
+        Ga4Mp.enforce(&view(), b, &mut decide).unwrap()
+    }
+
+    #[test]
+    fn granted_hashes_plaintext_with_gmail_rule() {
+        let r = run(&body("P-1001", "Jane.Roe@Example.com"));
+        let out = r.body.unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["user_id"], "P-1001");
+        assert_eq!(
+            v["user_data"]["sha256_email_address"][0],
+            identify::sha256_hex(b"jane.roe@example.com")
+        );
+        assert_eq!(v["events"][0]["params"]["page_title"], "Book chemotherapy");
+        assert_eq!(
+            common::hash_email_google("Mixed.Case@Gmail.com"),
+            identify::sha256_hex(b"mixedcase@gmail.com")
+        );
+        assert_eq!(
+            identify::hash_phone_e164_for_vendor("+1 (415) 555-0100"),
+            identify::sha256_hex(b"+14155550100")
+        );
+    }
+
+    #[test]
+    fn denied_and_unknown_users_are_dropped() {
+        for b in [
+            body("P-1002", "deny.me@example.com"),
+            body("", &identify::sha256_hex(b"unknown.person@example.com")),
+        ] {
+            let r = run(&b);
+            assert_eq!(r.events.len(), 1);
+            assert!(r.events[0].verdict.is_drop());
+            let out = r.body.unwrap();
+            adkit::assert_absent(&out, &["deny.me@example.com", "unknown.person@example.com"]);
+        }
+    }
+
+    #[test]
+    fn sale_share_opt_out_strips_identity_and_denies_consent() {
+        let r = run(&body("P-1003", "opt.out@example.com"));
+        let out = r.body.unwrap();
+        adkit::assert_absent(&out, &["P-1003", "opt.out@example.com", "203.0.113.7"]);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.get("user_id").is_none() && v.get("user_data").is_none());
+        assert!(v.get("ip_override").is_none());
+        assert_ne!(v["client_id"], "123456.7654321");
+        assert_eq!(
+            v["consent"],
+            json!({"ad_user_data":"DENIED","ad_personalization":"DENIED"})
+        );
+        // Not limit_sensitive: content stays.
+        assert_eq!(v["events"][1]["params"]["search_term"], "hiv");
+    }
+
+    #[test]
+    fn limit_sensitive_reduces_urls_and_content() {
+        let r = run(&body("P-1004", "limited@example.com"));
+        let out = r.body.unwrap();
+        adkit::assert_no_plaintext(&out, &["limited@example.com", "oncology", "chemo", "hiv"]);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let p0 = &v["events"][0]["params"];
+        assert_eq!(p0["page_location"], "https://hospital.example/");
+        assert_eq!(p0["page_referrer"], "https://hospital.example/");
+        assert!(p0.get("page_title").is_none());
+        assert_eq!(p0["engagement_time_msec"], 100);
+        assert_eq!(v["events"][1]["params"], json!({}));
+        assert_eq!(v["user_id"], "P-1004");
+        assert!(v.get("consent").is_none());
+    }
+
+    #[test]
+    fn unchanged_and_malformed() {
+        let b = common::to_json(&json!({"client_id":"1.2","user_id":"P-1001",
+            "events":[{"name":"page_view","params":{}}]}));
+        assert_eq!(run(&b).body, None);
+        let mut decide = adkit::decider(DestKind::Analytics);
+        for bad in [&b"{\"events\":["[..], &b"[1,2]"[..]] {
+            assert!(matches!(
+                Ga4Mp.enforce(&view(), bad, &mut decide),
+                Err(BodyError::Unreadable(_))
+            ));
+        }
+        assert!(Ga4Mp.inspects(&Method::POST, "/debug/mp/collect"));
+        assert!(!Ga4Mp.inspects(&Method::POST, "/g/collect"));
+        assert!(!Ga4Mp.inspects(&Method::GET, "/mp/collect"));
+    }
+}

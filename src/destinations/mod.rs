@@ -173,3 +173,37 @@ pub fn generic_builder() -> Option<crate::route::GenericBuilder> {
         Ok(adapter)
     })
 }
+
+/// The README's destination table, rendered from the built-in adapters (a test
+/// keeps README.md equal to it).
+pub fn readme_table() -> String {
+    let mut out = String::from(
+        "| destination | name | kind | default category | channel | identifier fields | limited-data-use / consent signal |\n|---|---|---|---|---|---|---|\n",
+    );
+    for a in builtins() {
+        out.push_str(&format!(
+            "| {} | `{}` | {} | `{}` | {} | {} | {} |\n",
+            a.display_name(),
+            a.name(),
+            a.kind().as_str(),
+            a.default_category().as_str(),
+            a.channel().map(|c| c.as_str()).unwrap_or("-"),
+            a.identifier_fields().replace('|', "\\|"),
+            a.ldu_signal().replace('|', "\\|"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod readme_tests {
+    #[test]
+    fn readme_destination_table_is_current() {
+        let readme = include_str!("../../README.md");
+        let table = super::readme_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's destination table is out of date; replace it with:\n{table}"
+        );
+    }
+}

@@ -9,3 +9,4 @@ pub mod decide;
 pub mod destinations;
 pub mod identify;
 pub mod model;
+pub mod tls;

@@ -5,8 +5,10 @@
 //! The upstream (client) side lives elsewhere.
 
 pub mod ca;
+pub mod mint;
 
 pub use ca::{
     ensure_ca, init_ca, load_ca, trust_instructions, CaError, CaFiles, LoadedCa, CA_CERT_FILE,
     CA_KEY_FILE,
 };
+pub use mint::{AcceptError, CertMinter, MintError, MintObserver, DEFAULT_CACHE_CAPACITY};

@@ -64,6 +64,8 @@ pub struct App {
     pub source: ConfigSource,
     /// Set once the proxy listener is bound and serving.
     pub serving: AtomicBool,
+    /// Mints and caches the interception certificates (CONNECT and gateway).
+    pub minter: Arc<crate::tls::CertMinter>,
 }
 
 impl App {
@@ -72,8 +74,15 @@ impl App {
         consent: Arc<ConsentStore>,
         metrics: Arc<Metrics>,
         source: ConfigSource,
+        minter: Arc<crate::tls::CertMinter>,
     ) -> App {
+        let m = metrics.clone();
+        minter.set_observer(Arc::new(move |d| {
+            m.tls_minted_total.inc();
+            m.tls_mint_duration.observe(d.as_secs_f64());
+        }));
         App {
+            minter,
             runtime: ArcSwap::from_pointee(runtime),
             consent,
             metrics,
@@ -130,6 +139,7 @@ impl App {
     pub fn refresh_gauges(&self) {
         let m = &self.metrics;
         m.consent_records.set(self.consent.len() as i64);
+        m.tls_cert_cache_size.set(self.minter.cache_size() as i64);
         m.consent_source_up.set(i64::from(self.consent.source_up()));
         m.consent_staleness.set(
             self.consent

@@ -27,4 +27,21 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Interception CA management.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Write ca.pem and ca-key.pem (ECDSA P-256) into DIR.
+    Init {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Replace an existing CA (every app must then trust the new one).
+        #[arg(long)]
+        force: bool,
+    },
 }

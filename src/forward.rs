@@ -219,8 +219,29 @@ impl UpstreamClient {
     }
 }
 
+/// The rustls error inside an error chain, looking through io::Error wrappers.
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        return Some(t);
+    }
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        if let Some(inner) = io.get_ref() {
+            if let Some(t) = find_rustls(inner) {
+                return Some(t);
+            }
+        }
+    }
+    e.source().and_then(find_rustls)
+}
+
 fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     use std::error::Error as _;
+    if let Some(t) = e.source().and_then(find_rustls) {
+        return UpstreamError {
+            kind: UpstreamErrorKind::Tls,
+            detail: format!("upstream TLS: {t}"),
+        };
+    }
     let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
     let mut kind = if e.is_connect() {
         UpstreamErrorKind::Connect
@@ -229,24 +250,12 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     };
     let mut detail = e.to_string();
     while let Some(s) = src {
-        if let Some(t) = s.downcast_ref::<rustls::Error>() {
-            kind = UpstreamErrorKind::Tls;
-            detail = format!("upstream TLS: {t}");
-            break;
-        }
         if s.downcast_ref::<ConnectTimeout>().is_some() {
             kind = UpstreamErrorKind::Timeout;
             detail = "connect timed out".into();
             break;
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
-                    kind = UpstreamErrorKind::Tls;
-                    detail = format!("upstream TLS: {t}");
-                    break;
-                }
-            }
             match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => {
                     kind = UpstreamErrorKind::Connect;
@@ -258,7 +267,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
                     kind = UpstreamErrorKind::Reset;
                     detail = "connection reset by upstream".into();
                 }
-                _ => detail = format!("upstream I/O: {}", io.kind()),
+                _ => detail = format!("upstream I/O: {io}"),
             }
         }
         if let Some(h) = s.downcast_ref::<hyper::Error>() {

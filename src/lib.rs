@@ -22,3 +22,4 @@ pub mod model;
 pub mod pipeline;
 pub mod route;
 pub mod run;
+pub mod tls;

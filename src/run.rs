@@ -55,6 +55,22 @@ pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, Vec<String>> {
     }
 }
 
+/// Create the interception CA when both files are missing (logged), then load it.
+pub fn load_interception_ca(
+    i: &crate::config::Interception,
+) -> Result<crate::tls::CertMinter, String> {
+    match crate::tls::ensure_ca(&i.ca_cert, &i.ca_key) {
+        Ok(true) => tracing::info!(
+            ca_cert = %i.ca_cert.display(),
+            "interception CA created (first run); apps must trust this certificate"
+        ),
+        Ok(false) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let ca = crate::tls::load_ca(&i.ca_cert, &i.ca_key).map_err(|e| e.to_string())?;
+    Ok(crate::tls::CertMinter::new(ca))
+}
+
 /// `consentgate check`: every error in config, snapshot and CA; exit code.
 pub fn check(explicit: Option<&Path>) -> i32 {
     install_crypto();
@@ -66,6 +82,13 @@ pub fn check(explicit: Option<&Path>) -> i32 {
             failed = true;
         }
         Ok(rt) => {
+            let i = &rt.config.interception;
+            if i.ca_cert.exists() || i.ca_key.exists() {
+                if let Err(e) = crate::tls::load_ca(&i.ca_cert, &i.ca_key) {
+                    eprintln!("error: interception: {e}");
+                    failed = true;
+                }
+            }
             if rt.config.consent.source == crate::config::SourceKind::File {
                 if let Err(errs) = load_snapshot(&rt.config.consent.file) {
                     for e in errs {
@@ -143,7 +166,14 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             }
         }
     }
-    let app = Arc::new(App::new(runtime, consent, metrics, source));
+    let minter = match load_interception_ca(&cfg.interception) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::error!(error = %e, "interception CA unusable");
+            return 1;
+        }
+    };
+    let app = Arc::new(App::new(runtime, consent, metrics, source, minter));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let listener = match tokio::net::TcpListener::bind(cfg.listen.proxy).await {
         Ok(l) => l,
@@ -161,6 +191,21 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         }
     };
     let (tracker, drain) = crate::listen::tracker();
+    let gateway = match cfg.listen.gateway {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(tokio::spawn(crate::listen::gateway::run_gateway(
+                app.clone(),
+                l,
+                shutdown_rx.clone(),
+                tracker.clone(),
+            ))),
+            Err(e) => {
+                tracing::error!(addr = %addr, error = %e, "cannot bind listen.gateway");
+                return 1;
+            }
+        },
+        None => None,
+    };
     let proxy = tokio::spawn(crate::listen::run_proxy(
         app.clone(),
         listener,
@@ -195,6 +240,9 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     app.serving.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     let _ = proxy.await;
+    if let Some(g) = gateway {
+        let _ = g.await;
+    }
     let grace = app.runtime.load().config.shutdown_grace;
     let drained = drain.wait(tracker, grace).await;
     if !drained {

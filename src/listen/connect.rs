@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::config::UnknownDestinations;
 use crate::forward::ProxyBody;
-use crate::pipeline::{self, RequestDecision};
+use crate::pipeline::{self, RequestDecision, Via};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -99,17 +99,36 @@ fn ok_response(request_id: &str, decision: RequestDecision) -> Response<ProxyBod
 
 fn intercept(
     app: Arc<App>,
-    _req: Request<Incoming>,
-    _host: String,
-    _port: u16,
+    req: Request<Incoming>,
+    host: String,
+    port: u16,
     request_id: String,
-    _shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Response<ProxyBody> {
-    let _ = app;
-    pipeline::error_response(
-        501,
-        &request_id,
-        "interception_unavailable",
-        "TLS interception is not built in yet",
-    )
+    let minter = app.minter.clone();
+    tracing::debug!(request_id = %request_id, "CONNECT intercepted");
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match minter.accept(TokioIo::new(upgraded), Some(&host)).await {
+            Ok((tls, sni)) => {
+                if sni != host {
+                    // The tunnel's destination is the CONNECT authority; a
+                    // different SNI never redirects traffic elsewhere.
+                    tracing::info!(
+                        "SNI differs from the CONNECT authority; routing by the authority"
+                    );
+                }
+                super::serve_connection(app, tls, Via::Intercepted { host, port }, shutdown, false)
+                    .await;
+            }
+            Err(e) => tracing::info!(error = %e, "intercepted TLS handshake failed"),
+        }
+    });
+    ok_response(&request_id, RequestDecision::Allowed)
 }

@@ -2,6 +2,7 @@
 //! port; CONNECT hands off to interception) and graceful draining.
 
 pub mod connect;
+pub mod gateway;
 
 use crate::app::App;
 use crate::pipeline::{self, Via};

@@ -124,6 +124,8 @@ pub struct Decision {
     pub gpc_trigger: bool,
     /// The records the event matched (for pseudonyms and record versions).
     pub records: Vec<Arc<ConsentRecord>>,
+    /// The identifiers the event was looked up by (filled by the pipeline).
+    pub identifiers: Vec<crate::identify::IdKey>,
     /// Policy steps in order, each with its outcome.
     pub steps: Vec<(&'static str, String)>,
 }
@@ -154,6 +156,7 @@ impl Policy {
                 verdict: EventVerdict::Drop(reason),
                 gpc_trigger: false,
                 records,
+                identifiers: Vec::new(),
                 steps,
             }
         };
@@ -238,6 +241,7 @@ impl Policy {
             verdict: EventVerdict::Keep(keep),
             gpc_trigger,
             records,
+            identifiers: Vec::new(),
             steps,
         }
     }

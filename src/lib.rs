@@ -14,6 +14,7 @@ pub mod config;
 pub mod consent;
 pub mod decide;
 pub mod destinations;
+pub mod explain;
 pub mod forward;
 pub mod identify;
 pub mod listen;

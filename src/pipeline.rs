@@ -317,7 +317,8 @@ pub fn enforce(
         } else {
             ids
         };
-        let d = rt.policy.decide(&context, consent.lookup(ids));
+        let mut d = rt.policy.decide(&context, consent.lookup(ids));
+        d.identifiers = ids.keys.clone();
         let v = d.verdict;
         decisions.push(d);
         v

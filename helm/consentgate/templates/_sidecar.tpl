@@ -101,6 +101,9 @@ checksum/consentgate-config: {{ include "consentgate.configYaml" . | sha256sum }
       add: {{ toJson $i.capabilities }}
     seccompProfile:
       type: RuntimeDefault
+  volumeMounts:
+    - name: consentgate-iptables-run     # xtables lock file; the root filesystem is read-only
+      mountPath: /run
 {{- end }}
 {{- if $t.combinedBundle }}
 # Web PKI roots + the interception CA, for apps whose SSL_CERT_FILE replaces their trust store.
@@ -147,6 +150,12 @@ checksum/consentgate-config: {{ include "consentgate.configYaml" . | sha256sum }
 - name: consentgate-trust
   emptyDir:
     sizeLimit: 2Mi
+{{- end }}
+{{- if .Values.sidecar.iptablesInit.enabled }}
+- name: consentgate-iptables-run
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
 {{- end }}
 {{- end -}}
 

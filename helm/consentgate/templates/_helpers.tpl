@@ -2,11 +2,17 @@
 Names. They depend on the release and values only (never on .Chart), so a parent
 chart that includes "consentgate.sidecar" computes the same names as this chart.
 */}}
+{{/* The release name when it contains "consentgate", else "<release>-consentgate". */}}
 {{- define "consentgate.fullname" -}}
 {{- if .Values.fullnameOverride -}}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name (.Values.nameOverride | default "consentgate") | trunc 63 | trimSuffix "-" -}}
+{{- $name := .Values.nameOverride | default "consentgate" -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 

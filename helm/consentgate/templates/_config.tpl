@@ -1,0 +1,79 @@
+{{/*
+consentgate.yaml, rendered from values. Every path points at a mount made by the
+Deployment (gateway) or by "consentgate.sidecar":
+  /etc/consentgate/config          this ConfigMap (read-only)
+  /etc/consentgate/consent         consent snapshot from an existing ConfigMap (read-only)
+  /etc/consentgate/certs           secrets.ca (read-only)
+  /etc/consentgate/secrets/<name>  the other secrets (read-only)
+  /var/lib/consentgate             writable state (journal, audit)
+*/}}
+{{- define "consentgate.consentFilePath" -}}
+{{- if .Values.config.consent.file.existingConfigMap -}}
+/etc/consentgate/consent/{{ .Values.config.consent.file.key }}
+{{- else -}}
+/etc/consentgate/config/consent.jsonl
+{{- end -}}
+{{- end -}}
+
+{{- define "consentgate.configYaml" -}}
+{{- $c := .Values.config -}}
+{{- $s := .Values.secrets -}}
+{{- $sidecar := eq .Values.mode "sidecar" -}}
+# Rendered by the consentgate Helm chart (mode: {{ .Values.mode }}). Edit values, not this file.
+listen:
+{{- if $sidecar }}
+  proxy: 127.0.0.1:{{ .Values.ports.proxy }}
+  admin: 0.0.0.0:{{ .Values.ports.admin }}      # kubelet probes and Prometheus reach the pod IP
+  gateway: {{ if .Values.sidecar.iptablesInit.enabled }}127.0.0.1:{{ .Values.ports.gateway }}{{ else }}null{{ end }}
+{{- else }}
+  proxy: 0.0.0.0:{{ .Values.ports.proxy }}
+  admin: 0.0.0.0:{{ .Values.ports.admin }}
+  gateway: 0.0.0.0:{{ .Values.ports.gateway }}
+{{- end }}
+unknown_destinations: {{ $c.unknownDestinations }}
+interception:
+  ca_cert: /etc/consentgate/certs/{{ $s.ca.certKey }}
+  ca_key: /etc/consentgate/certs/{{ $s.ca.keyKey }}
+upstream:
+  extra_ca: {{ if $s.upstreamExtraCA.name }}/etc/consentgate/secrets/upstream-ca/{{ $s.upstreamExtraCA.key }}{{ else }}null{{ end }}
+  resolve: {{ if $c.upstream.resolve }}{{ toYaml $c.upstream.resolve | nindent 4 }}{{ else }}{}{{ end }}
+  connect_timeout: {{ $c.upstream.connectTimeout }}
+  response_timeout: {{ $c.upstream.responseTimeout }}
+  pool_idle_timeout: {{ $c.upstream.poolIdleTimeout }}
+consent:
+  source: {{ $c.consent.source }}
+  file: {{ include "consentgate.consentFilePath" . }}
+  journal: /var/lib/consentgate/consent-journal
+  max_staleness: {{ $c.consent.maxStaleness }}
+  postgres:
+    url: {{ $c.consent.postgres.url | quote }}
+    password_file: {{ if $s.postgresPassword.name }}/etc/consentgate/secrets/postgres/{{ $s.postgresPassword.key }}{{ else }}null{{ end }}
+admin:
+  tokens_file: /etc/consentgate/secrets/admin-tokens/{{ $s.adminTokens.key }}
+  ready_requires_fresh_consent: {{ if $sidecar }}{{ .Values.sidecar.readyRequiresFreshConsent }}{{ else }}{{ $c.admin.readyRequiresFreshConsent }}{{ end }}
+audit:
+  path: /var/lib/consentgate/audit
+  pseudonym_key_file: {{ if $s.pseudonymKey.name }}/etc/consentgate/secrets/pseudonym-key/{{ $s.pseudonymKey.key }}{{ else }}null{{ end }}
+max_body_bytes: {{ $c.maxBodyBytes }}
+destinations: {{ if $c.destinations }}{{ toYaml $c.destinations | nindent 2 }}{{ else }}[]{{ end }}
+categories:{{ toYaml $c.categories | nindent 2 }}
+log:
+  level: {{ $c.logLevel }}
+shutdown_grace: {{ $c.shutdownGrace }}
+{{- end -}}
+
+{{/* The ConfigMap (gateway and sidecar mode alike). */}}
+{{- define "consentgate.configMap" -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ include "consentgate.configMapName" . }}
+  labels:
+    {{- include "consentgate.labels" . | nindent 4 }}
+data:
+  consentgate.yaml: |
+    {{- include "consentgate.configYaml" . | nindent 4 }}
+  {{- if and (eq .Values.config.consent.source "file") (not .Values.config.consent.file.existingConfigMap) }}
+  consent.jsonl: {{ .Values.config.consent.file.inline | quote }}
+  {{- end }}
+{{- end -}}

@@ -514,3 +514,330 @@ pub fn build_patch(
     }
     ConsentRecord::from_value(&Value::Object(base), Some(chrono::Utc::now()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consent::file_source::{self, FileSourceConfig, FileSourceHandle};
+    use crate::identify::Identifiers;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    const TOKENS: &str = "# admin tokens\n\nops:ops-secret-token-1\ncrm : crm-secret-token-2\n";
+
+    struct Harness {
+        addr: SocketAddr,
+        store: Arc<ConsentStore>,
+        events: Arc<Mutex<Vec<ChangeEvent>>>,
+        dir: tempfile::TempDir,
+        _src: FileSourceHandle,
+    }
+
+    async fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("consent.jsonl");
+        std::fs::write(
+            &file,
+            r#"{"patient_id":"P-1001","identifiers":{"emails":["jane.roe@example.com"],"phones":["+14155550100"],"external_ids":["crm:1"]},"categories":{"advertising":"granted","marketing_email":"denied"},"updated_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let src = file_source::start(
+            FileSourceConfig::new(&file, dir.path().join("journal")),
+            store.clone(),
+        )
+        .await
+        .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        let ctx = Arc::new(
+            ApiContext::new(store.clone(), src.writer(), Tokens::parse(TOKENS).unwrap())
+                .with_on_change(Arc::new(move |e| ev.lock().unwrap().push(e))),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let ctx = ctx.clone();
+                            async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx).await) }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Harness {
+            addr,
+            store,
+            events,
+            dir,
+            _src: src,
+        }
+    }
+
+    impl Harness {
+        async fn call(
+            &self,
+            method: &str,
+            path: &str,
+            token: Option<&str>,
+            body: Option<&str>,
+        ) -> (StatusCode, Value, String) {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let mut b = Request::builder()
+                .method(method)
+                .uri(format!("http://{}{}", self.addr, path));
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let req = b
+                .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+            (status, v, text)
+        }
+
+        fn journal_lines(&self) -> usize {
+            std::fs::read_to_string(
+                self.dir
+                    .path()
+                    .join("journal")
+                    .join(crate::consent::journal::JOURNAL_FILE),
+            )
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+        }
+    }
+
+    const OPS: Option<&str> = Some("ops-secret-token-1");
+    const CRM: Option<&str> = Some("crm-secret-token-2");
+
+    #[tokio::test]
+    async fn api_401_and_403_write_nothing() {
+        let h = harness().await;
+        let body = r#"{"gpc":true}"#;
+        let (s, v, _) = h.call("PUT", "/v1/consent/P-9", None, Some(body)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["error"], "unauthorized");
+        let (s, v, _) = h
+            .call("PUT", "/v1/consent/P-9", Some("wrong-token"), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_eq!(v["error"], "forbidden");
+        let (s, _, _) = h
+            .call("DELETE", "/v1/consent/P-1001", Some("nope"), None)
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _, _) = h.call("GET", "/v1/consent/P-1001", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(h.store.get("P-9").is_none() && h.store.get("P-1001").is_some());
+        assert_eq!(h.journal_lines(), 0);
+        assert!(h.events.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn api_put_get_delete_round_trip_without_plaintext() {
+        let h = harness().await;
+        let body = r#"{"identifiers":{"emails":["New.Person@Example.com"],"phones":["+1 (415) 555-0199"],"external_ids":["crm:9"]},
+            "categories":{"advertising":"denied"},"jurisdiction":"US-CA"}"#;
+        let (s, v, text) = h.call("PUT", "/v1/consent/P%2D9", OPS, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        assert_eq!(v["patient_id"], "P-9");
+        assert!(v["updated_at"].is_string(), "updated_at defaulted to now");
+        assert_eq!(
+            v["identifiers"]["email_sha256"][0],
+            crate::identify::sha256_hex(b"new.person@example.com")
+        );
+        assert_eq!(
+            v["identifiers"]["phone_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert!(
+            v["identifiers"].get("emails").is_none() && v["identifiers"].get("phones").is_none()
+        );
+        assert!(!text.to_lowercase().contains("new.person") && !text.contains("5550199"));
+        // Enforced from now on: the store already answers.
+        let mut ids = Identifiers::new();
+        ids.add_email("new.person@example.com");
+        assert_eq!(h.store.lookup(&ids).len(), 1);
+        assert_eq!(h.journal_lines(), 1);
+        assert_eq!(
+            h.events.lock().unwrap().last().unwrap(),
+            &ChangeEvent {
+                patient_id: "P-9".into(),
+                op: ChangeOp::Put,
+                actor: "ops".into()
+            }
+        );
+
+        let (s, v, text) = h.call("GET", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["categories"]["advertising"], "denied");
+        assert!(!text.to_lowercase().contains("new.person") && !text.contains("5550199"));
+        let (_, _, text) = h.call("GET", "/v1/consent/P-1001", CRM, None).await;
+        assert!(
+            text.contains("email_sha256")
+                && !text.contains("jane.roe")
+                && !text.contains("4155550100")
+        );
+
+        let (s, v, _) = h.call("DELETE", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v, json!({"deleted": "P-9"}));
+        assert_eq!(h.events.lock().unwrap().last().unwrap().actor, "crm");
+        let (s, v, _) = h.call("GET", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, _, _) = h.call("DELETE", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(h.journal_lines(), 2);
+    }
+
+    #[tokio::test]
+    async fn api_rejects_bad_input_naming_the_field() {
+        let h = harness().await;
+        let cases: [(&str, &str); 6] = [
+            (r#"{"gpc":tru"#, "(json)"),
+            (r#"{"colour":"red"}"#, "colour"),
+            (
+                r#"{"categories":{"advertising":"maybe-secret"}}"#,
+                "categories.advertising",
+            ),
+            (
+                r#"{"identifiers":{"emails":["not-an-address-secret"]}}"#,
+                "identifiers.emails[0]",
+            ),
+            (r#"{"patient_id":"P-other"}"#, "patient_id"),
+            (r#"{"updated_at":"yesterday-secret"}"#, "updated_at"),
+        ];
+        for (body, field) in cases {
+            let (s, v, text) = h.call("PUT", "/v1/consent/P-9", OPS, Some(body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(v["error"], "invalid_record");
+            assert_eq!(v["field"], field, "{text}");
+            assert!(
+                !text.contains("secret") && !text.contains("red\""),
+                "{text}"
+            );
+        }
+        let big = format!(r#"{{"source":"{}"}}"#, "x".repeat(70 * 1024));
+        let (s, _, _) = h.call("PUT", "/v1/consent/P-9", OPS, Some(&big)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        let (s, _, _) = h.call("POST", "/v1/consent/P-9", OPS, Some("{}")).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        let (s, _, _) = h.call("PATCH", "/v1/consent/P-404", OPS, Some("{}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, v, _) = h
+            .call(
+                "PUT",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"updated_at":"2020-01-01T00:00:00Z"}"#),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::CONFLICT, Some("superseded"))
+        );
+        assert!(h.store.get("P-9").is_none());
+        assert_eq!(h.journal_lines(), 0);
+    }
+
+    #[tokio::test]
+    async fn api_patch_merges_key_by_key() {
+        let h = harness().await;
+        let body = r#"{"categories":{"advertising":"denied","patient_surveys":"denied"},"channels":{"sms":"denied"},
+            "identifiers":{"external_ids":["crm:2"],"emails":["second@example.com"]},"gpc":true}"#;
+        let (s, v, text) = h.call("PATCH", "/v1/consent/P-1001", OPS, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        assert_eq!(v["categories"]["advertising"], "denied");
+        assert_eq!(
+            v["categories"]["marketing_email"], "denied",
+            "untouched key kept"
+        );
+        assert_eq!(v["categories"]["patient_surveys"], "denied");
+        assert_eq!(v["channels"]["sms"], "denied");
+        assert_eq!(v["identifiers"]["external_ids"], json!(["crm:1", "crm:2"]));
+        assert_eq!(
+            v["identifiers"]["email_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(
+            v["identifiers"]["phone_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(v["gpc"], true);
+        assert_ne!(v["updated_at"], "2026-01-01T00:00:00Z");
+        assert!(!text.contains("second@"));
+        for who in ["jane.roe@example.com", "second@example.com"] {
+            let mut ids = Identifiers::new();
+            ids.add_email(who);
+            assert_eq!(h.store.lookup(&ids).len(), 1);
+        }
+        // null removes a key (back to the default).
+        let (s, v, _) = h
+            .call(
+                "PATCH",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"categories":{"advertising":null}}"#),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(v["categories"].get("advertising").is_none());
+        assert_eq!(v["gpc"], true);
+        let (s, v, _) = h
+            .call(
+                "PATCH",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"categories":["x"]}"#),
+            )
+            .await;
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("categories"))
+        );
+        assert_eq!(h.events.lock().unwrap().last().unwrap().op, ChangeOp::Patch);
+    }
+
+    #[test]
+    fn token_file_parse() {
+        let t = Tokens::parse(TOKENS).unwrap();
+        assert_eq!(t.names(), vec!["ops", "crm"]);
+        assert_eq!(t.authenticate("crm-secret-token-2"), Some("crm"));
+        assert_eq!(t.authenticate("crm-secret-token-"), None);
+        let e = Tokens::parse("# c\nops:abc\nthis-line-has-secret\n").unwrap_err();
+        assert_eq!(e, "line 3: expected name:token");
+        assert!(Tokens::parse("a:x\na:y\n")
+            .unwrap_err()
+            .starts_with("line 2"));
+        assert!(Tokens::parse(":x\n").unwrap_err().contains("line 1"));
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        std::fs::write(&p, "ops:tok\nbad\n").unwrap();
+        let e = load_tokens(&p).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("tokens"), "{e}");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("P%2D1%20x").unwrap(), "P-1 x");
+        assert!(percent_decode("P%2").is_none());
+        assert!(percent_decode("%FF").is_none());
+    }
+}

@@ -440,3 +440,157 @@ impl ConsentWriter for FileWriter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identify::Identifiers;
+
+    const A: &str = r#"{"patient_id":"P-1","identifiers":{"emails":["jane.roe@example.com"],"external_ids":["crm:1"]},"updated_at":"2026-01-01T00:00:00Z"}"#;
+    const B: &str = r#"{"patient_id":"P-2","categories":{"advertising":"denied"},"updated_at":"2026-01-01T00:00:00Z"}"#;
+
+    fn write_atomic(path: &Path, text: &str) {
+        let tmp = path.with_extension("swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn cfg(d: &Path) -> FileSourceConfig {
+        FileSourceConfig::new(d.join("consent.jsonl"), d.join("journal"))
+    }
+
+    fn rec(json: &str) -> ConsentRecord {
+        ConsentRecord::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshot_bad_line_leaves_store_unchanged_and_names_line() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(store.source_up());
+        let before = store.get("P-1").unwrap();
+
+        let bad = r#"{"patient_id":"P-3","identifiers":{"emails":["secret.person@example.com"]},"colour":"red","updated_at":"2026-01-01T00:00:00Z"}"#;
+        std::fs::write(&c.file, format!("{A}\n\n{bad}\n")).unwrap();
+        let e = h.reload().await.unwrap_err();
+        assert!(e.contains("line 3") && e.contains("colour"), "{e}");
+        assert!(!e.contains("secret.person") && !e.contains("red"), "{e}");
+        assert_eq!(store.len(), 2, "nothing applied");
+        assert!(store.get("P-2").is_some());
+        assert_eq!(store.get("P-1").unwrap(), before);
+        assert!(!store.source_up());
+        assert!(!h.healthy());
+
+        std::fs::write(&c.file, format!("{A}\n")).unwrap();
+        assert_eq!(h.reload().await.unwrap(), 1);
+        assert!(store.source_up() && h.healthy());
+    }
+
+    #[tokio::test]
+    async fn start_refuses_a_bad_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{{\"patient_id\":\"P-9\"}}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let e = start(c, store.clone()).await.err().unwrap();
+        assert!(e.contains("line 2") && e.contains("updated_at"), "{e}");
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn editing_the_snapshot_changes_the_store_within_2s() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg(d.path());
+        // A long tick so only the notify watcher can deliver the change.
+        c.tick = Duration::from_secs(3600);
+        std::fs::write(&c.file, format!("{A}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let _h = start(c.clone(), store.clone()).await.unwrap();
+        assert!(store.get("P-2").is_none());
+        // Editor style: write a temp file and rename it over the snapshot.
+        write_atomic(&c.file, &format!("{A}\n{B}\n"));
+        let t0 = std::time::Instant::now();
+        while store.get("P-2").is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "change not seen in 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // In-place edit too.
+        std::fs::write(&c.file, format!("{B}\n")).unwrap();
+        let t0 = std::time::Instant::now();
+        while store.get("P-1").is_some() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "in-place edit not seen in 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn journal_write_survives_restart_and_overrides_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        {
+            let store = Arc::new(ConsentStore::new());
+            let h = start(c.clone(), store.clone()).await.unwrap();
+            let w = h.writer();
+            let mut r = rec(A);
+            r.gpc = true;
+            r.updated_at = "2026-02-01T00:00:00Z".parse().unwrap();
+            let stored = w.put(r, "ops").await.unwrap();
+            assert!(stored.gpc && stored.is_stored_form());
+            assert!(store.get("P-1").unwrap().gpc, "store updated before Ok");
+            assert!(w.delete("P-2", "ops").await.unwrap());
+            assert!(!w.delete("P-2", "ops").await.unwrap());
+            let new = rec(r#"{"patient_id":"P-7","updated_at":"2026-01-01T00:00:00Z"}"#);
+            w.put(new, "crm").await.unwrap();
+            // An older write loses (last write wins).
+            let old = rec(A);
+            assert_eq!(w.put(old, "ops").await.unwrap_err(), WriteError::Superseded);
+        }
+        let store = Arc::new(ConsentStore::new());
+        let _h = start(c.clone(), store.clone()).await.unwrap();
+        assert!(store.get("P-1").unwrap().gpc);
+        assert!(
+            store.get("P-2").is_none(),
+            "journaled delete beats the snapshot"
+        );
+        assert!(store.get("P-7").is_some(), "journal-only record kept");
+        let mut ids = Identifiers::new();
+        ids.add_email("Jane.Roe@example.com");
+        assert_eq!(store.lookup(&ids).len(), 1);
+        let journal = std::fs::read_to_string(c.journal_dir.join(journal::JOURNAL_FILE)).unwrap();
+        assert!(!journal.contains("jane.roe"));
+    }
+
+    #[tokio::test]
+    async fn newer_snapshot_record_beats_older_delete_and_strays_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        h.writer().delete("P-2", "ops").await.unwrap();
+        let b2 = B.replace("2026-01-01", "2099-01-01");
+        std::fs::write(&c.file, format!("{b2}\n")).unwrap();
+        h.reload().await.unwrap();
+        assert!(
+            store.get("P-2").is_some(),
+            "snapshot record newer than the delete"
+        );
+        assert!(
+            store.get("P-1").is_none(),
+            "no longer in snapshot or journal"
+        );
+        assert_eq!(store.len(), 1);
+    }
+}

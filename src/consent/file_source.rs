@@ -158,7 +158,7 @@ impl Inner {
                 Entry::Put { record, .. } => match winners.get(id) {
                     Some(cur) if !record.supersedes(cur) => {}
                     _ => {
-                        winners.insert(id.to_string(), record.clone());
+                        winners.insert(id.to_string(), (**record).clone());
                     }
                 },
                 Entry::Delete { ts, .. } => {

@@ -28,7 +28,7 @@ const COMPACT_TMP: &str = "journal.jsonl.compact";
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Entry {
     Put {
-        record: ConsentRecord,
+        record: Box<ConsentRecord>,
         actor: String,
         ts: DateTime<Utc>,
     },
@@ -144,7 +144,7 @@ impl Journal {
     /// Append a put of a record (its stored form is what is written).
     pub fn append_put(&mut self, record: ConsentRecord, actor: &str) -> Result<(), String> {
         self.append(Entry::Put {
-            record: record.into_stored(),
+            record: Box::new(record.into_stored()),
             actor: actor.to_string(),
             ts: Utc::now(),
         })
@@ -201,7 +201,7 @@ impl Journal {
         let path = self.path();
         let err = |e: std::io::Error| format!("consent journal compaction {}: {e}", tmp.display());
         let mut entries: Vec<&Entry> = self.state.values().collect();
-        entries.sort_by(|a, b| entry_ts(a).cmp(&entry_ts(b)));
+        entries.sort_by_key(|e| entry_ts(e));
         let mut out = Vec::new();
         for e in &entries {
             serde_json::to_writer(&mut out, e)

@@ -148,10 +148,8 @@ impl ConsentRecord {
                 "patient_id" => patient_id = Some(req_str(k, val)?.to_string()),
                 "identifiers" => identifiers = parse_identifiers(val)?,
                 "jurisdiction" => jurisdiction = opt_str(k, val)?.map(Arc::from),
-                "categories" => {
-                    categories = parse_grants(k, val, |s| Category::parse(s), "category")?
-                }
-                "channels" => channels = parse_grants(k, val, |s| Channel::parse(s), "channel")?,
+                "categories" => categories = parse_grants(k, val, Category::parse, "category")?,
+                "channels" => channels = parse_grants(k, val, Channel::parse, "channel")?,
                 "sale_share_opt_out" => sso = req_bool(k, val)?,
                 "limit_sensitive" => ls = req_bool(k, val)?,
                 "gpc" => gpc = req_bool(k, val)?,

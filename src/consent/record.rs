@@ -317,9 +317,18 @@ pub fn describe_json_error(e: serde_json::Error) -> String {
     json_syntax_error(e).to_string()
 }
 
-/// An unknown key is named, but bounded and stripped of control characters.
+/// An unknown key is named when it looks like a field name; anything else
+/// (it could be data pasted into the wrong place) is not repeated.
 fn field_name(k: &str) -> String {
-    k.chars().filter(|c| !c.is_control()).take(64).collect()
+    let plain = !k.is_empty()
+        && k.len() <= 64
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        k.to_string()
+    } else {
+        "(unnamed field)".to_string()
+    }
 }
 
 fn type_name(v: &serde_json::Value) -> &'static str {
@@ -456,6 +465,24 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("categories.advertising"), "{e}");
         assert!(!e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn odd_keys_are_not_repeated() {
+        let e = ConsentRecord::from_json(
+            br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","jane@example.com":1}"#,
+        )
+        .unwrap_err();
+        assert!(!e.contains("jane") && e.contains("unknown field"), "{e}");
+        let e = ConsentRecord::from_json(br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","categories":{"+14155550100":"denied"}}"#)
+            .unwrap_err();
+        assert!(
+            !e.contains("4155550100") && e.contains("categories."),
+            "{e}"
+        );
+        let e = ConsentRecord::from_json(br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","identifiers":{"phone_sha256":["abc"]}}"#)
+            .unwrap_err();
+        assert_eq!(e, "identifiers.phone_sha256[0]: not 64 hex digits");
     }
 
     #[test]

@@ -365,6 +365,36 @@ mod tests {
     }
 
     #[test]
+    fn shared_identifiers_and_reindex_on_update() {
+        let s = ConsentStore::new();
+        s.put(rec(r#"{"patient_id":"A","identifiers":{"emails":["family@example.com"],"external_ids":["x:1"]},"updated_at":"2026-11-20T10:00:00Z"}"#));
+        s.put(rec(r#"{"patient_id":"B","identifiers":{"emails":["family@example.com"]},"updated_at":"2026-11-20T10:00:00Z"}"#));
+        let mut fam = Identifiers::new();
+        fam.add_email("family@example.com");
+        assert_eq!(s.lookup(&fam).len(), 2);
+        // A drops the shared email and its external id changes.
+        s.put(rec(r#"{"patient_id":"A","identifiers":{"external_ids":["x:2"]},"updated_at":"2026-11-21T10:00:00Z"}"#));
+        let hits = s.lookup(&fam);
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].patient_id, "B");
+        let mut old = Identifiers::new();
+        old.add_external("x:1");
+        assert!(s.lookup(&old).is_empty());
+        let mut new = Identifiers::new();
+        new.add_external("x:2");
+        new.add_patient("B");
+        assert_eq!(s.lookup(&new).len(), 2);
+        // The index points at the current record, not a superseded one.
+        s.put(rec(r#"{"patient_id":"B","gpc":true,"identifiers":{"emails":["family@example.com"]},"updated_at":"2026-11-22T10:00:00Z"}"#));
+        assert!(s.lookup(&fam)[0].gpc);
+        s.delete("B");
+        assert!(s.lookup(&fam).is_empty());
+        assert_eq!(s.index_len(), 1);
+        assert_eq!(s.len(), 1);
+        assert!(!s.put_if_changed(rec(r#"{"patient_id":"A","identifiers":{"external_ids":["x:2"]},"updated_at":"2026-11-21T10:00:00Z"}"#)));
+    }
+
+    #[test]
     fn older_write_loses() {
         let s = ConsentStore::new();
         s.upsert(rec(

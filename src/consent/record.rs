@@ -6,20 +6,60 @@ use crate::model::{Category, Channel, Grant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A SHA-256 digest, held as 32 raw bytes and written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha256Hex(pub [u8; 32]);
+
+impl Sha256Hex {
+    pub fn parse(v: &str) -> Option<Sha256Hex> {
+        identify::parse_sha256_hex(v).map(Sha256Hex)
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for Sha256Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Sha256Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 64];
+        // Encoding 32 bytes into a 64-byte buffer cannot fail.
+        match hex::encode_to_slice(self.0, &mut buf) {
+            Ok(()) => s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default()),
+            Err(_) => Err(serde::ser::Error::custom("sha256 encoding")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Sha256Hex::parse(&s).ok_or_else(|| serde::de::Error::custom("not 64 hex digits"))
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordIdentifiers {
+    /// Plaintext, accepted on input only: replaced by `email_sha256` when stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub emails: Vec<String>,
+    /// Plaintext, accepted on input only: replaced by `phone_sha256` when stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phones: Vec<String>,
     #[serde(default)]
     pub external_ids: Vec<String>,
     #[serde(default)]
-    pub email_sha256: Vec<String>,
+    pub email_sha256: Vec<Sha256Hex>,
     #[serde(default)]
-    pub phone_sha256: Vec<String>,
+    pub phone_sha256: Vec<Sha256Hex>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +69,7 @@ pub struct ConsentRecord {
     #[serde(default)]
     pub identifiers: RecordIdentifiers,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jurisdiction: Option<String>,
+    pub jurisdiction: Option<Arc<str>>,
     #[serde(default)]
     pub categories: BTreeMap<Category, Grant>,
     #[serde(default)]
@@ -42,42 +82,152 @@ pub struct ConsentRecord {
     pub gpc: bool,
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
+    pub source: Option<Arc<str>>,
 }
 
+/// A record that does not parse or validate: the field (a dotted path) and
+/// what is wrong with it. Never carries the offending value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub detail: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, detail: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.detail)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
 impl ConsentRecord {
-    /// Parse one JSON record; the error names the offending field.
+    /// Parse one JSON record; the error names the offending field (never its value).
     pub fn from_json(bytes: &[u8]) -> Result<ConsentRecord, String> {
-        let rec: ConsentRecord = serde_json::from_slice(bytes).map_err(describe_json_error)?;
-        rec.validate()?;
+        Self::parse_json(bytes, None).map_err(|e| e.to_string())
+    }
+
+    /// Parse one JSON record strictly. `default_updated_at` fills a missing
+    /// `updated_at` (the admin API uses "now"); without it the field is required.
+    pub fn parse_json(
+        bytes: &[u8],
+        default_updated_at: Option<DateTime<Utc>>,
+    ) -> Result<ConsentRecord, FieldError> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(json_syntax_error)?;
+        Self::from_value(&v, default_updated_at)
+    }
+
+    /// Build a record from parsed JSON, walking every field so that an error
+    /// names the field path (`categories.advertising`, `identifiers.emails[0]`).
+    pub fn from_value(
+        v: &serde_json::Value,
+        default_updated_at: Option<DateTime<Utc>>,
+    ) -> Result<ConsentRecord, FieldError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| FieldError::new("(record)", "expected a JSON object"))?;
+        let mut patient_id = None;
+        let mut identifiers = RecordIdentifiers::default();
+        let mut jurisdiction = None;
+        let mut categories = BTreeMap::new();
+        let mut channels = BTreeMap::new();
+        let (mut sso, mut ls, mut gpc) = (false, false, false);
+        let mut updated_at = None;
+        let mut source = None;
+        for (k, val) in obj {
+            match k.as_str() {
+                "patient_id" => patient_id = Some(req_str(k, val)?.to_string()),
+                "identifiers" => identifiers = parse_identifiers(val)?,
+                "jurisdiction" => jurisdiction = opt_str(k, val)?.map(Arc::from),
+                "categories" => categories = parse_grants(k, val, Category::parse, "category")?,
+                "channels" => channels = parse_grants(k, val, Channel::parse, "channel")?,
+                "sale_share_opt_out" => sso = req_bool(k, val)?,
+                "limit_sensitive" => ls = req_bool(k, val)?,
+                "gpc" => gpc = req_bool(k, val)?,
+                "updated_at" => {
+                    let s = req_str(k, val)?;
+                    let t = DateTime::parse_from_rfc3339(s).map_err(|_| {
+                        FieldError::new(
+                            k,
+                            "expected an RFC 3339 timestamp, e.g. 2026-11-20T10:00:00Z",
+                        )
+                    })?;
+                    updated_at = Some(t.with_timezone(&Utc));
+                }
+                "source" => source = opt_str(k, val)?.map(Arc::from),
+                other => return Err(FieldError::new(field_name(other), "unknown field")),
+            }
+        }
+        let patient_id =
+            patient_id.ok_or_else(|| FieldError::new("patient_id", "missing field"))?;
+        let updated_at = updated_at
+            .or(default_updated_at)
+            .ok_or_else(|| FieldError::new("updated_at", "missing field"))?;
+        let rec = ConsentRecord {
+            patient_id,
+            identifiers,
+            jurisdiction,
+            categories,
+            channels,
+            sale_share_opt_out: sso,
+            limit_sensitive: ls,
+            gpc,
+            updated_at,
+            source,
+        };
+        rec.check()?;
         Ok(rec)
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|e| e.to_string())
+    }
+
+    /// Semantic checks beyond the JSON shape.
+    pub fn check(&self) -> Result<(), FieldError> {
         if self.patient_id.trim().is_empty() {
-            return Err("patient_id: must not be empty".into());
+            return Err(FieldError::new("patient_id", "must not be empty"));
         }
         if self.patient_id.len() > 256 {
-            return Err("patient_id: longer than 256 characters".into());
+            return Err(FieldError::new("patient_id", "longer than 256 characters"));
         }
-        for (i, h) in self.identifiers.email_sha256.iter().enumerate() {
-            if identify::parse_sha256_hex(h).is_none() {
-                return Err(format!("identifiers.email_sha256[{i}]: not 64 hex digits"));
-            }
-        }
-        for (i, h) in self.identifiers.phone_sha256.iter().enumerate() {
-            if identify::parse_sha256_hex(h).is_none() {
-                return Err(format!("identifiers.phone_sha256[{i}]: not 64 hex digits"));
-            }
+        if self.patient_id.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "patient_id",
+                "control characters not allowed",
+            ));
         }
         for (i, e) in self.identifiers.emails.iter().enumerate() {
             if identify::normalize_email(e).is_none() {
-                return Err(format!("identifiers.emails[{i}]: not an email address"));
+                return Err(FieldError::new(
+                    format!("identifiers.emails[{i}]"),
+                    "not an email address",
+                ));
             }
         }
         for (i, p) in self.identifiers.phones.iter().enumerate() {
             if identify::normalize_phone(p).is_none() {
-                return Err(format!("identifiers.phones[{i}]: not a phone number"));
+                return Err(FieldError::new(
+                    format!("identifiers.phones[{i}]"),
+                    "not a phone number",
+                ));
+            }
+        }
+        for (i, x) in self.identifiers.external_ids.iter().enumerate() {
+            if x.trim().is_empty() {
+                return Err(FieldError::new(
+                    format!("identifiers.external_ids[{i}]"),
+                    "must not be empty",
+                ));
             }
         }
         Ok(())
@@ -89,22 +239,26 @@ impl ConsentRecord {
         let ids = &mut self.identifiers;
         for e in std::mem::take(&mut ids.emails) {
             for h in identify::email_index_hashes(&e) {
-                push_unique(&mut ids.email_sha256, hex::encode(h));
+                push_unique(&mut ids.email_sha256, Sha256Hex(h));
             }
         }
         for p in std::mem::take(&mut ids.phones) {
             for h in identify::phone_index_hashes(&p) {
-                push_unique(&mut ids.phone_sha256, hex::encode(h));
+                push_unique(&mut ids.phone_sha256, Sha256Hex(h));
             }
         }
-        for v in ids
-            .email_sha256
-            .iter_mut()
-            .chain(ids.phone_sha256.iter_mut())
-        {
-            *v = v.to_ascii_lowercase();
-        }
+        ids.emails.shrink_to_fit();
+        ids.phones.shrink_to_fit();
+        ids.email_sha256.shrink_to_fit();
+        ids.phone_sha256.shrink_to_fit();
+        ids.external_ids.shrink_to_fit();
+        self.patient_id.shrink_to_fit();
         self
+    }
+
+    /// Whether the record holds no plaintext email or phone.
+    pub fn is_stored_form(&self) -> bool {
+        self.identifiers.emails.is_empty() && self.identifiers.phones.is_empty()
     }
 
     /// How restrictive a record is, for tie-breaking equal `updated_at`
@@ -143,16 +297,144 @@ impl ConsentRecord {
     }
 }
 
-fn push_unique(v: &mut Vec<String>, s: String) {
+fn push_unique<T: PartialEq>(v: &mut Vec<T>, s: T) {
     if !v.contains(&s) {
         v.push(s);
     }
 }
 
-/// serde_json errors carry the field in their message ("unknown field `x`",
-/// "missing field `y`", "unknown variant `z`"); keep that, drop nothing else.
+/// A JSON syntax error: position only, never the text around it.
+fn json_syntax_error(e: serde_json::Error) -> FieldError {
+    FieldError::new(
+        "(json)",
+        format!("invalid JSON at line {} column {}", e.line(), e.column()),
+    )
+}
+
+/// serde_json errors may quote input values ("unknown variant `x`"); keep only
+/// the category of the problem and its position.
 pub fn describe_json_error(e: serde_json::Error) -> String {
-    format!("{e}")
+    json_syntax_error(e).to_string()
+}
+
+/// An unknown key is named when it looks like a field name; anything else
+/// (it could be data pasted into the wrong place) is not repeated.
+fn field_name(k: &str) -> String {
+    let plain = !k.is_empty()
+        && k.len() <= 64
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        k.to_string()
+    } else {
+        "(unnamed field)".to_string()
+    }
+}
+
+fn type_name(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn req_str<'v>(field: &str, v: &'v serde_json::Value) -> Result<&'v str, FieldError> {
+    v.as_str()
+        .ok_or_else(|| FieldError::new(field, format!("expected a string, got {}", type_name(v))))
+}
+
+fn opt_str<'v>(field: &str, v: &'v serde_json::Value) -> Result<Option<&'v str>, FieldError> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    req_str(field, v).map(Some)
+}
+
+fn req_bool(field: &str, v: &serde_json::Value) -> Result<bool, FieldError> {
+    v.as_bool().ok_or_else(|| {
+        FieldError::new(
+            field,
+            format!("expected true or false, got {}", type_name(v)),
+        )
+    })
+}
+
+fn parse_grants<K: Ord>(
+    field: &str,
+    v: &serde_json::Value,
+    parse_key: impl Fn(&str) -> Option<K>,
+    what: &str,
+) -> Result<BTreeMap<K, Grant>, FieldError> {
+    let obj = v.as_object().ok_or_else(|| {
+        FieldError::new(field, format!("expected an object, got {}", type_name(v)))
+    })?;
+    let mut out = BTreeMap::new();
+    for (k, g) in obj {
+        let path = format!("{field}.{}", field_name(k));
+        let key = parse_key(k).ok_or_else(|| FieldError::new(&path, format!("unknown {what}")))?;
+        let grant = match g.as_str() {
+            Some("granted") => Grant::Granted,
+            Some("denied") => Grant::Denied,
+            _ => return Err(FieldError::new(&path, "expected \"granted\" or \"denied\"")),
+        };
+        out.insert(key, grant);
+    }
+    Ok(out)
+}
+
+fn str_list<'v>(field: &str, v: &'v serde_json::Value) -> Result<Vec<&'v str>, FieldError> {
+    let arr = v.as_array().ok_or_else(|| {
+        FieldError::new(
+            field,
+            format!("expected an array of strings, got {}", type_name(v)),
+        )
+    })?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| req_str(&format!("{field}[{i}]"), x))
+        .collect()
+}
+
+fn hash_list(field: &str, v: &serde_json::Value) -> Result<Vec<Sha256Hex>, FieldError> {
+    let mut out = Vec::new();
+    for (i, s) in str_list(field, v)?.into_iter().enumerate() {
+        let h = Sha256Hex::parse(s)
+            .ok_or_else(|| FieldError::new(format!("{field}[{i}]"), "not 64 hex digits"))?;
+        push_unique(&mut out, h);
+    }
+    Ok(out)
+}
+
+fn parse_identifiers(v: &serde_json::Value) -> Result<RecordIdentifiers, FieldError> {
+    let obj = v.as_object().ok_or_else(|| {
+        FieldError::new(
+            "identifiers",
+            format!("expected an object, got {}", type_name(v)),
+        )
+    })?;
+    let mut ids = RecordIdentifiers::default();
+    for (k, val) in obj {
+        let path = format!("identifiers.{}", field_name(k));
+        let owned = |l: Vec<&str>| l.into_iter().map(str::to_string).collect::<Vec<_>>();
+        match k.as_str() {
+            "emails" => ids.emails = owned(str_list(&path, val)?),
+            "phones" => ids.phones = owned(str_list(&path, val)?),
+            "external_ids" => {
+                ids.external_ids = Vec::new();
+                for x in str_list(&path, val)? {
+                    push_unique(&mut ids.external_ids, x.trim().to_string());
+                }
+            }
+            "email_sha256" => ids.email_sha256 = hash_list(&path, val)?,
+            "phone_sha256" => ids.phone_sha256 = hash_list(&path, val)?,
+            _ => return Err(FieldError::new(path, "unknown field")),
+        }
+    }
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -181,7 +463,26 @@ mod tests {
         assert!(e.contains("colour"), "{e}");
         let e = ConsentRecord::from_json(br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","categories":{"advertising":"maybe"}}"#)
             .unwrap_err();
-        assert!(e.contains("maybe"), "{e}");
+        assert!(e.contains("categories.advertising"), "{e}");
+        assert!(!e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn odd_keys_are_not_repeated() {
+        let e = ConsentRecord::from_json(
+            br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","jane@example.com":1}"#,
+        )
+        .unwrap_err();
+        assert!(!e.contains("jane") && e.contains("unknown field"), "{e}");
+        let e = ConsentRecord::from_json(br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","categories":{"+14155550100":"denied"}}"#)
+            .unwrap_err();
+        assert!(
+            !e.contains("4155550100") && e.contains("categories."),
+            "{e}"
+        );
+        let e = ConsentRecord::from_json(br#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z","identifiers":{"phone_sha256":["abc"]}}"#)
+            .unwrap_err();
+        assert_eq!(e, "identifiers.phone_sha256[0]: not 64 hex digits");
     }
 
     #[test]

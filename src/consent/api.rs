@@ -1,0 +1,843 @@
+//! Admin consent API (SPEC §8): `PUT | PATCH | GET | DELETE /v1/consent/{patient_id}`
+//! on `listen.admin`, behind bearer tokens from `admin.tokens_file`.
+//!
+//! - No `Authorization` → 401; an unknown token → 403; nothing is written.
+//!   Tokens are compared in constant time over their SHA-256 (lengths do not leak).
+//! - PUT takes a whole record; `patient_id` in the body must match the path or be
+//!   absent (filled from the path); `updated_at` absent → now.
+//! - PATCH merges into the stored record: `categories` and `channels` key by key
+//!   (a `null` value removes the key, i.e. back to the default), `identifiers`
+//!   lists are appended (duplicates dropped; plaintext is hashed), other fields
+//!   replaced; `updated_at` absent → now. PATCH of a missing record → 404.
+//! - A write answers 200 with the stored record (emails and phones only as
+//!   `email_sha256` / `phone_sha256`) once durable, and the store is already
+//!   updated then. A write older than the stored record → 409 `superseded`.
+//! - Bad JSON, an unknown field or a bad value → 400
+//!   `{"error":"invalid_record","field":..,"detail":..}`; values are never echoed.
+//!   Body over 64 KiB → 413. Other methods → 405.
+
+use super::record::{ConsentRecord, FieldError};
+use super::source::{no_op_on_change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, WriteError};
+use super::store::ConsentStore;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Where the consent API lives on the admin listener.
+pub const PATH_PREFIX: &str = "/v1/consent/";
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Whether a request path belongs to this API (route `/v1/consent/*` here).
+pub fn is_consent_path(path: &str) -> bool {
+    path.starts_with(PATH_PREFIX) || path == "/v1/consent"
+}
+
+/// Admin bearer tokens: names and the SHA-256 of each token (never the token).
+#[derive(Clone, Default)]
+pub struct Tokens {
+    entries: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("names", &self.names())
+            .finish()
+    }
+}
+
+impl Tokens {
+    /// Parse `name:token` lines; `#` comments and blank lines are ignored. An
+    /// error names the line (never its content, which may hold a token).
+    pub fn parse(text: &str) -> Result<Tokens, String> {
+        let mut entries: Vec<(String, [u8; 32])> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let n = i + 1;
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((name, token)) = line.split_once(':') else {
+                return Err(format!("line {n}: expected name:token"));
+            };
+            let (name, token) = (name.trim(), token.trim());
+            if name.is_empty() {
+                return Err(format!("line {n}: empty token name"));
+            }
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+            {
+                return Err(format!(
+                    "line {n}: token name may hold only letters, digits, '-', '_', '.', '@'"
+                ));
+            }
+            if token.is_empty() {
+                return Err(format!("line {n}: empty token"));
+            }
+            if entries.iter().any(|(have, _)| have == name) {
+                return Err(format!("line {n}: duplicate token name"));
+            }
+            let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            if entries.iter().any(|(_, d)| d == &digest) {
+                return Err(format!("line {n}: duplicate token"));
+            }
+            entries.push((name.to_string(), digest));
+        }
+        Ok(Tokens { entries })
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The name of the token presented, if any matches. Every entry is
+    /// compared, in constant time, whatever matches.
+    pub fn authenticate(&self, presented: &str) -> Option<&str> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (name, d) in &self.entries {
+            if bool::from(d.ct_eq(&digest)) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// Load `admin.tokens_file`; errors name the file and the line.
+pub fn load_tokens(path: &Path) -> Result<Tokens, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))?;
+    Tokens::parse(&text).map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))
+}
+
+/// What the API needs: the store (reads), the writer (durable writes), the
+/// tokens, and a hook told of every acknowledged write (for the audit trail).
+#[derive(Clone)]
+pub struct ApiContext {
+    pub store: Arc<ConsentStore>,
+    pub writer: Arc<dyn ConsentWriter>,
+    pub tokens: Arc<Tokens>,
+    pub on_change: OnChange,
+}
+
+impl ApiContext {
+    pub fn new(store: Arc<ConsentStore>, writer: Arc<dyn ConsentWriter>, tokens: Tokens) -> Self {
+        ApiContext {
+            store,
+            writer,
+            tokens: Arc::new(tokens),
+            on_change: no_op_on_change(),
+        }
+    }
+
+    pub fn with_on_change(mut self, f: OnChange) -> Self {
+        self.on_change = f;
+        self
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &Value) -> Resp {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, detail: &str) -> Resp {
+    json_response(status, &json!({"error": code, "detail": detail}))
+}
+
+fn invalid(e: &FieldError) -> Resp {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "invalid_record", "field": e.field, "detail": e.detail}),
+    )
+}
+
+fn record_response(rec: &ConsentRecord) -> Resp {
+    match serde_json::to_value(rec) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "record encoding failed",
+        ),
+    }
+}
+
+/// Decode `%XX` escapes; `None` on a bad escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Route one admin request under `/v1/consent/`.
+pub async fn handle<B>(req: Request<B>, ctx: &ApiContext) -> Resp
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.uri().path().to_string();
+    let Some(raw_id) = path.strip_prefix(PATH_PREFIX) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    };
+
+    // Authentication first: nothing below runs without a valid token.
+    let actor = match req.headers().get(header::AUTHORIZATION) {
+        None => {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "bearer token required",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+        Some(v) => {
+            let token = v.to_str().ok().and_then(|s| {
+                let (scheme, rest) = s.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| rest.trim().to_string())
+            });
+            let Some(token) = token else {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "expected Authorization: Bearer <token>",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            };
+            match ctx.tokens.authenticate(&token) {
+                Some(name) => name.to_string(),
+                None => return error(StatusCode::FORBIDDEN, "forbidden", "token not accepted"),
+            }
+        }
+    };
+
+    let method = req.method().clone();
+    if ![Method::GET, Method::PUT, Method::PATCH, Method::DELETE].contains(&method) {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET, PUT, PATCH or DELETE",
+        );
+        r.headers_mut().insert(
+            header::ALLOW,
+            header::HeaderValue::from_static("GET, PUT, PATCH, DELETE"),
+        );
+        return r;
+    }
+
+    let patient_id = match percent_decode(raw_id) {
+        Some(id) if !id.trim().is_empty() && !id.contains('/') && id.len() <= 256 => {
+            id.trim().to_string()
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_patient_id",
+                "the path must be /v1/consent/{patient_id}",
+            )
+        }
+    };
+
+    match method {
+        Method::GET => match ctx.store.get(&patient_id) {
+            Some(rec) => record_response(&rec),
+            None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
+        },
+        Method::DELETE => match ctx.writer.delete(&patient_id, &actor).await {
+            Ok(true) => {
+                tracing::info!(actor = %actor, op = "delete", "consent record deleted via admin API");
+                (ctx.on_change)(ChangeEvent {
+                    patient_id: patient_id.clone(),
+                    op: ChangeOp::Delete,
+                    actor,
+                });
+                json_response(StatusCode::OK, &json!({ "deleted": patient_id }))
+            }
+            Ok(false) => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
+            Err(e) => write_error(&e),
+        },
+        _ => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let op = if method == Method::PUT {
+                ChangeOp::Put
+            } else {
+                ChangeOp::Patch
+            };
+            let rec = match op {
+                ChangeOp::Put => build_put(&body, &patient_id),
+                _ => match ctx.store.get(&patient_id) {
+                    None => return error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
+                    Some(cur) => build_patch(&body, &patient_id, &cur),
+                },
+            };
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => return invalid(&e),
+            };
+            match ctx.writer.put(rec, &actor).await {
+                Ok(stored) => {
+                    tracing::info!(actor = %actor, op = op.as_str(), "consent record written via admin API");
+                    (ctx.on_change)(ChangeEvent {
+                        patient_id,
+                        op,
+                        actor,
+                    });
+                    record_response(&stored)
+                }
+                Err(e) => write_error(&e),
+            }
+        }
+    }
+}
+
+fn write_error(e: &WriteError) -> Resp {
+    match e {
+        WriteError::Superseded => error(
+            StatusCode::CONFLICT,
+            "superseded",
+            "a record with a newer updated_at is stored",
+        ),
+        WriteError::Invalid { field, detail } => invalid(&FieldError::new(field, detail)),
+        WriteError::Storage(msg) => {
+            tracing::error!(error = %msg, "consent write not durable");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_durable",
+                "the write could not be made durable; nothing was changed",
+            )
+        }
+    }
+}
+
+async fn read_body<B>(req: Request<B>) -> Result<Bytes, Resp>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "request body over 64 KiB",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(too_large())
+            } else {
+                Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable_body",
+                    "request body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, FieldError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        FieldError::new(
+            "(json)",
+            format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        )
+    })?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(FieldError::new("(record)", "expected a JSON object")),
+    }
+}
+
+fn check_path_id(obj: &mut Map<String, Value>, patient_id: &str) -> Result<(), FieldError> {
+    match obj.get("patient_id") {
+        None | Some(Value::Null) => {
+            obj.insert("patient_id".into(), Value::String(patient_id.to_string()));
+            Ok(())
+        }
+        Some(Value::String(s)) if s.trim() == patient_id => Ok(()),
+        Some(Value::String(_)) => Err(FieldError::new("patient_id", "does not match the path")),
+        Some(_) => Err(FieldError::new("patient_id", "expected a string")),
+    }
+}
+
+/// A PUT body as a record: `patient_id` from the path when absent, `updated_at`
+/// now when absent.
+pub fn build_put(body: &[u8], patient_id: &str) -> Result<ConsentRecord, FieldError> {
+    let mut obj = parse_object(body)?;
+    check_path_id(&mut obj, patient_id)?;
+    ConsentRecord::from_value(&Value::Object(obj), Some(chrono::Utc::now()))
+}
+
+/// A PATCH body merged into the current record (see the module docs).
+pub fn build_patch(
+    body: &[u8],
+    patient_id: &str,
+    current: &ConsentRecord,
+) -> Result<ConsentRecord, FieldError> {
+    let mut patch = parse_object(body)?;
+    check_path_id(&mut patch, patient_id)?;
+    let mut base = match serde_json::to_value(current) {
+        Ok(Value::Object(m)) => m,
+        _ => {
+            return Err(FieldError::new(
+                "(record)",
+                "stored record could not be merged",
+            ))
+        }
+    };
+    // A PATCH is a new write: it is stamped now unless it says otherwise.
+    base.remove("updated_at");
+    for (k, v) in patch {
+        match k.as_str() {
+            "categories" | "channels" => {
+                let Value::Object(p) = v else {
+                    return Err(FieldError::new(k, "expected an object"));
+                };
+                let slot = base.entry(k).or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                if let Value::Object(m) = slot {
+                    for (ck, cv) in p {
+                        if cv.is_null() {
+                            m.remove(&ck);
+                        } else {
+                            m.insert(ck, cv);
+                        }
+                    }
+                }
+            }
+            "identifiers" => {
+                let Value::Object(p) = v else {
+                    return Err(FieldError::new("identifiers", "expected an object"));
+                };
+                let slot = base
+                    .entry("identifiers")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                if let Value::Object(m) = slot {
+                    for (ik, iv) in p {
+                        let Value::Array(add) = iv else {
+                            return Err(FieldError::new(
+                                format!("identifiers.{ik}"),
+                                "expected an array of strings",
+                            ));
+                        };
+                        let list = m.entry(ik).or_insert_with(|| Value::Array(Vec::new()));
+                        if let Value::Array(have) = list {
+                            for x in add {
+                                if !have.contains(&x) {
+                                    have.push(x);
+                                }
+                            }
+                        } else {
+                            *list = Value::Array(add);
+                        }
+                    }
+                }
+            }
+            _ => {
+                base.insert(k, v);
+            }
+        }
+    }
+    ConsentRecord::from_value(&Value::Object(base), Some(chrono::Utc::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consent::file_source::{self, FileSourceConfig, FileSourceHandle};
+    use crate::identify::Identifiers;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    const TOKENS: &str = "# admin tokens\n\nops:ops-secret-token-1\ncrm : crm-secret-token-2\n";
+
+    struct Harness {
+        addr: SocketAddr,
+        store: Arc<ConsentStore>,
+        events: Arc<Mutex<Vec<ChangeEvent>>>,
+        dir: tempfile::TempDir,
+        _src: FileSourceHandle,
+    }
+
+    async fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("consent.jsonl");
+        std::fs::write(
+            &file,
+            r#"{"patient_id":"P-1001","identifiers":{"emails":["jane.roe@example.com"],"phones":["+14155550100"],"external_ids":["crm:1"]},"categories":{"advertising":"granted","marketing_email":"denied"},"updated_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let src = file_source::start(
+            FileSourceConfig::new(&file, dir.path().join("journal")),
+            store.clone(),
+        )
+        .await
+        .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        let ctx = Arc::new(
+            ApiContext::new(store.clone(), src.writer(), Tokens::parse(TOKENS).unwrap())
+                .with_on_change(Arc::new(move |e| ev.lock().unwrap().push(e))),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let ctx = ctx.clone();
+                            async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx).await) }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Harness {
+            addr,
+            store,
+            events,
+            dir,
+            _src: src,
+        }
+    }
+
+    impl Harness {
+        async fn call(
+            &self,
+            method: &str,
+            path: &str,
+            token: Option<&str>,
+            body: Option<&str>,
+        ) -> (StatusCode, Value, String) {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let mut b = Request::builder()
+                .method(method)
+                .uri(format!("http://{}{}", self.addr, path));
+            if let Some(t) = token {
+                b = b.header("authorization", format!("Bearer {t}"));
+            }
+            let req = b
+                .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+            (status, v, text)
+        }
+
+        fn journal_lines(&self) -> usize {
+            std::fs::read_to_string(
+                self.dir
+                    .path()
+                    .join("journal")
+                    .join(crate::consent::journal::JOURNAL_FILE),
+            )
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+        }
+    }
+
+    const OPS: Option<&str> = Some("ops-secret-token-1");
+    const CRM: Option<&str> = Some("crm-secret-token-2");
+
+    #[tokio::test]
+    async fn api_401_and_403_write_nothing() {
+        let h = harness().await;
+        let body = r#"{"gpc":true}"#;
+        let (s, v, _) = h.call("PUT", "/v1/consent/P-9", None, Some(body)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["error"], "unauthorized");
+        let (s, v, _) = h
+            .call("PUT", "/v1/consent/P-9", Some("wrong-token"), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_eq!(v["error"], "forbidden");
+        let (s, _, _) = h
+            .call("DELETE", "/v1/consent/P-1001", Some("nope"), None)
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _, _) = h.call("GET", "/v1/consent/P-1001", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(h.store.get("P-9").is_none() && h.store.get("P-1001").is_some());
+        assert_eq!(h.journal_lines(), 0);
+        assert!(h.events.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn api_put_get_delete_round_trip_without_plaintext() {
+        let h = harness().await;
+        let body = r#"{"identifiers":{"emails":["New.Person@Example.com"],"phones":["+1 (415) 555-0199"],"external_ids":["crm:9"]},
+            "categories":{"advertising":"denied"},"jurisdiction":"US-CA"}"#;
+        let (s, v, text) = h.call("PUT", "/v1/consent/P%2D9", OPS, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        assert_eq!(v["patient_id"], "P-9");
+        assert!(v["updated_at"].is_string(), "updated_at defaulted to now");
+        assert_eq!(
+            v["identifiers"]["email_sha256"][0],
+            crate::identify::sha256_hex(b"new.person@example.com")
+        );
+        assert_eq!(
+            v["identifiers"]["phone_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert!(
+            v["identifiers"].get("emails").is_none() && v["identifiers"].get("phones").is_none()
+        );
+        assert!(!text.to_lowercase().contains("new.person") && !text.contains("5550199"));
+        // Enforced from now on: the store already answers.
+        let mut ids = Identifiers::new();
+        ids.add_email("new.person@example.com");
+        assert_eq!(h.store.lookup(&ids).len(), 1);
+        assert_eq!(h.journal_lines(), 1);
+        assert_eq!(
+            h.events.lock().unwrap().last().unwrap(),
+            &ChangeEvent {
+                patient_id: "P-9".into(),
+                op: ChangeOp::Put,
+                actor: "ops".into()
+            }
+        );
+
+        let (s, v, text) = h.call("GET", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["categories"]["advertising"], "denied");
+        assert!(!text.to_lowercase().contains("new.person") && !text.contains("5550199"));
+        let (_, _, text) = h.call("GET", "/v1/consent/P-1001", CRM, None).await;
+        assert!(
+            text.contains("email_sha256")
+                && !text.contains("jane.roe")
+                && !text.contains("4155550100")
+        );
+
+        let (s, v, _) = h.call("DELETE", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v, json!({"deleted": "P-9"}));
+        assert_eq!(h.events.lock().unwrap().last().unwrap().actor, "crm");
+        let (s, v, _) = h.call("GET", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, _, _) = h.call("DELETE", "/v1/consent/P-9", CRM, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(h.journal_lines(), 2);
+    }
+
+    #[tokio::test]
+    async fn api_rejects_bad_input_naming_the_field() {
+        let h = harness().await;
+        let cases: [(&str, &str); 6] = [
+            (r#"{"gpc":tru"#, "(json)"),
+            (r#"{"colour":"red"}"#, "colour"),
+            (
+                r#"{"categories":{"advertising":"maybe-secret"}}"#,
+                "categories.advertising",
+            ),
+            (
+                r#"{"identifiers":{"emails":["not-an-address-secret"]}}"#,
+                "identifiers.emails[0]",
+            ),
+            (r#"{"patient_id":"P-other"}"#, "patient_id"),
+            (r#"{"updated_at":"yesterday-secret"}"#, "updated_at"),
+        ];
+        for (body, field) in cases {
+            let (s, v, text) = h.call("PUT", "/v1/consent/P-9", OPS, Some(body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(v["error"], "invalid_record");
+            assert_eq!(v["field"], field, "{text}");
+            assert!(
+                !text.contains("secret") && !text.contains("red\""),
+                "{text}"
+            );
+        }
+        let big = format!(r#"{{"source":"{}"}}"#, "x".repeat(70 * 1024));
+        let (s, _, _) = h.call("PUT", "/v1/consent/P-9", OPS, Some(&big)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        let (s, _, _) = h.call("POST", "/v1/consent/P-9", OPS, Some("{}")).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        let (s, _, _) = h.call("PATCH", "/v1/consent/P-404", OPS, Some("{}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, v, _) = h
+            .call(
+                "PUT",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"updated_at":"2020-01-01T00:00:00Z"}"#),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::CONFLICT, Some("superseded"))
+        );
+        assert!(h.store.get("P-9").is_none());
+        assert_eq!(h.journal_lines(), 0);
+    }
+
+    #[tokio::test]
+    async fn api_patch_merges_key_by_key() {
+        let h = harness().await;
+        let body = r#"{"categories":{"advertising":"denied","patient_surveys":"denied"},"channels":{"sms":"denied"},
+            "identifiers":{"external_ids":["crm:2"],"emails":["second@example.com"]},"gpc":true}"#;
+        let (s, v, text) = h.call("PATCH", "/v1/consent/P-1001", OPS, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        assert_eq!(v["categories"]["advertising"], "denied");
+        assert_eq!(
+            v["categories"]["marketing_email"], "denied",
+            "untouched key kept"
+        );
+        assert_eq!(v["categories"]["patient_surveys"], "denied");
+        assert_eq!(v["channels"]["sms"], "denied");
+        assert_eq!(v["identifiers"]["external_ids"], json!(["crm:1", "crm:2"]));
+        assert_eq!(
+            v["identifiers"]["email_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(
+            v["identifiers"]["phone_sha256"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(v["gpc"], true);
+        assert_ne!(v["updated_at"], "2026-01-01T00:00:00Z");
+        assert!(!text.contains("second@"));
+        for who in ["jane.roe@example.com", "second@example.com"] {
+            let mut ids = Identifiers::new();
+            ids.add_email(who);
+            assert_eq!(h.store.lookup(&ids).len(), 1);
+        }
+        // null removes a key (back to the default).
+        let (s, v, _) = h
+            .call(
+                "PATCH",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"categories":{"advertising":null}}"#),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(v["categories"].get("advertising").is_none());
+        assert_eq!(v["gpc"], true);
+        let (s, v, _) = h
+            .call(
+                "PATCH",
+                "/v1/consent/P-1001",
+                OPS,
+                Some(r#"{"categories":["x"]}"#),
+            )
+            .await;
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("categories"))
+        );
+        assert_eq!(h.events.lock().unwrap().last().unwrap().op, ChangeOp::Patch);
+    }
+
+    #[test]
+    fn token_file_parse() {
+        let t = Tokens::parse(TOKENS).unwrap();
+        assert_eq!(t.names(), vec!["ops", "crm"]);
+        assert_eq!(t.authenticate("crm-secret-token-2"), Some("crm"));
+        assert_eq!(t.authenticate("crm-secret-token-"), None);
+        let e = Tokens::parse("# c\nops:abc\nthis-line-has-secret\n").unwrap_err();
+        assert_eq!(e, "line 3: expected name:token");
+        assert!(Tokens::parse("a:x\na:y\n")
+            .unwrap_err()
+            .starts_with("line 2"));
+        assert!(Tokens::parse(":x\n").unwrap_err().contains("line 1"));
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        std::fs::write(&p, "ops:tok\nbad\n").unwrap();
+        let e = load_tokens(&p).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("tokens"), "{e}");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("P%2D1%20x").unwrap(), "P-1 x");
+        assert!(percent_decode("P%2").is_none());
+        assert!(percent_decode("%FF").is_none());
+    }
+}

@@ -1,0 +1,596 @@
+//! The file consent source (`consent.source: file`): a JSON Lines snapshot
+//! (`consent.file`) plus the journal of admin-API writes (`consent.journal`).
+//!
+//! Apply = every snapshot record, the journal re-applied on top (last write
+//! wins by `updated_at`; a journaled delete removes a snapshot record unless the
+//! snapshot's record is newer than the delete), and every other record removed.
+//! A snapshot is parsed whole before anything is applied: one bad line leaves
+//! the store exactly as it was, and the error names the line and the field
+//! (never the content).
+//!
+//! The file is watched (its parent directory, so editors that replace the file
+//! by rename are seen), changes are debounced, and a one-second poll of the
+//! file's size, mtime and inode catches anything the watcher misses (e.g. a
+//! Kubernetes ConfigMap symlink swap). While the last load was good the store is
+//! marked good every second: the file is the source of truth and is current.
+//! While it is bad (unparsable or unreadable) the source is marked down, the old
+//! data stays in force, and staleness grows until the file is fixed.
+
+use super::journal::{self, Entry, Journal};
+use super::record::ConsentRecord;
+use super::source::{BoxFuture, ConsentWriter, WriteError};
+use super::store::ConsentStore;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct FileSourceConfig {
+    /// `consent.file`: the JSONL snapshot.
+    pub file: PathBuf,
+    /// `consent.journal`: the journal directory (created when missing).
+    pub journal_dir: PathBuf,
+    pub journal_limits: journal::Limits,
+    /// Quiet time after a change before reloading.
+    pub debounce: Duration,
+    /// How often the store is marked good while healthy (and the file polled).
+    pub tick: Duration,
+}
+
+impl FileSourceConfig {
+    pub fn new(file: impl Into<PathBuf>, journal_dir: impl Into<PathBuf>) -> Self {
+        FileSourceConfig {
+            file: file.into(),
+            journal_dir: journal_dir.into(),
+            journal_limits: journal::Limits::default(),
+            debounce: Duration::from_millis(200),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Parse a whole snapshot. Blank lines are skipped; the first bad line is an
+/// error `line N: <field>: <problem>`. Used by `consentgate check` too.
+pub fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let rec =
+            ConsentRecord::parse_json(line, None).map_err(|e| format!("line {}: {e}", i + 1))?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// Read and parse a snapshot file; errors name the file and the line.
+pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("consent.file {}: {e}", path.display()))?;
+    parse_snapshot(&bytes).map_err(|e| format!("consent.file {}: {e}", path.display()))
+}
+
+/// Size, mtime and inode: enough to notice a changed or replaced file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    mtime: Option<SystemTime>,
+    ino: u64,
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+    let m = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Ok(Fingerprint {
+        len: m.len(),
+        mtime: m.modified().ok(),
+        ino,
+    })
+}
+
+struct Inner {
+    cfg: FileSourceConfig,
+    store: Arc<ConsentStore>,
+    /// Held for every write and every apply, so they never interleave.
+    journal: Mutex<Journal>,
+    healthy: AtomicBool,
+    seen: Mutex<Option<Fingerprint>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    /// Milliseconds from the file's mtime to the end of the last apply.
+    last_propagation_ms: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    /// Load the snapshot and apply it with the journal on top. On error the
+    /// store is untouched. Returns the number of records held.
+    fn reload(&self) -> Result<usize, String> {
+        let fp = fingerprint(&self.cfg.file).ok();
+        *lock(&self.seen) = fp;
+        let result = load_snapshot(&self.cfg.file).map(|recs| self.apply(recs));
+        match &result {
+            Ok(_) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                self.store.mark_good();
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                if let Some(mtime) = fp.and_then(|f| f.mtime) {
+                    if let Ok(d) = SystemTime::now().duration_since(mtime) {
+                        self.last_propagation_ms
+                            .store(d.as_millis() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(_) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                self.store.mark_down();
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    fn apply(&self, snapshot: Vec<ConsentRecord>) -> usize {
+        let journal = lock(&self.journal);
+        let mut winners: HashMap<String, ConsentRecord> = HashMap::with_capacity(snapshot.len());
+        for rec in snapshot {
+            let id = rec.patient_id.trim().to_string();
+            match winners.get(&id) {
+                Some(cur) if !rec.supersedes(cur) => {}
+                _ => {
+                    winners.insert(id, rec);
+                }
+            }
+        }
+        for (id, entry) in journal.state() {
+            let id = id.trim();
+            match entry {
+                Entry::Put { record, .. } => match winners.get(id) {
+                    Some(cur) if !record.supersedes(cur) => {}
+                    _ => {
+                        winners.insert(id.to_string(), (**record).clone());
+                    }
+                },
+                Entry::Delete { ts, .. } => {
+                    if winners.get(id).is_some_and(|s| s.updated_at <= *ts) {
+                        winners.remove(id);
+                    }
+                }
+            }
+        }
+        let mut changed = 0usize;
+        for rec in winners.values() {
+            if self.store.put_if_changed(rec.clone()) {
+                changed += 1;
+            }
+        }
+        let mut removed = 0usize;
+        for id in self.store.patient_ids() {
+            if !winners.contains_key(&*id) {
+                self.store.delete(&id);
+                removed += 1;
+            }
+        }
+        drop(journal);
+        tracing::info!(
+            records = self.store.len(),
+            changed,
+            removed,
+            "consent snapshot applied"
+        );
+        self.store.len()
+    }
+
+    /// One tick: reload when the file changed, else keep the store marked good.
+    fn tick(&self) {
+        let fp = match fingerprint(&self.cfg.file) {
+            Ok(fp) => Some(fp),
+            Err(e) => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.cfg.file.display(), error = %e,
+                        "consent file unreadable; keeping last good data, source down");
+                    self.store.mark_down();
+                }
+                *lock(&self.seen) = None;
+                return;
+            }
+        };
+        if fp != *lock(&self.seen) {
+            self.reload_logged("poll");
+        } else if self.healthy.load(Ordering::Relaxed) {
+            self.store.mark_good();
+        }
+    }
+
+    fn reload_logged(&self, why: &'static str) {
+        match self.reload() {
+            Ok(n) => tracing::info!(records = n, trigger = why, "consent file reloaded"),
+            Err(e) => tracing::warn!(error = %e, trigger = why,
+                "consent file rejected; keeping last good data, source down"),
+        }
+    }
+}
+
+/// A running file source. Dropping it stops the watcher and the tick.
+pub struct FileSourceHandle {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Drop for FileSourceHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl FileSourceHandle {
+    /// The writer the admin API writes through.
+    pub fn writer(&self) -> Arc<dyn ConsentWriter> {
+        Arc::new(FileWriter {
+            inner: self.inner.clone(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<ConsentStore> {
+        &self.inner.store
+    }
+
+    /// Whether the last load of the file succeeded and the file is readable.
+    pub fn healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Reload now (e.g. on SIGHUP). On error the store keeps its data.
+    pub async fn reload(&self) -> Result<usize, String> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.reload())
+            .await
+            .map_err(|e| format!("consent reload task: {e}"))?
+    }
+
+    /// (successful, failed) reloads since start, the initial load included.
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.inner.reloads_ok.load(Ordering::Relaxed),
+            self.inner.reloads_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Seconds from the snapshot file's mtime to the end of its last apply
+    /// (`consentgate_consent_propagation_seconds`).
+    pub fn last_propagation_seconds(&self) -> f64 {
+        self.inner.last_propagation_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+}
+
+/// Start the file source: open (or create) the journal, load the snapshot with
+/// the journal on top (an error refuses to start and names the line), then
+/// watch the file. Must be called inside a tokio runtime.
+pub async fn start(
+    cfg: FileSourceConfig,
+    store: Arc<ConsentStore>,
+) -> Result<FileSourceHandle, String> {
+    let jcfg = cfg.clone();
+    let journal =
+        tokio::task::spawn_blocking(move || Journal::open(&jcfg.journal_dir, jcfg.journal_limits))
+            .await
+            .map_err(|e| format!("consent journal task: {e}"))??;
+    let inner = Arc::new(Inner {
+        cfg,
+        store,
+        journal: Mutex::new(journal),
+        healthy: AtomicBool::new(false),
+        seen: Mutex::new(None),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        last_propagation_ms: AtomicU64::new(0),
+    });
+    let first = inner.clone();
+    let n = tokio::task::spawn_blocking(move || first.reload())
+        .await
+        .map_err(|e| format!("consent load task: {e}"))??;
+    tracing::info!(records = n, path = %inner.cfg.file.display(), "consent snapshot loaded");
+
+    let (tx, rx) = mpsc::channel::<()>(1);
+    let watcher = match make_watcher(&inner.cfg.file, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "consent file watcher unavailable; polling every tick");
+            None
+        }
+    };
+    let task = tokio::spawn(run(inner.clone(), rx));
+    Ok(FileSourceHandle {
+        inner,
+        tasks: vec![task],
+        _watcher: watcher,
+    })
+}
+
+fn make_watcher(file: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{RecursiveMode, Watcher};
+    let name = file.file_name().map(|n| n.to_os_string());
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.kind.is_access() {
+                return;
+            }
+            let ours = ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name);
+            if ours {
+                // Full channel: a reload is already pending, which is enough.
+                let _ = tx.try_send(());
+            }
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    w.watch(&parent, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("{}: {e}", parent.display()))?;
+    Ok(w)
+}
+
+async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<()>) {
+    let mut tick = tokio::time::interval(inner.cfg.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            ev = rx.recv(), if watching => {
+                if ev.is_none() {
+                    watching = false;
+                    continue;
+                }
+                // Debounce: wait for quiet, then swallow what queued meanwhile.
+                tokio::time::sleep(inner.cfg.debounce).await;
+                while rx.try_recv().is_ok() {}
+                let i = inner.clone();
+                let _ = tokio::task::spawn_blocking(move || i.reload_logged("watch")).await;
+            }
+            _ = tick.tick() => {
+                let i = inner.clone();
+                let _ = tokio::task::spawn_blocking(move || i.tick()).await;
+            }
+        }
+    }
+}
+
+/// Admin-API writes for the file source: journal append + fsync, then the store.
+struct FileWriter {
+    inner: Arc<Inner>,
+}
+
+impl FileWriter {
+    fn put_blocking(
+        inner: &Inner,
+        rec: ConsentRecord,
+        actor: &str,
+    ) -> Result<Arc<ConsentRecord>, WriteError> {
+        rec.check().map_err(|e| WriteError::Invalid {
+            field: e.field,
+            detail: e.detail,
+        })?;
+        let mut journal = lock(&inner.journal);
+        if let Some(cur) = inner.store.get(&rec.patient_id) {
+            if !rec.supersedes(&cur) {
+                return Err(WriteError::Superseded);
+            }
+        }
+        let stored = rec.into_stored();
+        journal
+            .append_put(stored.clone(), actor)
+            .map_err(WriteError::Storage)?;
+        Ok(inner.store.put_arc(stored))
+    }
+
+    fn delete_blocking(inner: &Inner, patient_id: &str, actor: &str) -> Result<bool, WriteError> {
+        let mut journal = lock(&inner.journal);
+        if inner.store.get(patient_id).is_none() {
+            return Ok(false);
+        }
+        journal
+            .append_delete(patient_id.trim(), actor)
+            .map_err(WriteError::Storage)?;
+        inner.store.delete(patient_id);
+        Ok(true)
+    }
+}
+
+impl ConsentWriter for FileWriter {
+    fn put(
+        &self,
+        rec: ConsentRecord,
+        actor: &str,
+    ) -> BoxFuture<'_, Result<Arc<ConsentRecord>, WriteError>> {
+        let inner = self.inner.clone();
+        let actor = actor.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::put_blocking(&inner, rec, &actor))
+                .await
+                .map_err(|e| WriteError::Storage(format!("write task: {e}")))?
+        })
+    }
+
+    fn delete(&self, patient_id: &str, actor: &str) -> BoxFuture<'_, Result<bool, WriteError>> {
+        let inner = self.inner.clone();
+        let actor = actor.to_string();
+        let id = patient_id.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::delete_blocking(&inner, &id, &actor))
+                .await
+                .map_err(|e| WriteError::Storage(format!("write task: {e}")))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identify::Identifiers;
+
+    const A: &str = r#"{"patient_id":"P-1","identifiers":{"emails":["jane.roe@example.com"],"external_ids":["crm:1"]},"updated_at":"2026-01-01T00:00:00Z"}"#;
+    const B: &str = r#"{"patient_id":"P-2","categories":{"advertising":"denied"},"updated_at":"2026-01-01T00:00:00Z"}"#;
+
+    fn write_atomic(path: &Path, text: &str) {
+        let tmp = path.with_extension("swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn cfg(d: &Path) -> FileSourceConfig {
+        FileSourceConfig::new(d.join("consent.jsonl"), d.join("journal"))
+    }
+
+    fn rec(json: &str) -> ConsentRecord {
+        ConsentRecord::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshot_bad_line_leaves_store_unchanged_and_names_line() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(store.source_up());
+        let before = store.get("P-1").unwrap();
+
+        let bad = r#"{"patient_id":"P-3","identifiers":{"emails":["secret.person@example.com"]},"colour":"red","updated_at":"2026-01-01T00:00:00Z"}"#;
+        std::fs::write(&c.file, format!("{A}\n\n{bad}\n")).unwrap();
+        let e = h.reload().await.unwrap_err();
+        assert!(e.contains("line 3") && e.contains("colour"), "{e}");
+        assert!(!e.contains("secret.person") && !e.contains("red"), "{e}");
+        assert_eq!(store.len(), 2, "nothing applied");
+        assert!(store.get("P-2").is_some());
+        assert_eq!(store.get("P-1").unwrap(), before);
+        assert!(!store.source_up());
+        assert!(!h.healthy());
+
+        std::fs::write(&c.file, format!("{A}\n")).unwrap();
+        assert_eq!(h.reload().await.unwrap(), 1);
+        assert!(store.source_up() && h.healthy());
+    }
+
+    #[tokio::test]
+    async fn start_refuses_a_bad_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{{\"patient_id\":\"P-9\"}}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let e = start(c, store.clone()).await.err().unwrap();
+        assert!(e.contains("line 2") && e.contains("updated_at"), "{e}");
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn editing_the_snapshot_changes_the_store_within_2s() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg(d.path());
+        // A long tick so only the notify watcher can deliver the change.
+        c.tick = Duration::from_secs(3600);
+        std::fs::write(&c.file, format!("{A}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let _h = start(c.clone(), store.clone()).await.unwrap();
+        assert!(store.get("P-2").is_none());
+        // Editor style: write a temp file and rename it over the snapshot.
+        write_atomic(&c.file, &format!("{A}\n{B}\n"));
+        let t0 = std::time::Instant::now();
+        while store.get("P-2").is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "change not seen in 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // In-place edit too.
+        std::fs::write(&c.file, format!("{B}\n")).unwrap();
+        let t0 = std::time::Instant::now();
+        while store.get("P-1").is_some() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "in-place edit not seen in 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn journal_write_survives_restart_and_overrides_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        {
+            let store = Arc::new(ConsentStore::new());
+            let h = start(c.clone(), store.clone()).await.unwrap();
+            let w = h.writer();
+            let mut r = rec(A);
+            r.gpc = true;
+            r.updated_at = "2026-02-01T00:00:00Z".parse().unwrap();
+            let stored = w.put(r, "ops").await.unwrap();
+            assert!(stored.gpc && stored.is_stored_form());
+            assert!(store.get("P-1").unwrap().gpc, "store updated before Ok");
+            assert!(w.delete("P-2", "ops").await.unwrap());
+            assert!(!w.delete("P-2", "ops").await.unwrap());
+            let new = rec(r#"{"patient_id":"P-7","updated_at":"2026-01-01T00:00:00Z"}"#);
+            w.put(new, "crm").await.unwrap();
+            // An older write loses (last write wins).
+            let old = rec(A);
+            assert_eq!(w.put(old, "ops").await.unwrap_err(), WriteError::Superseded);
+        }
+        let store = Arc::new(ConsentStore::new());
+        let _h = start(c.clone(), store.clone()).await.unwrap();
+        assert!(store.get("P-1").unwrap().gpc);
+        assert!(
+            store.get("P-2").is_none(),
+            "journaled delete beats the snapshot"
+        );
+        assert!(store.get("P-7").is_some(), "journal-only record kept");
+        let mut ids = Identifiers::new();
+        ids.add_email("Jane.Roe@example.com");
+        assert_eq!(store.lookup(&ids).len(), 1);
+        let journal = std::fs::read_to_string(c.journal_dir.join(journal::JOURNAL_FILE)).unwrap();
+        assert!(!journal.contains("jane.roe"));
+    }
+
+    #[tokio::test]
+    async fn newer_snapshot_record_beats_older_delete_and_strays_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        h.writer().delete("P-2", "ops").await.unwrap();
+        let b2 = B.replace("2026-01-01", "2099-01-01");
+        std::fs::write(&c.file, format!("{b2}\n")).unwrap();
+        h.reload().await.unwrap();
+        assert!(
+            store.get("P-2").is_some(),
+            "snapshot record newer than the delete"
+        );
+        assert!(
+            store.get("P-1").is_none(),
+            "no longer in snapshot or journal"
+        );
+        assert_eq!(store.len(), 1);
+    }
+}

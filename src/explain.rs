@@ -32,14 +32,22 @@ pub fn parse_raw(bytes: &[u8]) -> Result<RawRequest, String> {
     let target = parts.next().ok_or("no request target")?;
     match parts.next() {
         Some(v) if v.starts_with("HTTP/1.") => {}
-        _ => return Err(format!("request line must be `METHOD target HTTP/1.1`, got {start:?}")),
+        _ => {
+            return Err(format!(
+                "request line must be `METHOD target HTTP/1.1`, got {start:?}"
+            ))
+        }
     }
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| "invalid method")?;
     let mut headers = HeaderMap::new();
     for (i, l) in lines.enumerate() {
-        let (k, v) = l.split_once(':').ok_or_else(|| format!("header line {} has no `:`", i + 2))?;
-        let name = HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| format!("header line {}: invalid name", i + 2))?;
-        let value = HeaderValue::from_str(v.trim()).map_err(|_| format!("header line {}: invalid value", i + 2))?;
+        let (k, v) = l
+            .split_once(':')
+            .ok_or_else(|| format!("header line {} has no `:`", i + 2))?;
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| format!("header line {}: invalid name", i + 2))?;
+        let value = HeaderValue::from_str(v.trim())
+            .map_err(|_| format!("header line {}: invalid value", i + 2))?;
         headers.append(name, value);
     }
     let chunked = headers
@@ -49,15 +57,27 @@ pub fn parse_raw(bytes: &[u8]) -> Result<RawRequest, String> {
     let body = if chunked {
         dechunk(rest)?
     } else if let Some(len) = headers.get(http::header::CONTENT_LENGTH) {
-        let n: usize = len.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or("invalid Content-Length")?;
+        let n: usize = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or("invalid Content-Length")?;
         if rest.len() < n {
-            return Err(format!("body shorter than Content-Length ({} < {n})", rest.len()));
+            return Err(format!(
+                "body shorter than Content-Length ({} < {n})",
+                rest.len()
+            ));
         }
         rest[..n].to_vec()
     } else {
         rest.to_vec()
     };
-    Ok(RawRequest { method, target: target.to_string(), headers, body })
+    Ok(RawRequest {
+        method,
+        target: target.to_string(),
+        headers,
+        body,
+    })
 }
 
 fn find_head_end(b: &[u8]) -> Option<(usize, usize)> {
@@ -72,7 +92,10 @@ fn find_head_end(b: &[u8]) -> Option<(usize, usize)> {
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").ok_or("truncated chunk size")?;
+        let nl = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
         let size_str = std::str::from_utf8(&b[..nl]).map_err(|_| "bad chunk size")?;
         let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| "bad chunk size")?;
@@ -114,11 +137,17 @@ pub fn explain(
     });
     let hints = match RequestHints::from_headers(&raw.headers, route) {
         Ok(h) => h,
-        Err(e) => return merge(out, json!({"decision": "blocked", "status": 400, "error": "bad_request", "detail": e})),
+        Err(e) => {
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 400, "error": "bad_request", "detail": e}),
+            )
+        }
     };
     out["category"] = json!(hints.category.as_str());
     out["sec_gpc"] = json!(hints.header_gpc);
-    if route.mode == crate::config::Mode::Passthrough || !route.adapter.inspects(&raw.method, &path) {
+    if route.mode == crate::config::Mode::Passthrough || !route.adapter.inspects(&raw.method, &path)
+    {
         let decision = if route.mode == crate::config::Mode::Passthrough || raw.body.is_empty() {
             json!({"decision": "allowed", "inspected": false})
         } else {
@@ -126,31 +155,71 @@ pub fn explain(
         };
         return merge(out, decision);
     }
-    let enc = match Encoding::parse(raw.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok())) {
+    let enc = match Encoding::parse(
+        raw.headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    ) {
         Ok(e) => e,
-        Err(_) => return merge(out, json!({"decision": "blocked", "status": 415, "error": "unsupported_content_encoding"})),
+        Err(_) => {
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 415, "error": "unsupported_content_encoding"}),
+            )
+        }
     };
     if raw.body.len() as u64 > rt.config.max_body_bytes {
-        return merge(out, json!({"decision": "blocked", "status": 413, "error": "body_too_large"}));
+        return merge(
+            out,
+            json!({"decision": "blocked", "status": 413, "error": "body_too_large"}),
+        );
     }
     let plain = match body::decode(enc, &raw.body, rt.config.max_body_bytes) {
         Ok(p) => p,
-        Err(body::BodyReadError::TooLarge) => return merge(out, json!({"decision": "blocked", "status": 413, "error": "body_too_large"})),
-        Err(_) => return merge(out, json!({"decision": "blocked", "status": 422, "error": "unreadable_body"})),
+        Err(body::BodyReadError::TooLarge) => {
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 413, "error": "body_too_large"}),
+            )
+        }
+        Err(_) => {
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 422, "error": "unreadable_body"}),
+            )
+        }
     };
     let ct = raw
         .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
-    let view = RequestView { method: &raw.method, host: &host, path: &path, query: query.as_deref(), content_type: ct.as_deref() };
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let view = RequestView {
+        method: &raw.method,
+        host: &host,
+        path: &path,
+        query: query.as_deref(),
+        content_type: ct.as_deref(),
+    };
     let o = match pipeline::enforce(rt, consent, route, &view, &hints, &plain) {
         Ok(o) => o,
         Err(crate::destinations::BodyError::Unreadable(d)) => {
-            return merge(out, json!({"decision": "blocked", "status": 422, "error": "unreadable_body", "detail": d}))
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 422, "error": "unreadable_body", "detail": d}),
+            )
         }
         Err(crate::destinations::BodyError::Forbidden { code, detail }) => {
-            return merge(out, json!({"decision": "blocked", "status": 451, "error": code, "detail": detail}))
+            return merge(
+                out,
+                json!({"decision": "blocked", "status": 451, "error": code, "detail": detail}),
+            )
         }
     };
     out["consent_stale"] = json!(o.context.stale);
@@ -184,7 +253,14 @@ pub fn explain(
         })
         .collect();
     let (decision, status) = if o.all_dropped() {
-        ("blocked", if route.on_blocked == crate::config::OnBlocked::SyntheticOk { route.adapter.synthetic_ok().status } else { 451 })
+        (
+            "blocked",
+            if route.on_blocked == crate::config::OnBlocked::SyntheticOk {
+                route.adapter.synthetic_ok().status
+            } else {
+                451
+            },
+        )
     } else if route.mode == crate::config::Mode::Shadow {
         ("allowed", 0)
     } else if o.changed() {
@@ -223,7 +299,10 @@ fn id_json(k: &IdKey, pseudonym: &dyn Fn(&[u8]) -> String) -> Value {
 }
 
 fn target_parts(raw: &RawRequest) -> Result<(String, String, Option<String>), String> {
-    let uri: http::Uri = raw.target.parse().map_err(|_| "invalid request target".to_string())?;
+    let uri: http::Uri = raw
+        .target
+        .parse()
+        .map_err(|_| "invalid request target".to_string())?;
     let authority = match uri.authority() {
         Some(a) => a.as_str().to_string(),
         None => raw
@@ -234,15 +313,26 @@ fn target_parts(raw: &RawRequest) -> Result<(String, String, Option<String>), St
             .to_string(),
     };
     let (host, _) = pipeline::split_host_port(&authority).ok_or("invalid host")?;
-    Ok((host, uri.path().to_string(), uri.query().map(str::to_string)))
+    Ok((
+        host,
+        uri.path().to_string(),
+        uri.query().map(str::to_string),
+    ))
 }
 
 /// Which top-level paths changed between the bodies (names only, no values).
 fn body_diff(before: &[u8], after: Option<&[u8]>, ct: Option<&str>) -> Value {
-    let Some(after) = after else { return json!({"changed": false}) };
+    let Some(after) = after else {
+        return json!({"changed": false});
+    };
     let parse = |b: &[u8]| -> Value {
         if ct == Some("application/x-www-form-urlencoded") {
-            Value::Object(form_urlencoded::parse(b).into_owned().map(|(k, v)| (k, Value::String(v))).collect())
+            Value::Object(
+                form_urlencoded::parse(b)
+                    .into_owned()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect(),
+            )
         } else {
             serde_json::from_slice(b).unwrap_or(Value::Null)
         }
@@ -260,14 +350,22 @@ fn diff_paths(prefix: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             for (k, va) in x {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match y.get(k) {
                     None => out.push(json!({"path": p, "change": "removed"})),
                     Some(vb) => diff_paths(&p, va, vb, out),
                 }
             }
             for k in y.keys().filter(|k| !x.contains_key(*k)) {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 out.push(json!({"path": p, "change": "added"}));
             }
         }
@@ -276,12 +374,14 @@ fn diff_paths(prefix: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
                 diff_paths(&format!("{prefix}[{i}]"), va, vb, out);
             }
         }
-        (Value::Array(x), Value::Array(y)) => {
-            out.push(json!({"path": prefix, "change": "length", "before": x.len(), "after": y.len()}))
-        }
+        (Value::Array(x), Value::Array(y)) => out
+            .push(json!({"path": prefix, "change": "length", "before": x.len(), "after": y.len()})),
         (Value::String(x), Value::String(y)) if x.starts_with('[') && y.starts_with('[') => {
             // Meta's form `data` is JSON inside a string.
-            match (serde_json::from_str::<Value>(x), serde_json::from_str::<Value>(y)) {
+            match (
+                serde_json::from_str::<Value>(x),
+                serde_json::from_str::<Value>(y),
+            ) {
                 (Ok(va), Ok(vb)) => diff_paths(prefix, &va, &vb, out),
                 _ => out.push(json!({"path": prefix, "change": "changed"})),
             }
@@ -299,7 +399,10 @@ mod tests {
     fn raw_requests_parse() {
         let r = parse_raw(b"POST /v19.0/1/events HTTP/1.1\r\nHost: graph.facebook.com\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
         assert_eq!(r.body, b"{}");
-        let r = parse_raw(b"POST / HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n2\r\n{}\r\n0\r\n\r\n").unwrap();
+        let r = parse_raw(
+            b"POST / HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n2\r\n{}\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r.body, b"{}");
         assert!(parse_raw(b"garbage").is_err());
         assert!(parse_raw(b"GET /\r\n\r\n").is_err());

@@ -2,7 +2,7 @@
 
 use crate::app::{App, Runtime};
 use crate::config::{ConfigError, ConfigSource};
-use crate::consent::{ConsentRecord, ConsentStore};
+use crate::consent::{ApiContext, ConsentStore, FileSourceConfig};
 use crate::metrics::Metrics;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -30,28 +30,6 @@ pub fn install_crypto() {
 fn print_errors(errs: &[ConfigError]) {
     for e in errs {
         eprintln!("error: {e}");
-    }
-}
-
-/// Load a JSON Lines consent snapshot; every bad line is reported by number.
-pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-    let mut out = Vec::new();
-    let mut errs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match ConsentRecord::from_json(line.as_bytes()) {
-            Ok(r) => out.push(r),
-            Err(e) => errs.push(format!("{}: line {}: {e}", path.display(), i + 1)),
-        }
-    }
-    if errs.is_empty() {
-        Ok(out)
-    } else {
-        Err(errs)
     }
 }
 
@@ -90,12 +68,15 @@ pub fn check(explicit: Option<&Path>) -> i32 {
                 }
             }
             if rt.config.consent.source == crate::config::SourceKind::File {
-                if let Err(errs) = load_snapshot(&rt.config.consent.file) {
-                    for e in errs {
-                        eprintln!("error: consent.file: {e}");
-                    }
+                if let Err(e) = crate::consent::file_source::load_snapshot(&rt.config.consent.file)
+                {
+                    eprintln!("error: consent.file: {e}");
                     failed = true;
                 }
+            }
+            if let Err(e) = crate::consent::api::load_tokens(&rt.config.admin.tokens_file) {
+                eprintln!("error: admin.tokens_file: {e}");
+                failed = true;
             }
         }
     }
@@ -148,24 +129,32 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
-    if cfg.consent.source == crate::config::SourceKind::File {
-        match load_snapshot(&cfg.consent.file) {
-            Ok(recs) => {
-                let n = recs.len();
-                for r in recs {
-                    consent.upsert(r);
-                }
-                consent.mark_good();
-                tracing::info!(records = n, "consent snapshot loaded");
-            }
-            Err(errs) => {
-                for e in errs {
-                    tracing::error!(error = %e, "consent snapshot rejected");
-                }
-                return 1;
-            }
+    let tokens = match crate::consent::api::load_tokens(&cfg.admin.tokens_file) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "admin.tokens_file rejected");
+            return 1;
         }
-    }
+    };
+    let source_cfg = FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal);
+    let consent_source = match crate::consent::file_source::start(source_cfg, consent.clone()).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "consent source failed to start");
+            return 1;
+        }
+    };
+    tracing::info!(records = consent.len(), "consent loaded");
+    let api_ctx = Arc::new(ApiContext::new(
+        consent.clone(),
+        consent_source.writer(),
+        tokens,
+    ));
+    let api: crate::admin::ApiHandler = Arc::new(move |req| {
+        let ctx = api_ctx.clone();
+        Box::pin(async move { crate::consent::api::handle(req, &ctx).await })
+    });
     let minter = match load_interception_ca(&cfg.interception) {
         Ok(m) => Arc::new(m),
         Err(e) => {
@@ -182,8 +171,12 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let admin = match crate::admin::spawn(app.clone(), cfg.listen.admin, None, shutdown_rx.clone())
-    {
+    let admin = match crate::admin::spawn(
+        app.clone(),
+        cfg.listen.admin,
+        Some(api),
+        shutdown_rx.clone(),
+    ) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(addr = %cfg.listen.admin, error = %e, "cannot bind listen.admin");
@@ -249,6 +242,7 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         tracing::warn!(grace = ?grace, "grace period over; closing remaining connections");
     }
     let _ = admin.join();
+    drop(consent_source);
     tracing::info!("stopped");
     0
 }

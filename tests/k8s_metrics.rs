@@ -13,22 +13,52 @@ async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
         .current_dir(repo())
         .output()
         .expect("python3 runs scripts/k8s-metric-names");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let used: BTreeSet<String> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let used: BTreeSet<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     assert!(used.len() >= 10, "{used:?}");
 
     let dir = test_dir("k8s-metrics");
     let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
     let up = start_upstream(&ca).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let opts = ProxyOpts { resolve_override: vec![("api.hubapi.com", closed)], ..Default::default() };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let opts = ProxyOpts {
+        resolve_override: vec![("api.hubapi.com", closed)],
+        ..Default::default()
+    };
     let p = start_proxy(&dir, &up, &ca, opts);
     // Traffic that touches every labelled family: an enforced batch, a drop, an upstream error.
     let batch = r#"{"data":[{"event_name":"Lead","event_time":1763600000,"user_data":{"em":["jane.roe@example.com"]}},
                            {"event_name":"Lead","event_time":1763600000,"user_data":{"em":["deny.me@example.com"]}}]}"#;
-    assert_eq!(send(p.proxy, Req::post("graph.facebook.com", "/v19.0/1/events", batch)).await.status, 200);
-    assert_eq!(send(p.proxy, Req::get("api.hubapi.com", "/crm/v3/objects/contacts")).await.status, 502);
+    assert_eq!(
+        send(
+            p.proxy,
+            Req::post("graph.facebook.com", "/v19.0/1/events", batch)
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        send(
+            p.proxy,
+            Req::get("api.hubapi.com", "/crm/v3/objects/contacts")
+        )
+        .await
+        .status,
+        502
+    );
     let scrape = String::from_utf8(admin_get(&p, "/metrics").await.body).unwrap();
     let live: BTreeSet<String> = scrape
         .lines()
@@ -43,5 +73,8 @@ async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
         })
         .collect();
     let missing: Vec<&String> = used.difference(&live).collect();
-    assert!(missing.is_empty(), "used by dashboard/alerts but not exposed: {missing:?}\nlive: {live:?}");
+    assert!(
+        missing.is_empty(),
+        "used by dashboard/alerts but not exposed: {missing:?}\nlive: {live:?}"
+    );
 }

@@ -317,7 +317,7 @@ impl ConsentStore {
 
     /// Whether the consent data is older than `max` (or was never loaded).
     pub fn is_stale(&self, max: Duration) -> bool {
-        self.staleness().map_or(true, |s| s > max)
+        self.staleness().is_none_or(|s| s > max)
     }
 }
 

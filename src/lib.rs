@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,219 @@
+//! Audit log (SPEC §10): one JSON object a line, hash-chained, written off the
+//! hot path.
+//!
+//! # Record format
+//!
+//! Each record is one line of JSON with the SPEC §10 fields, always present (null
+//! or `[]` when they do not apply), in this order: `ts`, `request_id`, `kind`,
+//! `destination`, `patient`, `category`, `decision`, `reason`, `rule`,
+//! `fields_stripped`, `flags_set`, `actor`, then an optional `detail` object
+//! (counts and file names only), then `prev_hash`.
+//!
+//! * `kind` is `decision`, `consent_change`, `config` or `recovery`.
+//! * `patient` is a pseudonym ([`PseudonymKey::pseudonym`]): the first 32 lowercase
+//!   hex characters (128 bits) of HMAC-SHA256(key, patient_id). Never the raw id;
+//!   the writer refuses a record whose `patient` is not of that shape.
+//! * `prev_hash` is the lowercase hex SHA-256 of the previous record's line (its
+//!   bytes without the newline); the first record ever has 64 zeros. The chain
+//!   runs on across files.
+//!
+//! # Files
+//!
+//! `audit.path` is a directory of `audit-YYYYMMDD-NNNNNN.jsonl` files: the UTC day
+//! the file was opened and a sequence number that only grows, so that the order of
+//! names is the order of the chain. A file is rotated when the next line would
+//! take it past `max_file_bytes` (default 64 MiB) and when the UTC day changes.
+//!
+//! # Encryption at rest
+//!
+//! With an encryption key, each line is `{"v":1,"nonce":"<24 hex>","ct":"<hex>"}`:
+//! AES-256-GCM of the plaintext record line under a fresh random 96-bit nonce, with
+//! the associated data `consentgate-audit-v1`. The hash chain is computed over the
+//! PLAINTEXT record line (what `prev_hash` of the next record covers), so `verify`
+//! decrypts each line and then checks the chain; GCM authenticates each line on its
+//! own. Random nonces stay safe for about 2^32 lines per key: rotate the key well
+//! before that (a new key needs a new audit directory, or both keys for `verify`).
+//!
+//! # Crash recovery
+//!
+//! On start the writer reads the last line of the last file. A torn tail (bytes
+//! after the last newline, or a last line that is not a valid record) is cut off
+//! and a `recovery` record (`reason: "torn_tail"`, `detail: {file, bytes_cut}`)
+//! continues the chain from the last complete line. After a disk error the writer
+//! refuses new records (callers fail closed) and retries once a second; when the
+//! disk is back it cuts any partial line and writes a `recovery` record
+//! (`reason: "write_failure"`, `detail: {records_lost}`) before accepting records
+//! again.
+//!
+//! # Limits of a hash chain
+//!
+//! `verify` detects any altered, removed, inserted or reordered record that has a
+//! successor, and a torn tail. Removing whole records from the very end, or
+//! rewriting the last record, leaves a valid (shorter) chain: keep an external
+//! anchor (e.g. the record count or the last hash, shipped elsewhere) if that
+//! matters.
+
+mod chain;
+mod crypto;
+mod pseudonym;
+mod verify;
+mod writer;
+
+pub use chain::{sha256_hex, ZERO_HASH};
+pub use crypto::{load_enc_key, EncKey};
+pub use pseudonym::{
+    default_key_path, is_pseudonym, load_or_create_key, PseudonymKey, PSEUDONYM_HEX_LEN,
+};
+pub use verify::{audit_files, find, verify, VerifyError, VerifyErrorKind, VerifyReport};
+pub use writer::{
+    AuditCounters, AuditOptions, AuditUnavailable, AuditWriter, FsyncPolicy,
+    DEFAULT_CHANNEL_CAPACITY, DEFAULT_MAX_FILE_BYTES,
+};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use std::path::Path;
+
+/// What a record is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// A request decision, or one dropped or modified event of a request.
+    Decision,
+    /// A consent write through the admin API (`actor` = the admin token's name).
+    ConsentChange,
+    /// A config load or reload.
+    Config,
+    /// Written by the writer itself after a torn tail or a write failure.
+    Recovery,
+}
+
+impl AuditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Decision => "decision",
+            AuditKind::ConsentChange => "consent_change",
+            AuditKind::Config => "config",
+            AuditKind::Recovery => "recovery",
+        }
+    }
+}
+
+/// One audit record, before the writer chains it. Fields hold names, reasons,
+/// pseudonyms and counts: never an email, phone, name, raw patient id or payload.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuditRecord {
+    #[serde(serialize_with = "ser_ts")]
+    pub ts: DateTime<Utc>,
+    pub request_id: Option<String>,
+    pub kind: AuditKind,
+    pub destination: Option<String>,
+    /// A pseudonym from [`PseudonymKey::pseudonym`], never the raw id.
+    pub patient: Option<String>,
+    pub category: Option<String>,
+    pub decision: Option<String>,
+    pub reason: Option<String>,
+    pub rule: Option<String>,
+    pub fields_stripped: Vec<String>,
+    pub flags_set: Vec<String>,
+    /// The admin token's name, for consent changes.
+    pub actor: Option<String>,
+    /// Extra facts (counts, file names, config digests): never patient data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+fn ser_ts<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&ts.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+impl AuditRecord {
+    /// A record of `kind` stamped now, every other field empty.
+    pub fn new(kind: AuditKind) -> AuditRecord {
+        AuditRecord {
+            ts: Utc::now(),
+            request_id: None,
+            kind,
+            destination: None,
+            patient: None,
+            category: None,
+            decision: None,
+            reason: None,
+            rule: None,
+            fields_stripped: Vec::new(),
+            flags_set: Vec::new(),
+            actor: None,
+            detail: None,
+        }
+    }
+
+    /// A request (or event) decision: `decision` is `allowed`, `modified`,
+    /// `blocked`, `dropped`, `tunneled`…, `reason` as in `consentgate_events_total`.
+    pub fn decision(
+        request_id: &str,
+        destination: &str,
+        decision: &str,
+        reason: &str,
+    ) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::Decision);
+        r.request_id = Some(request_id.to_string());
+        r.destination = Some(destination.to_string());
+        r.decision = Some(decision.to_string());
+        r.reason = Some(reason.to_string());
+        r
+    }
+
+    /// A consent write by the admin token named `actor`; `decision` is the
+    /// operation (`put`, `patch`, `delete`).
+    pub fn consent_change(actor: &str, patient: String, operation: &str) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::ConsentChange);
+        r.actor = Some(actor.to_string());
+        r.patient = Some(patient);
+        r.decision = Some(operation.to_string());
+        r
+    }
+
+    /// A config load or reload: `reason` is `load` or `reload`, `decision` is
+    /// `success` or `failure`.
+    pub fn config(reason: &str, decision: &str) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::Config);
+        r.reason = Some(reason.to_string());
+        r.decision = Some(decision.to_string());
+        r
+    }
+
+    /// Set `patient` to the pseudonym of `patient_id` under `key`.
+    pub fn with_patient(mut self, key: &PseudonymKey, patient_id: &str) -> AuditRecord {
+        self.patient = Some(key.pseudonym(patient_id));
+        self
+    }
+}
+
+/// File name of the audit file opened on UTC day `day` (YYYYMMDD) with sequence
+/// number `seq`.
+pub fn file_name(day: u32, seq: u64) -> String {
+    format!("audit-{day:08}-{seq:06}.jsonl")
+}
+
+/// (day, seq) of an audit file name, or None for any other file.
+pub fn parse_file_name(path: &Path) -> Option<(u32, u64)> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
+    let (day, seq) = rest.split_once('-')?;
+    if day.len() != 8 || seq.len() < 6 {
+        return None;
+    }
+    if !day.bytes().all(|b| b.is_ascii_digit()) || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((day.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The UTC day of `t` as YYYYMMDD.
+pub(crate) fn day_of(t: DateTime<Utc>) -> u32 {
+    use chrono::Datelike;
+    (t.year().max(0) as u32) * 10_000 + t.month() * 100 + t.day()
+}
+
+#[cfg(test)]
+mod tests;

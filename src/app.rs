@@ -66,6 +66,10 @@ pub struct App {
     pub serving: AtomicBool,
     /// Mints and caches the interception certificates (CONNECT and gateway).
     pub minter: Arc<crate::tls::CertMinter>,
+    /// The hash-chained audit trail; every request is recorded before it leaves.
+    pub audit: Arc<crate::audit::AuditWriter>,
+    /// Patient pseudonyms for the audit trail and `explain`.
+    pub pseudonyms: Arc<crate::audit::PseudonymKey>,
 }
 
 impl App {
@@ -75,6 +79,8 @@ impl App {
         metrics: Arc<Metrics>,
         source: ConfigSource,
         minter: Arc<crate::tls::CertMinter>,
+        audit: Arc<crate::audit::AuditWriter>,
+        pseudonyms: Arc<crate::audit::PseudonymKey>,
     ) -> App {
         let m = metrics.clone();
         minter.set_observer(Arc::new(move |d| {
@@ -83,6 +89,8 @@ impl App {
         }));
         App {
             minter,
+            audit,
+            pseudonyms,
             runtime: ArcSwap::from_pointee(runtime),
             consent,
             metrics,

@@ -27,6 +27,23 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the whole pipeline on a raw HTTP/1.1 request without forwarding;
+    /// print the decision trace as JSON.
+    Explain {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// File holding the raw request (request line, headers, blank line, body).
+        #[arg(long)]
+        request: PathBuf,
+        /// Also print the rewritten body (it may hold hashed identifiers).
+        #[arg(long)]
+        show_body: bool,
+    },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Interception CA management.
     Ca {
         #[command(subcommand)]
@@ -43,5 +60,33 @@ pub enum CaCommand {
         /// Replace an existing CA (every app must then trust the new one).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Verify the hash chain; exit 1 naming the first bad record.
+    Verify {
+        /// Audit files or directories, in chain order.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// AES-256-GCM key file, when the audit is encrypted at rest.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// List one patient's records (matched by pseudonym).
+    Find {
+        #[arg(long)]
+        patient: String,
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Config naming audit.path and the pseudonym key.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Audit files or directories (default: audit.path).
+        paths: Vec<PathBuf>,
     },
 }

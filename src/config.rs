@@ -89,6 +89,17 @@ pub struct AdminCfg {
 pub struct AuditCfg {
     pub path: PathBuf,
     pub pseudonym_key_file: Option<PathBuf>,
+    pub fsync: AuditFsync,
+    pub max_file_bytes: u64,
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+/// When the audit writer fsyncs (`audit.fsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditFsync {
+    Always,
+    Interval,
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -553,10 +564,28 @@ impl Reader {
         };
         let audit = {
             let m = self.mapping(root, "", "audit").unwrap_or(&empty);
-            self.known(m, "audit", &["path", "pseudonym_key_file"]);
+            self.known(
+                m,
+                "audit",
+                &[
+                    "path",
+                    "pseudonym_key_file",
+                    "fsync",
+                    "max_file_bytes",
+                    "encryption_key_file",
+                ],
+            );
             AuditCfg {
                 path: self.parsed(m, "audit", "path", "var/audit".into(), path),
                 pseudonym_key_file: self.opt_parsed(m, "audit", "pseudonym_key_file", path),
+                fsync: self.parsed(m, "audit", "fsync", AuditFsync::Interval, |v| match v {
+                    "always" => Ok(AuditFsync::Always),
+                    "interval" => Ok(AuditFsync::Interval),
+                    "never" => Ok(AuditFsync::Never),
+                    _ => Err(format!("expected always, interval or never, got {v:?}")),
+                }),
+                max_file_bytes: self.parsed(m, "audit", "max_file_bytes", 64 << 20, size),
+                encryption_key_file: self.input_file(m, "audit", "encryption_key_file"),
             }
         };
         let max_body_bytes = self.parsed(root, "", "max_body_bytes", 8 << 20, size);

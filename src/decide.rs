@@ -22,6 +22,18 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The policy step that produced this reason (the audit `rule` field).
+    pub fn rule(self) -> &'static str {
+        match self {
+            Reason::ConsentStale => "policy.stale_fail_closed",
+            Reason::UnknownPatient => "policy.1_identify",
+            Reason::ConsentDenied | Reason::ChannelDenied => "policy.2_consent",
+            Reason::SaleShareOptOut | Reason::Gpc => "policy.3_sale_share",
+            Reason::LimitSensitive => "policy.4_limit_sensitive",
+            Reason::Granted => "policy.5_forward",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownPatient => "unknown_patient",

@@ -118,7 +118,7 @@ pub fn explain(
     rt: &Runtime,
     consent: &ConsentStore,
     raw: &RawRequest,
-    pseudonym: &dyn Fn(&[u8]) -> String,
+    pseudonym: &dyn Fn(&str) -> String,
     show_body: bool,
 ) -> Value {
     let (host, path, query) = match target_parts(raw) {
@@ -241,7 +241,7 @@ pub fn explain(
                 "reason": e.verdict.reason(d.gpc_trigger).as_str(),
                 "identifiers": d.identifiers.iter().map(|k| id_json(k, pseudonym)).collect::<Vec<_>>(),
                 "records": d.records.iter().map(|r| json!({
-                    "patient": pseudonym(r.patient_id.as_bytes()),
+                    "patient": pseudonym(&r.patient_id),
                     "updated_at": r.updated_at.to_rfc3339(),
                     "source": r.source,
                 })).collect::<Vec<_>>(),
@@ -289,12 +289,12 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
-fn id_json(k: &IdKey, pseudonym: &dyn Fn(&[u8]) -> String) -> Value {
+fn id_json(k: &IdKey, pseudonym: &dyn Fn(&str) -> String) -> Value {
     match k {
-        IdKey::Patient(p) => json!({"kind": "patient_id", "pseudonym": pseudonym(p.as_bytes())}),
-        IdKey::External(x) => json!({"kind": "external_id", "pseudonym": pseudonym(x.as_bytes())}),
-        IdKey::EmailHash(h) => json!({"kind": "email", "pseudonym": pseudonym(h)}),
-        IdKey::PhoneHash(h) => json!({"kind": "phone", "pseudonym": pseudonym(h)}),
+        IdKey::Patient(p) => json!({"kind": "patient_id", "pseudonym": pseudonym(p)}),
+        IdKey::External(x) => json!({"kind": "external_id", "pseudonym": pseudonym(x)}),
+        IdKey::EmailHash(h) => json!({"kind": "email", "pseudonym": pseudonym(&hex::encode(h))}),
+        IdKey::PhoneHash(h) => json!({"kind": "phone", "pseudonym": pseudonym(&hex::encode(h))}),
     }
 }
 

@@ -1,13 +1,37 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use consentgate::cli::{CaCommand, Cli, Command};
+use consentgate::cli::{AuditCommand, CaCommand, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run { config } => consentgate::run::run(config.as_deref()),
         Command::Check { config } => consentgate::run::check(config.as_deref()),
+        Command::Explain {
+            config,
+            request,
+            show_body,
+        } => consentgate::run::explain(config.as_deref(), &request, show_body),
+        Command::Audit {
+            command: AuditCommand::Verify { paths, key_file },
+        } => consentgate::run::audit_verify(&paths, key_file.as_deref()),
+        Command::Audit {
+            command:
+                AuditCommand::Find {
+                    patient,
+                    since,
+                    config,
+                    key_file,
+                    paths,
+                },
+        } => consentgate::run::audit_find(
+            &patient,
+            since.as_deref(),
+            config.as_deref(),
+            key_file.as_deref(),
+            &paths,
+        ),
         Command::Ca {
             command: CaCommand::Init { out, force },
         } => match consentgate::tls::init_ca(&out, force) {

@@ -4,6 +4,7 @@
 //! [`handle`] with the destination they learnt from the tunnel or SNI.
 
 use crate::app::{App, Runtime};
+use crate::audit::AuditRecord;
 use crate::body::{self, BodyReadError, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
@@ -95,13 +96,19 @@ pub fn error_response(
     code: &str,
     detail: impl Into<String>,
 ) -> Response<ProxyBody> {
-    json_response(
+    let mut r = json_response(
         status,
         RequestDecision::Blocked,
         request_id,
         serde_json::json!({"error": code, "request_id": request_id, "detail": detail.into()}),
-    )
+    );
+    r.extensions_mut().insert(AuditReason(code.to_string()));
+    r
 }
+
+/// The reason a refusal is audited under (its JSON `error` code).
+#[derive(Clone, Debug)]
+pub struct AuditReason(pub String);
 
 fn stamp(h: &mut HeaderMap, decision: RequestDecision, request_id: &str) {
     h.insert(
@@ -401,6 +408,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
                 RequestDecision::Allowed,
                 &request_id,
                 started,
+                Audit::request("unknown_destination_tunnel"),
             )
             .await;
         }
@@ -440,6 +448,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
                 RequestDecision::Allowed,
                 &request_id,
                 started,
+                Audit::request("not_inspected"),
             )
             .await;
         }
@@ -578,6 +587,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             RequestDecision::Allowed,
             &request_id,
             started,
+            Audit {
+                events: event_records(&app, &request_id, &name, &outcome, true),
+                reason: "shadow",
+            },
         )
         .await;
     }
@@ -604,9 +617,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
                 serde_json::json!({"error": "blocked_by_consent_policy", "request_id": request_id, "reasons": reasons}),
             )
         };
-        return blocked(&app, &name, &request_id, started, resp);
+        let mut resp = resp;
+        resp.extensions_mut()
+            .insert(AuditReason("blocked_by_consent_policy".into()));
+        let events = event_records(&app, &request_id, &name, &outcome, false);
+        return blocked_with(&app, &name, &request_id, started, resp, events);
     }
     let changed = outcome.changed();
+    let events = event_records(&app, &request_id, &name, &outcome, false);
     let (decision, out_body) = match outcome.enforced.body {
         Some(new_plain) => match body::encode(encoding, &new_plain) {
             Ok(b) => (RequestDecision::Modified, Bytes::from(b)),
@@ -639,6 +657,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         decision,
         &request_id,
         started,
+        Audit {
+            events,
+            reason: "enforced",
+        },
     )
     .await
 }
@@ -661,16 +683,66 @@ fn body_error_response(request_id: &str, e: BodyReadError, limit: u64) -> Respon
     }
 }
 
+/// What a forwarded request adds to the audit trail.
+struct Audit {
+    events: Vec<AuditRecord>,
+    reason: &'static str,
+}
+
+impl Audit {
+    fn request(reason: &'static str) -> Audit {
+        Audit {
+            events: Vec::new(),
+            reason,
+        }
+    }
+}
+
+/// One audit record per event or recipient: decision, reason, rule, what was
+/// stripped or set, and the patient's pseudonym (never the raw id).
+fn event_records(
+    app: &App,
+    request_id: &str,
+    dest: &str,
+    o: &Enforcement,
+    shadow: bool,
+) -> Vec<AuditRecord> {
+    o.enforced
+        .events
+        .iter()
+        .zip(&o.decisions)
+        .enumerate()
+        .map(|(i, (e, d))| {
+            let reason = e.verdict.reason(d.gpc_trigger);
+            let mut r =
+                AuditRecord::decision(request_id, dest, event_decision(e, shadow), reason.as_str());
+            r.category = Some(o.context.category.as_str().to_string());
+            r.rule = Some(reason.rule().to_string());
+            r.fields_stripped = e.fields_stripped.clone();
+            r.flags_set = e.flags_set.clone();
+            if let Some(rec) = d.records.first() {
+                r.patient = Some(app.pseudonyms.pseudonym(&rec.patient_id));
+            }
+            r.detail = Some(serde_json::json!({"event": i, "matches": d.records.len()}));
+            r
+        })
+        .collect()
+}
+
+fn event_decision(e: &crate::destinations::EventApplied, shadow: bool) -> &'static str {
+    match (e.verdict.is_drop(), e.changed(), shadow) {
+        (true, _, false) => "dropped",
+        (true, _, true) => "would_block",
+        (false, true, false) => "modified",
+        (false, true, true) => "would_modify",
+        (false, false, _) => "allowed",
+    }
+}
+
 fn count_events(app: &App, dest: &str, o: &Enforcement, shadow: bool) {
     for (e, d) in o.enforced.events.iter().zip(&o.decisions) {
         let reason = e.verdict.reason(d.gpc_trigger).as_str();
-        let decision = match (e.verdict.is_drop(), e.changed(), shadow) {
-            (true, _, false) => "dropped",
-            (true, _, true) => "would_block",
-            (false, true, false) => "modified",
-            (false, true, true) => "would_modify",
-            (false, false, _) => "allowed",
-        };
+        let decision = event_decision(e, shadow);
         app.metrics
             .events_total
             .with_label_values(&[dest, decision, reason])
@@ -685,6 +757,26 @@ fn blocked(
     started: Instant,
     resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
+    blocked_with(app, dest, request_id, started, resp, Vec::new())
+}
+
+/// Count, audit (with the per-event records, if any) and log a refusal.
+fn blocked_with(
+    app: &App,
+    dest: &str,
+    request_id: &str,
+    started: Instant,
+    resp: Response<ProxyBody>,
+    mut records: Vec<AuditRecord>,
+) -> Response<ProxyBody> {
+    let reason = resp
+        .extensions()
+        .get::<AuditReason>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(|| "blocked".into());
+    records.push(AuditRecord::decision(request_id, dest, "blocked", &reason));
+    // Already blocked: an unavailable audit changes nothing here (the writer counts it).
+    let _ = app.audit.submit(records);
     let m = &app.metrics;
     m.requests_total.with_label_values(&[dest, "blocked"]).inc();
     m.request_duration
@@ -706,11 +798,34 @@ async fn forward<B>(
     decision: RequestDecision,
     request_id: &str,
     started: Instant,
+    audit: Audit,
 ) -> Response<ProxyBody>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // Recorded before anything leaves: no audit, no egress (fail closed).
+    let mut records = audit.events;
+    records.push(AuditRecord::decision(
+        request_id,
+        dest,
+        decision.as_str(),
+        audit.reason,
+    ));
+    if let Err(e) = app.audit.submit(records) {
+        return blocked(
+            app,
+            dest,
+            request_id,
+            started,
+            error_response(
+                503,
+                request_id,
+                crate::audit::AuditUnavailable::REASON,
+                format!("audit trail unavailable ({}); nothing was sent", e.as_str()),
+            ),
+        );
+    }
     let (mut parts, body) = req.into_parts();
     let uri = match upstream_uri(host, port, parts.uri.path_and_query().map(|p| p.as_str())) {
         Ok(u) => u,

@@ -49,6 +49,35 @@ pub fn load_interception_ca(
     Ok(crate::tls::CertMinter::new(ca))
 }
 
+/// The pseudonym key (created 0600 on first run) and the audit writer.
+pub fn start_audit(
+    a: &crate::config::AuditCfg,
+    metrics: &crate::metrics::Metrics,
+) -> Result<
+    (
+        Arc<crate::audit::AuditWriter>,
+        Arc<crate::audit::PseudonymKey>,
+    ),
+    String,
+> {
+    use crate::audit::{AuditCounters, AuditOptions, FsyncPolicy};
+    let key_path = crate::audit::default_key_path(a.pseudonym_key_file.as_deref());
+    let key = crate::audit::load_or_create_key(&key_path)?;
+    let mut opts = AuditOptions::new(&a.path);
+    opts.fsync = match a.fsync {
+        crate::config::AuditFsync::Always => FsyncPolicy::Always,
+        crate::config::AuditFsync::Interval => FsyncPolicy::default(),
+        crate::config::AuditFsync::Never => FsyncPolicy::Never,
+    };
+    opts.max_file_bytes = a.max_file_bytes;
+    opts.counters = Some(AuditCounters::from_metrics(metrics));
+    if let Some(k) = &a.encryption_key_file {
+        opts.encryption = Some(crate::audit::load_enc_key(k)?);
+    }
+    let writer = crate::audit::AuditWriter::start(opts)?;
+    Ok((Arc::new(writer), Arc::new(key)))
+}
+
 /// `consentgate check`: every error in config, snapshot and CA; exit code.
 pub fn check(explicit: Option<&Path>) -> i32 {
     install_crypto();
@@ -129,6 +158,14 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
+    let (audit, pseudonyms) = match start_audit(&cfg.audit, &metrics) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "audit trail unusable");
+            return 1;
+        }
+    };
+    let _ = audit.submit(vec![crate::audit::AuditRecord::config("load", "success")]);
     let tokens = match crate::consent::api::load_tokens(&cfg.admin.tokens_file) {
         Ok(t) => t,
         Err(e) => {
@@ -146,11 +183,22 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         }
     };
     tracing::info!(records = consent.len(), "consent loaded");
-    let api_ctx = Arc::new(ApiContext::new(
-        consent.clone(),
-        consent_source.writer(),
-        tokens,
-    ));
+    let api_ctx = Arc::new(
+        ApiContext::new(consent.clone(), consent_source.writer(), tokens).with_on_change({
+            let audit = audit.clone();
+            let pseudonyms = pseudonyms.clone();
+            Arc::new(move |ev: crate::consent::ChangeEvent| {
+                let rec = crate::audit::AuditRecord::consent_change(
+                    &ev.actor,
+                    pseudonyms.pseudonym(&ev.patient_id),
+                    ev.op.as_str(),
+                );
+                if audit.submit(vec![rec]).is_err() {
+                    tracing::error!("consent change could not be audited");
+                }
+            })
+        }),
+    );
     let api: crate::admin::ApiHandler = Arc::new(move |req| {
         let ctx = api_ctx.clone();
         Box::pin(async move { crate::consent::api::handle(req, &ctx).await })
@@ -162,7 +210,9 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let app = Arc::new(App::new(runtime, consent, metrics, source, minter));
+    let app = Arc::new(App::new(
+        runtime, consent, metrics, source, minter, audit, pseudonyms,
+    ));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let listener = match tokio::net::TcpListener::bind(cfg.listen.proxy).await {
         Ok(l) => l,
@@ -244,5 +294,158 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     let _ = admin.join();
     drop(consent_source);
     tracing::info!("stopped");
+    0
+}
+
+fn load_enc(key_file: Option<&Path>) -> Result<Option<crate::audit::EncKey>, i32> {
+    match key_file {
+        None => Ok(None),
+        Some(p) => crate::audit::load_enc_key(p).map(Some).map_err(|e| {
+            eprintln!("error: {e}");
+            1
+        }),
+    }
+}
+
+/// `consentgate audit verify PATH...`: exit 0 with the record count, or 1
+/// naming the first broken record.
+pub fn audit_verify(paths: &[std::path::PathBuf], key_file: Option<&Path>) -> i32 {
+    let key = match load_enc(key_file) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    match crate::audit::verify(paths, key.as_ref()) {
+        Ok(r) => {
+            println!(
+                "ok: {} records in {} files, chain intact",
+                r.records, r.files
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `consentgate audit find --patient P [--since T]`.
+pub fn audit_find(
+    patient: &str,
+    since: Option<&str>,
+    config: Option<&Path>,
+    key_file: Option<&Path>,
+    paths: &[std::path::PathBuf],
+) -> i32 {
+    let source = ConfigSource::resolve(config);
+    let cfg = match source.load() {
+        Ok(c) => c,
+        Err(errs) => {
+            print_errors(&errs);
+            return 1;
+        }
+    };
+    let since = match since.map(chrono::DateTime::parse_from_rfc3339).transpose() {
+        Ok(s) => s.map(|t| t.with_timezone(&chrono::Utc)),
+        Err(_) => {
+            eprintln!("error: --since: expected an RFC 3339 time like 2026-11-20T00:00:00Z");
+            return 1;
+        }
+    };
+    let key_path = crate::audit::default_key_path(cfg.audit.pseudonym_key_file.as_deref());
+    if !key_path.exists() {
+        eprintln!("error: pseudonym key {} not found", key_path.display());
+        return 1;
+    }
+    let pkey = match crate::audit::load_or_create_key(&key_path) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let enc = match load_enc(key_file.or(cfg.audit.encryption_key_file.as_deref())) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let paths = if paths.is_empty() {
+        vec![cfg.audit.path.clone()]
+    } else {
+        paths.to_vec()
+    };
+    match crate::audit::find(&paths, enc.as_ref(), patient, since, &pkey) {
+        Ok(recs) => {
+            for r in &recs {
+                println!("{r}");
+            }
+            eprintln!("{} record(s)", recs.len());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `consentgate explain --request FILE`: the decision trace, nothing forwarded.
+pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
+    install_crypto();
+    let source = ConfigSource::resolve(config);
+    let rt = match Runtime::load(&source) {
+        Ok(r) => r,
+        Err(errs) => {
+            print_errors(&errs);
+            return 1;
+        }
+    };
+    let raw = match std::fs::read(request) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {}: {e}", request.display());
+            return 1;
+        }
+    };
+    let raw = match crate::explain::parse_raw(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {}: {e}", request.display());
+            return 1;
+        }
+    };
+    let key_path = crate::audit::default_key_path(rt.config.audit.pseudonym_key_file.as_deref());
+    let pkey = match crate::audit::load_or_create_key(&key_path) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    // The same consent state the proxy would use: snapshot plus journal.
+    let store = Arc::new(ConsentStore::new());
+    let tokio_rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let cfg = &rt.config;
+    let loaded = tokio_rt.block_on(crate::consent::file_source::start(
+        FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal),
+        store.clone(),
+    ));
+    if let Err(e) = loaded {
+        eprintln!("error: consent: {e}");
+        return 1;
+    }
+    let trace = crate::explain::explain(&rt, &store, &raw, &|id| pkey.pseudonym(id), show_body);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&trace).unwrap_or_default()
+    );
     0
 }

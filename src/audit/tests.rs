@@ -384,24 +384,25 @@ async fn encryption_at_rest() {
         assert!(!l.contains("\"patient\""), "{l}");
         assert!(!l.contains("prev_hash") && !l.contains("meta_capi"), "{l}");
     }
-    assert_eq!(verify(&[audit.clone()], Some(&key)).unwrap().records, 15);
+    let paths = [audit.clone()];
+    assert_eq!(verify(&paths, Some(&key)).unwrap().records, 15);
 
-    let e = verify(&[audit.clone()], None).unwrap_err();
+    let e = verify(&paths, None).unwrap_err();
     assert_eq!((e.kind, e.line), (VerifyErrorKind::Decrypt, 1), "{e}");
     assert!(e.to_string().contains("no encryption key"), "{e}");
     let wrong = EncKey::from_hex(&"5b".repeat(32)).unwrap();
-    let e = verify(&[audit.clone()], Some(&wrong)).unwrap_err();
+    let e = verify(&paths, Some(&wrong)).unwrap_err();
     assert_eq!(e.kind, VerifyErrorKind::Decrypt, "{e}");
 
     // Chain checks still apply to decrypted records.
     let mut swapped = lines.clone();
     swapped.swap(2, 5);
     write_lines(&file, &swapped);
-    let e = verify(&[audit.clone()], Some(&key)).unwrap_err();
+    let e = verify(&paths, Some(&key)).unwrap_err();
     assert_eq!((e.kind, e.line), (VerifyErrorKind::HashMismatch, 3), "{e}");
     write_lines(&file, &lines);
 
-    let found = find(&[audit.clone()], Some(&key), "P-1001", None, &pkey()).unwrap();
+    let found = find(&paths, Some(&key), "P-1001", None, &pkey()).unwrap();
     assert_eq!(found.len(), 5);
     // Starting without the key on an encrypted log is refused, not silently forked.
     let e = AuditWriter::start(AuditOptions::new(&audit)).unwrap_err();

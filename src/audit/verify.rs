@@ -185,18 +185,19 @@ pub fn verify(paths: &[PathBuf], key: Option<&EncKey>) -> Result<VerifyReport, V
             detail,
         };
         for l in lines(&data) {
-            let (n, bytes) =
-                match l {
-                    Line::Complete(n, b) => (n, b),
-                    Line::Torn(n, len) => return Err(err(
+            let (n, bytes) = match l {
+                Line::Complete(n, b) => (n, b),
+                Line::Torn(n, len) => {
+                    return Err(err(
                         n,
                         index,
                         VerifyErrorKind::TornTail,
                         format!(
                             "the file ends in a partial line of {len} bytes (crash or truncation)"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let d = decode_line(bytes, key).map_err(|e| match e {
                 DecodeError::Unparseable(m) => err(n, index, VerifyErrorKind::Unparseable, m),
                 DecodeError::Decrypt(m) => err(n, index, VerifyErrorKind::Decrypt, m),

@@ -506,6 +506,35 @@ async fn disk_failure_fails_closed_then_recovers_with_a_record() {
     assert_ne!(first["prev_hash"], ZERO_HASH);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submitters_form_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = AuditOptions::new(dir.path());
+    opts.fsync = FsyncPolicy::Never;
+    opts.max_file_bytes = 50_000;
+    let w = AuditWriter::start(opts).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200 {
+                w.submit(vec![rec(t * 1000 + i), rec(t * 1000 + i + 500)])
+                    .unwrap();
+                if i % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    w.flush().await.unwrap();
+    let report = verify_dir(dir.path()).unwrap();
+    assert_eq!(report.records, 1600);
+    assert!(report.files > 1);
+}
+
 #[test]
 fn fsync_policy_parses() {
     assert_eq!(FsyncPolicy::parse("always"), Ok(FsyncPolicy::Always));

@@ -45,6 +45,9 @@
 //! (`reason: "write_failure"`, `detail: {records_lost}`) before accepting records
 //! again.
 //!
+//! One writer per directory: start one [`AuditWriter`] per process and share its
+//! clones (a config reload keeps it); two writers on one directory fork the chain.
+//!
 //! # Limits of a hash chain
 //!
 //! `verify` detects any altered, removed, inserted or reordered record that has a

@@ -384,24 +384,25 @@ async fn encryption_at_rest() {
         assert!(!l.contains("\"patient\""), "{l}");
         assert!(!l.contains("prev_hash") && !l.contains("meta_capi"), "{l}");
     }
-    assert_eq!(verify(&[audit.clone()], Some(&key)).unwrap().records, 15);
+    let paths = [audit.clone()];
+    assert_eq!(verify(&paths, Some(&key)).unwrap().records, 15);
 
-    let e = verify(&[audit.clone()], None).unwrap_err();
+    let e = verify(&paths, None).unwrap_err();
     assert_eq!((e.kind, e.line), (VerifyErrorKind::Decrypt, 1), "{e}");
     assert!(e.to_string().contains("no encryption key"), "{e}");
     let wrong = EncKey::from_hex(&"5b".repeat(32)).unwrap();
-    let e = verify(&[audit.clone()], Some(&wrong)).unwrap_err();
+    let e = verify(&paths, Some(&wrong)).unwrap_err();
     assert_eq!(e.kind, VerifyErrorKind::Decrypt, "{e}");
 
     // Chain checks still apply to decrypted records.
     let mut swapped = lines.clone();
     swapped.swap(2, 5);
     write_lines(&file, &swapped);
-    let e = verify(&[audit.clone()], Some(&key)).unwrap_err();
+    let e = verify(&paths, Some(&key)).unwrap_err();
     assert_eq!((e.kind, e.line), (VerifyErrorKind::HashMismatch, 3), "{e}");
     write_lines(&file, &lines);
 
-    let found = find(&[audit.clone()], Some(&key), "P-1001", None, &pkey()).unwrap();
+    let found = find(&paths, Some(&key), "P-1001", None, &pkey()).unwrap();
     assert_eq!(found.len(), 5);
     // Starting without the key on an encrypted log is refused, not silently forked.
     let e = AuditWriter::start(AuditOptions::new(&audit)).unwrap_err();
@@ -503,6 +504,35 @@ async fn disk_failure_fails_closed_then_recovers_with_a_record() {
     assert_eq!(first["detail"]["records_lost"], 1);
     // The chain runs on from the lost directory's last record.
     assert_ne!(first["prev_hash"], ZERO_HASH);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submitters_form_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = AuditOptions::new(dir.path());
+    opts.fsync = FsyncPolicy::Never;
+    opts.max_file_bytes = 50_000;
+    let w = AuditWriter::start(opts).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200 {
+                w.submit(vec![rec(t * 1000 + i), rec(t * 1000 + i + 500)])
+                    .unwrap();
+                if i % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    w.flush().await.unwrap();
+    let report = verify_dir(dir.path()).unwrap();
+    assert_eq!(report.records, 1600);
+    assert!(report.files > 1);
 }
 
 #[test]

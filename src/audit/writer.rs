@@ -394,6 +394,7 @@ impl State {
             rec.detail = Some(serde_json::json!({"file": name, "bytes_cut": cut_total}));
             state
                 .write_batch(&[rec])
+                .map_err(|(_, e)| e)
                 .and_then(|_| state.sync())
                 .map_err(|e| format!("audit: cannot write the recovery record: {e}"))?;
             state.shared.count_written(1);
@@ -466,9 +467,11 @@ impl State {
                     let _ = self.sync_or_fail();
                 }
             }
-            Err(e) => {
-                self.lost += batch.len() as u64;
-                self.shared.count_failures(batch.len());
+            Err((written, e)) => {
+                self.shared.count_written(written);
+                let lost = batch.len() - written;
+                self.lost += lost as u64;
+                self.shared.count_failures(lost);
                 self.fail(&e);
             }
         }
@@ -510,7 +513,11 @@ impl State {
         rec.ts = self.now();
         rec.reason = Some("write_failure".into());
         rec.detail = Some(serde_json::json!({"records_lost": self.lost}));
-        match self.write_batch(&[rec]).and_then(|_| self.sync()) {
+        match self
+            .write_batch(&[rec])
+            .map_err(|(_, e)| e)
+            .and_then(|_| self.sync())
+        {
             Ok(()) => {
                 tracing::warn!(
                     records_lost = self.lost,
@@ -550,17 +557,19 @@ impl State {
     }
 
     /// Chain and write `recs`, rotating as needed. On Err nothing past the last
-    /// complete line stays in the file and the chain state is that of the last
-    /// line written.
-    fn write_batch(&mut self, recs: &[AuditRecord]) -> Result<(), String> {
+    /// complete line stays in the file, the chain state is that of the last line
+    /// written, and the error carries how many of `recs` were written.
+    fn write_batch(&mut self, recs: &[AuditRecord]) -> Result<(), (usize, String)> {
         let today = day_of(self.now());
         let mut buf: Vec<u8> = Vec::new();
+        let mut in_buf = 0usize;
+        let mut done = 0usize;
         let mut prev = self.prev_hash.clone();
         let mut len = self.current.as_ref().map_or(0, |c| c.len);
         for rec in recs {
-            let plain = record_line(rec, &prev)?;
+            let plain = record_line(rec, &prev).map_err(|e| (done, e))?;
             let hash = sha256_hex(&plain);
-            let line = file_line(plain, self.opts.encryption.as_ref())?;
+            let line = file_line(plain, self.opts.encryption.as_ref()).map_err(|e| (done, e))?;
             let need = line.len() as u64 + 1;
             let rotate = match &self.current {
                 None => true,
@@ -568,19 +577,22 @@ impl State {
             };
             if rotate {
                 if !buf.is_empty() {
-                    self.append(&buf, &prev, len)?;
+                    self.append(&buf, &prev, len).map_err(|e| (done, e))?;
+                    done += in_buf;
+                    in_buf = 0;
                     buf.clear();
                 }
-                self.rotate(today)?;
+                self.rotate(today).map_err(|e| (done, e))?;
                 len = 0;
             }
             buf.extend_from_slice(&line);
             buf.push(b'\n');
+            in_buf += 1;
             prev = hash;
             len += need;
         }
         if !buf.is_empty() {
-            self.append(&buf, &prev, len)?;
+            self.append(&buf, &prev, len).map_err(|e| (done, e))?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Look up: the consent store, its record type and the sources that feed it.
 //!
 //! Wiring (in the proxy's `run`):
-//! ```ignore
+//! ```text
 //! let store = Arc::new(ConsentStore::new());
 //! let src = consent::file_source::start(
 //!     FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal), store.clone()).await?;

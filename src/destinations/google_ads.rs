@@ -74,11 +74,22 @@ fn identify_event(ev: &Value) -> Identifiers {
     ids
 }
 
+/// Click and call conversions carry `consent.adUserData`.
 fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
+    apply_with(ev, keep, a, true);
+}
+
+/// `ConversionAdjustment` has no `consent` field (an unknown field would fail
+/// the whole upload): identity is stripped, no signal is set.
+fn apply_adjustment(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
+    apply_with(ev, keep, a, false);
+}
+
+fn apply_with(ev: &mut Value, keep: &Keep, a: &mut EventApplied, consent_field: bool) {
     if keep.strip_identity {
         common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
     }
-    if keep.strip_identity || keep.ldu.is_some() {
+    if consent_field && (keep.strip_identity || keep.ldu.is_some()) {
         common::set_at(ev, "consent.adUserData", json!("DENIED"));
         a.flags_set.push("consent.adUserData=DENIED".into());
     }
@@ -130,11 +141,16 @@ impl Adapter for GoogleAds {
         body: &[u8],
         decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
     ) -> Result<Enforced, BodyError> {
-        let key = match upload_method(req.path) {
-            Some("uploadConversionAdjustments") => "conversionAdjustments",
-            _ => "conversions",
-        };
-        common::enforce_json_batch(body, key, decide, &identify_event, &apply)
+        match upload_method(req.path) {
+            Some("uploadConversionAdjustments") => common::enforce_json_batch(
+                body,
+                "conversionAdjustments",
+                decide,
+                &identify_event,
+                &apply_adjustment,
+            ),
+            _ => common::enforce_json_batch(body, "conversions", decide, &identify_event, &apply),
+        }
     }
     fn synthetic_ok(&self) -> SyntheticOk {
         SyntheticOk {
@@ -146,7 +162,7 @@ impl Adapter for GoogleAds {
         "userIdentifiers[].hashedEmail, userIdentifiers[].hashedPhoneNumber, callerId"
     }
     fn ldu_signal(&self) -> &str {
-        "consent.adUserData DENIED"
+        "consent.adUserData DENIED (click/call conversions; adjustments: identity stripped)"
     }
 }
 

@@ -34,6 +34,8 @@ pub const VENDOR_HOSTS: &[&str] = &[
     "api.hubapi.com",
     "api.mypurecloud.com",
     "unknown.example",
+    // A made-up vendor configured as a `type: generic` destination.
+    "api.example-crm.test",
 ];
 
 pub fn install_crypto() {

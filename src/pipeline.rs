@@ -378,11 +378,17 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         Via::Plain => match plain_target(&req) {
             Some(t) => t,
             None => {
-                return error_response(
-                    400,
+                return blocked(
+                    &app,
+                    "unknown",
                     &request_id,
-                    "bad_request",
-                    "no destination host (absolute URI or Host header)",
+                    started,
+                    error_response(
+                        400,
+                        &request_id,
+                        "bad_request",
+                        "no destination host (absolute URI or Host header)",
+                    ),
                 )
             }
         },
@@ -392,10 +398,6 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         .route(&host, req.method(), req.uri().path())
         .cloned()
     else {
-        app.metrics
-            .requests_total
-            .with_label_values(&["unknown", "blocked"])
-            .inc();
         if rt.config.unknown_destinations == UnknownDestinations::Tunnel {
             tracing::info!(request_id = %request_id, "unknown destination passed through (tunnel mode)");
             return forward(
@@ -412,12 +414,17 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             )
             .await;
         }
-        tracing::info!(request_id = %request_id, "unknown destination denied");
-        return error_response(
-            403,
+        return blocked(
+            &app,
+            "unknown",
             &request_id,
-            "unknown_destination",
-            "destination host is not a configured destination",
+            started,
+            error_response(
+                403,
+                &request_id,
+                "unknown_destination",
+                "destination host is not a configured destination",
+            ),
         );
     };
     let name = route.name().to_string();
@@ -750,7 +757,7 @@ fn count_events(app: &App, dest: &str, o: &Enforcement, shadow: bool) {
     }
 }
 
-fn blocked(
+pub fn blocked(
     app: &App,
     dest: &str,
     request_id: &str,
@@ -761,7 +768,7 @@ fn blocked(
 }
 
 /// Count, audit (with the per-event records, if any) and log a refusal.
-fn blocked_with(
+pub fn blocked_with(
     app: &App,
     dest: &str,
     request_id: &str,

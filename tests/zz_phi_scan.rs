@@ -1,5 +1,5 @@
-//! No fixture email, phone, name or raw patient id appears in any log line the
-//! suite produced (every spawned proxy logs into one directory). Named `zz_` so
+//! No fixture email, phone, name or raw patient id appears in any log line or
+//! audit record the suite produced (every spawned proxy logs into one directory). Named `zz_` so
 //! `cargo test` runs it after the other integration binaries; it also makes its
 //! own mixed traffic first, so it never scans nothing.
 
@@ -92,4 +92,27 @@ async fn no_phi_in_any_log() {
         }
     }
     assert!(scanned > 5, "scanned {scanned} log lines");
+
+    // Every audit file any test's proxy wrote.
+    let mut audit_lines = 0;
+    let it = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("it");
+    for test_dir in std::fs::read_dir(&it).unwrap().flatten() {
+        let Ok(files) = std::fs::read_dir(test_dir.path().join("audit")) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let text = std::fs::read_to_string(f.path())
+                .unwrap_or_default()
+                .to_lowercase();
+            audit_lines += text.lines().count();
+            for id in &ids {
+                assert!(
+                    !text.contains(&id.to_lowercase()),
+                    "{} contains fixture identifier {id:?}",
+                    f.path().display()
+                );
+            }
+        }
+    }
+    assert!(audit_lines > 5, "scanned {audit_lines} audit lines");
 }

@@ -17,32 +17,35 @@ pub async fn handle_connect(
     shutdown: watch::Receiver<bool>,
 ) -> Response<ProxyBody> {
     let request_id = pipeline::new_request_id();
+    let started = std::time::Instant::now();
     let Some((host, port)) = req
         .uri()
         .authority()
         .and_then(|a| pipeline::split_host_port(a.as_str()))
         .map(|(h, p)| (h, p.unwrap_or(443)))
     else {
-        return pipeline::error_response(
-            400,
+        return pipeline::blocked(
+            &app,
+            "unknown",
             &request_id,
-            "bad_request",
-            "CONNECT needs host:port",
+            started,
+            pipeline::error_response(400, &request_id, "bad_request", "CONNECT needs host:port"),
         );
     };
     let rt = app.runtime.load_full();
     let known = rt.registry.knows_host(&host);
     if !known && rt.config.unknown_destinations == UnknownDestinations::Deny {
-        app.metrics
-            .requests_total
-            .with_label_values(&["unknown", "blocked"])
-            .inc();
-        tracing::info!(request_id = %request_id, "CONNECT to unknown destination denied");
-        return pipeline::error_response(
-            403,
+        return pipeline::blocked(
+            &app,
+            "unknown",
             &request_id,
-            "unknown_destination",
-            "destination host is not a configured destination",
+            started,
+            pipeline::error_response(
+                403,
+                &request_id,
+                "unknown_destination",
+                "destination host is not a configured destination",
+            ),
         );
     }
     if !known {
@@ -54,14 +57,40 @@ pub async fn handle_connect(
                     .upstream_errors_total
                     .with_label_values(&["unknown", e.kind.as_str()])
                     .inc();
-                return pipeline::error_response(
-                    e.kind.status(),
+                return pipeline::blocked(
+                    &app,
+                    "unknown",
                     &request_id,
-                    "upstream_unavailable",
-                    e.detail,
+                    started,
+                    pipeline::error_response(
+                        e.kind.status(),
+                        &request_id,
+                        "upstream_unavailable",
+                        e.detail,
+                    ),
                 );
             }
         };
+        let rec = crate::audit::AuditRecord::decision(
+            &request_id,
+            "unknown",
+            "tunneled",
+            "unknown_destination_tunnel",
+        );
+        if let Err(e) = app.audit.submit(vec![rec]) {
+            return pipeline::blocked(
+                &app,
+                "unknown",
+                &request_id,
+                started,
+                pipeline::error_response(
+                    503,
+                    &request_id,
+                    crate::audit::AuditUnavailable::REASON,
+                    format!("audit trail unavailable ({}); nothing was sent", e.as_str()),
+                ),
+            );
+        }
         app.metrics.tunnels_total.inc();
         app.metrics
             .requests_total

@@ -64,74 +64,58 @@ const SYNTHETIC: SyntheticOk = SyntheticOk {
     body: r#"{"sid":null,"status":"queued"}"#,
 };
 
-/// `twilio_sms`: Programmable Messaging (SMS, MMS, WhatsApp).
-pub struct TwilioSms;
-
-impl Adapter for TwilioSms {
-    fn name(&self) -> &str {
-        "twilio_sms"
-    }
-    fn display_name(&self) -> &str {
-        "Twilio Messaging"
-    }
-    fn kind(&self) -> DestKind {
-        DestKind::Sms
-    }
-    fn default_category(&self) -> Category {
-        Category::MarketingSms
-    }
-    fn channel(&self) -> Option<Channel> {
-        Some(Channel::Sms)
-    }
-    fn matches_host(&self, host: &str) -> bool {
-        host == HOST
-    }
-    fn inspects(&self, method: &Method, path: &str) -> bool {
-        *method == Method::POST && is_resource(path, "Messages.json")
-    }
-    fn enforce(
-        &self,
-        req: &RequestView<'_>,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
-        enforce_to(req, body, decide)
-    }
-    fn synthetic_ok(&self) -> SyntheticOk {
-        SYNTHETIC
-    }
-    fn identifier_fields(&self) -> &str {
-        "To (form field)"
-    }
-    fn ldu_signal(&self) -> &str {
-        "none"
-    }
+/// A Twilio REST resource that creates one message or call per request. The
+/// two built-ins differ only in resource, category and channel.
+pub struct Twilio {
+    name: &'static str,
+    display_name: &'static str,
+    kind: DestKind,
+    category: Category,
+    channel: Channel,
+    resource: &'static str,
 }
 
-/// `twilio_voice`: Programmable Voice outbound calls.
-pub struct TwilioVoice;
+/// `twilio_sms`: Programmable Messaging (SMS, MMS, WhatsApp).
+pub const SMS: Twilio = Twilio {
+    name: "twilio_sms",
+    display_name: "Twilio Messaging",
+    kind: DestKind::Sms,
+    category: Category::MarketingSms,
+    channel: Channel::Sms,
+    resource: "Messages.json",
+};
 
-impl Adapter for TwilioVoice {
+/// `twilio_voice`: Programmable Voice outbound calls.
+pub const VOICE: Twilio = Twilio {
+    name: "twilio_voice",
+    display_name: "Twilio Voice",
+    kind: DestKind::Voice,
+    category: Category::PhoneOutreach,
+    channel: Channel::Voice,
+    resource: "Calls.json",
+};
+
+impl Adapter for Twilio {
     fn name(&self) -> &str {
-        "twilio_voice"
+        self.name
     }
     fn display_name(&self) -> &str {
-        "Twilio Voice"
+        self.display_name
     }
     fn kind(&self) -> DestKind {
-        DestKind::Voice
+        self.kind
     }
     fn default_category(&self) -> Category {
-        Category::PhoneOutreach
+        self.category
     }
     fn channel(&self) -> Option<Channel> {
-        Some(Channel::Voice)
+        Some(self.channel)
     }
     fn matches_host(&self, host: &str) -> bool {
         host == HOST
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
-        *method == Method::POST && is_resource(path, "Calls.json")
+        *method == Method::POST && is_resource(path, self.resource)
     }
     fn enforce(
         &self,
@@ -178,14 +162,14 @@ mod tests {
 
     #[test]
     fn twilio_routes() {
-        assert!(TwilioSms.matches_host("api.twilio.com"));
-        assert!(TwilioSms.inspects(&Method::POST, SMS_PATH));
-        assert!(!TwilioSms.inspects(&Method::POST, CALL_PATH));
-        assert!(!TwilioSms.inspects(&Method::GET, SMS_PATH));
-        assert!(TwilioVoice.inspects(&Method::POST, CALL_PATH));
-        assert!(!TwilioVoice.inspects(&Method::POST, SMS_PATH));
-        assert!(!TwilioSms.inspects(&Method::POST, "/2010-04-01/Accounts/AC1/Messages/SM1.json"));
-        assert_eq!(TwilioSms.synthetic_ok().status, 201);
+        assert!(SMS.matches_host("api.twilio.com"));
+        assert!(SMS.inspects(&Method::POST, SMS_PATH));
+        assert!(!SMS.inspects(&Method::POST, CALL_PATH));
+        assert!(!SMS.inspects(&Method::GET, SMS_PATH));
+        assert!(VOICE.inspects(&Method::POST, CALL_PATH));
+        assert!(!VOICE.inspects(&Method::POST, SMS_PATH));
+        assert!(!SMS.inspects(&Method::POST, "/2010-04-01/Accounts/AC1/Messages/SM1.json"));
+        assert_eq!(SMS.synthetic_ok().status, 201);
     }
 
     /// Two destinations share `api.twilio.com`: the router must pick the one
@@ -206,9 +190,9 @@ mod tests {
     #[test]
     fn twilio_sms_channel_denied_drops() {
         let store = store();
-        let mut d = decider_for(&TwilioSms, &store);
+        let mut d = decider_for(&SMS, &store);
         let m = Method::POST;
-        let out = TwilioSms
+        let out = SMS
             .enforce(&form_req(&m, SMS_PATH), &sms_body("+14155550106"), &mut d)
             .unwrap();
         assert_eq!(out.events.len(), 1);
@@ -218,10 +202,10 @@ mod tests {
         let mut rem = decider(
             &store,
             Category::AppointmentReminders,
-            TwilioSms.channel(),
-            TwilioSms.kind(),
+            SMS.channel(),
+            SMS.kind(),
         );
-        let out = TwilioSms
+        let out = SMS
             .enforce(&form_req(&m, SMS_PATH), &sms_body("+14155550106"), &mut rem)
             .unwrap();
         assert_eq!(
@@ -229,7 +213,7 @@ mod tests {
             EventVerdict::Drop(Reason::ChannelDenied)
         );
         // marketing_sms granted (P-1020) → kept; WhatsApp form accepted.
-        let out = TwilioSms
+        let out = SMS
             .enforce(
                 &form_req(&m, SMS_PATH),
                 &sms_body("whatsapp:+14155550120"),
@@ -238,7 +222,7 @@ mod tests {
             .unwrap();
         assert_eq!(drops(&out.events), vec![false]);
         // unknown number
-        let out = TwilioSms
+        let out = SMS
             .enforce(&form_req(&m, SMS_PATH), &sms_body("+15555550199"), &mut d)
             .unwrap();
         assert_eq!(
@@ -253,11 +237,11 @@ mod tests {
         let mut d = decider(
             &store,
             Category::AppointmentReminders,
-            TwilioSms.channel(),
-            TwilioSms.kind(),
+            SMS.channel(),
+            SMS.kind(),
         );
         let m = Method::POST;
-        let out = TwilioSms
+        let out = SMS
             .enforce(
                 &form_req(&m, SMS_PATH),
                 &sms_body("+1 (415) 555-0107"),
@@ -267,8 +251,8 @@ mod tests {
         assert_eq!(drops(&out.events), vec![false]);
         assert!(out.body.is_none());
         // ...but marketing_sms (default for P-1007: denied) drops.
-        let mut d = decider_for(&TwilioSms, &store);
-        let out = TwilioSms
+        let mut d = decider_for(&SMS, &store);
+        let out = SMS
             .enforce(&form_req(&m, SMS_PATH), &sms_body("+14155550107"), &mut d)
             .unwrap();
         assert_eq!(
@@ -280,7 +264,7 @@ mod tests {
     #[test]
     fn twilio_voice_channel() {
         let store = store();
-        let mut d = decider_for(&TwilioVoice, &store);
+        let mut d = decider_for(&VOICE, &store);
         let m = Method::POST;
         let call = |to: &str| {
             common::encode_form(&[
@@ -292,12 +276,12 @@ mod tests {
                 ),
             ])
         };
-        let ok = TwilioVoice
+        let ok = VOICE
             .enforce(&form_req(&m, CALL_PATH), &call("+13125550110"), &mut d)
             .unwrap();
         assert_eq!(drops(&ok.events), vec![false]);
         assert!(ok.body.is_none());
-        let no = TwilioVoice
+        let no = VOICE
             .enforce(&form_req(&m, CALL_PATH), &call("+13125550111"), &mut d)
             .unwrap();
         assert_eq!(
@@ -309,7 +293,7 @@ mod tests {
     #[test]
     fn twilio_malformed_is_unreadable() {
         let store = store();
-        let mut d = decider_for(&TwilioSms, &store);
+        let mut d = decider_for(&SMS, &store);
         let m = Method::POST;
         for bad in [
             &b"From=%2B15005550006&Body=hi"[..],
@@ -317,8 +301,7 @@ mod tests {
             b"To=client%3Ajane&Body=hi",
             b"To=%2B14155550100&To=%2B14155550102",
         ] {
-            let Err(BodyError::Unreadable(msg)) =
-                TwilioSms.enforce(&form_req(&m, SMS_PATH), bad, &mut d)
+            let Err(BodyError::Unreadable(msg)) = SMS.enforce(&form_req(&m, SMS_PATH), bad, &mut d)
             else {
                 panic!("expected Unreadable")
             };
@@ -329,7 +312,7 @@ mod tests {
             ..form_req(&m, SMS_PATH)
         };
         assert!(matches!(
-            TwilioSms.enforce(&json, br#"{"To":"+14155550100"}"#, &mut d),
+            SMS.enforce(&json, br#"{"To":"+14155550100"}"#, &mut d),
             Err(BodyError::Unreadable(_))
         ));
     }

@@ -113,13 +113,18 @@ pub async fn serve_connection<IO>(
     }
 }
 
-/// Accept on the proxy port until shutdown; then stop accepting at once.
-pub async fn run_proxy(
-    app: Arc<App>,
+/// Accept on `listener` until shutdown, then stop accepting at once; each
+/// connection runs `on_conn` in its own task, tracked for draining.
+pub async fn accept_loop<F, Fut>(
+    name: &'static str,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
     tracker: ConnTracker,
-) {
+    on_conn: F,
+) where
+    F: Fn(tokio::net::TcpStream, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
@@ -127,19 +132,16 @@ pub async fn run_proxy(
                 let (stream, _) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        tracing::warn!(listener = name, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let shutdown = shutdown.clone();
+                let conn = on_conn(stream, shutdown.clone());
                 let t = tracker.clone();
                 tokio::spawn(async move {
-                    app.metrics.connections_open.inc();
-                    serve_connection(app.clone(), stream, Via::Plain, shutdown, true).await;
-                    app.metrics.connections_open.dec();
+                    conn.await;
                     drop(t);
                 });
             }
@@ -147,5 +149,26 @@ pub async fn run_proxy(
         }
     }
     drop(listener);
-    tracing::info!("proxy listener closed; draining in-flight requests");
+    tracing::info!(
+        listener = name,
+        "listener closed; draining in-flight requests"
+    );
+}
+
+/// The proxy port: plain HTTP/1.1, h2c and CONNECT.
+pub async fn run_proxy(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    tracker: ConnTracker,
+) {
+    accept_loop("proxy", listener, shutdown, tracker, move |stream, sd| {
+        let app = app.clone();
+        async move {
+            app.metrics.connections_open.inc();
+            serve_connection(app.clone(), stream, Via::Plain, sd, true).await;
+            app.metrics.connections_open.dec();
+        }
+    })
+    .await
 }

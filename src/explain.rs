@@ -207,7 +207,7 @@ pub fn explain(
         query: query.as_deref(),
         content_type: ct.as_deref(),
     };
-    let o = match pipeline::enforce(rt, consent, route, &view, &hints, &plain) {
+    let o = match pipeline::enforce(rt, consent, route, &view, &hints, &plain, true) {
         Ok(o) => o,
         Err(crate::destinations::BodyError::Unreadable(d)) => {
             return merge(

@@ -296,7 +296,8 @@ impl Enforcement {
 }
 
 /// Run the adapter over a decoded body with the policy (no I/O). Shared by the
-/// proxy and `explain`.
+/// proxy and `explain`; with `trace` each decision keeps the identifiers it was
+/// looked up by (only `explain` prints them).
 pub fn enforce(
     rt: &Runtime,
     consent: &ConsentStore,
@@ -304,6 +305,7 @@ pub fn enforce(
     view: &RequestView<'_>,
     hints: &RequestHints,
     body: &[u8],
+    trace: bool,
 ) -> Result<Enforcement, BodyError> {
     let context = Context {
         category: hints.category,
@@ -325,7 +327,9 @@ pub fn enforce(
             ids
         };
         let mut d = rt.policy.decide(&context, consent.lookup(ids));
-        d.identifiers = ids.keys.clone();
+        if trace {
+            d.identifiers = ids.keys.clone();
+        }
         let v = d.verdict;
         decisions.push(d);
         v
@@ -558,7 +562,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         query: parts.uri.query(),
         content_type: ct.as_deref(),
     };
-    let outcome = match enforce(&rt, &app.consent, &route, &view, &hints, &plain) {
+    let outcome = match enforce(&rt, &app.consent, &route, &view, &hints, &plain, false) {
         Ok(o) => o,
         Err(BodyError::Unreadable(detail)) => {
             return blocked(

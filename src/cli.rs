@@ -27,6 +27,11 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Consent database management (`consent.source: postgres`).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Interception CA management.
     Ca {
         #[command(subcommand)]
@@ -43,5 +48,14 @@ pub enum CaCommand {
         /// Replace an existing CA (every app must then trust the new one).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Create or upgrade the consent table (idempotent) at consent.postgres.url.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }

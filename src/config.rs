@@ -513,6 +513,7 @@ impl Reader {
                     "postgres://consentgate@127.0.0.1:5432/consent".into(),
                     |v| {
                         if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                            crate::consent::postgres::check_url(v)?;
                             Ok(v.to_string())
                         } else {
                             Err("expected a postgres:// URL".into())

@@ -129,10 +129,21 @@ async fn get_record(p: &Proxy, id: &str) -> Option<serde_json::Value> {
     }
 }
 
-/// A marketing SMS for patient `id` (category marketing_sms).
+/// Test patients `X-<n>` have the phone +1415 and n in 7 digits.
+fn phone_digits(id: &str) -> String {
+    let n: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+    format!("1415{n:07}")
+}
+
+fn phone_hash(id: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(phone_digits(id).as_bytes()))
+}
+
+/// A marketing SMS to patient `id`'s phone (category marketing_sms).
 fn sms(id: &str) -> Req {
     let form = form_urlencoded::Serializer::new(String::new())
-        .append_pair("To", "+14155550999")
+        .append_pair("To", &format!("+{}", phone_digits(id)))
         .append_pair("From", "+14155559999")
         .append_pair("Body", "Spring wellness offer")
         .finish();
@@ -145,8 +156,20 @@ fn sms(id: &str) -> Req {
     .header("X-Patient-Id", id)
 }
 
+/// Send `sms(id)` through the proxy and expect `status`.
+async fn expect(proxy: SocketAddr, id: &str, status: u16) {
+    let r = send(proxy, sms(id)).await;
+    assert_eq!(
+        r.status,
+        status,
+        "{id}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
 fn record(id: &str, sms: &str, ts: &str) -> serde_json::Value {
-    json!({"patient_id": id, "categories": {"marketing_sms": sms}, "updated_at": ts})
+    json!({"patient_id": id, "categories": {"marketing_sms": sms},
+           "identifiers": {"phone_sha256": [phone_hash(id)]}, "updated_at": ts})
 }
 
 async fn insert(c: &tokio_postgres::Client, rec: &serde_json::Value) {
@@ -217,7 +240,8 @@ async fn cursor_load_20k_rows_then_sql_update_is_enforced_on_next_request() {
          SELECT 'S-' || i, jsonb_build_object('patient_id', 'S-' || i, \
            'updated_at', '2026-01-01T00:00:00Z', \
            'categories', jsonb_build_object('marketing_sms', 'granted'), \
-           'identifiers', jsonb_build_object('external_ids', jsonb_build_array('crm:' || i))), \
+           'identifiers', jsonb_build_object('external_ids', jsonb_build_array('crm:' || i), \
+             'phone_sha256', jsonb_build_array(encode(sha256(convert_to('1415' || lpad(i::text, 7, '0'), 'UTF8')), 'hex')))), \
            '2026-01-01T00:00:00Z' FROM generate_series(1, 20000) i",
     )
     .await
@@ -232,7 +256,7 @@ async fn cursor_load_20k_rows_then_sql_update_is_enforced_on_next_request() {
     assert!(get_record(&p, "S-20001").await.is_none());
 
     // Granted: forwarded.
-    assert_eq!(send(p.proxy, sms("S-42")).await.status, 200);
+    expect(p.proxy, "S-42", 200).await;
     // An UPDATE from another client: enforced on the next request.
     c.batch_execute(
         "UPDATE consentgate_consent SET record = jsonb_set(record, '{categories,marketing_sms}', '\"denied\"') \
@@ -255,7 +279,7 @@ async fn cursor_load_20k_rows_then_sql_update_is_enforced_on_next_request() {
         get_record(&p, "S-43").await.is_none()
     })
     .await;
-    assert_eq!(send(p.proxy, sms("S-43")).await.status, 451);
+    expect(p.proxy, "S-43", 451).await;
     assert!(metric(&p, "consentgate_consent_propagation_seconds_count").await >= 2.0);
 }
 
@@ -315,21 +339,21 @@ async fn two_processes_put_on_one_is_enforced_by_the_other() {
             "PUT",
             "/v1/consent/T-1",
             &json!({"categories": {"marketing_sms": v},
-                    "identifiers": {"phones": ["+14155550111"]},
+                    "identifiers": {"phones": [format!("+{}", phone_digits("T-1"))]},
                     "updated_at": ts})
             .to_string(),
         )
     };
     let r = send(a.admin, put("2026-03-01T00:00:00Z", "granted")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert!(!String::from_utf8_lossy(&r.body).contains("4155550111"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("14150000001"));
     // A enforces at once (applied before it answered).
-    assert_eq!(send(a.proxy, sms("T-1")).await.status, 200);
+    expect(a.proxy, "T-1", 200).await;
     wait_until("B sees the PUT", 5, || async {
         get_record(&b, "T-1").await.is_some()
     })
     .await;
-    assert_eq!(send(b.proxy, sms("T-1")).await.status, 200);
+    expect(b.proxy, "T-1", 200).await;
     // Opt-out on B: enforced by A.
     let r = send(b.admin, put("2026-03-02T00:00:00Z", "denied")).await;
     assert_eq!(r.status, 200);
@@ -337,7 +361,7 @@ async fn two_processes_put_on_one_is_enforced_by_the_other() {
         get_record(&a, "T-1").await.unwrap()["categories"]["marketing_sms"] == "denied"
     })
     .await;
-    assert_eq!(send(a.proxy, sms("T-1")).await.status, 451);
+    expect(a.proxy, "T-1", 451).await;
     // An older write on A loses (last write wins, across processes).
     let r = send(a.admin, put("2026-03-01T12:00:00Z", "granted")).await;
     assert_eq!(r.status, 409);
@@ -352,7 +376,7 @@ async fn two_processes_put_on_one_is_enforced_by_the_other() {
     let c = db.client().await;
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM consentgate_consent WHERE record::text LIKE '%4155550111%'",
+            "SELECT count(*) FROM consentgate_consent WHERE record::text LIKE '%14150000001%'",
             &[],
         )
         .await
@@ -569,7 +593,7 @@ async fn database_down_past_max_staleness_fails_closed_then_recovers_without_res
         get_record(&p, "R-1").await.is_some()
     })
     .await;
-    assert_eq!(send(p.proxy, sms("R-1")).await.status, 200);
+    expect(p.proxy, "R-1", 200).await;
 
     fwd.set(false);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -591,7 +615,7 @@ async fn database_down_past_max_staleness_fails_closed_then_recovers_without_res
     .await;
     // ...is there after the resync, and decisions are fresh again.
     assert!(get_record(&p, "R-2").await.is_some());
-    assert_eq!(send(p.proxy, sms("R-1")).await.status, 200);
-    assert_eq!(send(p.proxy, sms("R-2")).await.status, 200);
+    expect(p.proxy, "R-1", 200).await;
+    expect(p.proxy, "R-2", 200).await;
     assert_eq!(metric(&p, "consentgate_consent_source_up").await, 1.0);
 }

@@ -849,6 +849,29 @@ mod tests {
     }
 
     #[test]
+    fn postgres_url_refuses_tls_requirement_and_inline_password() {
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=require\n";
+        let errs = parse(text, "t.yaml").unwrap_err();
+        let shown = errs[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:4: consent.postgres.url:") && shown.contains("TLS"),
+            "{shown}"
+        );
+        let text =
+            "consent:\n  source: postgres\n  postgres:\n    url: postgres://u:hunter2@db/c\n";
+        let shown = parse(text, "t.yaml").unwrap_err()[0].to_string();
+        assert!(
+            shown.contains("CONSENTGATE_PG_PASSWORD") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=disable\n";
+        assert_eq!(
+            parse(text, "t.yaml").unwrap().consent.source,
+            SourceKind::Postgres
+        );
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(size("8MiB").unwrap(), 8 << 20);
         assert_eq!(size("100").unwrap(), 100);

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 /// The environment variable holding the database password (when no
 /// `consent.postgres.password_file` is configured).
@@ -348,20 +348,24 @@ impl Shared {
         Ok(total)
     }
 
-    /// Apply everything with `version > last`, in version order, one page of
-    /// `batch` rows at a time (keyset pagination on the version index).
-    async fn catch_up(&self, client: &Client) -> Result<Applied, PgError> {
-        let q = self.cfg.query_timeout;
+    /// The catch-up query, prepared once per connection.
+    async fn prepare_catch_up(&self, client: &Client) -> Result<Statement, PgError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM consentgate_consent WHERE version > $1 \
              ORDER BY version LIMIT {}",
             self.cfg.batch
         );
-        let stmt = timed(q, client.prepare(&sql)).await?;
+        timed(self.cfg.query_timeout, client.prepare(&sql)).await
+    }
+
+    /// Apply everything with `version > last`, in version order, one page of
+    /// `batch` rows at a time (keyset pagination on the version index).
+    async fn catch_up(&self, client: &Client, stmt: &Statement) -> Result<Applied, PgError> {
+        let q = self.cfg.query_timeout;
         let mut total = Applied::default();
         loop {
             let since = lock(&self.apply).last;
-            let rows = timed(q, client.query(&stmt, &[&since])).await?;
+            let rows = timed(q, client.query(stmt, &[&since])).await?;
             let a = self.apply_rows(&rows, true, false)?;
             total.rows += a.rows;
             total.changed += a.changed;
@@ -382,6 +386,7 @@ impl Shared {
 /// connection (it ends when the connection does).
 struct Session {
     client: Client,
+    catch_up: Statement,
     conn: JoinHandle<()>,
     wake: mpsc::Receiver<()>,
 }
@@ -413,8 +418,9 @@ async fn connect_and_sync(sh: &Shared) -> Result<Session, PgError> {
             client.batch_execute(&format!("LISTEN {CHANNEL}")),
         )
         .await?;
+        let stmt = sh.prepare_catch_up(&client).await?;
         if sh.loaded.load(Ordering::Relaxed) {
-            let a = sh.catch_up(&client).await?;
+            let a = sh.catch_up(&client, &stmt).await?;
             tracing::info!(
                 rows = a.rows,
                 changed = a.changed,
@@ -435,14 +441,19 @@ async fn connect_and_sync(sh: &Shared) -> Result<Session, PgError> {
                 "consent table loaded"
             );
         }
-        Ok::<(), PgError>(())
+        Ok::<Statement, PgError>(stmt)
     }
     .await;
     match result {
-        Ok(()) => {
+        Ok(catch_up) => {
             // Synced: current as of now (the session publishes the client next).
             sh.store.mark_good();
-            Ok(Session { client, conn, wake })
+            Ok(Session {
+                client,
+                catch_up,
+                conn,
+                wake,
+            })
         }
         Err(e) => {
             conn.abort();
@@ -455,6 +466,7 @@ async fn connect_and_sync(sh: &Shared) -> Result<Session, PgError> {
 async fn serve(sh: &Shared, s: Session) {
     let Session {
         client,
+        catch_up,
         mut conn,
         mut wake,
     } = s;
@@ -472,7 +484,7 @@ async fn serve(sh: &Shared, s: Session) {
                 if w.is_none() {
                     break;
                 }
-                match sh.catch_up(&client).await {
+                match sh.catch_up(&client, &catch_up).await {
                     Ok(_) => sh.store.mark_good(),
                     Err(e) => {
                         tracing::warn!(error = %e, "consent catch-up failed");
@@ -481,7 +493,7 @@ async fn serve(sh: &Shared, s: Session) {
                 }
             }
             _ = tick.tick() => {
-                match sh.catch_up(&client).await {
+                match sh.catch_up(&client, &catch_up).await {
                     Ok(_) => sh.store.mark_good(),
                     Err(e) => {
                         tracing::warn!(error = %e, "consent heartbeat failed");

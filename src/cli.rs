@@ -44,6 +44,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Consent database management (`consent.source: postgres`).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Interception CA management.
     Ca {
         #[command(subcommand)]
@@ -88,5 +93,14 @@ pub enum AuditCommand {
         key_file: Option<PathBuf>,
         /// Audit files or directories (default: audit.path).
         paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Create or upgrade the consent table (idempotent) at consent.postgres.url.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }

@@ -524,6 +524,7 @@ impl Reader {
                     "postgres://consentgate@127.0.0.1:5432/consent".into(),
                     |v| {
                         if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                            crate::consent::postgres::check_url(v)?;
                             Ok(v.to_string())
                         } else {
                             Err("expected a postgres:// URL".into())
@@ -874,6 +875,29 @@ mod tests {
         assert!(shown[1].starts_with("t.yaml:3: unknown_destinations:"));
         assert!(shown[2].starts_with("t.yaml:4: max_body_bytes:"));
         assert!(shown[3].starts_with("t.yaml:5: colour: unknown key"));
+    }
+
+    #[test]
+    fn postgres_url_refuses_tls_requirement_and_inline_password() {
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=require\n";
+        let errs = parse(text, "t.yaml").unwrap_err();
+        let shown = errs[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:4: consent.postgres.url:") && shown.contains("TLS"),
+            "{shown}"
+        );
+        let text =
+            "consent:\n  source: postgres\n  postgres:\n    url: postgres://u:hunter2@db/c\n";
+        let shown = parse(text, "t.yaml").unwrap_err()[0].to_string();
+        assert!(
+            shown.contains("CONSENTGATE_PG_PASSWORD") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=disable\n";
+        assert_eq!(
+            parse(text, "t.yaml").unwrap().consent.source,
+            SourceKind::Postgres
+        );
     }
 
     #[test]

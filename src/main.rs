@@ -1,7 +1,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use consentgate::cli::{AuditCommand, CaCommand, Cli, Command};
+use consentgate::cli::{AuditCommand, CaCommand, Cli, Command, DbCommand};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,6 +32,9 @@ fn main() {
             key_file.as_deref(),
             &paths,
         ),
+        Command::Db {
+            command: DbCommand::Migrate { config },
+        } => consentgate::run::db_migrate(config.as_deref()),
         Command::Ca {
             command: CaCommand::Init { out, force },
         } => match consentgate::tls::init_ca(&out, force) {

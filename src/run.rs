@@ -2,7 +2,10 @@
 
 use crate::app::{App, Runtime};
 use crate::config::{ConfigError, ConfigSource};
-use crate::consent::{ApiContext, ConsentStore, FileSourceConfig};
+use crate::consent::{
+    ApiContext, ConsentStore, ConsentWriter, FileSourceConfig, FileSourceHandle, PgSourceConfig,
+    PgSourceHandle,
+};
 use crate::metrics::Metrics;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -146,6 +149,87 @@ pub fn run(explicit: Option<&Path>) -> i32 {
     rt.block_on(serve(runtime, source))
 }
 
+/// The running consent source (kept alive for as long as the proxy runs).
+enum ConsentSource {
+    File(FileSourceHandle),
+    Postgres(PgSourceHandle),
+}
+
+impl ConsentSource {
+    fn writer(&self) -> Arc<dyn ConsentWriter> {
+        match self {
+            ConsentSource::File(s) => s.writer(),
+            ConsentSource::Postgres(s) => s.writer(),
+        }
+    }
+}
+
+async fn start_consent_source(
+    cfg: &crate::config::Config,
+    store: Arc<ConsentStore>,
+    metrics: &Metrics,
+) -> Result<ConsentSource, String> {
+    match cfg.consent.source {
+        crate::config::SourceKind::File => {
+            let c = FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal);
+            crate::consent::file_source::start(c, store)
+                .await
+                .map(ConsentSource::File)
+        }
+        crate::config::SourceKind::Postgres => {
+            let hist = metrics.consent_propagation.clone();
+            let c = PgSourceConfig::new(&cfg.consent.postgres);
+            crate::consent::postgres::start(c, store, Arc::new(move |s| hist.observe(s)))
+                .await
+                .map(ConsentSource::Postgres)
+        }
+    }
+}
+
+/// `consentgate db migrate`: apply the shipped schema migrations to
+/// `consent.postgres.url`.
+pub fn db_migrate(explicit: Option<&Path>) -> i32 {
+    install_crypto();
+    let source = ConfigSource::resolve(explicit);
+    let runtime = match Runtime::load(&source) {
+        Ok(r) => r,
+        Err(errs) => {
+            print_errors(&errs);
+            return 1;
+        }
+    };
+    let pg = runtime.config.consent.postgres.clone();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::consent::postgres::migrate(
+        &pg.url,
+        pg.password_file.as_deref(),
+    )) {
+        Ok(applied) if applied.is_empty() => {
+            println!("ok: schema up to date");
+            0
+        }
+        Ok(applied) => {
+            for m in applied {
+                println!("applied: {m}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
 async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     let metrics = Arc::new(Metrics::new());
     metrics
@@ -173,9 +257,7 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let source_cfg = FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal);
-    let consent_source = match crate::consent::file_source::start(source_cfg, consent.clone()).await
-    {
+    let consent_source = match start_consent_source(&cfg, consent.clone(), &metrics).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "consent source failed to start");

@@ -18,12 +18,14 @@
 pub mod api;
 pub mod file_source;
 pub mod journal;
+pub mod postgres;
 pub mod record;
 pub mod source;
 pub mod store;
 
 pub use api::{ApiContext, Tokens};
 pub use file_source::{FileSourceConfig, FileSourceHandle};
+pub use postgres::{PgSourceConfig, PgSourceHandle};
 pub use record::{ConsentRecord, FieldError};
 pub use source::{ChangeEvent, ChangeOp, ConsentWriter, OnChange, WriteError};
 pub use store::{ConsentStore, Upsert};

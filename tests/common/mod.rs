@@ -265,6 +265,9 @@ pub struct ProxyOpts {
     pub shutdown_grace: &'static str,
     /// Hosts resolved somewhere other than the recording upstream.
     pub resolve_override: Vec<(&'static str, SocketAddr)>,
+    /// Replaces the generated `consent:` block (full YAML, `consent:` line
+    /// included), e.g. for `source: postgres`.
+    pub consent_yaml: Option<String>,
 }
 
 impl Default for ProxyOpts {
@@ -276,6 +279,7 @@ impl Default for ProxyOpts {
             unknown_destinations: "deny",
             shutdown_grace: "10s",
             resolve_override: Vec::new(),
+            consent_yaml: None,
         }
     }
 }
@@ -340,12 +344,19 @@ pub fn config_yaml(
         .consent_file
         .clone()
         .unwrap_or_else(|| repo().join("config/consent.example.jsonl"));
+    let consent_block = opts.consent_yaml.clone().unwrap_or_else(|| {
+        format!(
+            "consent:\n  source: file\n  file: {consent}\n  journal: {dir}/journal\n  max_staleness: 5m\n",
+            consent = consent.display(),
+            dir = dir.display(),
+        )
+    });
     format!(
         "listen:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\n\
 unknown_destinations: {unknown}\n\
 interception:\n  ca_cert: {dir}/certs/ca.pem\n  ca_key: {dir}/certs/ca-key.pem\n\
 upstream:\n  extra_ca: {ca}\n  connect_timeout: 2s\n  response_timeout: {rt}\n  resolve:\n{resolve}\
-consent:\n  source: file\n  file: {consent}\n  journal: {dir}/journal\n  max_staleness: 5m\n\
+{consent_block}\
 admin:\n  tokens_file: {tokens}\n\
 audit:\n  path: {dir}/audit\n\
 shutdown_grace: {grace}\n{extra}\n",
@@ -353,7 +364,6 @@ shutdown_grace: {grace}\n{extra}\n",
         dir = dir.display(),
         ca = ca.ca_pem.display(),
         rt = opts.response_timeout,
-        consent = consent.display(),
         tokens = repo().join("config/admin-tokens.example").display(),
         grace = opts.shutdown_grace,
         extra = opts.extra_yaml,

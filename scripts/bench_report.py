@@ -167,7 +167,8 @@ L.append(f"- Kernel: Linux {meta.get('kernel')}; memory {meta.get('mem_total')}"
 L.append(f"- {meta.get('rustc')}; nginx {meta.get('nginx_version')}; consentgate at git {meta.get('git')}")
 L.append(f"- Pinning: {meta.get('pinning')}")
 L.append(
-    f"- Release build took {meta.get('build_s')} s (0 when already built); the run itself {meta.get('run_s')} s"
+    f"- Release build (binaries, examples, benches) took {meta.get('build_s')} s (~1 s when already built; "
+    f"a cold build on this machine takes 15-20 min); the measured run itself {meta.get('run_s')} s"
 )
 L.append("")
 L.append("## Commands")
@@ -400,7 +401,7 @@ nm = []
 for k, v in summary.items():
     if v is None:
         nm.append(f"- `{k}` is null: the step producing it did not run or failed in this run (see the script's output).")
-nm.append("- h2 between client and proxy is not exercised (HTTP/1.1 keep-alive only); consentgate and nginx both use HTTP/1.1 to the upstream here (nginx cannot proxy h2 upstream; consentgate negotiates by ALPN and the upstream offers h2 first, so consentgate may use h2 upstream).")
+nm.append("- h2 between client and proxy is not exercised (HTTP/1.1 keep-alive only); nginx speaks HTTP/1.1 to the upstream (it cannot proxy h2 upstream); consentgate negotiates by ALPN and the upstream offers h2 first, so consentgate's upstream leg is h2 unless its client prefers http/1.1.")
 nm.append("- The upstream shares both CPUs with the load generator and the proxy; at saturation it competes for CPU, which caps every target's rps alike.")
 L.extend(nm)
 L.append("")

@@ -63,7 +63,11 @@ fn client_config(ca: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls:
 }
 
 /// Serve handshakes forever; report server-side handshake durations.
-async fn serve_static(l: TcpListener, cfg: Arc<rustls::ServerConfig>, tx: mpsc::UnboundedSender<u64>) {
+async fn serve_static(
+    l: TcpListener,
+    cfg: Arc<rustls::ServerConfig>,
+    tx: mpsc::UnboundedSender<u64>,
+) {
     let acc = tokio_rustls::TlsAcceptor::from(cfg);
     loop {
         let Ok((tcp, _)) = l.accept().await else {
@@ -177,7 +181,11 @@ fn main() {
 
         let (mut cs, mut cm) = (hist(), hist());
         for i in 0..iters {
-            let order = if i % 2 == 0 { [true, false] } else { [false, true] };
+            let order = if i % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
             for is_static in order {
                 if is_static {
                     let d = handshake(sa, &conn, "static.example").await;

@@ -150,7 +150,11 @@ fn main() {
             .expect("bind --tls");
         let tls_addr = tls.local_addr().expect("addr");
         let plain = match &a.plain {
-            Some(p) => Some(tokio::net::TcpListener::bind(p).await.expect("bind --plain")),
+            Some(p) => Some(
+                tokio::net::TcpListener::bind(p)
+                    .await
+                    .expect("bind --plain"),
+            ),
             None => None,
         };
         let plain_addr = plain

@@ -138,7 +138,7 @@ pub struct Decision {
     pub records: Vec<Arc<ConsentRecord>>,
     /// The identifiers the event was looked up by (filled by the pipeline).
     pub identifiers: Vec<crate::identify::IdKey>,
-    /// Policy steps in order, each with its outcome.
+    /// Policy steps in order, each with its outcome (only from `decide_traced`).
     pub steps: Vec<(&'static str, String)>,
 }
 
@@ -159,44 +159,57 @@ impl Policy {
     }
 
     /// SPEC §6: steps 1-2 end the event; 3-5 accumulate. Several matches: the
-    /// most restrictive outcome wins.
+    /// most restrictive outcome wins. No trace is built (the proxy's hot path).
     pub fn decide(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>) -> Decision {
-        let mut steps = Vec::new();
-        let drop = |reason: Reason, mut steps: Vec<(&'static str, String)>, records| {
-            steps.push(("outcome", format!("drop: {}", reason.as_str())));
+        self.decide_with(ctx, records, false)
+    }
+
+    /// [`Policy::decide`] with every step's outcome recorded (for `explain`).
+    pub fn decide_traced(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>) -> Decision {
+        self.decide_with(ctx, records, true)
+    }
+
+    fn decide_with(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>, on: bool) -> Decision {
+        let mut t = Trace {
+            on,
+            steps: Vec::new(),
+        };
+        let drop = |reason: Reason, mut t: Trace, records| {
+            t.push("outcome", || format!("drop: {}", reason.as_str()));
             Decision {
                 verdict: EventVerdict::Drop(reason),
                 gpc_trigger: false,
                 records,
                 identifiers: Vec::new(),
-                steps,
+                steps: t.steps,
             }
         };
         if ctx.stale && self.fails_closed_when_stale(ctx.category) {
-            steps.push((
-                "staleness",
-                "consent source stale; category fails closed".into(),
-            ));
-            return drop(Reason::ConsentStale, steps, records);
+            t.push("staleness", || {
+                "consent source stale; category fails closed".into()
+            });
+            return drop(Reason::ConsentStale, t, records);
         }
         if records.is_empty() {
-            steps.push(("1_identify", "no patient found".into()));
-            return drop(Reason::UnknownPatient, steps, records);
+            t.push("1_identify", || "no patient found".into());
+            return drop(Reason::UnknownPatient, t, records);
         }
-        steps.push(("1_identify", format!("{} record(s) matched", records.len())));
+        t.push("1_identify", || {
+            format!("{} record(s) matched", records.len())
+        });
         for r in &records {
             if self.grant(r, ctx.category) == Grant::Denied {
-                steps.push(("2_consent", format!("{} denied", ctx.category)));
-                return drop(Reason::ConsentDenied, steps, records);
+                t.push("2_consent", || format!("{} denied", ctx.category));
+                return drop(Reason::ConsentDenied, t, records);
             }
             if let Some(ch) = ctx.channel {
                 if r.channels.get(&ch) == Some(&Grant::Denied) {
-                    steps.push(("2_consent", format!("channel {} denied", ch.as_str())));
-                    return drop(Reason::ChannelDenied, steps, records);
+                    t.push("2_consent", || format!("channel {} denied", ch.as_str()));
+                    return drop(Reason::ChannelDenied, t, records);
                 }
             }
         }
-        steps.push(("2_consent", format!("{} granted", ctx.category)));
+        t.push("2_consent", || format!("{} granted", ctx.category));
         let mut keep = Keep::default();
         let mut gpc_trigger = false;
         if ctx.kind.is_ads_or_analytics() {
@@ -219,42 +232,51 @@ impl Policy {
                         state: 0,
                     }
                 });
-                steps.push((
-                    "3_sale_share",
-                    format!(
-                        "strip identity, limited data use (trigger: {})",
-                        if opt_out {
-                            "sale_share_opt_out"
-                        } else if record_gpc {
-                            "gpc"
-                        } else {
-                            "Sec-GPC header"
-                        }
-                    ),
-                ));
+                let trigger = if opt_out {
+                    "sale_share_opt_out"
+                } else if record_gpc {
+                    "gpc"
+                } else {
+                    "Sec-GPC header"
+                };
+                t.push("3_sale_share", || {
+                    format!("strip identity, limited data use (trigger: {trigger})")
+                });
             } else {
-                steps.push(("3_sale_share", "not opted out".into()));
+                t.push("3_sale_share", || "not opted out".into());
             }
             if records.iter().any(|r| r.limit_sensitive) {
                 keep.limit_sensitive = true;
-                steps.push((
-                    "4_limit_sensitive",
-                    "reduce URLs, strip content fields".into(),
-                ));
+                t.push("4_limit_sensitive", || {
+                    "reduce URLs, strip content fields".into()
+                });
             } else {
-                steps.push(("4_limit_sensitive", "not limited".into()));
+                t.push("4_limit_sensitive", || "not limited".into());
             }
         }
-        steps.push((
-            "5_forward",
-            "keep; hash plaintext identifiers the platform expects hashed".into(),
-        ));
+        t.push("5_forward", || {
+            "keep; hash plaintext identifiers the platform expects hashed".into()
+        });
         Decision {
             verdict: EventVerdict::Keep(keep),
             gpc_trigger,
             records,
             identifiers: Vec::new(),
-            steps,
+            steps: t.steps,
+        }
+    }
+}
+
+/// Policy steps, recorded only when tracing.
+struct Trace {
+    on: bool,
+    steps: Vec<(&'static str, String)>,
+}
+
+impl Trace {
+    fn push(&mut self, step: &'static str, outcome: impl FnOnce() -> String) {
+        if self.on {
+            self.steps.push((step, outcome()));
         }
     }
 }

@@ -326,10 +326,13 @@ pub fn enforce(
         } else {
             ids
         };
-        let mut d = rt.policy.decide(&context, consent.lookup(ids));
-        if trace {
+        let d = if trace {
+            let mut d = rt.policy.decide_traced(&context, consent.lookup(ids));
             d.identifiers = ids.keys.clone();
-        }
+            d
+        } else {
+            rt.policy.decide(&context, consent.lookup(ids))
+        };
         let v = d.verdict;
         decisions.push(d);
         v

@@ -27,13 +27,23 @@ fn key_for(id: &IdKey) -> Key {
     match id {
         IdKey::Patient(p) => tagged(b'p', p.as_bytes()),
         IdKey::External(e) => tagged(b'x', e.as_bytes()),
-        IdKey::EmailHash(h) => tagged(b'e', h),
-        IdKey::PhoneHash(h) => tagged(b'm', h),
+        IdKey::EmailHash(h) => hash_key(b'e', h),
+        IdKey::PhoneHash(h) => hash_key(b'm', h),
     }
 }
 
 fn patient_key(patient_id: &str) -> Key {
     tagged(b'p', patient_id.trim().as_bytes())
+}
+
+/// An email or phone SHA-256 is already a uniform 32-byte key: no second hash,
+/// just a per-kind tag folded into the first byte (a bijection per kind, so
+/// distinct hashes stay distinct, and the same hash as email and as phone
+/// gives two keys).
+fn hash_key(tag: u8, h: &[u8; 32]) -> Key {
+    let mut k = *h;
+    k[0] ^= tag;
+    k
 }
 
 fn tagged(tag: u8, data: &[u8]) -> Key {
@@ -54,10 +64,10 @@ fn record_keys(r: &ConsentRecord) -> Vec<Key> {
         keys.push(tagged(b'x', x.trim().as_bytes()));
     }
     for h in &ids.email_sha256 {
-        keys.push(tagged(b'e', &h.0));
+        keys.push(hash_key(b'e', &h.0));
     }
     for h in &ids.phone_sha256 {
-        keys.push(tagged(b'm', &h.0));
+        keys.push(hash_key(b'm', &h.0));
     }
     keys.sort_unstable();
     keys.dedup();

@@ -29,10 +29,7 @@ async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
     let dir = test_dir("k8s-metrics");
     let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
     let up = start_upstream(&ca).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let opts = ProxyOpts {
         resolve_override: vec![("api.hubapi.com", closed)],
         ..Default::default()

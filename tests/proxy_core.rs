@@ -63,10 +63,8 @@ async fn curl_through_the_proxy_reaches_the_tls_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_host_403_closed_port_502_silent_upstream_504() {
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port from the test range that nothing listens on.
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let opts = ProxyOpts {
         response_timeout: "1s",
         resolve_override: vec![("api.hubapi.com", closed)],

@@ -236,12 +236,21 @@ pub async fn start_upstream(ca: &TestCa) -> Upstream {
     up
 }
 
+/// A port for a listener the test will start. Taken from a per-process counter
+/// in 20000-32767, below the kernel's ephemeral range (32768+), so no socket
+/// bound to :0 and no outgoing connection of a parallel test can grab it between
+/// this check and the proxy's bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 40) * 300;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 12_000).min(32_767) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn repo() -> PathBuf {

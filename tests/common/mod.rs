@@ -312,7 +312,7 @@ impl Drop for Proxy {
 pub fn test_dir(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("it")
-        .join(format!("{name}-{}-{}", std::process::id(), rand_suffix()));
+        .join(format!("{name}.{}.{}", std::process::id(), rand_suffix()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -388,8 +388,9 @@ pub fn start_proxy(dir: &Path, up: &Upstream, ca: &TestCa, opts: ProxyOpts) -> P
 }
 
 pub fn spawn_proxy(dir: &Path, config: &Path, pp: u16, ap: u16) -> Proxy {
+    // `.` separators: a pid next to a `-` could read like a patient id (P-1004).
     let log = log_dir().join(format!(
-        "{}-{}.log",
+        "{}.{}.log",
         dir.file_name().unwrap().to_string_lossy(),
         rand_suffix()
     ));

@@ -435,17 +435,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         );
     };
     let name = route.name().to_string();
+    let refuse = |resp| blocked(&app, &name, &request_id, started, resp);
     let hints = match RequestHints::from_headers(req.headers(), &route) {
         Ok(h) => h,
-        Err(e) => {
-            return blocked(
-                &app,
-                &name,
-                &request_id,
-                started,
-                error_response(400, &request_id, "bad_request", e),
-            )
-        }
+        Err(e) => return refuse(error_response(400, &request_id, "bad_request", e)),
     };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -466,11 +459,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             )
             .await;
         }
-        return blocked(
-            &app,
-            &name,
-            &request_id,
-            started,
+        return refuse(
             error_response(451, &request_id, "uninspected_endpoint", "this destination endpoint is not inspected; requests with a body are refused (set the destination's mode to passthrough to allow)"),
         );
     }
@@ -483,18 +472,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         .and_then(|s| s.parse::<u64>().ok())
     {
         if len > limit {
-            return blocked(
-                &app,
-                &name,
+            return refuse(error_response(
+                413,
                 &request_id,
-                started,
-                error_response(
-                    413,
-                    &request_id,
-                    "body_too_large",
-                    format!("body over max_body_bytes ({limit})"),
-                ),
-            );
+                "body_too_large",
+                format!("body over max_body_bytes ({limit})"),
+            ));
         }
     }
     let encoding = match Encoding::parse(
@@ -504,58 +487,30 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     ) {
         Ok(e) => e,
         Err(BodyReadError::UnknownEncoding(e)) => {
-            return blocked(
-                &app,
-                &name,
+            return refuse(error_response(
+                415,
                 &request_id,
-                started,
-                error_response(
-                    415,
-                    &request_id,
-                    "unsupported_content_encoding",
-                    format!("Content-Encoding {e:?} is not supported (gzip, deflate, br, zstd)"),
-                ),
-            )
+                "unsupported_content_encoding",
+                format!("Content-Encoding {e:?} is not supported (gzip, deflate, br, zstd)"),
+            ))
         }
         Err(_) => {
-            return blocked(
-                &app,
-                &name,
+            return refuse(error_response(
+                415,
                 &request_id,
-                started,
-                error_response(
-                    415,
-                    &request_id,
-                    "unsupported_content_encoding",
-                    "unsupported Content-Encoding",
-                ),
-            )
+                "unsupported_content_encoding",
+                "unsupported Content-Encoding",
+            ))
         }
     };
     let (parts, incoming) = req.into_parts();
     let raw = match body::read_limited(incoming, limit).await {
         Ok(b) => b,
-        Err(e) => {
-            return blocked(
-                &app,
-                &name,
-                &request_id,
-                started,
-                body_error_response(&request_id, e, limit),
-            )
-        }
+        Err(e) => return refuse(body_error_response(&request_id, e, limit)),
     };
     let plain = match body::decode(encoding, &raw, limit) {
         Ok(p) => p,
-        Err(e) => {
-            return blocked(
-                &app,
-                &name,
-                &request_id,
-                started,
-                body_error_response(&request_id, e, limit),
-            )
-        }
+        Err(e) => return refuse(body_error_response(&request_id, e, limit)),
     };
     let ct = media_type(&parts.headers);
     let view = RequestView {
@@ -568,22 +523,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     let outcome = match enforce(&rt, &app.consent, &route, &view, &hints, &plain, false) {
         Ok(o) => o,
         Err(BodyError::Unreadable(detail)) => {
-            return blocked(
-                &app,
-                &name,
-                &request_id,
-                started,
-                error_response(422, &request_id, "unreadable_body", detail),
-            )
+            return refuse(error_response(422, &request_id, "unreadable_body", detail))
         }
         Err(BodyError::Forbidden { code, detail }) => {
-            return blocked(
-                &app,
-                &name,
-                &request_id,
-                started,
-                error_response(451, &request_id, code, detail),
-            )
+            return refuse(error_response(451, &request_id, code, detail))
         }
     };
     count_events(&app, &name, &outcome, route.mode == Mode::Shadow);
@@ -642,15 +585,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
     let (decision, out_body) = match outcome.enforced.body {
         Some(new_plain) => match body::encode(encoding, &new_plain) {
             Ok(b) => (RequestDecision::Modified, Bytes::from(b)),
-            Err(e) => {
-                return blocked(
-                    &app,
-                    &name,
-                    &request_id,
-                    started,
-                    error_response(500, &request_id, "encode_failed", e),
-                )
-            }
+            Err(e) => return refuse(error_response(500, &request_id, "encode_failed", e)),
         },
         None if changed => (RequestDecision::Modified, raw),
         None => (RequestDecision::Allowed, raw),

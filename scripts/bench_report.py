@@ -182,8 +182,9 @@ L.append(f"- Kernel: Linux {meta.get('kernel')}; memory {meta.get('mem_total')}"
 L.append(f"- {meta.get('rustc')}; nginx {meta.get('nginx_version')}; consentgate at git {meta.get('git')}")
 L.append(f"- Pinning: {meta.get('pinning')}")
 L.append(
-    f"- Release build (binaries, examples, benches) took {meta.get('build_s')} s (~1 s when already built; "
-    f"a cold build on this machine takes 15-20 min); the measured run itself {meta.get('run_s')} s"
+    f"- Release build (binaries, examples, benches, the release postgres test) took {meta.get('build_s')} s "
+    f"(~1 s when already built; from a cold cache on this machine: about 6 min for binaries and examples "
+    f"plus 3 min for the benches); the measured run itself {meta.get('run_s')} s"
 )
 L.append("")
 L.append("## Commands")
@@ -191,6 +192,7 @@ L.append("")
 L.append("```sh")
 L.append("scripts/bench                 # full run; writes docs/BENCHMARKS.md + docs/benchmarks.json")
 L.append("BENCH_QUICK=1 scripts/bench   # ~1-2 minute smoke run of the same steps")
+L.append("BENCH_ONLY='p2' scripts/bench  # only some parts (p1 p2 p5 crit pg), raw results, no docs (A/B work)")
 L.append("# what it runs (ports are picked at run time, all on 127.0.0.1):")
 L.append("cargo build --release --locked --bins --examples")
 L.append("target/release/examples/bench_upstream --dir $WORK/up --tls 127.0.0.1:0 --plain 127.0.0.1:0 --threads 2")

@@ -56,6 +56,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Offer h2 to upstreams by ALPN (`false`: HTTP/1.1 only).
+    pub http2: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -450,6 +452,7 @@ impl Reader {
                     "connect_timeout",
                     "response_timeout",
                     "pool_idle_timeout",
+                    "http2",
                 ],
             );
             let mut resolve = HashMap::new();
@@ -493,6 +496,7 @@ impl Reader {
                     Duration::from_secs(90),
                     duration,
                 ),
+                http2: self.parsed(m, p, "http2", true, boolean),
             }
         };
         let consent = {
@@ -860,6 +864,19 @@ mod tests {
         assert_eq!(c.listen.proxy.port(), 15001);
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.consent.max_staleness, Duration::from_secs(300));
+        assert!(c.upstream.http2);
+    }
+
+    #[test]
+    fn upstream_http2_is_a_boolean() {
+        let c = parse("upstream:\n  http2: false\n", "t.yaml").unwrap();
+        assert!(!c.upstream.http2);
+        let errs = parse("upstream:\n  http2: sometimes\n", "t.yaml").unwrap_err();
+        assert!(
+            errs[0].to_string().starts_with("t.yaml:2: upstream.http2:"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]

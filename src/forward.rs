@@ -164,9 +164,12 @@ impl UpstreamClient {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(inner);
+            .enable_http1();
+        let https = if cfg.http2 {
+            https.enable_http2().wrap_connector(inner)
+        } else {
+            https.wrap_connector(inner)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(256)

@@ -277,6 +277,8 @@ pub struct ProxyOpts {
     /// Replaces the generated `consent:` block (full YAML, `consent:` line
     /// included), e.g. for `source: postgres`.
     pub consent_yaml: Option<String>,
+    /// Extra lines for the generated `upstream:` block (two-space indented).
+    pub upstream_yaml: String,
 }
 
 impl Default for ProxyOpts {
@@ -289,6 +291,7 @@ impl Default for ProxyOpts {
             shutdown_grace: "10s",
             resolve_override: Vec::new(),
             consent_yaml: None,
+            upstream_yaml: String::new(),
         }
     }
 }
@@ -364,7 +367,7 @@ pub fn config_yaml(
         "listen:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\n\
 unknown_destinations: {unknown}\n\
 interception:\n  ca_cert: {dir}/certs/ca.pem\n  ca_key: {dir}/certs/ca-key.pem\n\
-upstream:\n  extra_ca: {ca}\n  connect_timeout: 2s\n  response_timeout: {rt}\n  resolve:\n{resolve}\
+upstream:\n  extra_ca: {ca}\n  connect_timeout: 2s\n  response_timeout: {rt}\n{upx}  resolve:\n{resolve}\
 {consent_block}\
 admin:\n  tokens_file: {tokens}\n\
 audit:\n  path: {dir}/audit\n\
@@ -373,6 +376,7 @@ shutdown_grace: {grace}\n{extra}\n",
         dir = dir.display(),
         ca = ca.ca_pem.display(),
         rt = opts.response_timeout,
+        upx = opts.upstream_yaml,
         tokens = repo().join("config/admin-tokens.example").display(),
         grace = opts.shutdown_grace,
         extra = opts.extra_yaml,

@@ -40,6 +40,7 @@ upstream:
   connect_timeout: {{ $c.upstream.connectTimeout }}
   response_timeout: {{ $c.upstream.responseTimeout }}
   pool_idle_timeout: {{ $c.upstream.poolIdleTimeout }}
+  http2: {{ $c.upstream.http2 }}
 consent:
   source: {{ $c.consent.source }}
   file: {{ include "consentgate.consentFilePath" . }}

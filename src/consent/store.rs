@@ -9,7 +9,7 @@
 //!   shard its patient id hashes to; a record keeps its slot across updates;
 //! - one index entry per (identifier, record) is a `u64`: the record's slot
 //!   (`u32`) and the low 32 bits of the identifier's 64-bit hash, in a
-//!   `hashbrown::HashTable` of the shard the identifier hashes to. Patient and
+//!   linear-probing table of the shard the identifier hashes to. Patient and
 //!   external ids are hashed with a per-process keyed SipHash; email/phone
 //!   SHA-256 digests are already uniform and are used as they are.
 //! - Every hit is verified against the record itself (patient id equal, or
@@ -25,7 +25,6 @@
 use super::compact::{self, ConsentView, Interner, Parsed};
 use super::record::ConsentRecord;
 use crate::identify::{IdKey, Identifiers};
-use hashbrown::HashTable;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -58,10 +57,116 @@ fn digest_u64(d: &[u8; 32]) -> u64 {
     u64::from_le_bytes([a, b, c, e, f, g, h, i])
 }
 
-/// The hash hashbrown sees for an entry: a function of the stored 32 bits
-/// only, so the table can grow without the original identifier.
+/// Mixes the stored 32 bits (Fibonacci hashing): bucket positions depend on
+/// the entry alone, so a table can grow without the original identifier.
 fn spread(h32: u32) -> u64 {
     u64::from(h32).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A free bucket. Never an entry: no record ref is `u32::MAX`.
+const EMPTY: u64 = u64::MAX;
+
+/// Open addressing with linear probing over bare `u64` entries (no separate
+/// control bytes): a cache line holds 8 entries, so finding an identifier
+/// usually costs one miss. Load <= 3/4; deletion shifts entries back, so
+/// there are no tombstones.
+#[derive(Default)]
+struct Table {
+    buckets: Vec<u64>,
+    len: usize,
+}
+
+impl Table {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn home(&self, h32: u32) -> usize {
+        match self.buckets.len().trailing_zeros() {
+            0 => 0,
+            bits => (spread(h32) >> (64 - bits)) as usize,
+        }
+    }
+
+    fn mask(&self) -> usize {
+        self.buckets.len().wrapping_sub(1)
+    }
+
+    /// Entries stored under `h32`, in probe order.
+    fn probe(&self, h32: u32) -> impl Iterator<Item = u64> + '_ {
+        let (start, mask) = (self.home(h32), self.mask());
+        (0..self.buckets.len())
+            .map(move |k| self.buckets[(start + k) & mask])
+            .take_while(|e| *e != EMPTY)
+            .filter(move |e| *e as u32 == h32)
+    }
+
+    /// `true` when `e` was not there yet.
+    fn insert(&mut self, e: u64) -> bool {
+        if (self.len + 1) * 4 > self.buckets.len() * 3 {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = self.home(e as u32);
+        while self.buckets[i] != EMPTY {
+            if self.buckets[i] == e {
+                return false;
+            }
+            i = (i + 1) & mask;
+        }
+        self.buckets[i] = e;
+        self.len += 1;
+        true
+    }
+
+    fn grow(&mut self) {
+        let n = (self.buckets.len() * 2).max(8);
+        let old = std::mem::replace(&mut self.buckets, vec![EMPTY; n]);
+        let mask = self.mask();
+        for e in old.into_iter().filter(|e| *e != EMPTY) {
+            let mut i = self.home(e as u32);
+            while self.buckets[i] != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.buckets[i] = e;
+        }
+    }
+
+    /// `true` when `e` was there.
+    fn remove(&mut self, e: u64) -> bool {
+        let mask = self.mask();
+        if self.buckets.is_empty() {
+            return false;
+        }
+        let mut hole = self.home(e as u32);
+        loop {
+            match self.buckets[hole] {
+                EMPTY => return false,
+                x if x == e => break,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        // Shift back every later entry of the run that may sit in the hole
+        // (its home is not in the cyclic range (hole, j]).
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let x = self.buckets[j];
+            if x == EMPTY {
+                break;
+            }
+            let from_home = j.wrapping_sub(self.home(x as u32)) & mask;
+            let from_hole = j.wrapping_sub(hole) & mask;
+            if from_home >= from_hole {
+                self.buckets[hole] = x;
+                hole = j;
+            }
+        }
+        self.buckets[hole] = EMPTY;
+        self.len -= 1;
+        true
+    }
 }
 
 fn entry(r: u32, h32: u32) -> u64 {
@@ -73,14 +178,15 @@ fn split(r: u32) -> (usize, usize) {
 }
 
 fn record_ref(shard: usize, local: usize) -> Option<u32> {
-    let local = u32::try_from(local).ok().filter(|l| *l <= LOCAL_MASK)?;
+    // `< LOCAL_MASK`: the last ref of the last shard would be `u32::MAX`.
+    let local = u32::try_from(local).ok().filter(|l| *l < LOCAL_MASK)?;
     Some(((shard as u32) << LOCAL_BITS) | local)
 }
 
 #[derive(Default)]
 struct Shard {
     /// Index entries `record ref << 32 | h32` of the identifiers hashing here.
-    table: HashTable<u64>,
+    table: Table,
     /// Records of the patients whose id hashes here.
     records: Vec<Option<Box<[u8]>>>,
     /// Empty `records` slots.
@@ -93,10 +199,7 @@ impl Shard {
     }
 
     fn candidates(&self, s: Slot) -> impl Iterator<Item = u32> + '_ {
-        self.table
-            .iter_hash(spread(s.h32))
-            .filter(move |e| **e as u32 == s.h32)
-            .map(|e| (*e >> 32) as u32)
+        self.table.probe(s.h32).map(|e| (e >> 32) as u32)
     }
 
     /// The slot of `patient_id`'s record (this must be its shard, `me`).
@@ -114,25 +217,12 @@ impl Shard {
 
     /// `true` when the entry was not there yet.
     fn insert_entry(&mut self, s: Slot, r: u32) -> bool {
-        let e = entry(r, s.h32);
-        let h = spread(s.h32);
-        if self.table.find(h, |x| *x == e).is_some() {
-            return false;
-        }
-        self.table.insert_unique(h, e, |x| spread(*x as u32));
-        true
+        self.table.insert(entry(r, s.h32))
     }
 
     /// `true` when the entry was there.
     fn remove_entry(&mut self, s: Slot, r: u32) -> bool {
-        let e = entry(r, s.h32);
-        match self.table.find_entry(spread(s.h32), |x| *x == e) {
-            Ok(o) => {
-                o.remove();
-                true
-            }
-            Err(_) => false,
-        }
+        self.table.remove(entry(r, s.h32))
     }
 }
 
@@ -795,6 +885,31 @@ mod tests {
             let total: usize = s.shards.iter().map(|l| l.read().unwrap().table.len()).sum();
             assert_eq!(total, 0);
         }
+    }
+
+    /// The probing table against a set: clustered homes, wrap-around, growth
+    /// and back-shifting deletes.
+    #[test]
+    fn table_matches_a_set() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut t = Table::default();
+        let mut set = std::collections::BTreeSet::new();
+        for _ in 0..20_000 {
+            let e = entry(rng.gen_range(0..40), rng.gen_range(0..24));
+            if rng.gen_bool(0.55) {
+                assert_eq!(t.insert(e), set.insert(e));
+            } else {
+                assert_eq!(t.remove(e), set.remove(&e));
+            }
+            assert_eq!(t.len(), set.len());
+            let h32 = rng.gen_range(0..24);
+            let mut got: Vec<u64> = t.probe(h32).collect();
+            got.sort_unstable();
+            let want: Vec<u64> = set.iter().copied().filter(|e| *e as u32 == h32).collect();
+            assert_eq!(got, want);
+        }
+        assert!(!t.remove(EMPTY));
     }
 
     #[test]

@@ -2,10 +2,9 @@
 //! matched consent records and the request context, and returns a verdict that the
 //! destination adapter applies to the event.
 
-use crate::consent::ConsentRecord;
+use crate::consent::ConsentView;
 use crate::model::{Category, Channel, DestKind, Grant};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// Why an event was dropped, tagged or passed. Label values of
 /// `consentgate_events_total{reason}` and of the audit `reason` field.
@@ -135,7 +134,7 @@ pub struct Decision {
     /// Whether GPC (header or record) triggered the tagging.
     pub gpc_trigger: bool,
     /// The records the event matched (for pseudonyms and record versions).
-    pub records: Vec<Arc<ConsentRecord>>,
+    pub records: Vec<ConsentView>,
     /// The identifiers the event was looked up by (filled by the pipeline).
     pub identifiers: Vec<crate::identify::IdKey>,
     /// Policy steps in order, each with its outcome (only from `decide_traced`).
@@ -143,10 +142,8 @@ pub struct Decision {
 }
 
 impl Policy {
-    pub fn grant(&self, rec: &ConsentRecord, c: Category) -> Grant {
-        rec.categories
-            .get(&c)
-            .copied()
+    pub fn grant(&self, rec: &ConsentView, c: Category) -> Grant {
+        rec.category(c)
             .or_else(|| self.defaults.get(&c).copied())
             .unwrap_or(c.shipped_default())
     }
@@ -160,16 +157,16 @@ impl Policy {
 
     /// SPEC §6: steps 1-2 end the event; 3-5 accumulate. Several matches: the
     /// most restrictive outcome wins. No trace is built (the proxy's hot path).
-    pub fn decide(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>) -> Decision {
+    pub fn decide(&self, ctx: &Context, records: Vec<ConsentView>) -> Decision {
         self.decide_with(ctx, records, false)
     }
 
     /// [`Policy::decide`] with every step's outcome recorded (for `explain`).
-    pub fn decide_traced(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>) -> Decision {
+    pub fn decide_traced(&self, ctx: &Context, records: Vec<ConsentView>) -> Decision {
         self.decide_with(ctx, records, true)
     }
 
-    fn decide_with(&self, ctx: &Context, records: Vec<Arc<ConsentRecord>>, on: bool) -> Decision {
+    fn decide_with(&self, ctx: &Context, records: Vec<ConsentView>, on: bool) -> Decision {
         let mut t = Trace {
             on,
             steps: Vec::new(),
@@ -203,7 +200,7 @@ impl Policy {
                 return drop(Reason::ConsentDenied, t, records);
             }
             if let Some(ch) = ctx.channel {
-                if r.channels.get(&ch) == Some(&Grant::Denied) {
+                if r.channel(ch) == Some(Grant::Denied) {
                     t.push("2_consent", || format!("channel {} denied", ch.as_str()));
                     return drop(Reason::ChannelDenied, t, records);
                 }
@@ -213,8 +210,8 @@ impl Policy {
         let mut keep = Keep::default();
         let mut gpc_trigger = false;
         if ctx.kind.is_ads_or_analytics() {
-            let record_gpc = records.iter().any(|r| r.gpc);
-            let opt_out = records.iter().any(|r| r.sale_share_opt_out);
+            let record_gpc = records.iter().any(|r| r.gpc());
+            let opt_out = records.iter().any(|r| r.sale_share_opt_out());
             if opt_out || record_gpc || ctx.header_gpc {
                 gpc_trigger = !opt_out;
                 keep.strip_identity = true;
@@ -245,7 +242,7 @@ impl Policy {
             } else {
                 t.push("3_sale_share", || "not opted out".into());
             }
-            if records.iter().any(|r| r.limit_sensitive) {
+            if records.iter().any(|r| r.limit_sensitive()) {
                 keep.limit_sensitive = true;
                 t.push("4_limit_sensitive", || {
                     "reduce URLs, strip content fields".into()
@@ -285,8 +282,10 @@ impl Trace {
 mod tests {
     use super::*;
 
-    fn rec(json: &str) -> Arc<ConsentRecord> {
-        Arc::new(ConsentRecord::from_json(json.as_bytes()).unwrap())
+    use crate::consent::ConsentRecord;
+
+    fn rec(json: &str) -> ConsentView {
+        ConsentView::from(&ConsentRecord::from_json(json.as_bytes()).unwrap())
     }
     fn ctx(category: Category, kind: DestKind) -> Context {
         Context {

@@ -168,17 +168,19 @@ impl Inner {
                 }
             }
         }
-        let mut changed = 0usize;
-        for rec in winners.values() {
-            if self.store.put_if_changed(rec.clone()) {
-                changed += 1;
-            }
-        }
+        // Removals first, so the winners can then be moved into the store
+        // (no copy of each record).
         let mut removed = 0usize;
         for id in self.store.patient_ids() {
             if !winners.contains_key(&*id) {
                 self.store.delete(&id);
                 removed += 1;
+            }
+        }
+        let mut changed = 0usize;
+        for rec in winners.into_values() {
+            if self.store.put_if_changed(rec) {
+                changed += 1;
             }
         }
         drop(journal);

@@ -16,6 +16,7 @@
 //! Keep `src` (the `FileSourceHandle`) alive for as long as the proxy runs.
 
 pub mod api;
+pub mod compact;
 pub mod file_source;
 pub mod journal;
 pub mod postgres;
@@ -24,6 +25,7 @@ pub mod source;
 pub mod store;
 
 pub use api::{ApiContext, Tokens};
+pub use compact::ConsentView;
 pub use file_source::{FileSourceConfig, FileSourceHandle};
 pub use postgres::{PgSourceConfig, PgSourceHandle};
 pub use record::{ConsentRecord, FieldError};

@@ -287,7 +287,7 @@ impl Shared {
                 continue;
             }
             let changed = if row.deleted {
-                !initial && self.store.delete(&row.patient_id).is_some()
+                !initial && self.store.delete(&row.patient_id)
             } else {
                 match ConsentRecord::from_value(&row.record, None) {
                     Ok(mut rec) => {

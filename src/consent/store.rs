@@ -1,125 +1,252 @@
 //! The in-memory consent cache: every record indexed by every identity it has.
 //! Lookups take the identifiers of one event and return every matching record.
 //!
-//! Layout (memory per patient matters at millions of patients):
-//! - `records`: patient key (32 bytes) → `Arc<ConsentRecord>`;
-//! - `index`: external-id / email-hash / phone-hash key (32 bytes) → the record
-//!   itself (one `Arc`, no second map probe, no copy of the patient id);
-//! - records hold digests as 32 raw bytes, and `jurisdiction` / `source` are
-//!   interned so a million records share a handful of strings.
+//! Layout (memory per patient matters at millions of patients; see
+//! `docs/consent-store.md` for the arithmetic):
+//! - a record is one boxed byte blob in [`compact`](super::compact) form
+//!   (grants as 2-bit fields, flags as bits, interned jurisdiction/source,
+//!   patient id, external ids and 32-byte digests), held in a slot of the
+//!   shard its patient id hashes to; a record keeps its slot across updates;
+//! - one index entry per (identifier, record) is a `u64`: the record's slot
+//!   (`u32`) and the low 32 bits of the identifier's 64-bit hash, in a
+//!   linear-probing table of the shard the identifier hashes to. Patient and
+//!   external ids are hashed with a per-process keyed SipHash; email/phone
+//!   SHA-256 digests are already uniform and are used as they are.
+//! - Every hit is verified against the record itself (patient id equal, or
+//!   the external id / digest present in the record), so a hash collision or
+//!   an entry racing an update or delete can never return a record that does
+//!   not hold the identifier: an unknown identifier never matches.
 //!
-//! Writers are serialised by a mutex so concurrent writes to one patient can
-//! never leave the index pointing at a superseded record; readers never take it.
+//! Writers are serialised by a mutex and update a record's slot before its
+//! index entries, so readers (which take only per-shard read locks, one at a
+//! time) always see the current record: an entry left pointing at a slot
+//! whose record no longer holds the identifier simply fails verification.
 
+use super::compact::{self, ConsentView, Interner, Parsed};
 use super::record::ConsentRecord;
 use crate::identify::{IdKey, Identifiers};
-use dashmap::DashMap;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Index key: a 32-byte digest, domain-separated per identity kind, so every
-/// kind shares one compact map.
-type Key = [u8; 32];
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
+/// A record reference is `shard << LOCAL_BITS | slot`.
+const LOCAL_BITS: u32 = 32 - SHARD_BITS;
+const LOCAL_MASK: u32 = (1 << LOCAL_BITS) - 1;
 
-fn key_for(id: &IdKey) -> Key {
-    match id {
-        IdKey::Patient(p) => tagged(b'p', p.as_bytes()),
-        IdKey::External(e) => tagged(b'x', e.as_bytes()),
-        IdKey::EmailHash(h) => hash_key(b'e', h),
-        IdKey::PhoneHash(h) => hash_key(b'm', h),
+/// One identifier, as the index sees it.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    Patient(&'a [u8]),
+    External(&'a [u8]),
+    Email(&'a [u8; 32]),
+    Phone(&'a [u8; 32]),
+}
+
+/// Where an identifier's entries live: its shard and the low 32 bits of its hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot {
+    shard: usize,
+    h32: u32,
+}
+
+fn digest_u64(d: &[u8; 32]) -> u64 {
+    let [a, b, c, e, f, g, h, i, ..] = *d;
+    u64::from_le_bytes([a, b, c, e, f, g, h, i])
+}
+
+/// Mixes the stored 32 bits (Fibonacci hashing): bucket positions depend on
+/// the entry alone, so a table can grow without the original identifier.
+fn spread(h32: u32) -> u64 {
+    u64::from(h32).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A free bucket. Never an entry: no record ref is `u32::MAX`.
+const EMPTY: u64 = u64::MAX;
+
+/// Open addressing with linear probing over bare `u64` entries (no separate
+/// control bytes): a cache line holds 8 entries, so finding an identifier
+/// usually costs one miss. Load <= 3/4; deletion shifts entries back, so
+/// there are no tombstones.
+#[derive(Default)]
+struct Table {
+    buckets: Vec<u64>,
+    len: usize,
+}
+
+impl Table {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
     }
-}
 
-fn patient_key(patient_id: &str) -> Key {
-    tagged(b'p', patient_id.trim().as_bytes())
-}
-
-/// An email or phone SHA-256 is already a uniform 32-byte key: no second hash,
-/// just a per-kind tag folded into the first byte (a bijection per kind, so
-/// distinct hashes stay distinct, and the same hash as email and as phone
-/// gives two keys).
-fn hash_key(tag: u8, h: &[u8; 32]) -> Key {
-    let mut k = *h;
-    k[0] ^= tag;
-    k
-}
-
-fn tagged(tag: u8, data: &[u8]) -> Key {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update([tag]);
-    h.update(data);
-    h.finalize().into()
-}
-
-/// Every secondary (non patient-id) key of a record, sorted and deduplicated.
-fn record_keys(r: &ConsentRecord) -> Vec<Key> {
-    let ids = &r.identifiers;
-    let mut keys = Vec::with_capacity(
-        ids.external_ids.len() + ids.email_sha256.len() + ids.phone_sha256.len(),
-    );
-    for x in &ids.external_ids {
-        keys.push(tagged(b'x', x.trim().as_bytes()));
-    }
-    for h in &ids.email_sha256 {
-        keys.push(hash_key(b'e', &h.0));
-    }
-    for h in &ids.phone_sha256 {
-        keys.push(hash_key(b'm', &h.0));
-    }
-    keys.sort_unstable();
-    keys.dedup();
-    keys
-}
-
-/// The records one secondary key names; almost always exactly one.
-enum Hits {
-    One(Arc<ConsentRecord>),
-    // Boxed on purpose: keeps `Hits` at 16 bytes for the common single hit.
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<Arc<ConsentRecord>>>),
-}
-
-impl Hits {
-    fn as_slice(&self) -> &[Arc<ConsentRecord>] {
-        match self {
-            Hits::One(r) => std::slice::from_ref(r),
-            Hits::Many(v) => v.as_slice(),
+    fn home(&self, h32: u32) -> usize {
+        match self.buckets.len().trailing_zeros() {
+            0 => 0,
+            bits => (spread(h32) >> (64 - bits)) as usize,
         }
     }
 
-    /// Insert or replace the entry for `rec.patient_id`.
-    fn set(&mut self, rec: &Arc<ConsentRecord>) {
-        match self {
-            Hits::One(r) if r.patient_id == rec.patient_id => *r = rec.clone(),
-            Hits::One(r) => *self = Hits::Many(Box::new(vec![r.clone(), rec.clone()])),
-            Hits::Many(v) => match v.iter_mut().find(|r| r.patient_id == rec.patient_id) {
-                Some(r) => *r = rec.clone(),
-                None => v.push(rec.clone()),
-            },
+    fn mask(&self) -> usize {
+        self.buckets.len().wrapping_sub(1)
+    }
+
+    /// Entries stored under `h32`, in probe order.
+    fn probe(&self, h32: u32) -> impl Iterator<Item = u64> + '_ {
+        let (start, mask) = (self.home(h32), self.mask());
+        (0..self.buckets.len())
+            .map(move |k| self.buckets[(start + k) & mask])
+            .take_while(|e| *e != EMPTY)
+            .filter(move |e| *e as u32 == h32)
+    }
+
+    /// `true` when `e` was not there yet.
+    fn insert(&mut self, e: u64) -> bool {
+        if (self.len + 1) * 4 > self.buckets.len() * 3 {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = self.home(e as u32);
+        while self.buckets[i] != EMPTY {
+            if self.buckets[i] == e {
+                return false;
+            }
+            i = (i + 1) & mask;
+        }
+        self.buckets[i] = e;
+        self.len += 1;
+        true
+    }
+
+    fn grow(&mut self) {
+        let n = (self.buckets.len() * 2).max(8);
+        let old = std::mem::replace(&mut self.buckets, vec![EMPTY; n]);
+        let mask = self.mask();
+        for e in old.into_iter().filter(|e| *e != EMPTY) {
+            let mut i = self.home(e as u32);
+            while self.buckets[i] != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.buckets[i] = e;
         }
     }
 
-    /// Remove the entry for `patient_id`; `true` when nothing is left.
-    fn remove(&mut self, patient_id: &str) -> bool {
-        match self {
-            Hits::One(r) => r.patient_id == patient_id,
-            Hits::Many(v) => {
-                v.retain(|r| r.patient_id != patient_id);
-                if v.len() == 1 {
-                    let only = v[0].clone();
-                    *self = Hits::One(only);
-                }
-                v_is_empty(self)
+    /// `true` when `e` was there.
+    fn remove(&mut self, e: u64) -> bool {
+        let mask = self.mask();
+        if self.buckets.is_empty() {
+            return false;
+        }
+        let mut hole = self.home(e as u32);
+        loop {
+            match self.buckets[hole] {
+                EMPTY => return false,
+                x if x == e => break,
+                _ => hole = (hole + 1) & mask,
             }
         }
+        // Shift back every later entry of the run that may sit in the hole
+        // (its home is not in the cyclic range (hole, j]).
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let x = self.buckets[j];
+            if x == EMPTY {
+                break;
+            }
+            let from_home = j.wrapping_sub(self.home(x as u32)) & mask;
+            let from_hole = j.wrapping_sub(hole) & mask;
+            if from_home >= from_hole {
+                self.buckets[hole] = x;
+                hole = j;
+            }
+        }
+        self.buckets[hole] = EMPTY;
+        self.len -= 1;
+        true
     }
 }
 
-fn v_is_empty(h: &Hits) -> bool {
-    matches!(h, Hits::Many(v) if v.is_empty())
+fn entry(r: u32, h32: u32) -> u64 {
+    (u64::from(r) << 32) | u64::from(h32)
+}
+
+fn split(r: u32) -> (usize, usize) {
+    ((r >> LOCAL_BITS) as usize, (r & LOCAL_MASK) as usize)
+}
+
+fn record_ref(shard: usize, local: usize) -> Option<u32> {
+    // `< LOCAL_MASK`: the last ref of the last shard would be `u32::MAX`.
+    let local = u32::try_from(local).ok().filter(|l| *l < LOCAL_MASK)?;
+    Some(((shard as u32) << LOCAL_BITS) | local)
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Index entries `record ref << 32 | h32` of the identifiers hashing here.
+    table: Table,
+    /// Records of the patients whose id hashes here.
+    records: Vec<Option<Box<[u8]>>>,
+    /// Empty `records` slots.
+    free: Vec<u32>,
+}
+
+impl Shard {
+    fn blob(&self, local: usize) -> Option<&[u8]> {
+        self.records.get(local)?.as_deref()
+    }
+
+    fn candidates(&self, s: Slot) -> impl Iterator<Item = u32> + '_ {
+        self.table.probe(s.h32).map(|e| (e >> 32) as u32)
+    }
+
+    /// The slot of `patient_id`'s record (this must be its shard, `me`).
+    fn find_patient(&self, me: usize, s: Slot, patient_id: &[u8]) -> Option<usize> {
+        self.candidates(s).find_map(|r| {
+            let (shard, local) = split(r);
+            let hit = shard == me
+                && self
+                    .blob(local)
+                    .and_then(Parsed::new)
+                    .is_some_and(|p| p.patient_id == patient_id);
+            hit.then_some(local)
+        })
+    }
+
+    /// `true` when the entry was not there yet.
+    fn insert_entry(&mut self, s: Slot, r: u32) -> bool {
+        self.table.insert(entry(r, s.h32))
+    }
+
+    /// `true` when the entry was there.
+    fn remove_entry(&mut self, s: Slot, r: u32) -> bool {
+        self.table.remove(entry(r, s.h32))
+    }
+}
+
+/// Candidate record refs of one identifier (almost always exactly one).
+#[derive(Default)]
+struct Cands {
+    inline: [u32; 4],
+    n: usize,
+    more: Vec<u32>,
+}
+
+impl Cands {
+    fn push(&mut self, r: u32) {
+        match self.inline.get_mut(self.n) {
+            Some(x) => {
+                *x = r;
+                self.n += 1;
+            }
+            None => self.more.push(r),
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.inline[..self.n].iter().chain(&self.more).copied()
+    }
 }
 
 /// Outcome of an upsert.
@@ -130,17 +257,40 @@ pub enum Upsert {
     Superseded,
 }
 
-#[derive(Default)]
 pub struct ConsentStore {
-    records: DashMap<Key, Arc<ConsentRecord>>,
-    index: DashMap<Key, Hits>,
-    /// Interned `jurisdiction` / `source` strings.
-    interned: Mutex<HashSet<Arc<str>>>,
+    shards: Box<[RwLock<Shard>]>,
+    /// Keys the hash of patient and external ids (per process).
+    seed: RandomState,
+    interner: Interner,
     /// Serialises writers (readers never take it).
     write: Mutex<()>,
+    records: AtomicUsize,
+    /// Index entries (patient ids included).
+    entries: AtomicUsize,
     /// Unix ms of the last moment the source was known good.
     last_good_ms: AtomicU64,
     source_up: AtomicBool,
+    /// Tests: every identifier hashes to one slot, so every lookup has to be
+    /// decided by verification alone.
+    #[cfg(test)]
+    collide: bool,
+}
+
+impl Default for ConsentStore {
+    fn default() -> Self {
+        ConsentStore {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            seed: RandomState::new(),
+            interner: Interner::default(),
+            write: Mutex::new(()),
+            records: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+            last_good_ms: AtomicU64::new(0),
+            source_up: AtomicBool::new(false),
+            #[cfg(test)]
+            collide: false,
+        }
+    }
 }
 
 impl ConsentStore {
@@ -150,156 +300,324 @@ impl ConsentStore {
 
     /// Number of records held (the `consentgate_consent_records` gauge).
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
+    fn slot(&self, k: Key<'_>) -> Slot {
+        #[cfg(test)]
+        if self.collide {
+            return Slot { shard: 5, h32: 7 };
+        }
+        let h = match k {
+            Key::Patient(b) => self.seed.hash_one((b'p', b)),
+            Key::External(b) => self.seed.hash_one((b'x', b)),
+            // Already uniform: no second hash, just a per-kind constant so the
+            // same digest as email and as phone lands in different places.
+            Key::Email(d) => digest_u64(d) ^ 0x6a09_e667_f3bc_c908,
+            Key::Phone(d) => digest_u64(d) ^ 0xbb67_ae85_84ca_a73b,
+        };
+        Slot {
+            shard: (h >> (64 - SHARD_BITS)) as usize,
+            h32: h as u32,
+        }
+    }
+
+    fn read(&self, shard: usize) -> Option<RwLockReadGuard<'_, Shard>> {
+        let l = self.shards.get(shard)?;
+        Some(l.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn write_shard(&self, shard: usize) -> Option<RwLockWriteGuard<'_, Shard>> {
+        let l = self.shards.get(shard)?;
+        Some(l.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every identifier slot of a record (patient id included), sorted and
+    /// deduplicated: a record has one entry per distinct slot.
+    fn slots_of(&self, p: &Parsed<'_>) -> Vec<Slot> {
+        let mut v = vec![self.slot(Key::Patient(p.patient_id))];
+        if let Some(s) = p.sections() {
+            for x in s.external_ids() {
+                if let Ok(x) = std::str::from_utf8(x) {
+                    let x = x.trim();
+                    if !x.is_empty() {
+                        v.push(self.slot(Key::External(x.as_bytes())));
+                    }
+                }
+            }
+            for d in s.emails.iter() {
+                if let Ok(d) = <&[u8; 32]>::try_from(d) {
+                    v.push(self.slot(Key::Email(d)));
+                }
+            }
+            for d in s.phones.iter() {
+                if let Ok(d) = <&[u8; 32]>::try_from(d) {
+                    v.push(self.slot(Key::Phone(d)));
+                }
+            }
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Run `f` on the stored blob of `patient_id`, under its shard's read lock.
+    fn with_blob<T>(&self, patient_id: &str, f: impl FnOnce(&Parsed<'_>) -> T) -> Option<T> {
+        let pid = patient_id.trim().as_bytes();
+        let s = self.slot(Key::Patient(pid));
+        let sh = self.read(s.shard)?;
+        let local = sh.find_patient(s.shard, s, pid)?;
+        let p = sh.blob(local).and_then(Parsed::new)?;
+        Some(f(&p))
+    }
+
+    /// The stored record (the admin API's GET and PATCH, writers' checks).
     pub fn get(&self, patient_id: &str) -> Option<Arc<ConsentRecord>> {
-        self.records
-            .get(&patient_key(patient_id))
-            .map(|r| r.value().clone())
+        self.with_blob(patient_id, |p| p.record(&self.interner))
+            .flatten()
+            .map(Arc::new)
     }
 
     /// Insert or replace by last-write-wins. Plaintext identifiers are hashed first.
     pub fn upsert(&self, rec: ConsentRecord) -> Upsert {
-        let rec = self.prepare(rec);
+        let rec = prepare(rec);
+        let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
-        if let Some(cur) = self.records.get(&patient_key(&rec.patient_id)) {
-            if !rec.supersedes(cur.value()) {
-                return Upsert::Superseded;
-            }
+        let newer = Parsed::new(&blob).is_some_and(|new| {
+            self.with_blob(&rec.patient_id, |cur| new.supersedes(cur))
+                .unwrap_or(true)
+        });
+        if !newer {
+            return Upsert::Superseded;
         }
-        self.put_locked(rec);
+        self.put_locked(blob);
         Upsert::Applied
     }
 
     /// Insert or replace unconditionally (the source of truth said so).
     pub fn put(&self, rec: ConsentRecord) {
-        let rec = self.prepare(rec);
+        let rec = prepare(rec);
+        let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
-        self.put_locked(rec);
+        self.put_locked(blob);
     }
 
     /// Like `put`, returning the record as stored.
     pub fn put_arc(&self, rec: ConsentRecord) -> Arc<ConsentRecord> {
-        let rec = self.prepare(rec);
+        let rec = prepare(rec);
+        let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
-        self.put_locked(rec)
+        self.put_locked(blob);
+        Arc::new(rec)
     }
 
     /// Put unless the store already holds exactly this record (snapshot
     /// reloads touch only what changed). `true` when something changed.
     pub fn put_if_changed(&self, rec: ConsentRecord) -> bool {
-        let rec = self.prepare(rec);
+        let rec = prepare(rec);
+        let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
-        if let Some(cur) = self.records.get(&patient_key(&rec.patient_id)) {
-            if **cur.value() == rec {
-                return false;
-            }
+        let pid = rec.patient_id.as_bytes();
+        let s = self.slot(Key::Patient(pid));
+        let same = self.read(s.shard).is_some_and(|sh| {
+            sh.find_patient(s.shard, s, pid)
+                .and_then(|l| sh.blob(l))
+                .is_some_and(|cur| *cur == *blob)
+        });
+        if same {
+            return false;
         }
-        self.put_locked(rec);
+        self.put_locked(blob);
         true
     }
 
-    fn prepare(&self, rec: ConsentRecord) -> ConsentRecord {
-        let mut rec = rec.into_stored();
-        rec.patient_id = rec.patient_id.trim().to_string();
-        rec.jurisdiction = rec.jurisdiction.map(|s| self.intern(s));
-        rec.source = rec.source.map(|s| self.intern(s));
-        rec
-    }
-
-    fn intern(&self, s: Arc<str>) -> Arc<str> {
-        let mut set = lock(&self.interned);
-        if let Some(have) = set.get(&s) {
-            return have.clone();
-        }
-        // Bounded: free-form values beyond this are simply not shared.
-        if set.len() < 4096 {
-            set.insert(s.clone());
-        }
-        s
-    }
-
-    fn put_locked(&self, rec: ConsentRecord) -> Arc<ConsentRecord> {
-        let pk = patient_key(&rec.patient_id);
-        let new_keys = record_keys(&rec);
-        let rec = Arc::new(rec);
-        if let Some(old) = self.records.insert(pk, rec.clone()) {
-            for k in record_keys(&old)
-                .iter()
-                .filter(|k| new_keys.binary_search(k).is_err())
-            {
-                self.unindex(k, &old.patient_id);
-            }
-        }
-        for k in new_keys {
-            match self.index.entry(k) {
-                dashmap::Entry::Occupied(mut e) => e.get_mut().set(&rec),
-                dashmap::Entry::Vacant(e) => {
-                    e.insert(Hits::One(rec.clone()));
+    /// Store `blob` in its patient's slot (a new one for a new patient), then
+    /// bring the index up to date (a new patient's own entry included: until
+    /// then it is simply not found yet). Caller holds the writer lock.
+    fn put_locked(&self, blob: Box<[u8]>) {
+        let Some(p) = Parsed::new(&blob) else {
+            // Unreachable: `blob` comes from `compact::encode`.
+            tracing::error!("consent record encoding did not parse back; not stored");
+            return;
+        };
+        let s = self.slot(Key::Patient(p.patient_id));
+        let new_slots = self.slots_of(&p);
+        let Some(mut sh) = self.write_shard(s.shard) else {
+            return;
+        };
+        let found = sh.find_patient(s.shard, s, p.patient_id);
+        let (r, old) = match found {
+            Some(local) => match (record_ref(s.shard, local), sh.records.get_mut(local)) {
+                (Some(r), Some(cell)) => (r, cell.replace(blob)),
+                _ => return,
+            },
+            None => {
+                let local = match sh.free.pop() {
+                    Some(l) => l as usize,
+                    None => {
+                        sh.records.push(None);
+                        sh.records.len() - 1
+                    }
+                };
+                let Some(r) = record_ref(s.shard, local) else {
+                    // Over 2^26 records in one shard (~4 billion in all).
+                    sh.records.pop();
+                    tracing::error!("consent store full; record not stored");
+                    return;
+                };
+                if let Some(cell) = sh.records.get_mut(local) {
+                    *cell = Some(blob);
                 }
+                self.records.fetch_add(1, Ordering::Relaxed);
+                (r, None)
+            }
+        };
+        drop(sh);
+        let old_slots = old
+            .as_deref()
+            .and_then(Parsed::new)
+            .map(|p| self.slots_of(&p))
+            .unwrap_or_default();
+        for k in old_slots
+            .iter()
+            .filter(|k| new_slots.binary_search(k).is_err())
+        {
+            self.unindex(*k, r);
+        }
+        for k in new_slots
+            .iter()
+            .filter(|k| old_slots.binary_search(k).is_err())
+        {
+            if self
+                .write_shard(k.shard)
+                .is_some_and(|mut sh| sh.insert_entry(*k, r))
+            {
+                self.entries.fetch_add(1, Ordering::Relaxed);
             }
         }
-        rec
     }
 
-    /// Remove a record and every index entry pointing at it.
-    pub fn delete(&self, patient_id: &str) -> Option<Arc<ConsentRecord>> {
-        let _w = lock(&self.write);
-        let (_, old) = self.records.remove(&patient_key(patient_id))?;
-        for k in record_keys(&old) {
-            self.unindex(&k, &old.patient_id);
+    fn unindex(&self, k: Slot, r: u32) {
+        if self
+            .write_shard(k.shard)
+            .is_some_and(|mut sh| sh.remove_entry(k, r))
+        {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
         }
-        Some(old)
     }
 
-    fn unindex(&self, k: &Key, patient_id: &str) {
-        self.index
-            .remove_if_mut(k, |_, hits| hits.remove(patient_id));
+    /// Remove a record and every index entry pointing at it. `true` when
+    /// there was one.
+    pub fn delete(&self, patient_id: &str) -> bool {
+        let pid = patient_id.trim().as_bytes();
+        let s = self.slot(Key::Patient(pid));
+        let _w = lock(&self.write);
+        let Some(mut sh) = self.write_shard(s.shard) else {
+            return false;
+        };
+        let Some(local) = sh.find_patient(s.shard, s, pid) else {
+            return false;
+        };
+        let (Some(r), Some(old)) = (
+            record_ref(s.shard, local),
+            sh.records.get_mut(local).and_then(Option::take),
+        ) else {
+            return false;
+        };
+        sh.free.push(r & LOCAL_MASK);
+        drop(sh);
+        self.records.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = Parsed::new(&old) {
+            for k in self.slots_of(&p) {
+                self.unindex(k, r);
+            }
+        }
+        true
     }
 
     /// Every record matching any of the identifiers (deduplicated).
-    pub fn lookup(&self, ids: &Identifiers) -> Vec<Arc<ConsentRecord>> {
-        let mut out: Vec<Arc<ConsentRecord>> = Vec::new();
-        let push = |r: &Arc<ConsentRecord>, out: &mut Vec<Arc<ConsentRecord>>| {
-            if !out
-                .iter()
-                .any(|o| Arc::ptr_eq(o, r) || o.patient_id == r.patient_id)
-            {
-                out.push(r.clone());
-            }
-        };
+    pub fn lookup(&self, ids: &Identifiers) -> Vec<ConsentView> {
+        let mut out: Vec<ConsentView> = Vec::new();
         for id in &ids.keys {
-            if let IdKey::Patient(p) = id {
-                if let Some(r) = self.records.get(&patient_key(p)) {
-                    push(r.value(), &mut out);
+            let key = match id {
+                IdKey::Patient(p) => Key::Patient(p.as_bytes()),
+                IdKey::External(x) => Key::External(x.as_bytes()),
+                IdKey::EmailHash(h) => Key::Email(h),
+                IdKey::PhoneHash(h) => Key::Phone(h),
+            };
+            let s = self.slot(key);
+            let mut elsewhere = Cands::default();
+            {
+                let Some(sh) = self.read(s.shard) else {
+                    continue;
+                };
+                for r in sh.candidates(s) {
+                    let (shard, local) = split(r);
+                    if shard == s.shard {
+                        self.accept(sh.blob(local), key, &mut out);
+                    } else {
+                        elsewhere.push(r);
+                    }
                 }
-                continue;
             }
-            if let Some(hits) = self.index.get(&key_for(id)) {
-                for r in hits.as_slice() {
-                    push(r, &mut out);
+            // One shard lock at a time: never held while taking another.
+            for r in elsewhere.iter() {
+                let (shard, local) = split(r);
+                if let Some(sh) = self.read(shard) {
+                    self.accept(sh.blob(local), key, &mut out);
                 }
             }
         }
         out
     }
 
-    /// Every patient id currently held (for snapshot reconciliation).
-    pub fn patient_ids(&self) -> Vec<Arc<str>> {
-        self.records
-            .iter()
-            .map(|e| Arc::from(e.value().patient_id.as_str()))
-            .collect()
+    /// Add the record to `out` if it really holds the identifier (and is not
+    /// there yet).
+    fn accept(&self, blob: Option<&[u8]>, key: Key<'_>, out: &mut Vec<ConsentView>) {
+        let Some(p) = blob.and_then(Parsed::new) else {
+            return;
+        };
+        let holds = match key {
+            Key::Patient(b) => p.patient_id == b,
+            Key::External(x) => p.has_external(x),
+            Key::Email(d) => p.has_email(d),
+            Key::Phone(d) => p.has_phone(d),
+        };
+        if holds && !out.iter().any(|v| v.patient_id.as_bytes() == p.patient_id) {
+            if let Some(v) = p.view(&self.interner) {
+                out.push(v);
+            }
+        }
     }
 
-    /// Number of secondary index keys (external ids and hashes).
+    /// Every patient id currently held (for snapshot reconciliation).
+    pub fn patient_ids(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::with_capacity(self.len());
+        for shard in 0..SHARDS {
+            let Some(sh) = self.read(shard) else {
+                continue;
+            };
+            for b in sh.records.iter().flatten() {
+                if let Some(p) = Parsed::new(b) {
+                    if let Ok(id) = std::str::from_utf8(p.patient_id) {
+                        out.push(Arc::from(id));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of secondary index entries (external ids and hashes, one per
+    /// record holding them).
     pub fn index_len(&self) -> usize {
-        self.index.len()
+        self.entries
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.len())
     }
 
     /// The source reports itself healthy and current as of now.
@@ -329,6 +647,16 @@ impl ConsentStore {
     pub fn is_stale(&self, max: Duration) -> bool {
         self.staleness().is_none_or(|s| s > max)
     }
+}
+
+/// The stored form: hashes instead of plaintext, patient id trimmed.
+fn prepare(rec: ConsentRecord) -> ConsentRecord {
+    let mut rec = rec.into_stored();
+    let trimmed = rec.patient_id.trim();
+    if trimmed.len() != rec.patient_id.len() {
+        rec.patient_id = trimmed.to_string();
+    }
+    rec
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -371,7 +699,7 @@ mod tests {
         let mut ids = Identifiers::new();
         ids.add_external("crm:1");
         assert!(s.lookup(&ids).is_empty());
-        assert!(s.index.is_empty());
+        assert_eq!(s.index_len(), 0);
     }
 
     #[test]
@@ -386,7 +714,7 @@ mod tests {
         s.put(rec(r#"{"patient_id":"A","identifiers":{"external_ids":["x:2"]},"updated_at":"2026-11-21T10:00:00Z"}"#));
         let hits = s.lookup(&fam);
         assert_eq!(hits.len(), 1);
-        assert_eq!(hits[0].patient_id, "B");
+        assert_eq!(&*hits[0].patient_id, "B");
         let mut old = Identifiers::new();
         old.add_external("x:1");
         assert!(s.lookup(&old).is_empty());
@@ -396,7 +724,7 @@ mod tests {
         assert_eq!(s.lookup(&new).len(), 2);
         // The index points at the current record, not a superseded one.
         s.put(rec(r#"{"patient_id":"B","gpc":true,"identifiers":{"emails":["family@example.com"]},"updated_at":"2026-11-22T10:00:00Z"}"#));
-        assert!(s.lookup(&fam)[0].gpc);
+        assert!(s.lookup(&fam)[0].gpc());
         s.delete("B");
         assert!(s.lookup(&fam).is_empty());
         assert_eq!(s.index_len(), 1);
@@ -415,5 +743,263 @@ mod tests {
         ));
         assert_eq!(r, Upsert::Superseded);
         assert!(s.get("P-1").unwrap().gpc);
+    }
+
+    fn views(s: &ConsentStore, ids: &Identifiers) -> Vec<String> {
+        let mut v: Vec<String> = s
+            .lookup(ids)
+            .iter()
+            .map(|r| r.patient_id.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A model-checked run of random puts, deletes and lookups over small
+    /// pools of identifiers (so sharing, re-indexing and slot reuse happen
+    /// often), once with real hashing and once with every identifier
+    /// colliding: results must be exactly the model's.
+    /// A model patient: external ids, emails, phones, gpc.
+    type Held = (Vec<String>, Vec<String>, Vec<String>, bool);
+
+    #[test]
+    fn random_operations_match_a_model_even_when_every_hash_collides() {
+        use rand::{Rng, SeedableRng};
+        use std::collections::BTreeMap;
+        for collide in [false, true] {
+            let mut s = ConsentStore::new();
+            s.collide = collide;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            // patient → (external ids, emails, phones, gpc)
+            let mut model: BTreeMap<String, Held> = BTreeMap::new();
+            let pick = |rng: &mut rand::rngs::StdRng, pool: &[&str]| -> Vec<String> {
+                let n = rng.gen_range(0..3);
+                let mut v: Vec<String> = (0..n)
+                    .map(|_| pool[rng.gen_range(0..pool.len())].to_string())
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            let exts = ["x:1", "x:2", "x:3", " x:4 ", "P-1"];
+            let emails = ["a@x.org", "b@x.org", "c@x.org", "fam@x.org"];
+            let phones = ["+14155550100", "+14155550101", "+14155550102"];
+            for step in 0..3000 {
+                let pid = format!("P-{}", rng.gen_range(0..12));
+                match rng.gen_range(0..10) {
+                    0..=5 => {
+                        let e = pick(&mut rng, &exts);
+                        let m = pick(&mut rng, &emails);
+                        let p = pick(&mut rng, &phones);
+                        let gpc = rng.gen_bool(0.5);
+                        let rec = ConsentRecord {
+                            patient_id: pid.clone(),
+                            identifiers: crate::consent::record::RecordIdentifiers {
+                                emails: m.clone(),
+                                phones: p.clone(),
+                                external_ids: e.clone(),
+                                ..Default::default()
+                            },
+                            jurisdiction: None,
+                            categories: Default::default(),
+                            channels: Default::default(),
+                            sale_share_opt_out: false,
+                            limit_sensitive: false,
+                            gpc,
+                            updated_at: chrono::DateTime::from_timestamp(step, 0).unwrap(),
+                            source: None,
+                        };
+                        s.put(rec);
+                        model.insert(pid.clone(), (e, m, p, gpc));
+                    }
+                    6 => {
+                        assert_eq!(s.delete(&pid), model.remove(&pid).is_some());
+                    }
+                    _ => {}
+                }
+                assert_eq!(s.len(), model.len());
+                let check = |ids: Identifiers, want: Vec<String>| {
+                    assert_eq!(
+                        views(&s, &ids),
+                        want,
+                        "collide={collide} step={step} {ids:?}"
+                    );
+                };
+                let mut ids = Identifiers::new();
+                ids.add_patient(&pid);
+                check(
+                    ids,
+                    model
+                        .contains_key(&pid)
+                        .then(|| pid.clone())
+                        .into_iter()
+                        .collect(),
+                );
+                for x in exts {
+                    let mut ids = Identifiers::new();
+                    ids.add_external(x);
+                    let want = model
+                        .iter()
+                        .filter(|(_, r)| r.0.iter().any(|e| e.trim() == x.trim()))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    check(ids, want);
+                }
+                for x in emails {
+                    let mut ids = Identifiers::new();
+                    ids.add_email(x);
+                    let want: Vec<String> = model
+                        .iter()
+                        .filter(|(_, r)| r.1.iter().any(|e| e == x))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    // Whoever holds the email is returned with its current flags.
+                    for v in s.lookup(&ids) {
+                        assert_eq!(v.gpc(), model[&*v.patient_id].3);
+                    }
+                    check(ids, want);
+                }
+                for x in phones {
+                    let mut ids = Identifiers::new();
+                    ids.add_phone(&x[1..]);
+                    let want = model
+                        .iter()
+                        .filter(|(_, r)| r.2.iter().any(|e| e == x))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    check(ids, want);
+                }
+                // Never held by anyone: never matches.
+                let mut ids = Identifiers::new();
+                ids.add_email("nobody@x.org");
+                ids.add_external("x:9");
+                ids.add_patient("P-99");
+                ids.add_phone("+19999999999");
+                check(ids, Vec::new());
+            }
+            // Everything deleted: nothing left in the index.
+            for id in s.patient_ids() {
+                assert!(s.delete(&id));
+            }
+            assert_eq!((s.len(), s.index_len()), (0, 0));
+            let total: usize = s.shards.iter().map(|l| l.read().unwrap().table.len()).sum();
+            assert_eq!(total, 0);
+        }
+    }
+
+    /// The probing table against a set: clustered homes, wrap-around, growth
+    /// and back-shifting deletes.
+    #[test]
+    fn table_matches_a_set() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut t = Table::default();
+        let mut set = std::collections::BTreeSet::new();
+        for _ in 0..20_000 {
+            let e = entry(rng.gen_range(0..40), rng.gen_range(0..24));
+            if rng.gen_bool(0.55) {
+                assert_eq!(t.insert(e), set.insert(e));
+            } else {
+                assert_eq!(t.remove(e), set.remove(&e));
+            }
+            assert_eq!(t.len(), set.len());
+            let h32 = rng.gen_range(0..24);
+            let mut got: Vec<u64> = t.probe(h32).collect();
+            got.sort_unstable();
+            let want: Vec<u64> = set.iter().copied().filter(|e| *e as u32 == h32).collect();
+            assert_eq!(got, want);
+        }
+        assert!(!t.remove(EMPTY));
+    }
+
+    #[test]
+    fn email_digest_is_not_a_phone_digest() {
+        let s = ConsentStore::new();
+        let h = identify::sha256_hex(b"a@x.org");
+        s.put(rec(&format!(
+            r#"{{"patient_id":"A","identifiers":{{"email_sha256":["{h}"]}},"updated_at":"2026-11-20T10:00:00Z"}}"#
+        )));
+        let mut ids = Identifiers::new();
+        ids.add_phone(&h);
+        assert!(s.lookup(&ids).is_empty());
+        let mut ids = Identifiers::new();
+        ids.add_external("A");
+        assert!(
+            s.lookup(&ids).is_empty(),
+            "a patient id is not an external id"
+        );
+        let mut ids = Identifiers::new();
+        ids.add_email(&h.to_uppercase());
+        ids.add_patient(" A ");
+        assert_eq!(views(&s, &ids), ["A"], "one record, however many ids match");
+    }
+
+    #[test]
+    fn get_round_trips_the_stored_record() {
+        let s = ConsentStore::new();
+        let r = rec(
+            r#"{"patient_id":" P-1 ","identifiers":{"emails":["J.Doe@gmail.com"],"phones":["+1 415 555 0100"],"external_ids":["crm:1"]},
+            "jurisdiction":"US-CA","source":"crm","categories":{"advertising":"granted"},"channels":{"sms":"denied"},
+            "gpc":true,"updated_at":"2026-11-20T10:00:00.123456789Z"}"#,
+        );
+        let stored = s.put_arc(r.clone());
+        assert_eq!(stored.patient_id, "P-1");
+        assert_eq!(*s.get("P-1").unwrap(), *stored);
+        assert_eq!(stored.identifiers.email_sha256.len(), 2);
+        assert!(!s.put_if_changed(r));
+        assert!(s.get("P-2").is_none());
+    }
+
+    /// Readers racing a writer that moves an email between two records and
+    /// flips a flag with it: a reader only ever sees a record that holds the
+    /// identifier it looked up, with that record's own flags, and the ids
+    /// that never change are always found.
+    #[test]
+    fn concurrent_reads_during_writes_see_current_records() {
+        let s = Arc::new(ConsentStore::new());
+        let put = |s: &ConsentStore, who: &str, email: &str, n: i64| {
+            let gpc = who == "A";
+            s.put(rec(&format!(
+                r#"{{"patient_id":"{who}","gpc":{gpc},"identifiers":{{"emails":["{email}"],"external_ids":["x:{who}"]}},"updated_at":"2026-11-20T10:00:{:02}Z"}}"#,
+                n % 60
+            )));
+        };
+        put(&s, "A", "shared@x.org", 0);
+        put(&s, "B", "b@x.org", 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (s, stop) = (s.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut ids = Identifiers::new();
+                        ids.add_email("shared@x.org");
+                        for v in s.lookup(&ids) {
+                            // A holds it with gpc, B without: never mixed up.
+                            assert_eq!(v.gpc(), &*v.patient_id == "A");
+                        }
+                        for who in ["A", "B"] {
+                            let mut ids = Identifiers::new();
+                            ids.add_external(&format!("x:{who}"));
+                            let hits = s.lookup(&ids);
+                            assert_eq!(hits.len(), 1);
+                            assert_eq!(&*hits[0].patient_id, who);
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        for i in 0..20_000i64 {
+            let (with, without) = if i % 2 == 0 { ("B", "A") } else { ("A", "B") };
+            put(&s, without, &format!("{without}@x.org"), i);
+            put(&s, with, "shared@x.org", i);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
     }
 }

@@ -136,7 +136,8 @@ fn ud_key(path: &str) -> &str {
 /// [`identify_event`]); the values looked at are kept parsed.
 fn identify_user_data(ud: &mut Object<'_>) -> Result<Identifiers, BodyError> {
     let mut ids = Identifiers::new();
-    let fields: [(&str, fn(&mut Identifiers, &str)); 3] = [
+    type Add = fn(&mut Identifiers, &str);
+    let fields: [(&str, Add); 3] = [
         ("em", Identifiers::add_email),
         ("ph", Identifiers::add_phone),
         ("external_id", Identifiers::add_external),
@@ -861,6 +862,9 @@ mod tests {
         assert!(!MetaCapi.inspects(&Method::POST, "/v21.0/123/adcreatives"));
     }
 
+    /// Makes a fresh decide closure (one per enforcement compared).
+    type MakeDecider = dyn Fn() -> Box<dyn FnMut(&Identifiers) -> EventVerdict>;
+
     /// Verdicts cycling through every kind of keep and a drop.
     fn cycling() -> impl FnMut(&Identifiers) -> EventVerdict {
         let verdicts = [
@@ -917,12 +921,7 @@ mod tests {
         ]
     }
 
-    fn compare(
-        label: &str,
-        ct: &'static str,
-        body: &[u8],
-        mk: &dyn Fn() -> Box<dyn FnMut(&Identifiers) -> EventVerdict>,
-    ) {
+    fn compare(label: &str, ct: &'static str, body: &[u8], mk: &MakeDecider) {
         let mut d1 = mk();
         let mut d2 = mk();
         let new = MetaCapi.enforce(&view(ct), body, &mut *d1);
@@ -961,10 +960,7 @@ mod tests {
             mixed_events().into_iter().chain(odd_events()).collect(),
             vec![],
         ];
-        let deciders: Vec<(
-            &str,
-            Box<dyn Fn() -> Box<dyn FnMut(&Identifiers) -> EventVerdict>>,
-        )> = vec![
+        let deciders: Vec<(&str, Box<MakeDecider>)> = vec![
             (
                 "policy",
                 Box::new(|| Box::new(adkit::decider(DestKind::AdPlatform))),

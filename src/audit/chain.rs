@@ -15,8 +15,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The plaintext line of `rec` chained to `prev_hash` (no newline).
+#[cfg(test)]
 pub(crate) fn record_line(rec: &AuditRecord, prev_hash: &str) -> Result<Vec<u8>, String> {
-    let mut line = serde_json::to_vec(rec).map_err(|e| format!("serialise audit record: {e}"))?;
+    let mut line = Vec::new();
+    write_record_line(rec, prev_hash, &mut line)?;
+    Ok(line)
+}
+
+/// [`record_line`] into `line` (cleared first), reusing its allocation.
+pub(crate) fn write_record_line(
+    rec: &AuditRecord,
+    prev_hash: &str,
+    line: &mut Vec<u8>,
+) -> Result<(), String> {
+    line.clear();
+    serde_json::to_writer(&mut *line, rec).map_err(|e| format!("serialise audit record: {e}"))?;
     // A struct always serialises to a non-empty object: splice prev_hash in last.
     if line.last() != Some(&b'}') || line.len() < 2 {
         return Err("serialise audit record: not a JSON object".into());
@@ -25,7 +38,17 @@ pub(crate) fn record_line(rec: &AuditRecord, prev_hash: &str) -> Result<Vec<u8>,
     line.extend_from_slice(b",\"prev_hash\":\"");
     line.extend_from_slice(prev_hash.as_bytes());
     line.extend_from_slice(b"\"}");
-    Ok(line)
+    Ok(())
+}
+
+/// Lowercase hex SHA-256 of `bytes` into `out` (cleared first).
+pub(crate) fn sha256_hex_into(bytes: &[u8], out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.clear();
+    for b in Sha256::digest(bytes) {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
 }
 
 /// The bytes that go into the file for a plaintext line (no newline).
@@ -146,6 +169,9 @@ mod tests {
         assert_eq!(d.record["fields_stripped"], serde_json::json!([]));
         assert_eq!(sha256_hex(&d.plain), sha256_hex(&line));
         assert_eq!(sha256_hex(b"").len(), 64);
+        let mut h = String::from("junk");
+        sha256_hex_into(&line, &mut h);
+        assert_eq!(h, sha256_hex(&line));
     }
 
     #[test]

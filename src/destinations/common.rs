@@ -32,7 +32,8 @@ pub fn strings_at<'a>(v: &'a Value, path: &str) -> Vec<std::borrow::Cow<'a, str>
     out
 }
 
-fn collect_strings<'a>(v: &'a Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
+/// Every string (or number, as text) in `v`, walking arrays.
+pub fn collect_strings<'a>(v: &'a Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
     match v {
         Value::String(s) => out.push(std::borrow::Cow::Borrowed(s.as_str())),
         Value::Number(n) => out.push(std::borrow::Cow::Owned(n.to_string())),
@@ -164,7 +165,9 @@ pub fn hash_at(v: &mut Value, path: &str, hash: fn(&str) -> String) -> bool {
     modify_at(v, path, &mut |x| hash_value(x, hash))
 }
 
-fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
+/// Hash the plaintext strings (and numbers) in `x`, walking arrays; values that
+/// already look hashed are left alone. Returns whether anything changed.
+pub fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
     match x {
         Value::String(s) if !s.is_empty() && !identify::looks_hashed(s) => {
             *s = hash(s);

@@ -6,6 +6,7 @@
 //! other form fields (`access_token`, `test_event_code`, …) are kept as they are.
 
 use super::common;
+use super::rawjson::{self, Node, Object, Shape};
 use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
 use crate::decide::{EventVerdict, Keep, Ldu};
 use crate::identify::{self, Identifiers};
@@ -117,87 +118,311 @@ fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
     common::hash_all(ev, HASHED, &mut a.hashed);
 }
 
-/// Enforce a `data` array whose elements are event objects or JSON-encoded
-/// event strings; each kept event leaves in the form it came in.
-fn enforce_data(
-    data: &mut Vec<Value>,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<(bool, Vec<EventApplied>), BodyError> {
-    let mut encoded = Vec::with_capacity(data.len());
-    let mut events = Vec::with_capacity(data.len());
-    for (i, el) in data.drain(..).enumerate() {
-        match el {
-            Value::Object(_) => {
-                encoded.push(false);
-                events.push(el);
+/// The JSON error answer for a body that does not parse.
+fn invalid_json(e: &serde_json::Error) -> BodyError {
+    BodyError::Unreadable(format!(
+        "invalid JSON at line {} column {}",
+        e.line(),
+        e.column()
+    ))
+}
+
+/// `user_data`'s key of each identity path (`user_data.em` → `em`).
+fn ud_key(path: &str) -> &str {
+    path.strip_prefix("user_data.").unwrap_or(path)
+}
+
+/// Identifiers in `user_data` (em, then ph, then external_id, as
+/// [`identify_event`]); the values looked at are kept parsed.
+fn identify_user_data(ud: &mut Object<'_>) -> Result<Identifiers, BodyError> {
+    let mut ids = Identifiers::new();
+    type Add = fn(&mut Identifiers, &str);
+    let fields: [(&str, Add); 3] = [
+        ("em", Identifiers::add_email),
+        ("ph", Identifiers::add_phone),
+        ("external_id", Identifiers::add_external),
+    ];
+    for (key, add) in fields {
+        let Some(n) = ud.get_mut(key) else { continue };
+        if !matches!(n.lead(), b'"' | b'[' | b'-' | b'0'..=b'9') {
+            continue;
+        }
+        let v = n.take_value().map_err(|e| invalid_json(&e))?;
+        let mut found = Vec::new();
+        common::collect_strings(&v, &mut found);
+        for s in &found {
+            add(&mut ids, s);
+        }
+        *n = Node::Val(v);
+    }
+    Ok(ids)
+}
+
+/// [`apply`] on a lazy event whose `user_data` (if any) is an object.
+fn apply_lazy<'a>(
+    ev: &mut Object<'a>,
+    ud: Option<&mut Object<'a>>,
+    keep: &Keep,
+    a: &mut EventApplied,
+) -> Result<(), BodyError> {
+    let mut ud = ud;
+    if keep.strip_identity {
+        if let Some(u) = ud.as_deref_mut() {
+            let mut present = 0;
+            for p in IDENTITY {
+                if u.get(ud_key(p)).is_some() {
+                    present += 1;
+                    a.fields_stripped.push((*p).to_string());
+                }
             }
-            Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                Ok(v @ Value::Object(_)) => {
-                    encoded.push(true);
-                    events.push(v);
+            if u.len() > present {
+                a.fields_stripped.push("user_data.*".into());
+            }
+            u.entries.clear();
+        }
+    }
+    let ldu = keep.ldu.or(keep.strip_identity.then_some(Ldu {
+        country: 0,
+        state: 0,
+    }));
+    if let Some(l) = ldu {
+        ev.insert("data_processing_options", Node::Val(json!(["LDU"])));
+        ev.insert(
+            "data_processing_options_country",
+            Node::Val(json!(l.country)),
+        );
+        ev.insert("data_processing_options_state", Node::Val(json!(l.state)));
+        a.flags_set.push("data_processing_options=LDU".into());
+        a.flags_set
+            .push(format!("data_processing_options_country={}", l.country));
+        a.flags_set
+            .push(format!("data_processing_options_state={}", l.state));
+    }
+    if keep.limit_sensitive {
+        for p in ["event_source_url", "referrer_url"] {
+            let Some(n) = ev.get_mut(p) else { continue };
+            if n.lead() != b'"' {
+                continue;
+            }
+            let Value::String(url) = n.take_value().map_err(|e| invalid_json(&e))? else {
+                continue;
+            };
+            let reduced = common::reduce_url(&url);
+            if reduced != url {
+                a.fields_stripped.push(p.to_string());
+            }
+            *n = Node::Val(Value::String(reduced));
+        }
+        if let Some(n) = ev.get_mut("custom_data") {
+            if n.lead() == b'{' {
+                let mut cd = match std::mem::replace(n, Node::Val(Value::Null)) {
+                    Node::Raw(r) => Object::parse(r.get()).map_err(|e| invalid_json(&e))?,
+                    Node::Obj(o) => o,
+                    Node::Val(v) => Object::from_value(v),
+                };
+                let before = cd.len();
+                cd.entries
+                    .retain(|(k, _)| CUSTOM_DATA_KEEP.contains(&k.0.as_ref()));
+                if cd.len() != before {
+                    a.fields_stripped.push("custom_data.*".into());
                 }
-                _ => {
-                    return Err(BodyError::Unreadable(format!(
-                        "`data[{i}]` is a string but not a JSON-encoded event object"
-                    )))
-                }
-            },
-            _ => {
-                return Err(BodyError::Unreadable(format!(
-                    "`data[{i}]` is not an event object"
-                )))
+                *n = Node::Obj(cd);
             }
         }
     }
-    let (changed, applied) = common::enforce_array(&mut events, decide, &identify_event, &apply);
-    let kept_encoded = encoded
-        .iter()
-        .zip(&applied)
-        .filter(|(_, a)| !a.verdict.is_drop())
-        .map(|(e, _)| *e);
-    *data = events
-        .into_iter()
-        .zip(kept_encoded)
-        .map(|(ev, enc)| {
-            if enc {
-                Value::String(String::from_utf8_lossy(&common::to_json(&ev)).into_owned())
-            } else {
-                ev
+    if let Some(u) = ud {
+        for (p, h) in HASHED {
+            let Some(n) = u.get_mut(ud_key(p)) else {
+                continue;
+            };
+            let mut v = n.take_value().map_err(|e| invalid_json(&e))?;
+            if common::hash_value(&mut v, *h) {
+                a.hashed.push((*p).to_string());
             }
-        })
-        .collect();
-    Ok((changed, applied))
+            *n = Node::Val(v);
+        }
+    }
+    Ok(())
+}
+
+/// Identify, decide and apply one event. `Ok(None)`: dropped.
+fn enforce_event<'a>(
+    mut ev: Object<'a>,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+) -> Result<(EventApplied, Option<Object<'a>>), BodyError> {
+    let ud_at = ev.position("user_data");
+    if let Some(i) = ud_at {
+        if ev.entries[i].1.lead() != b'{' {
+            // Unusual shape (user_data an array, a string…): the generic walk.
+            let mut v = ev.to_value().map_err(|e| invalid_json(&e))?;
+            let verdict = decide(&identify_event(&v));
+            let mut a = EventApplied::new(verdict);
+            return Ok(match verdict {
+                EventVerdict::Drop(_) => (a, None),
+                EventVerdict::Keep(k) => {
+                    apply(&mut v, &k, &mut a);
+                    (a, Some(Object::from_value(v)))
+                }
+            });
+        }
+    }
+    let mut ud = match ud_at {
+        Some(i) => Some(
+            match std::mem::replace(&mut ev.entries[i].1, Node::Val(Value::Null)) {
+                Node::Raw(r) => Object::parse(r.get()).map_err(|e| invalid_json(&e))?,
+                Node::Obj(o) => o,
+                Node::Val(v) => Object::from_value(v),
+            },
+        ),
+        None => None,
+    };
+    let ids = match ud.as_mut() {
+        Some(u) => identify_user_data(u)?,
+        None => Identifiers::new(),
+    };
+    let verdict = decide(&ids);
+    let mut a = EventApplied::new(verdict);
+    let EventVerdict::Keep(k) = verdict else {
+        return Ok((a, None));
+    };
+    apply_lazy(&mut ev, ud.as_mut(), &k, &mut a)?;
+    if let (Some(i), Some(u)) = (ud_at, ud) {
+        ev.entries[i].1 = Node::Obj(u);
+    }
+    Ok((a, Some(ev)))
+}
+
+/// Enforce a `data` array whose elements are event objects or JSON-encoded
+/// event strings; each kept event leaves in the form it came in. Returns
+/// whether anything changed, what was done per event, and the new array's
+/// JSON text.
+fn enforce_data(
+    data: Vec<Shape<'_>>,
+    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+) -> Result<(bool, Vec<EventApplied>, Vec<u8>), BodyError> {
+    // Every element is checked before any decision, first error first.
+    let mut objects = Vec::with_capacity(data.len());
+    let mut texts = Vec::new();
+    let mut bad = None;
+    for (i, el) in data.into_iter().enumerate() {
+        match el {
+            Shape::Object(o) => objects.push(Some(o)),
+            Shape::Str(s) => {
+                objects.push(None);
+                texts.push((i, s));
+            }
+            _ => {
+                bad = Some(i);
+                break;
+            }
+        }
+    }
+    let not_event = |i: usize| {
+        BodyError::Unreadable(format!(
+            "`data[{i}]` is a string but not a JSON-encoded event object"
+        ))
+    };
+    let mut events = Vec::with_capacity(objects.len());
+    let mut texts = texts.iter().peekable();
+    for (i, o) in objects.into_iter().enumerate() {
+        match o {
+            Some(o) => events.push((o, false)),
+            None => {
+                let Some((_, s)) = texts.next() else {
+                    return Err(not_event(i));
+                };
+                match Object::parse(s) {
+                    Ok(o) => events.push((o, true)),
+                    Err(_) => return Err(not_event(i)),
+                }
+            }
+        }
+    }
+    if let Some(i) = bad {
+        return Err(BodyError::Unreadable(format!(
+            "`data[{i}]` is not an event object"
+        )));
+    }
+    let mut applied = Vec::with_capacity(events.len());
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'[');
+    let mut first = true;
+    let mut buf = Vec::new();
+    for (ev, encoded) in events {
+        let (a, kept) = enforce_event(ev, decide)?;
+        applied.push(a);
+        let Some(ev) = kept else { continue };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        if encoded {
+            buf.clear();
+            ev.write(&mut buf);
+            rawjson::write_str(&mut out, &String::from_utf8_lossy(&buf));
+        } else {
+            ev.write(&mut out);
+        }
+    }
+    out.push(b']');
+    let changed = applied.iter().any(EventApplied::changed);
+    Ok((changed, applied, out))
+}
+
+fn missing_data() -> BodyError {
+    BodyError::Unreadable("`data` is missing or not an array".into())
 }
 
 fn enforce_json(
     body: &[u8],
     decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
 ) -> Result<Enforced, BodyError> {
-    let mut root = common::parse_json(body)?;
-    let (changed, applied) = match root.get_mut("data") {
-        Some(Value::Array(data)) => enforce_data(data, decide)?,
-        // `data` itself JSON-encoded inside the JSON body.
-        Some(Value::String(s)) => {
-            let mut inner = parse_data_string(s)?;
-            let r = enforce_data(&mut inner, decide)?;
-            *s = String::from_utf8_lossy(&common::to_json(&Value::Array(inner))).into_owned();
-            r
-        }
-        _ => {
-            return Err(BodyError::Unreadable(
-                "`data` is missing or not an array".into(),
-            ))
-        }
+    let doc = rawjson::Doc::parse(body, "data").map_err(|e| invalid_json(&e))?;
+    let Shape::Object(root) = doc.root else {
+        return Err(missing_data());
     };
+    let (changed, applied, data) = match doc.special {
+        Some(Shape::Array(data)) => enforce_data(data, decide)?,
+        // `data` itself JSON-encoded inside the JSON body.
+        Some(Shape::Str(s)) => {
+            let inner = parse_data_string(&s)?;
+            let (changed, applied, text) = enforce_data(inner, decide)?;
+            let mut quoted = Vec::with_capacity(text.len() + 16);
+            rawjson::write_str(&mut quoted, &String::from_utf8_lossy(&text));
+            (changed, applied, quoted)
+        }
+        _ => return Err(missing_data()),
+    };
+    if !changed {
+        return Ok(Enforced {
+            body: None,
+            events: applied,
+        });
+    }
+    let mut out = Vec::with_capacity(body.len());
+    out.push(b'{');
+    for (i, (k, v)) in root.entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        rawjson::write_str(&mut out, &k.0);
+        out.push(b':');
+        if k.0 == "data" {
+            out.extend_from_slice(&data);
+        } else {
+            v.write(&mut out);
+        }
+    }
+    out.push(b'}');
     Ok(Enforced {
-        body: changed.then(|| common::to_json(&root)),
+        body: Some(out),
         events: applied,
     })
 }
 
-fn parse_data_string(s: &str) -> Result<Vec<Value>, BodyError> {
-    match serde_json::from_str::<Value>(s) {
-        Ok(Value::Array(a)) => Ok(a),
+fn parse_data_string(s: &str) -> Result<Vec<Shape<'_>>, BodyError> {
+    match Shape::parse(s) {
+        Ok(Shape::Array(a)) => Ok(a),
         Ok(_) => Err(BodyError::Unreadable("`data` is not a JSON array".into())),
         Err(e) => Err(BodyError::Unreadable(format!(
             "`data` is not valid JSON (line {} column {})",
@@ -225,15 +450,15 @@ fn enforce_form(
             ))
         }
     };
-    let mut data = parse_data_string(&pairs[i].1)?;
-    let (changed, applied) = enforce_data(&mut data, decide)?;
+    let data = parse_data_string(&pairs[i].1)?;
+    let (changed, applied, text) = enforce_data(data, decide)?;
     if !changed {
         return Ok(Enforced {
             body: None,
             events: applied,
         });
     }
-    pairs[i].1 = String::from_utf8_lossy(&common::to_json(&Value::Array(data))).into_owned();
+    pairs[i].1 = String::from_utf8_lossy(&text).into_owned();
     Ok(Enforced {
         body: Some(common::encode_form(&pairs)),
         events: applied,
@@ -295,6 +520,149 @@ impl Adapter for MetaCapi {
     }
     fn ldu_signal(&self) -> &str {
         "data_processing_options [\"LDU\"] + _country/_state (1/1000 US-CA, else 0/0)"
+    }
+}
+
+/// The Value-tree implementation this adapter had before the lazy one: the
+/// oracle `lazy_matches_value_tree_reference` compares against.
+#[cfg(test)]
+mod reference {
+    use super::*;
+
+    /// Enforce a `data` array whose elements are event objects or JSON-encoded
+    /// event strings; each kept event leaves in the form it came in.
+    fn enforce_data(
+        data: &mut Vec<Value>,
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<(bool, Vec<EventApplied>), BodyError> {
+        let mut encoded = Vec::with_capacity(data.len());
+        let mut events = Vec::with_capacity(data.len());
+        for (i, el) in data.drain(..).enumerate() {
+            match el {
+                Value::Object(_) => {
+                    encoded.push(false);
+                    events.push(el);
+                }
+                Value::String(s) => match serde_json::from_str::<Value>(&s) {
+                    Ok(v @ Value::Object(_)) => {
+                        encoded.push(true);
+                        events.push(v);
+                    }
+                    _ => {
+                        return Err(BodyError::Unreadable(format!(
+                            "`data[{i}]` is a string but not a JSON-encoded event object"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(BodyError::Unreadable(format!(
+                        "`data[{i}]` is not an event object"
+                    )))
+                }
+            }
+        }
+        let (changed, applied) =
+            common::enforce_array(&mut events, decide, &identify_event, &apply);
+        let kept_encoded = encoded
+            .iter()
+            .zip(&applied)
+            .filter(|(_, a)| !a.verdict.is_drop())
+            .map(|(e, _)| *e);
+        *data = events
+            .into_iter()
+            .zip(kept_encoded)
+            .map(|(ev, enc)| {
+                if enc {
+                    Value::String(String::from_utf8_lossy(&common::to_json(&ev)).into_owned())
+                } else {
+                    ev
+                }
+            })
+            .collect();
+        Ok((changed, applied))
+    }
+
+    fn enforce_json(
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError> {
+        let mut root = common::parse_json(body)?;
+        let (changed, applied) = match root.get_mut("data") {
+            Some(Value::Array(data)) => enforce_data(data, decide)?,
+            // `data` itself JSON-encoded inside the JSON body.
+            Some(Value::String(s)) => {
+                let mut inner = parse_data_string(s)?;
+                let r = enforce_data(&mut inner, decide)?;
+                *s = String::from_utf8_lossy(&common::to_json(&Value::Array(inner))).into_owned();
+                r
+            }
+            _ => {
+                return Err(BodyError::Unreadable(
+                    "`data` is missing or not an array".into(),
+                ))
+            }
+        };
+        Ok(Enforced {
+            body: changed.then(|| common::to_json(&root)),
+            events: applied,
+        })
+    }
+
+    fn parse_data_string(s: &str) -> Result<Vec<Value>, BodyError> {
+        match serde_json::from_str::<Value>(s) {
+            Ok(Value::Array(a)) => Ok(a),
+            Ok(_) => Err(BodyError::Unreadable("`data` is not a JSON array".into())),
+            Err(e) => Err(BodyError::Unreadable(format!(
+                "`data` is not valid JSON (line {} column {})",
+                e.line(),
+                e.column()
+            ))),
+        }
+    }
+
+    fn enforce_form(
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError> {
+        if std::str::from_utf8(body).is_err() {
+            return Err(BodyError::Unreadable("form body is not UTF-8".into()));
+        }
+        let mut pairs = common::parse_form(body);
+        let mut idx = pairs.iter().enumerate().filter(|(_, (k, _))| k == "data");
+        let i = match (idx.next(), idx.next()) {
+            (Some((i, _)), None) => i,
+            (None, _) => return Err(BodyError::Unreadable("form field `data` is missing".into())),
+            (Some(_), Some(_)) => {
+                return Err(BodyError::Unreadable(
+                    "form field `data` occurs more than once".into(),
+                ))
+            }
+        };
+        let mut data = parse_data_string(&pairs[i].1)?;
+        let (changed, applied) = enforce_data(&mut data, decide)?;
+        if !changed {
+            return Ok(Enforced {
+                body: None,
+                events: applied,
+            });
+        }
+        pairs[i].1 = String::from_utf8_lossy(&common::to_json(&Value::Array(data))).into_owned();
+        Ok(Enforced {
+            body: Some(common::encode_form(&pairs)),
+            events: applied,
+        })
+    }
+
+    pub fn enforce(
+        ct: &str,
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError> {
+        if ct == "application/json" {
+            enforce_json(body, decide)
+        } else {
+            enforce_form(body, decide)
+        }
     }
 }
 
@@ -492,5 +860,219 @@ mod tests {
         assert!(MetaCapi.inspects(&Method::POST, "/123/events/"));
         assert!(!MetaCapi.inspects(&Method::GET, "/v21.0/123/events"));
         assert!(!MetaCapi.inspects(&Method::POST, "/v21.0/123/adcreatives"));
+    }
+
+    /// Makes a fresh decide closure (one per enforcement compared).
+    type MakeDecider = dyn Fn() -> Box<dyn FnMut(&Identifiers) -> EventVerdict>;
+
+    /// Verdicts cycling through every kind of keep and a drop.
+    fn cycling() -> impl FnMut(&Identifiers) -> EventVerdict {
+        let verdicts = [
+            EventVerdict::Keep(Keep::default()),
+            EventVerdict::Keep(Keep {
+                strip_identity: true,
+                ldu: Some(Ldu {
+                    country: 1,
+                    state: 1000,
+                }),
+                limit_sensitive: false,
+            }),
+            EventVerdict::Drop(crate::decide::Reason::ConsentDenied),
+            EventVerdict::Keep(Keep {
+                strip_identity: false,
+                ldu: None,
+                limit_sensitive: true,
+            }),
+            EventVerdict::Keep(Keep {
+                strip_identity: true,
+                ldu: None,
+                limit_sensitive: true,
+            }),
+            EventVerdict::Keep(Keep {
+                strip_identity: false,
+                ldu: Some(Ldu {
+                    country: 0,
+                    state: 0,
+                }),
+                limit_sensitive: false,
+            }),
+        ];
+        let mut i = 0;
+        move |_: &Identifiers| {
+            i += 1;
+            verdicts[(i - 1) % verdicts.len()]
+        }
+    }
+
+    fn odd_events() -> Vec<Value> {
+        let h = identify::sha256_hex(b"jane.roe@example.com");
+        vec![
+            json!({"event_name":"A","user_data":[{"em":"a@x.com","ph":"1 415 555 0100"},{"fn":"Al"}]}),
+            json!({"event_name":"B","user_data":"a@x.com","custom_data":[1,2]}),
+            json!({"event_name":"C","event_source_url":7,"referrer_url":"https://r.example/x?y",
+                   "custom_data":{"value":1,"order_id":"o","content_ids":["a"]}}),
+            json!({"event_name":"D","user_data":{"em":[["nested@x.com"], 5],"ph":14155550100u64,
+                   "external_id":["e1","e2"],"ge":"F","db":19700101,"madid":"m","new_id":"n"}}),
+            json!({"event_name":"E","user_data":{"em":h,"fn":{"x":1},"ln":null,"zp":true},
+                   "data_processing_options":[],"app_data":{"k":"v"}}),
+            json!({"event_name":"F\u{e9}\"q\"","user_data":{},"event_source_url":"not a url"}),
+            json!({"event_name":"G"}),
+            json!({"event_name":"H","user_data":null}),
+        ]
+    }
+
+    fn compare(label: &str, ct: &'static str, body: &[u8], mk: &MakeDecider) {
+        let mut d1 = mk();
+        let mut d2 = mk();
+        let new = MetaCapi.enforce(&view(ct), body, &mut *d1);
+        let old = reference::enforce(ct, body, &mut *d2);
+        if label.starts_with("untouched dup") {
+            // Duplicate keys inside an object the adapter does not touch leave
+            // as they came: the same JSON value, not the same bytes.
+            let (Ok(n), Ok(o)) = (&new, &old) else {
+                panic!("{label}: {new:?} / {old:?}")
+            };
+            assert_eq!(n.events, o.events, "{label}");
+            let parse = |b: &Option<Vec<u8>>| -> Value {
+                serde_json::from_slice(b.as_deref().unwrap()).unwrap()
+            };
+            assert_eq!(parse(&n.body), parse(&o.body), "{label}");
+            return;
+        }
+        assert_eq!(new, old, "{label}: {}", String::from_utf8_lossy(body));
+    }
+
+    #[test]
+    fn lazy_matches_value_tree_reference() {
+        let fixture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/fixtures/meta_batch10.json"
+        ))
+        .unwrap();
+        let fixture_events: Vec<Value> = serde_json::from_slice::<Value>(&fixture).unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let sets: Vec<Vec<Value>> = vec![
+            mixed_events(),
+            odd_events(),
+            fixture_events,
+            mixed_events().into_iter().chain(odd_events()).collect(),
+            vec![],
+        ];
+        let deciders: Vec<(&str, Box<MakeDecider>)> = vec![
+            (
+                "policy",
+                Box::new(|| Box::new(adkit::decider(DestKind::AdPlatform))),
+            ),
+            ("cycling", Box::new(|| Box::new(cycling()))),
+            (
+                "keep",
+                Box::new(|| Box::new(|_: &Identifiers| EventVerdict::Keep(Keep::default()))),
+            ),
+        ];
+        for (si, events) in sets.iter().enumerate() {
+            for (dn, mk) in &deciders {
+                let label = format!("set {si} {dn}");
+                let json_body =
+                    common::to_json(&json!({"test_event_code":"T","data": events, "z":[1]}));
+                compare(
+                    &format!("{label} json"),
+                    "application/json",
+                    &json_body,
+                    &**mk,
+                );
+                let encoded: Vec<Value> = events
+                    .iter()
+                    .map(|e| Value::String(serde_json::to_string(e).unwrap()))
+                    .collect();
+                let mixed: Vec<Value> = events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        if i % 2 == 0 {
+                            e.clone()
+                        } else {
+                            encoded[i].clone()
+                        }
+                    })
+                    .collect();
+                let b = common::to_json(&json!({"data": mixed}));
+                compare(
+                    &format!("{label} json mixed"),
+                    "application/json",
+                    &b,
+                    &**mk,
+                );
+                let b = common::to_json(
+                    &json!({"data": serde_json::to_string(&encoded).unwrap(), "x": 1}),
+                );
+                compare(
+                    &format!("{label} json data string"),
+                    "application/json",
+                    &b,
+                    &**mk,
+                );
+                let form = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("access_token", "tok")
+                    .append_pair("data", &serde_json::to_string(&encoded).unwrap())
+                    .finish();
+                compare(
+                    &format!("{label} form"),
+                    "application/x-www-form-urlencoded",
+                    form.as_bytes(),
+                    &**mk,
+                );
+                let form = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("data", &serde_json::to_string(&mixed).unwrap())
+                    .finish();
+                compare(
+                    &format!("{label} form mixed"),
+                    "application/x-www-form-urlencoded",
+                    form.as_bytes(),
+                    &**mk,
+                );
+            }
+        }
+        // Duplicate keys (Map semantics: first position, last value), errors.
+        let h = identify::sha256_hex(b"x@y.com");
+        let odd: Vec<String> = vec![
+            format!(
+                r#"{{"data":[{{"user_data":{{"em":"deny.me@example.com"}},"event_name":"x","user_data":{{"em":"{h}"}}}}]}}"#
+            ),
+            format!(
+                r#"{{"data":[{{"user_data":{{"em":"jane.roe@example.com","em":"{h}","fn":"a"}}}}],"data":[{{"user_data":{{"em":"jane.roe@example.com"}}}}]}}"#
+            ),
+            r#"{"data":[{"user_data":{"em":"jane.roe@example.com"}}]}"#.to_string(),
+            r#"{"data":[{"user_data":{"em":"jane.roe@example.com"}},7]}"#.to_string(),
+            r#"{"data":["{"a":1}","[1]",7]}"#.to_string(),
+            r#"{"data":[1,"nope"]}"#.to_string(),
+            r#"{"data":"[1"}"#.to_string(),
+            r#"{"data":"{}"}"#.to_string(),
+            r#"{"data":{}}"#.to_string(),
+            r#"[{"data":[]}]"#.to_string(),
+            r#"{"data":[]} x"#.to_string(),
+            r#"{"data":[{"user_data":{"em":"a@b.c"}}"#.to_string(),
+            r#"{"data":[{"user_data":{"em":"jane.roe@example.com"}}]}"#.to_string(),
+        ];
+        for (i, b) in odd.iter().enumerate() {
+            for (dn, mk) in &deciders {
+                compare(
+                    &format!("odd {i} {dn}"),
+                    "application/json",
+                    b.as_bytes(),
+                    &**mk,
+                );
+            }
+        }
+        let b = r#"{"data":[{"user_data":{"em":"jane.roe@example.com"},"custom_data":{"value":1,"a":2,"value":3}},{"custom_data":{"value":1,"a":2,"value":3}},{"custom_data":{"value":1,"a":2,"value":3}},{"custom_data":{"value":1,"a":2,"value":3}}]}"#;
+        for (dn, mk) in &deciders {
+            compare(
+                &format!("untouched dup {dn}"),
+                "application/json",
+                b.as_bytes(),
+                &**mk,
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod mailchimp;
 pub mod mandrill;
 pub mod meta;
 pub mod pinterest;
+pub mod rawjson;
 pub mod sendgrid;
 pub mod snap;
 pub mod tiktok;

@@ -1,0 +1,407 @@
+//! Lazy JSON objects for the hot adapters: an object is parsed into its
+//! ordered `(key, raw value)` pairs, values stay borrowed slices of the input
+//! ([`RawValue`]) until an adapter needs one, and writing an object copies the
+//! untouched slices as they came.
+//!
+//! Duplicate keys get `serde_json::Map`'s (`preserve_order`) meaning: one
+//! entry, at the first key's position, holding the last value. So what an
+//! adapter inspects is exactly what leaves, and a value hidden behind a
+//! duplicate key never goes out.
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::fmt;
+
+/// An object key, borrowed from the input unless it had escapes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A value of a lazy object: as it came, parsed, or an object of its own.
+#[derive(Debug)]
+pub enum Node<'a> {
+    Raw(&'a RawValue),
+    Val(Value),
+    Obj(Object<'a>),
+}
+
+impl<'a> Node<'a> {
+    /// The first byte of the JSON text (`{`, `[`, `"`, digit, `t`, `f`, `n`).
+    pub fn lead(&self) -> u8 {
+        match self {
+            Node::Raw(r) => r.get().as_bytes().first().copied().unwrap_or(b' '),
+            Node::Val(Value::Object(_)) | Node::Obj(_) => b'{',
+            Node::Val(Value::Array(_)) => b'[',
+            Node::Val(Value::String(_)) => b'"',
+            Node::Val(_) => b'0',
+        }
+    }
+
+    /// The value as a `serde_json::Value` (parsed from the raw text if need be).
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        match self {
+            Node::Raw(r) => serde_json::from_str(r.get()),
+            Node::Val(v) => Ok(v.clone()),
+            Node::Obj(o) => o.to_value(),
+        }
+    }
+
+    /// Move the value out as a `serde_json::Value` (parsed if need be),
+    /// leaving `null` behind.
+    pub fn take_value(&mut self) -> Result<Value, serde_json::Error> {
+        match std::mem::replace(self, Node::Val(Value::Null)) {
+            Node::Raw(r) => serde_json::from_str(r.get()),
+            Node::Val(v) => Ok(v),
+            Node::Obj(o) => o.to_value(),
+        }
+    }
+
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Node::Raw(r) => out.extend_from_slice(r.get().as_bytes()),
+            // Writing a Value to a Vec cannot fail (keys are strings).
+            Node::Val(v) => {
+                let _ = serde_json::to_writer(&mut *out, v);
+            }
+            Node::Obj(o) => o.write(out),
+        }
+    }
+}
+
+/// A JSON object as ordered entries, duplicate keys merged (see the module doc).
+#[derive(Debug, Default)]
+pub struct Object<'a> {
+    pub entries: Vec<(Key<'a>, Node<'a>)>,
+    /// Whether the text had duplicate keys (merged in `entries`).
+    pub had_duplicates: bool,
+}
+
+impl<'a> Object<'a> {
+    /// Parse `text`, which must be one JSON object.
+    pub fn parse(text: &'a str) -> Result<Object<'a>, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn position(&self, key: &str) -> Option<usize> {
+        self.entries.iter().position(|(k, _)| k.0 == key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node<'a>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.0 == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node<'a>> {
+        self.entries
+            .iter_mut()
+            .find(|(k, _)| k.0 == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Replace the value of `key` in place, or append it (`Map::insert`).
+    pub fn insert(&mut self, key: &'static str, value: Node<'a>) {
+        match self.get_mut(key) {
+            Some(v) => *v = value,
+            None => self.entries.push((Key(Cow::Borrowed(key)), value)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// An object from a parsed one (values kept parsed).
+    pub fn from_value(v: Value) -> Object<'a> {
+        let entries = match v {
+            Value::Object(m) => m
+                .into_iter()
+                .map(|(k, v)| (Key(Cow::Owned(k)), Node::Val(v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Object {
+            entries,
+            had_duplicates: false,
+        }
+    }
+
+    /// Write as compact JSON (raw values as they came).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, &k.0);
+            out.push(b':');
+            v.write(out);
+        }
+        out.push(b'}');
+    }
+
+    /// The whole object as a `serde_json::Value`.
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        let mut m = serde_json::Map::with_capacity(self.entries.len());
+        for (k, v) in &self.entries {
+            m.insert(k.0.to_string(), v.to_value()?);
+        }
+        Ok(Value::Object(m))
+    }
+
+    /// Merge duplicate keys: first position, last value.
+    fn dedup(&mut self) {
+        let n = self.entries.len();
+        if n < 2 {
+            return;
+        }
+        let dup = if n <= 16 {
+            (1..n).any(|i| (0..i).any(|j| self.entries[j].0 == self.entries[i].0))
+        } else {
+            let mut seen = std::collections::HashSet::with_capacity(n);
+            !self.entries.iter().all(|(k, _)| seen.insert(k.0.as_ref()))
+        };
+        if !dup {
+            return;
+        }
+        self.had_duplicates = true;
+        let mut out: Vec<(Key<'a>, Node<'a>)> = Vec::with_capacity(n);
+        let mut index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::with_capacity(n);
+        for (k, v) in self.entries.drain(..) {
+            match index.get(k.0.as_ref()) {
+                Some(&i) => out[i].1 = v,
+                None => {
+                    index.insert(k.0.to_string(), out.len());
+                    out.push((k, v));
+                }
+            }
+        }
+        self.entries = out;
+    }
+}
+
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Object<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
+                let mut o = Object {
+                    entries: Vec::with_capacity(map.size_hint().unwrap_or(8)),
+                    had_duplicates: false,
+                };
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    o.entries.push((k, Node::Raw(v)));
+                }
+                o.dedup();
+                Ok(o)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Any JSON value, sorted by what an adapter does with it: an object (lazy),
+/// an array (its elements sorted the same way), a string, or something else
+/// (syntax checked, not kept).
+#[derive(Debug)]
+pub enum Shape<'a> {
+    Object(Object<'a>),
+    Array(Vec<Shape<'a>>),
+    Str(Cow<'a, str>),
+    Other,
+}
+
+/// A document whose top level is sorted as a [`Shape`]; when it is an object,
+/// the value of `key` is sorted as a [`Shape`] too (in `special`; its entry in
+/// the object holds `null`).
+#[derive(Debug)]
+pub struct Doc<'a> {
+    pub root: Shape<'a>,
+    pub special: Option<Shape<'a>>,
+}
+
+struct ShapeVisitor<'s, 'a> {
+    special_key: Option<&'static str>,
+    special: &'s mut Option<Shape<'a>>,
+}
+
+impl<'de> Visitor<'de> for ShapeVisitor<'_, 'de> {
+    type Value = Shape<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape<'de>, A::Error> {
+        let mut o = Object {
+            entries: Vec::with_capacity(map.size_hint().unwrap_or(8)),
+            had_duplicates: false,
+        };
+        while let Some(k) = map.next_key::<Key<'de>>()? {
+            if Some(k.0.as_ref()) == self.special_key {
+                *self.special = Some(map.next_value::<Shape<'de>>()?);
+                o.entries.push((k, Node::Val(Value::Null)));
+            } else {
+                let v: &'de RawValue = map.next_value()?;
+                o.entries.push((k, Node::Raw(v)));
+            }
+        }
+        o.dedup();
+        Ok(Shape::Object(o))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(16));
+        while let Some(el) = seq.next_element::<Shape<'de>>()? {
+            v.push(el);
+        }
+        Ok(Shape::Array(v))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(Cow::Owned(v)))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut none = None;
+        d.deserialize_any(ShapeVisitor {
+            special_key: None,
+            special: &mut none,
+        })
+    }
+}
+
+impl<'a> Shape<'a> {
+    /// Parse `text` as one JSON value.
+    pub fn parse(text: &'a str) -> Result<Shape<'a>, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl<'a> Doc<'a> {
+    /// Parse `bytes` (UTF-8 JSON) as one value, sorting `key` of a top-level
+    /// object as a shape of its own.
+    pub fn parse(bytes: &'a [u8], key: &'static str) -> Result<Doc<'a>, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let mut special = None;
+        let root = serde::Deserializer::deserialize_any(
+            &mut de,
+            ShapeVisitor {
+                special_key: Some(key),
+                special: &mut special,
+            },
+        )?;
+        de.end()?;
+        Ok(Doc { root, special })
+    }
+}
+
+/// Append `s` as a JSON string, escaped the way serde_json writes strings.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_merge_like_map_and_raw_values_survive() {
+        let text = r#"{"a":1,"b":{"x" : [1, 2]},"a":"last","c\u0041":true}"#;
+        let o = Object::parse(text).unwrap();
+        let keys: Vec<&str> = o.entries.iter().map(|(k, _)| k.0.as_ref()).collect();
+        assert_eq!(keys, ["a", "b", "cA"]);
+        let mut out = Vec::new();
+        o.write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a":"last","b":{"x" : [1, 2]},"cA":true}"#
+        );
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(o.to_value().unwrap(), v);
+    }
+
+    #[test]
+    fn many_duplicates_use_the_index() {
+        let mut text = String::from("{");
+        for i in 0..40 {
+            text.push_str(&format!("\"k{}\":{i},", i % 20));
+        }
+        text.push_str("\"end\":0}");
+        let o = Object::parse(&text).unwrap();
+        assert_eq!(o.len(), 21);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(o.to_value().unwrap(), v);
+    }
+
+    #[test]
+    fn shapes() {
+        assert!(matches!(Shape::parse("[1,{}]"), Ok(Shape::Array(a)) if a.len() == 2));
+        let d = Doc::parse(br#"{"a":1,"data":[{"x":1},"s"],"data":[{}]}"#, "data").unwrap();
+        assert!(matches!(d.special, Some(Shape::Array(a)) if a.len() == 1));
+        assert!(matches!(d.root, Shape::Object(o) if o.len() == 2));
+        assert!(matches!(Shape::parse(r#""a\"b""#), Ok(Shape::Str(s)) if s == "a\"b"));
+        assert!(matches!(Shape::parse("1e5"), Ok(Shape::Other)));
+        assert!(matches!(Shape::parse("null"), Ok(Shape::Other)));
+        assert!(Shape::parse("[1,").is_err());
+        assert!(Shape::parse("{} x").is_err());
+        assert!(Object::parse("[]").is_err());
+        let mut n = Node::Raw(serde_json::from_str::<&RawValue>("[\"x\"]").unwrap());
+        assert_eq!(n.lead(), b'[');
+        assert_eq!(n.take_value().unwrap(), serde_json::json!(["x"]));
+    }
+}

@@ -375,6 +375,12 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     }
     let _ = admin.join();
     drop(consent_source);
+    // Everything queued for the audit trail is written and fsync'd before exit.
+    match tokio::time::timeout(std::time::Duration::from_secs(10), app.audit.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "audit trail not flushed at shutdown"),
+        Err(_) => tracing::error!("audit trail not flushed within 10s of shutdown"),
+    }
     tracing::info!("stopped");
     0
 }

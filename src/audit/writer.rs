@@ -34,12 +34,6 @@ pub const DEFAULT_CHANNEL_CAPACITY: usize = 8192;
 const MAX_BATCH: usize = 4096;
 /// How often the writer wakes up when idle (interval fsync, failure retry).
 const TICK: Duration = Duration::from_millis(250);
-/// After a batch that did not fill up, the writer waits this long before it
-/// takes the next one, so a busy proxy wakes it a few hundred times a second
-/// instead of once per request (each wake is a futex round trip and a context
-/// switch on the proxy's core). Records are queued in memory before egress
-/// either way; a `flush` waits at most this much longer.
-const COALESCE: Duration = Duration::from_millis(2);
 /// How often a failed writer retries the disk.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// After the first records of a batch arrive, how long the writer waits for
@@ -437,8 +431,6 @@ impl State {
                         }
                     }
                     self.write_records(&batch);
-                    let full = batch.len() >= MAX_BATCH;
-                    let flushed = !flushes.is_empty();
                     if !flushes.is_empty() {
                         let r = if self.failed {
                             Err(AuditUnavailable::Failed)
@@ -450,9 +442,6 @@ impl State {
                         for f in flushes {
                             let _ = f.send(r);
                         }
-                    }
-                    if !full && !flushed {
-                        tokio::time::sleep(COALESCE).await;
                     }
                 }
                 Ok(None) => {

@@ -11,13 +11,101 @@ use crate::identify::{self, Identifiers};
 use serde_json::{Map, Value};
 
 pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
-    serde_json::from_slice(body).map_err(|e| {
-        BodyError::Unreadable(format!(
-            "invalid JSON at line {} column {}",
-            e.line(),
-            e.column()
-        ))
+    strict_json(body).map_err(|e| {
+        BodyError::Unreadable(if e.to_string().contains(DUPLICATE_KEY) {
+            format!(
+                "{} (line {} column {})",
+                DUPLICATE_KEY,
+                e.line(),
+                e.column()
+            )
+        } else {
+            format!("invalid JSON at line {} column {}", e.line(), e.column())
+        })
     })
+}
+
+/// Why a body with a repeated object key is refused: the proxy would decide on
+/// one value while a vendor that keeps the first one would read another, so
+/// such a body is never forwarded (fail closed).
+pub const DUPLICATE_KEY: &str = "duplicate object key: ambiguous JSON is not forwarded";
+
+/// Parse JSON into a `Value`, refusing any object with a repeated key (serde_json
+/// would silently keep the last value); the error's text then holds
+/// [`DUPLICATE_KEY`].
+pub fn strict_json(text: &[u8]) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let v = StrictValue.deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// `strict_json` on a string (an event or document JSON-encoded inside a field).
+pub fn strict_json_str(text: &str) -> Result<Value, serde_json::Error> {
+    strict_json(text.as_bytes())
+}
+
+#[derive(Clone, Copy)]
+struct StrictValue;
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictValue {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
+        while let Some(el) = a.next_element_seed(StrictValue)? {
+            v.push(el);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut m = Map::new();
+        while let Some(k) = a.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
+            }
+            let v = a.next_value_seed(StrictValue)?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 pub fn to_json(v: &Value) -> Vec<u8> {

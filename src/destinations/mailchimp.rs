@@ -70,7 +70,7 @@ fn operation_ids(i: usize, op: &Value) -> Result<Identifiers, BodyError> {
     match o.get("body") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => {
-            let inner: Value = serde_json::from_str(s).map_err(|_| {
+            let inner: Value = common::strict_json_str(s).map_err(|_| {
                 BodyError::Unreadable(format!("operations[{i}].body is not a JSON document"))
             })?;
             member_ids(&inner, &mut ids);

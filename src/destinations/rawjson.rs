@@ -3,11 +3,11 @@
 //! ([`RawValue`]) until an adapter needs one, and writing an object copies the
 //! untouched slices as they came.
 //!
-//! Duplicate keys get `serde_json::Map`'s (`preserve_order`) meaning: one
-//! entry, at the first key's position, holding the last value. So what an
-//! adapter inspects is exactly what leaves, and a value hidden behind a
-//! duplicate key never goes out.
+//! An object with a repeated key is refused (a syntax-level error naming
+//! [`common::DUPLICATE_KEY`]): what an adapter inspects must be exactly what a
+//! vendor reads, whichever of two values the vendor would keep.
 
+use super::common;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -63,7 +63,7 @@ impl<'a> Node<'a> {
     /// The value as a `serde_json::Value` (parsed from the raw text if need be).
     pub fn to_value(&self) -> Result<Value, serde_json::Error> {
         match self {
-            Node::Raw(r) => serde_json::from_str(r.get()),
+            Node::Raw(r) => common::strict_json_str(r.get()),
             Node::Val(v) => Ok(v.clone()),
             Node::Obj(o) => o.to_value(),
         }
@@ -73,7 +73,7 @@ impl<'a> Node<'a> {
     /// leaving `null` behind.
     pub fn take_value(&mut self) -> Result<Value, serde_json::Error> {
         match std::mem::replace(self, Node::Val(Value::Null)) {
-            Node::Raw(r) => serde_json::from_str(r.get()),
+            Node::Raw(r) => common::strict_json_str(r.get()),
             Node::Val(v) => Ok(v),
             Node::Obj(o) => o.to_value(),
         }
@@ -95,8 +95,6 @@ impl<'a> Node<'a> {
 #[derive(Debug, Default)]
 pub struct Object<'a> {
     pub entries: Vec<(Key<'a>, Node<'a>)>,
-    /// Whether the text had duplicate keys (merged in `entries`).
-    pub had_duplicates: bool,
 }
 
 impl<'a> Object<'a> {
@@ -148,10 +146,7 @@ impl<'a> Object<'a> {
                 .collect(),
             _ => Vec::new(),
         };
-        Object {
-            entries,
-            had_duplicates: false,
-        }
+        Object { entries }
     }
 
     /// Write as compact JSON (raw values as they came).
@@ -177,35 +172,17 @@ impl<'a> Object<'a> {
         Ok(Value::Object(m))
     }
 
-    /// Merge duplicate keys: first position, last value.
-    fn dedup(&mut self) {
+    /// Whether a key occurs twice. Such a body is refused (see
+    /// [`common::DUPLICATE_KEY`]): a vendor that keeps the first value would
+    /// read something the proxy never decided on.
+    fn has_duplicates(&self) -> bool {
         let n = self.entries.len();
-        if n < 2 {
-            return;
-        }
-        let dup = if n <= 16 {
+        if n <= 16 {
             (1..n).any(|i| (0..i).any(|j| self.entries[j].0 == self.entries[i].0))
         } else {
             let mut seen = std::collections::HashSet::with_capacity(n);
             !self.entries.iter().all(|(k, _)| seen.insert(k.0.as_ref()))
-        };
-        if !dup {
-            return;
         }
-        self.had_duplicates = true;
-        let mut out: Vec<(Key<'a>, Node<'a>)> = Vec::with_capacity(n);
-        let mut index: std::collections::HashMap<String, usize> =
-            std::collections::HashMap::with_capacity(n);
-        for (k, v) in self.entries.drain(..) {
-            match index.get(k.0.as_ref()) {
-                Some(&i) => out[i].1 = v,
-                None => {
-                    index.insert(k.0.to_string(), out.len());
-                    out.push((k, v));
-                }
-            }
-        }
-        self.entries = out;
     }
 }
 
@@ -220,13 +197,14 @@ impl<'de> Deserialize<'de> for Object<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
                 let mut o = Object {
                     entries: Vec::with_capacity(map.size_hint().unwrap_or(8)),
-                    had_duplicates: false,
                 };
                 while let Some(k) = map.next_key::<Key<'de>>()? {
                     let v: &'de RawValue = map.next_value()?;
                     o.entries.push((k, Node::Raw(v)));
                 }
-                o.dedup();
+                if o.has_duplicates() {
+                    return Err(de::Error::custom(common::DUPLICATE_KEY));
+                }
                 Ok(o)
             }
         }
@@ -267,7 +245,6 @@ impl<'de> Visitor<'de> for ShapeVisitor<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape<'de>, A::Error> {
         let mut o = Object {
             entries: Vec::with_capacity(map.size_hint().unwrap_or(8)),
-            had_duplicates: false,
         };
         while let Some(k) = map.next_key::<Key<'de>>()? {
             if Some(k.0.as_ref()) == self.special_key {
@@ -278,7 +255,9 @@ impl<'de> Visitor<'de> for ShapeVisitor<'_, 'de> {
                 o.entries.push((k, Node::Raw(v)));
             }
         }
-        o.dedup();
+        if o.has_duplicates() {
+            return Err(de::Error::custom(common::DUPLICATE_KEY));
+        }
         Ok(Shape::Object(o))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
@@ -360,8 +339,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn duplicates_merge_like_map_and_raw_values_survive() {
-        let text = r#"{"a":1,"b":{"x" : [1, 2]},"a":"last","c\u0041":true}"#;
+    fn raw_values_survive_and_duplicate_keys_are_refused() {
+        let text = r#"{"a":1,"b":{"x" : [1, 2]},"c\u0041":true}"#;
         let o = Object::parse(text).unwrap();
         let keys: Vec<&str> = o.entries.iter().map(|(k, _)| k.0.as_ref()).collect();
         assert_eq!(keys, ["a", "b", "cA"]);
@@ -369,31 +348,31 @@ mod tests {
         o.write(&mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"a":"last","b":{"x" : [1, 2]},"cA":true}"#
+            r#"{"a":1,"b":{"x" : [1, 2]},"cA":true}"#
         );
-        let v: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(o.to_value().unwrap(), v);
-    }
-
-    #[test]
-    fn many_duplicates_use_the_index() {
-        let mut text = String::from("{");
-        for i in 0..40 {
-            text.push_str(&format!("\"k{}\":{i},", i % 20));
+        for dup in [r#"{"a":1,"b":2,"a":"last"}"#, r#"{"a":1,"\u0061":2}"#] {
+            let e = Object::parse(dup).unwrap_err();
+            assert!(e.to_string().contains(common::DUPLICATE_KEY), "{e}");
         }
-        text.push_str("\"end\":0}");
-        let o = Object::parse(&text).unwrap();
-        assert_eq!(o.len(), 21);
-        let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(o.to_value().unwrap(), v);
+        let mut many = String::from("{");
+        for i in 0..40 {
+            many.push_str(&format!("\"k{}\":{i},", i % 20));
+        }
+        many.push_str("\"end\":0}");
+        assert!(Object::parse(&many).is_err());
+        // Inside a raw value the strict parse applies when it is taken.
+        let o = Object::parse(r#"{"u":{"em":"a","em":"b"}}"#).unwrap();
+        let mut n = o.entries.into_iter().next().unwrap().1;
+        assert!(n.take_value().is_err());
     }
 
     #[test]
     fn shapes() {
         assert!(matches!(Shape::parse("[1,{}]"), Ok(Shape::Array(a)) if a.len() == 2));
-        let d = Doc::parse(br#"{"a":1,"data":[{"x":1},"s"],"data":[{}]}"#, "data").unwrap();
-        assert!(matches!(d.special, Some(Shape::Array(a)) if a.len() == 1));
+        let d = Doc::parse(br#"{"a":1,"data":[{"x":1},"s"]}"#, "data").unwrap();
+        assert!(matches!(d.special, Some(Shape::Array(a)) if a.len() == 2));
         assert!(matches!(d.root, Shape::Object(o) if o.len() == 2));
+        assert!(Doc::parse(br#"{"a":1,"data":[{"x":1},"s"],"data":[{}]}"#, "data").is_err());
         assert!(matches!(Shape::parse(r#""a\"b""#), Ok(Shape::Str(s)) if s == "a\"b"));
         assert!(matches!(Shape::parse("1e5"), Ok(Shape::Other)));
         assert!(matches!(Shape::parse("null"), Ok(Shape::Other)));

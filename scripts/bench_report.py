@@ -233,6 +233,8 @@ L.append("- **nginx**: plain HTTP → nginx (`proxy_pass https://` to the upstre
          "upstream certificate verified against the test CA, access log on, 1 worker) → TLS → upstream.")
 L.append("- **cg-passthrough**: plain HTTP (reverse proxy by Host) → consentgate with `meta_capi` "
          "`mode: passthrough` (no body inspection) → TLS → upstream.")
+L.append("- **cg-passthrough-h2**: the same with `upstream.http2: true`, so the upstream leg is one h2 "
+         "connection instead of an HTTP/1.1 keep-alive pool (P2 only; the evidence for the default `false`).")
 L.append("- **cg-enforce**: the same with the default `enforce` mode (parse, identify, look up, decide, "
          "rewrite, audit, per-request info log line).")
 L.append("- **cg-intercept**: `CONNECT graph.facebook.com:443` to consentgate, TLS to consentgate's "
@@ -267,7 +269,7 @@ idle_by = {
     "cg-enforce": idle.get("consentgate_enforce_kb"),
     "cg-intercept": idle.get("consentgate_enforce_kb"),
 }
-for label in ["direct", "direct-plain", "nginx", "cg-passthrough", "cg-enforce", "cg-intercept"]:
+for label in ["direct", "direct-plain", "nginx", "cg-passthrough", "cg-passthrough-h2", "cg-enforce", "cg-intercept"]:
     o, s = runs.get(label), runs.get(label + "-sat")
     if o is None and s is None:
         continue
@@ -418,7 +420,7 @@ nm = []
 for k, v in summary.items():
     if v is None:
         nm.append(f"- `{k}` is null: the step producing it did not run or failed in this run (see the script's output).")
-nm.append("- h2 between client and proxy is not exercised (HTTP/1.1 keep-alive only); nginx speaks HTTP/1.1 to the upstream (it cannot proxy h2 upstream); consentgate negotiates by ALPN and the upstream offers h2 first, so consentgate's upstream leg is h2 unless its client prefers http/1.1.")
+nm.append("- h2 between client and proxy is not exercised (HTTP/1.1 keep-alive only); nginx speaks HTTP/1.1 to the upstream (it cannot proxy h2 upstream); consentgate speaks HTTP/1.1 upstream by default (`upstream.http2: false`) and h2 in the cg-passthrough-h2 row.")
 nm.append("- The upstream shares both CPUs with the load generator and the proxy; at saturation it competes for CPU, which caps every target's rps alike.")
 L.extend(nm)
 L.append("")

@@ -59,26 +59,23 @@ async fn curl_through_the_proxy_reaches_the_tls_upstream() {
     assert_eq!(resp.status, 200);
     assert_eq!(resp.decision(), "allowed");
     assert_eq!(up.last().path_and_query, "/v19.0/h2c");
-    // The upstream offers h2 and the default client takes it.
-    assert_eq!(up.last().version, "HTTP/2.0");
+    // The upstream offers h2; the default client speaks HTTP/1.1 all the same.
+    assert_eq!(up.last().version, "HTTP/1.1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn upstream_http2_false_speaks_http11_upstream() {
+async fn upstream_http2_true_takes_h2_when_offered() {
     let opts = ProxyOpts {
-        upstream_yaml: "  http2: false\n".into(),
+        upstream_yaml: "  http2: true\n".into(),
         ..ProxyOpts::default()
     };
-    let (p, up, _ca) = setup("h1-upstream", opts).await;
+    let (p, up, _ca) = setup("h2-upstream", opts).await;
     for path in ["/v19.0/a", "/v19.0/b"] {
-        let resp = send_h2c(p.proxy, Req::get("graph.facebook.com", path)).await;
+        let resp = send(p.proxy, Req::get("graph.facebook.com", path)).await;
         assert_eq!(resp.status, 200);
         let r = up.last();
         assert_eq!(r.path_and_query, path);
-        assert_eq!(
-            r.version, "HTTP/1.1",
-            "h2c from the client, HTTP/1.1 upstream"
-        );
+        assert_eq!(r.version, "HTTP/2.0", "HTTP/1.1 client, h2 upstream");
     }
 }
 

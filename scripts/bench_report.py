@@ -131,19 +131,27 @@ def fmt(x, nd=3):
 # P1 tails are only meaningful when the load generator kept to its schedule
 # and the baseline was not itself disturbed: otherwise mark them inconclusive.
 p1_lags = [v.get("send_lag_p99_ms") or 0 for v in runs.values() if v.get("mode") == "open"]
-p1_noisy = bool(p1_lags) and (
-    max(p1_lags) > 0.5 or (added_p99 is not None and added_p99 < 0)
-    or (ngx_added_p99 is not None and ngx_added_p99 < 0)
-)
+p1_lag_noisy = bool(p1_lags) and max(p1_lags) > 0.5
+
+
+def p1_reasons(with_nginx):
+    r = []
+    if p1_lag_noisy:
+        r.append("load-generator send lag p99 %s ms > 0.5 ms" % fmt(max(p1_lags)))
+    if added_p99 is not None and added_p99 < 0:
+        r.append("consentgate's added p99 is negative")
+    if with_nginx and ngx_added_p99 is not None and ngx_added_p99 < 0:
+        r.append("nginx's added p99 is negative (%s ms): the direct baseline's tail was disturbed"
+                 % fmt(ngx_added_p99))
+    return r
+
+
 NOISY = object()
 
 
-def verdict(ok, text):
+def verdict(ok, text, reasons=()):
     if ok is NOISY:
-        return (
-            "**inconclusive** (noisy run: load-generator send lag p99 %s ms > 0.5 ms or a "
-            "negative added p99; re-run on a quiet machine)" % fmt(max(p1_lags))
-        )
+        return "**inconclusive** (noisy run: %s; re-run on a quiet machine)" % "; ".join(reasons)
     if ok is None:
         return f"**not measured** ({text})"
     return ("**met**" if ok else "**missed**") + f" ({text})"
@@ -315,11 +323,11 @@ L.append(
 )
 L.append(
     f"| P1 added p99 (enforce vs direct) | <= 1 ms | {fmt(added_p99)} ms | "
-    f"{verdict(NOISY if p1_noisy else le(added_p99, 1.0), 'gap %s ms' % fmt(diff(added_p99, 1.0)) if added_p99 is not None and added_p99 > 1.0 else 'ok')} |"
+    f"{verdict(NOISY if p1_reasons(False) else le(added_p99, 1.0), 'gap %s ms' % fmt(diff(added_p99, 1.0)) if added_p99 is not None and added_p99 > 1.0 else 'ok', p1_reasons(False))} |"
 )
 L.append(
     f"| P1 added p99 no worse than nginx's | <= {fmt(ngx_added_p99)} ms | {fmt(added_p99)} ms | "
-    f"{verdict(NOISY if p1_noisy else le(added_p99, ngx_added_p99), 'gap %s ms' % fmt(diff(added_p99, ngx_added_p99)) if le(added_p99, ngx_added_p99) is False else 'ok')} |"
+    f"{verdict(NOISY if p1_reasons(True) else le(added_p99, ngx_added_p99), 'gap %s ms' % fmt(diff(added_p99, ngx_added_p99)) if le(added_p99, ngx_added_p99) is False else 'ok', p1_reasons(True))} |"
 )
 L.append(
     f"| P2 enforce throughput vs nginx passthrough | >= 0.8x | {fmt(enf_ratio, 2)}x | "

@@ -43,11 +43,11 @@ pub(crate) fn write_record_line(
 
 /// Lowercase hex SHA-256 of `bytes` into `out` (cleared first).
 pub(crate) fn sha256_hex_into(bytes: &[u8], out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 64];
     out.clear();
-    for b in Sha256::digest(bytes) {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
+    // 32 bytes always fit 64 hex digits, and hex digits are ASCII.
+    if hex::encode_to_slice(Sha256::digest(bytes), &mut buf).is_ok() {
+        out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
     }
 }
 

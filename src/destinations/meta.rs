@@ -401,20 +401,7 @@ fn enforce_json(
         });
     }
     let mut out = Vec::with_capacity(body.len());
-    out.push(b'{');
-    for (i, (k, v)) in root.entries.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        rawjson::write_str(&mut out, &k.0);
-        out.push(b':');
-        if k.0 == "data" {
-            out.extend_from_slice(&data);
-        } else {
-            v.write(&mut out);
-        }
-    }
-    out.push(b'}');
+    root.write_replacing(&mut out, Some(("data", &data)));
     Ok(Enforced {
         body: Some(out),
         events: applied,

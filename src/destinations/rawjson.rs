@@ -151,6 +151,11 @@ impl<'a> Object<'a> {
 
     /// Write as compact JSON (raw values as they came).
     pub fn write(&self, out: &mut Vec<u8>) {
+        self.write_replacing(out, None);
+    }
+
+    /// [`Object::write`], with the value of one key replaced by ready JSON text.
+    pub fn write_replacing(&self, out: &mut Vec<u8>, replace: Option<(&str, &[u8])>) {
         out.push(b'{');
         for (i, (k, v)) in self.entries.iter().enumerate() {
             if i > 0 {
@@ -158,7 +163,10 @@ impl<'a> Object<'a> {
             }
             write_str(out, &k.0);
             out.push(b':');
-            v.write(out);
+            match replace {
+                Some((key, text)) if k.0 == key => out.extend_from_slice(text),
+                _ => v.write(out),
+            }
         }
         out.push(b'}');
     }

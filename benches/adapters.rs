@@ -178,7 +178,7 @@ fn run(
     )
 }
 
-fn bench(c: &mut Criterion) {
+pub fn bench(c: &mut Criterion) {
     let store = store();
     let policy = Policy::default();
     let all = builtins();

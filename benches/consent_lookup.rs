@@ -70,7 +70,7 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-fn bench(c: &mut Criterion) {
+pub fn bench(c: &mut Criterion) {
     let n = patients();
     let before = rss_bytes();
     let t0 = std::time::Instant::now();

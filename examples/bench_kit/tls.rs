@@ -33,7 +33,7 @@ fn us(ns: u64) -> f64 {
 }
 
 fn arg(name: &str, default: usize) -> usize {
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
         if k == name {
             return it
@@ -121,7 +121,7 @@ async fn handshake(
     t.elapsed()
 }
 
-fn main() {
+pub fn main() {
     let iters = arg("--iters", 2000);
     let mints = arg("--mints", 200).max(1);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -10,7 +10,7 @@
 //! `READY tls=ADDR plain=ADDR` on stdout.
 //!
 //! ```sh
-//! cargo run --release --example bench_upstream -- --dir /tmp/x --tls 127.0.0.1:0 --plain 127.0.0.1:0
+//! cargo run --release --example bench_kit -- upstream --dir /tmp/x --tls 127.0.0.1:0 --plain 127.0.0.1:0
 //! ```
 
 use bytes::Bytes;
@@ -56,7 +56,7 @@ fn args() -> Args {
         plain: None,
         threads: 2,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
@@ -136,7 +136,7 @@ where
     });
 }
 
-fn main() {
+pub fn main() {
     let a = args();
     let cfg = server_config(&a.dir);
     let rt = tokio::runtime::Builder::new_multi_thread()

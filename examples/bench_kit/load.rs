@@ -82,7 +82,7 @@ fn args() -> Args {
         expect: 200,
     };
     let mut saturate = false;
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| usage());
         let secs = |s: String| Duration::from_secs_f64(s.parse().unwrap_or_else(|_| usage()));
@@ -318,7 +318,7 @@ fn ms(ns: u64) -> f64 {
     (ns as f64 / 1e6 * 1000.0).round() / 1000.0
 }
 
-fn main() {
+pub fn main() {
     let a = Arc::new(args());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

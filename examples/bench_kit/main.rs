@@ -1,10 +1,11 @@
 //! The tools `scripts/bench` drives, in one binary (one release link instead
-//! of six: the cold build is most of the bench's wall time on a small machine).
+//! of seven: the cold build is most of the bench's wall time on a small machine).
 //!
 //! ```sh
 //! bench_kit upstream --dir D --tls ADDR [--plain ADDR] [--threads N]   # fast local TLS upstream
 //! bench_kit load --target plain|tls|connect --addr ADDR ...            # open-loop / saturation load
 //! bench_kit tls [--iters N] [--mints M]                                # P5: minted vs static handshakes
+//! bench_kit pgprop --url URL --admin ADDR --token T --patient ID [--n N] # PostgreSQL propagation
 //! bench_kit crit [--warm-up-time S] [--measurement-time S] [--sample-size N] [BENCH]
 //! ```
 //!
@@ -12,6 +13,7 @@
 //! `benches/` are compiled in here as modules), with criterion's usual output.
 
 mod load;
+mod pgprop;
 mod tls;
 mod upstream;
 
@@ -29,7 +31,9 @@ mod identify;
 use std::time::Duration;
 
 fn usage() -> ! {
-    eprintln!("usage: bench_kit upstream|load|tls|crit [args...] (see examples/bench_kit/main.rs)");
+    eprintln!(
+        "usage: bench_kit upstream|load|tls|pgprop|crit [args...] (see examples/bench_kit/main.rs)"
+    );
     std::process::exit(2)
 }
 
@@ -75,6 +79,7 @@ fn main() {
         Some("upstream") => upstream::main(),
         Some("load") => load::main(),
         Some("tls") => tls::main(),
+        Some("pgprop") => pgprop::main(),
         Some("crit") => crit(),
         _ => usage(),
     }

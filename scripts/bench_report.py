@@ -198,6 +198,13 @@ L.append(
     f"{meta.get('build_s')} s, {build_note}; the measured run itself {meta.get('run_s')} s; "
     f"`scripts/bench` end to end {meta.get('total_s')} s"
 )
+parts = meta.get("parts_s") or {}
+if parts:
+    L.append(
+        "- Where the run's time went (s): "
+        + ", ".join(f"{k} {parts[k]}" for k in ("p1", "p2", "p5", "crit", "pg", "other") if parts.get(k))
+        + " (other: starting the upstream, nginx and three proxies, sanity request)"
+    )
 L.append("")
 L.append("## Commands")
 L.append("")

@@ -194,7 +194,7 @@ if meta.get("build_cold"):
 else:
     build_note = "incremental (a target directory was already there; a cold build is the fresh-machine case)"
 L.append(
-    f"- Release build (the proxy, examples/bench_kit, the release postgres test; one cargo invocation) took "
+    f"- Release build (the proxy and bench_kit, one cargo invocation) took "
     f"{meta.get('build_s')} s, {build_note}; the measured run itself {meta.get('run_s')} s; "
     f"`scripts/bench` end to end {meta.get('total_s')} s"
 )
@@ -213,27 +213,28 @@ L.append("scripts/bench                 # full run; writes docs/BENCHMARKS.md + 
 L.append("BENCH_QUICK=1 scripts/bench   # ~1-2 minute smoke run of the same steps")
 L.append("BENCH_ONLY='p2' scripts/bench  # only some parts (p1 p2 p5 crit pg), raw results, no docs (A/B work)")
 L.append("# what it runs (ports are picked at run time, all on 127.0.0.1):")
-L.append("cargo build --release --locked --bins --examples --test postgres")
-L.append("target/release/examples/bench_kit upstream --dir $WORK/up --tls 127.0.0.1:0 --plain 127.0.0.1:0 --threads 2")
+L.append("cargo build --release --locked --bins --features bench-kit")
+L.append("target/release/bench_kit upstream --dir $WORK/up --tls 127.0.0.1:0 --plain 127.0.0.1:0 --threads 2")
 L.append("taskset -c 1 nginx -p $WORK/nginx -c $WORK/nginx/nginx.conf -g 'daemon off;'")
 L.append("taskset -c 1 target/release/consentgate run --config $WORK/cg-enforce/consentgate.yaml      # also serves CONNECT")
 L.append("taskset -c 1 target/release/consentgate run --config $WORK/cg-passthrough/consentgate.yaml  # meta_capi mode: passthrough")
 L.append(
-    f"taskset -c 0 target/release/examples/bench_kit load --target plain|tls|connect --addr ... --host graph.facebook.com "
+    f"taskset -c 0 target/release/bench_kit load --target plain|tls|connect --addr ... --host graph.facebook.com "
     f"--path /v19.0/123456789/events --body benches/fixtures/meta_batch10.json "
     f"--rate {meta.get('rate')} --conns {meta.get('p1_conns')} --duration {meta.get('p1_duration_s')} --warmup {meta.get('p1_warmup_s')}"
 )
 L.append(
-    f"taskset -c 0 target/release/examples/bench_kit load ... --saturate --conns {meta.get('sat_conns')} "
+    f"taskset -c 0 target/release/bench_kit load ... --saturate --conns {meta.get('sat_conns')} "
     f"--duration {meta.get('sat_duration_s')} --warmup {meta.get('sat_warmup_s')}"
 )
-L.append(f"target/release/examples/bench_kit tls --iters {meta.get('tls_iters')} --mints {meta.get('tls_mints')}")
-L.append(f"target/release/examples/bench_kit crit {meta.get('crit_args', '')} identify   # = cargo bench --bench identify")
-L.append(f"target/release/examples/bench_kit crit {meta.get('crit_args', '')} adapters   # = cargo bench --bench adapters")
+L.append(f"target/release/bench_kit tls --iters {meta.get('tls_iters')} --mints {meta.get('tls_mints')}")
+L.append(f"target/release/bench_kit crit {meta.get('crit_args', '')} identify   # = cargo bench --bench identify")
+L.append(f"target/release/bench_kit crit {meta.get('crit_args', '')} adapters   # = cargo bench --bench adapters")
 L.append(
-    f"CONSENT_BENCH_PATIENTS={meta.get('patients')} target/release/examples/bench_kit crit "
+    f"CONSENT_BENCH_PATIENTS={meta.get('patients')} target/release/bench_kit crit "
     f"{meta.get('crit_args', '')} consent_lookup"
 )
+L.append("PROPAGATION=1000 scripts/pg-load-bench 1000000   # PostgreSQL source: 1M-row load, then bench_kit pgprop")
 L.append("```")
 L.append("")
 L.append("## What is compared")
@@ -243,7 +244,7 @@ L.append(
     "(`benches/fixtures/meta_batch10.json`: fixture patients granted, denied, opted out, "
     "limit_sensitive, GPC, unknown, so consentgate drops, strips, sets LDU and hashes: the "
     "body is rewritten) as `POST /v19.0/123456789/events` with `Host: graph.facebook.com`, "
-    "over HTTP/1.1 keep-alive connections. The upstream (`examples/bench_kit/upstream.rs`) "
+    "over HTTP/1.1 keep-alive connections. The upstream (`src/bin/bench_kit/upstream.rs`) "
     "answers 200 `{\"events_received\":N}` at once."
 )
 L.append("")
@@ -397,7 +398,7 @@ L.append("")
 L.append("## Details")
 L.append("")
 if tls:
-    L.append("### P5: TLS interception (`examples/bench_kit/tls.rs`)")
+    L.append("### P5: TLS interception (`src/bin/bench_kit/tls.rs`)")
     L.append("")
     L.append(
         f"{tls.get('iterations')} full TLS 1.3 handshakes per side over loopback (client resumption off), "

@@ -10,7 +10,7 @@
 //! `READY tls=ADDR plain=ADDR` on stdout.
 //!
 //! ```sh
-//! cargo run --release --example bench_kit -- upstream --dir /tmp/x --tls 127.0.0.1:0 --plain 127.0.0.1:0
+//! cargo run --release --features bench-kit --bin bench_kit -- upstream --dir /tmp/x --tls 127.0.0.1:0 --plain 127.0.0.1:0
 //! ```
 
 use bytes::Bytes;

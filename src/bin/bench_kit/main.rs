@@ -1,5 +1,7 @@
 //! The tools `scripts/bench` drives, in one binary (one release link instead
 //! of seven: the cold build is most of the bench's wall time on a small machine).
+//! Built only with `--features bench-kit`:
+//! `cargo build --release --features bench-kit --bin bench_kit`.
 //!
 //! ```sh
 //! bench_kit upstream --dir D --tls ADDR [--plain ADDR] [--threads N]   # fast local TLS upstream
@@ -19,20 +21,20 @@ mod upstream;
 
 // The criterion bench files, unchanged; their own `criterion_main!` `main`s are unused here.
 #[allow(dead_code)]
-#[path = "../../benches/adapters.rs"]
+#[path = "../../../benches/adapters.rs"]
 mod adapters;
 #[allow(dead_code)]
-#[path = "../../benches/consent_lookup.rs"]
+#[path = "../../../benches/consent_lookup.rs"]
 mod consent_lookup;
 #[allow(dead_code)]
-#[path = "../../benches/identify.rs"]
+#[path = "../../../benches/identify.rs"]
 mod identify;
 
 use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_kit upstream|load|tls|pgprop|crit [args...] (see examples/bench_kit/main.rs)"
+        "usage: bench_kit upstream|load|tls|pgprop|crit [args...] (see src/bin/bench_kit/main.rs)"
     );
     std::process::exit(2)
 }

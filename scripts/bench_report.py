@@ -181,6 +181,12 @@ L.append(
     "of this run (1/5/15 min). Anything above ~0.5 means other work shared the CPUs and "
     "the latency tails and throughput below are pessimistic and noisy. Re-run on a quiet "
     "machine before judging the goals."
+    + (
+        f" The hypervisor also took {meta['steal_s']} s of CPU from this VM during the run "
+        "(/proc/stat steal, all CPUs; 0 on a quiet host)."
+        if meta.get("steal_s") is not None
+        else ""
+    )
 )
 L.append("")
 L.append("## Machine")

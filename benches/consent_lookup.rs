@@ -52,7 +52,7 @@ fn synth(i: usize) -> ConsentRecord {
         jurisdiction: Some("US-CA".into()),
         categories,
         channels: BTreeMap::new(),
-        sale_share_opt_out: i % 7 == 0,
+        sale_share_opt_out: i.is_multiple_of(7),
         limit_sensitive: false,
         gpc: false,
         updated_at: Utc

@@ -75,7 +75,8 @@ pub fn decode(enc: Encoding, data: &[u8], limit: u64) -> Result<Vec<u8>, BodyRea
         Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(data)),
         Encoding::Deflate => {
             // "deflate" is zlib-wrapped per RFC 9110; some clients send raw deflate.
-            if data.len() >= 2 && (u16::from(data[0]) << 8 | u16::from(data[1])) % 31 == 0 {
+            if data.len() >= 2 && (u16::from(data[0]) << 8 | u16::from(data[1])).is_multiple_of(31)
+            {
                 Box::new(flate2::read::ZlibDecoder::new(data))
             } else {
                 Box::new(flate2::read::DeflateDecoder::new(data))

@@ -24,4 +24,5 @@ pub mod model;
 pub mod pipeline;
 pub mod route;
 pub mod run;
+pub mod state;
 pub mod tls;

@@ -393,7 +393,7 @@ async fn writer(c: tokio_postgres::Client, n: usize, done: Arc<AtomicUsize>) {
             &record(&format!("W-{i}"), "granted", "2026-01-01T00:00:00Z"),
         )
         .await;
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             insert(
                 &c,
                 &record(&format!("W-{}", i / 2), "denied", "2026-01-02T00:00:00Z"),

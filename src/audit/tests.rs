@@ -520,7 +520,7 @@ async fn concurrent_submitters_form_one_chain() {
             for i in 0..200 {
                 w.submit(vec![rec(t * 1000 + i), rec(t * 1000 + i + 500)])
                     .unwrap();
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -965,7 +965,7 @@ mod tests {
                     .iter()
                     .enumerate()
                     .map(|(i, e)| {
-                        if i % 2 == 0 {
+                        if i.is_multiple_of(2) {
                             e.clone()
                         } else {
                             encoded[i].clone()

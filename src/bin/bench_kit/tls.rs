@@ -181,7 +181,7 @@ pub fn main() {
 
         let (mut cs, mut cm) = (hist(), hist());
         for i in 0..iters {
-            let order = if i % 2 == 0 {
+            let order = if i.is_multiple_of(2) {
                 [true, false]
             } else {
                 [false, true]

@@ -1,244 +1,191 @@
-//! `consentgate explain`: run the whole pipeline on a raw HTTP/1.1 request
-//! without forwarding, and print the decision trace as JSON. The trace names
-//! patients only by pseudonym and identifiers only by kind and pseudonym.
+//! `consentgate explain`: the decision trace of a raw HTTP/1.1 request, nothing
+//! forwarded. It runs the proxy's own phases ([`enforce::gate`] and
+//! [`enforce::plan`], with the policy trace on) and renders what they return, so
+//! it cannot say something the proxy would not do. The trace names patients only
+//! by pseudonym and identifiers only by kind and pseudonym.
 
 use crate::app::Runtime;
-use crate::body::{self, Encoding};
+use crate::body::{self, BodyReadError};
 use crate::consent::ConsentStore;
-use crate::destinations::RequestView;
+use crate::enforce::{self, Detail, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Refusal};
 use crate::identify::IdKey;
-use crate::pipeline::{self, RequestHints};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use crate::route::Via;
+use http::request::Parts;
 use serde_json::{json, Value};
 
-/// A parsed raw request.
-pub struct RawRequest {
-    pub method: Method,
-    pub target: String,
-    pub headers: HeaderMap,
-    pub body: Vec<u8>,
-}
+/// Most header lines a request file may have.
+const MAX_HEADERS: usize = 128;
 
-/// Parse a raw HTTP/1.1 request (CRLF or LF line endings; Content-Length or
-/// chunked bodies; without either, the rest of the file is the body).
-pub fn parse_raw(bytes: &[u8]) -> Result<RawRequest, String> {
-    let (head_end, sep) = find_head_end(bytes).ok_or("no blank line after the request headers")?;
-    let head = std::str::from_utf8(&bytes[..head_end]).map_err(|_| "request head is not UTF-8")?;
-    let rest = &bytes[head_end + sep..];
-    let mut lines = head.lines();
-    let start = lines.next().ok_or("empty request")?;
-    let mut parts = start.split_whitespace();
-    let method = parts.next().ok_or("no method")?;
-    let target = parts.next().ok_or("no request target")?;
-    match parts.next() {
-        Some(v) if v.starts_with("HTTP/1.") => {}
-        _ => {
-            return Err(format!(
-                "request line must be `METHOD target HTTP/1.1`, got {start:?}"
-            ))
+/// Parse a raw HTTP/1.1 request: the head with `httparse` (CRLF or LF line
+/// endings), then a Content-Length or chunked body; with neither, the rest of
+/// the file is the body.
+pub(crate) fn parse_raw(bytes: &[u8]) -> Result<(Parts, Vec<u8>), String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return Err("incomplete request head (no blank line after the headers)".into())
         }
+        Err(e) => return Err(format!("invalid request head: {e}")),
+    };
+    let mut b = http::Request::builder()
+        .method(req.method.unwrap_or("GET"))
+        .uri(req.path.unwrap_or("/"));
+    for h in req.headers.iter() {
+        b = b.header(h.name, h.value);
     }
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| "invalid method")?;
-    let mut headers = HeaderMap::new();
-    for (i, l) in lines.enumerate() {
-        let (k, v) = l
-            .split_once(':')
-            .ok_or_else(|| format!("header line {} has no `:`", i + 2))?;
-        let name = HeaderName::from_bytes(k.trim().as_bytes())
-            .map_err(|_| format!("header line {}: invalid name", i + 2))?;
-        let value = HeaderValue::from_str(v.trim())
-            .map_err(|_| format!("header line {}: invalid value", i + 2))?;
-        headers.append(name, value);
-    }
-    let chunked = headers
+    let (parts, ()) = b
+        .body(())
+        .map_err(|e| format!("invalid request: {e}"))?
+        .into_parts();
+    let rest = &bytes[head_len..];
+    let chunked = parts
+        .headers
         .get(http::header::TRANSFER_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let body = if chunked {
         dechunk(rest)?
-    } else if let Some(len) = headers.get(http::header::CONTENT_LENGTH) {
-        let n: usize = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or("invalid Content-Length")?;
-        if rest.len() < n {
-            return Err(format!(
-                "body shorter than Content-Length ({} < {n})",
-                rest.len()
-            ));
-        }
-        rest[..n].to_vec()
+    } else if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        let n = enforce::declared_length(&parts.headers).ok_or("invalid Content-Length")?;
+        let n = usize::try_from(n).map_err(|_| "invalid Content-Length")?;
+        rest.get(..n)
+            .ok_or_else(|| format!("body shorter than Content-Length ({} < {n})", rest.len()))?
+            .to_vec()
     } else {
         rest.to_vec()
     };
-    Ok(RawRequest {
-        method,
-        target: target.to_string(),
-        headers,
-        body,
-    })
-}
-
-fn find_head_end(b: &[u8]) -> Option<(usize, usize)> {
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
-    let lf = b.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
+    Ok((parts, body))
 }
 
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let nl = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_str = std::str::from_utf8(&b[..nl]).map_err(|_| "bad chunk size")?;
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "bad chunk size")?;
-        b = &b[nl + 2..];
+        let (used, size) = match httparse::parse_chunk_size(b) {
+            Ok(httparse::Status::Complete(x)) => x,
+            _ => return Err("bad or truncated chunk size".into()),
+        };
+        b = &b[used..];
         if size == 0 {
             return Ok(out);
         }
-        if b.len() < size + 2 {
-            return Err("truncated chunk".into());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
+        let size = usize::try_from(size).map_err(|_| "chunk too large")?;
+        let chunk = b.get(..size).ok_or("truncated chunk")?;
+        out.extend_from_slice(chunk);
+        b = b
+            .get(size..)
+            .and_then(|r| r.strip_prefix(b"\r\n").or_else(|| r.strip_prefix(b"\n")))
+            .ok_or("truncated chunk")?;
     }
 }
 
-/// The decision trace for one request. `pseudonym` maps a patient id (or an
-/// identifier's bytes) to its audit pseudonym. With `show_body` the rewritten
-/// body is included (it may hold hashed identifiers of kept events).
-pub fn explain(
-    rt: &Runtime,
-    consent: &ConsentStore,
-    raw: &RawRequest,
-    pseudonym: &dyn Fn(&str) -> String,
-    show_body: bool,
-) -> Value {
-    let (host, path, query) = match target_parts(raw) {
-        Ok(t) => t,
-        Err(e) => return json!({"error": "bad_request", "detail": e}),
-    };
-    let Some(route) = rt.registry.route(&host, &raw.method, &path) else {
-        return json!({"destination": null, "decision": "blocked", "status": 403, "error": "unknown_destination"});
-    };
-    let mut out = json!({
-        "destination": route.name(),
-        "display_name": route.adapter.display_name(),
-        "mode": format!("{:?}", route.mode).to_lowercase(),
-        "method": raw.method.as_str(),
-        "path": path,
-    });
-    let hints = match RequestHints::from_headers(&raw.headers, route) {
-        Ok(h) => h,
-        Err(e) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 400, "error": "bad_request", "detail": e}),
-            )
-        }
-    };
-    out["category"] = json!(hints.category.as_str());
-    out["sec_gpc"] = json!(hints.header_gpc);
-    if route.mode == crate::config::Mode::Passthrough || !route.adapter.inspects(&raw.method, &path)
-    {
-        let decision = if route.mode == crate::config::Mode::Passthrough || raw.body.is_empty() {
-            json!({"decision": "allowed", "inspected": false})
-        } else {
-            json!({"decision": "blocked", "status": 451, "error": "uninspected_endpoint"})
+/// What a trace is made with: the proxy's runtime and consent, the audit's
+/// pseudonyms, and whether the body is shown.
+pub(crate) struct Explainer<'a> {
+    pub rt: &'a Runtime,
+    pub consent: &'a ConsentStore,
+    pub pseudonym: &'a dyn Fn(&str) -> String,
+    /// Include the body as it would go upstream, decoded (it may hold hashed
+    /// identifiers of kept events).
+    pub show_body: bool,
+}
+
+impl Explainer<'_> {
+    /// The decision trace for one raw request.
+    pub(crate) fn explain(&self, raw: &[u8]) -> Result<Value, String> {
+        let (parts, body) = parse_raw(raw)?;
+        let via = Via::Plain;
+        let head = Head {
+            parts: &parts,
+            via: &via,
+            has_body: !body.is_empty(),
         };
-        return merge(out, decision);
+        let mut out = json!({"method": parts.method.as_str(), "path": parts.uri.path()});
+        match enforce::gate(self.rt, &head) {
+            Gate::Refuse { dest, refusal } => {
+                out["destination"] = destination(dest);
+                refused(&mut out, &refusal);
+            }
+            Gate::Pass(p) => {
+                out["destination"] = destination(p.dest);
+                out["decision"] = json!("allowed");
+                out["inspected"] = json!(false);
+                out["reason"] = json!(p.reason);
+            }
+            Gate::Inspect(i) => self.inspected(&mut out, &i, &parts, &body),
+        }
+        Ok(out)
     }
-    let enc = match Encoding::parse(
-        raw.headers
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok()),
-    ) {
-        Ok(e) => e,
-        Err(_) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 415, "error": "unsupported_content_encoding"}),
-            )
+
+    fn inspected(&self, out: &mut Value, i: &Inspect<'_>, parts: &Parts, body: &[u8]) {
+        let route = i.route;
+        out["destination"] = json!(route.name());
+        out["display_name"] = json!(route.adapter.display_name());
+        out["mode"] = json!(format!("{:?}", route.mode).to_lowercase());
+        out["category"] = json!(i.hints.category.as_str());
+        out["sec_gpc"] = json!(i.hints.header_gpc);
+        // The proxy reads at most `limit` bytes before it plans.
+        if body.len() as u64 > i.limit {
+            return refused(out, &Refusal::body(BodyReadError::TooLarge, i.limit));
         }
-    };
-    if raw.body.len() as u64 > rt.config.max_body_bytes {
-        return merge(
-            out,
-            json!({"decision": "blocked", "status": 413, "error": "body_too_large"}),
-        );
-    }
-    let plain = match body::decode(enc, &raw.body, rt.config.max_body_bytes) {
-        Ok(p) => p,
-        Err(body::BodyReadError::TooLarge) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 413, "error": "body_too_large"}),
-            )
+        let planned = enforce::plan(self.rt, self.consent, i, parts, body, true);
+        if let Some(e) = &planned.enforcement {
+            out["consent_stale"] = json!(e.context.stale);
+            out["events"] = events(e, self.pseudonym);
         }
-        Err(_) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 422, "error": "unreadable_body"}),
-            )
-        }
-    };
-    let ct = raw
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
+        let f = match planned.plan {
+            Plan::Refuse(r) => return refused(out, &r),
+            Plan::Forward(f) => f,
+        };
+        out["decision"] = json!(f.decision.as_str());
+        let upstream = match &f.body {
+            Outgoing::Original => body,
+            Outgoing::Rewritten(b) => b.as_slice(),
+        };
+        out["upstream_body"] = json!({
+            "bytes": upstream.len(),
+            "sha256": crate::identify::sha256_hex(upstream),
         });
-    let view = RequestView {
-        method: &raw.method,
-        host: &host,
-        path: &path,
-        query: query.as_deref(),
-        content_type: ct.as_deref(),
-    };
-    let o = match pipeline::enforce(rt, consent, route, &view, &hints, &plain, true) {
-        Ok(o) => o,
-        Err(crate::destinations::BodyError::Unreadable(d)) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 422, "error": "unreadable_body", "detail": d}),
-            )
+        let before = body::decode(i.encoding, body, i.limit).unwrap_or_default();
+        let after = match &f.body {
+            Outgoing::Original => None,
+            Outgoing::Rewritten(b) => Some(body::decode(i.encoding, b, i.limit).unwrap_or_default()),
+        };
+        out["body_diff"] = body_diff(&before, after.as_deref(), i.content_type.as_deref());
+        if self.show_body {
+            let shown = after.unwrap_or(before);
+            out["body_after"] = json!(String::from_utf8_lossy(&shown));
         }
-        Err(crate::destinations::BodyError::Forbidden { code, detail }) => {
-            return merge(
-                out,
-                json!({"decision": "blocked", "status": 451, "error": code, "detail": detail}),
-            )
-        }
-    };
-    out["consent_stale"] = json!(o.context.stale);
-    let events: Vec<Value> = o
-        .enforced
-        .events
-        .iter()
-        .zip(&o.decisions)
+    }
+}
+
+fn destination(dest: &str) -> Value {
+    if dest == "unknown" {
+        Value::Null
+    } else {
+        json!(dest)
+    }
+}
+
+fn refused(out: &mut Value, r: &Refusal) {
+    out["decision"] = json!("blocked");
+    out["status"] = json!(r.status);
+    out["error"] = json!(r.code);
+    match &r.detail {
+        Detail::Text(d) => out["detail"] = json!(d),
+        Detail::Reasons(v) => out["reasons"] = json!(v),
+    }
+}
+
+fn events(e: &Enforcement, pseudonym: &dyn Fn(&str) -> String) -> Value {
+    e.events()
         .enumerate()
-        .map(|(i, (e, d))| {
-            let decision = match (e.verdict.is_drop(), e.changed()) {
-                (true, _) => "dropped",
-                (false, true) => "modified",
-                (false, false) => "allowed",
-            };
+        .map(|(i, (ev, d))| {
             json!({
                 "index": i,
-                "decision": decision,
-                "reason": e.verdict.reason(d.gpc_trigger).as_str(),
+                "decision": e.event_decision(ev),
+                "reason": ev.verdict.reason(d.gpc_trigger).as_str(),
                 "identifiers": d.identifiers.iter().map(|k| id_json(k, pseudonym)).collect::<Vec<_>>(),
                 "records": d.records.iter().map(|r| json!({
                     "patient": pseudonym(&r.patient_id),
@@ -246,47 +193,12 @@ pub fn explain(
                     "source": r.source,
                 })).collect::<Vec<_>>(),
                 "steps": d.steps.iter().map(|(s, o)| json!({"step": s, "outcome": o})).collect::<Vec<_>>(),
-                "fields_stripped": e.fields_stripped,
-                "flags_set": e.flags_set,
-                "hashed": e.hashed,
+                "fields_stripped": ev.fields_stripped,
+                "flags_set": ev.flags_set,
+                "hashed": ev.hashed,
             })
         })
-        .collect();
-    let (decision, status) = if o.all_dropped() {
-        (
-            "blocked",
-            if route.on_blocked == crate::config::OnBlocked::SyntheticOk {
-                route.adapter.synthetic_ok().status
-            } else {
-                451
-            },
-        )
-    } else if route.mode == crate::config::Mode::Shadow {
-        ("allowed", 0)
-    } else if o.changed() {
-        ("modified", 0)
-    } else {
-        ("allowed", 0)
-    };
-    out["decision"] = json!(decision);
-    if status != 0 {
-        out["status"] = json!(status);
-        out["reasons"] = json!(o.drop_reasons());
-    }
-    out["events"] = Value::Array(events);
-    out["body_diff"] = body_diff(&plain, o.enforced.body.as_deref(), ct.as_deref());
-    if show_body && !o.all_dropped() {
-        let after = o.enforced.body.clone().unwrap_or(plain);
-        out["body_after"] = json!(String::from_utf8_lossy(&after));
-    }
-    out
-}
-
-fn merge(mut a: Value, b: Value) -> Value {
-    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
-        a.extend(b);
-    }
-    a
+        .collect()
 }
 
 fn id_json(k: &IdKey, pseudonym: &dyn Fn(&str) -> String) -> Value {
@@ -298,29 +210,7 @@ fn id_json(k: &IdKey, pseudonym: &dyn Fn(&str) -> String) -> Value {
     }
 }
 
-fn target_parts(raw: &RawRequest) -> Result<(String, String, Option<String>), String> {
-    let uri: http::Uri = raw
-        .target
-        .parse()
-        .map_err(|_| "invalid request target".to_string())?;
-    let authority = match uri.authority() {
-        Some(a) => a.as_str().to_string(),
-        None => raw
-            .headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .ok_or("no Host header and no absolute URI")?
-            .to_string(),
-    };
-    let (host, _) = pipeline::split_host_port(&authority).ok_or("invalid host")?;
-    Ok((
-        host,
-        uri.path().to_string(),
-        uri.query().map(str::to_string),
-    ))
-}
-
-/// Which top-level paths changed between the bodies (names only, no values).
+/// Which paths changed between the bodies (names only, no values).
 fn body_diff(before: &[u8], after: Option<&[u8]>, ct: Option<&str>) -> Value {
     let Some(after) = after else {
         return json!({"changed": false});
@@ -343,6 +233,14 @@ fn body_diff(before: &[u8], after: Option<&[u8]>, ct: Option<&str>) -> Value {
     json!({"changed": true, "bytes_before": before.len(), "bytes_after": after.len(), "paths": changes})
 }
 
+fn join(prefix: &str, k: &str) -> String {
+    if prefix.is_empty() {
+        k.to_string()
+    } else {
+        format!("{prefix}.{k}")
+    }
+}
+
 fn diff_paths(prefix: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
     if out.len() >= 500 {
         return;
@@ -350,23 +248,13 @@ fn diff_paths(prefix: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             for (k, va) in x {
-                let p = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
                 match y.get(k) {
-                    None => out.push(json!({"path": p, "change": "removed"})),
-                    Some(vb) => diff_paths(&p, va, vb, out),
+                    None => out.push(json!({"path": join(prefix, k), "change": "removed"})),
+                    Some(vb) => diff_paths(&join(prefix, k), va, vb, out),
                 }
             }
             for k in y.keys().filter(|k| !x.contains_key(*k)) {
-                let p = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                out.push(json!({"path": p, "change": "added"}));
+                out.push(json!({"path": join(prefix, k), "change": "added"}));
             }
         }
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
@@ -397,14 +285,16 @@ mod tests {
 
     #[test]
     fn raw_requests_parse() {
-        let r = parse_raw(b"POST /v19.0/1/events HTTP/1.1\r\nHost: graph.facebook.com\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
-        assert_eq!(r.body, b"{}");
-        let r = parse_raw(
+        let (p, b) = parse_raw(b"POST /v19.0/1/events HTTP/1.1\r\nHost: graph.facebook.com\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
+        assert_eq!(b, b"{}");
+        assert_eq!(p.uri.path(), "/v19.0/1/events");
+        let (_, b) = parse_raw(
             b"POST / HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n2\r\n{}\r\n0\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(r.body, b"{}");
+        assert_eq!(b, b"{}");
         assert!(parse_raw(b"garbage").is_err());
         assert!(parse_raw(b"GET /\r\n\r\n").is_err());
+        assert!(parse_raw(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\n{}").is_err());
     }
 }

@@ -1,9 +1,14 @@
-//! Forward: the pooled upstream client. Always TLS (rustls, TLS 1.2+), verified
-//! against the web PKI roots plus `upstream.extra_ca`; `upstream.resolve`
-//! overrides where a host:port connects; HTTP/1.1 or h2 by ALPN.
+//! Forward: the request as it leaves (absolute URI, our own and hop-by-hop
+//! headers removed) and the pooled upstream client. Always TLS (rustls, TLS
+//! 1.2+), verified against the web PKI roots plus `upstream.extra_ca`;
+//! `upstream.resolve` overrides where a host:port connects; HTTP/1.1 or h2 by ALPN.
 
 use crate::config::Upstream as UpstreamCfg;
+use crate::model::{H_CATEGORY, H_PATIENT, OWN_HEADER_PREFIX};
+use crate::route::Target;
 use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -20,6 +25,72 @@ use tokio::net::TcpStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The upstream URI: `https://host[:port]` and the request's path and query.
+pub(crate) fn upstream_uri(t: &Target, pq: Option<&PathAndQuery>) -> Option<Uri> {
+    let pq = pq.map_or("/", PathAndQuery::as_str);
+    let s = if t.port == 443 {
+        format!("https://{}{pq}", t.host)
+    } else {
+        format!("https://{}:{}{pq}", t.host, t.port)
+    };
+    Uri::try_from(s).ok()
+}
+
+/// The request as it goes upstream: the absolute URI, HTTP/1.1 semantics (the
+/// pool picks h2 by ALPN), without our control headers or hop-by-hop ones.
+pub(crate) fn outgoing(
+    mut parts: http::request::Parts,
+    uri: Uri,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let h = &mut parts.headers;
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "proxy-authorization",
+        "te",
+        "host",
+        H_PATIENT,
+        H_CATEGORY,
+    ] {
+        h.remove(n);
+    }
+    remove_hop_by_hop_and_own(h);
+    Request::from_parts(parts, body)
+}
+
+/// Hop-by-hop headers and ours go in both directions.
+pub(crate) fn remove_hop_by_hop_and_own(h: &mut HeaderMap) {
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    ] {
+        h.remove(n);
+    }
+    let ours: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with(OWN_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for k in ours {
+        h.remove(k);
+    }
+}
 
 /// Why an upstream exchange failed; label of `consentgate_upstream_errors_total{kind}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

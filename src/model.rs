@@ -1,7 +1,15 @@
-//! Shared vocabulary: consent categories, channels, grants and destination kinds.
+//! Shared vocabulary: consent categories, channels, grants, destination kinds
+//! and the request headers the app steers enforcement with.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// The app names the patient when the payload does not (SPEC §6).
+pub(crate) const H_PATIENT: &str = "x-patient-id";
+/// The app names another category than the destination's default (SPEC §6).
+pub(crate) const H_CATEGORY: &str = "x-consent-category";
+/// Headers with this prefix are ours: never forwarded, in either direction.
+pub(crate) const OWN_HEADER_PREFIX: &str = "x-consentgate-";
 
 /// What a message or event is for. Names are part of the contract (SPEC §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

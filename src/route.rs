@@ -1,11 +1,13 @@
-//! Route: which destination a request is for, and with what settings (the
-//! built-in catalog plus the config's `destinations:` overrides).
+//! Route: where a request goes (its authority, parsed here) and which
+//! destination it is for, with what settings (the built-in catalog plus the
+//! config's `destinations:` overrides).
 
-use crate::config::{Config, ConfigError, DestinationCfg, Mode, OnBlocked};
+use crate::config::{Config, ConfigError, Mode, OnBlocked};
 use crate::destinations::common::host_matches;
 use crate::destinations::{self, Adapter};
 use crate::model::Category;
-use http::Method;
+use http::request::Parts;
+use http::{header, Method};
 use std::sync::Arc;
 
 /// One routable destination with its effective settings.
@@ -32,28 +34,11 @@ pub struct Registry {
     routes: Vec<Route>,
 }
 
-/// Builds a configured destination (`type: generic`) from its config entry.
-pub type GenericBuilder = fn(&DestinationCfg) -> Result<Arc<dyn Adapter>, String>;
-
 impl Registry {
     /// The built-ins with the config's overrides applied, plus generic entries.
     pub fn build(cfg: &Config, file: &str) -> Result<Registry, Vec<ConfigError>> {
-        Self::build_with(
-            cfg,
-            file,
-            destinations::builtins(),
-            destinations::generic_builder(),
-        )
-    }
-
-    pub fn build_with(
-        cfg: &Config,
-        file: &str,
-        builtins: Vec<Arc<dyn Adapter>>,
-        generic: Option<GenericBuilder>,
-    ) -> Result<Registry, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let mut routes: Vec<Route> = builtins
+        let mut routes: Vec<Route> = destinations::builtins()
             .into_iter()
             .map(|a| Route {
                 category: a.default_category(),
@@ -70,18 +55,12 @@ impl Registry {
                 key: format!("destinations.{}", d.name),
                 message,
             };
-            let idx = if d.generic.is_some() {
+            let idx = if let Some(entry) = &d.generic {
                 if routes.iter().any(|r| r.name() == d.name) {
                     errors.push(err("a destination with this name already exists".into()));
                     continue;
                 }
-                let Some(build) = generic else {
-                    errors.push(err(
-                        "generic destinations are not available in this build".into()
-                    ));
-                    continue;
-                };
-                match build(d) {
+                match destinations::generic(entry) {
                     Ok(a) => {
                         routes.push(Route {
                             category: a.default_category(),
@@ -156,6 +135,72 @@ impl Registry {
     }
 }
 
+/// Where a request goes upstream (always TLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+/// How the request reached the proxy.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// Plain HTTP on the proxy port: absolute-form or Host header.
+    Plain,
+    /// Inside an intercepted CONNECT tunnel or on the gateway listener.
+    Intercepted { host: String, port: u16 },
+}
+
+/// Where a plain request is going: the absolute-form URI's authority, else the
+/// Host header (RFC 9112 §3.2.2: the absolute form wins). Always upstream over
+/// TLS: to 443 unless an `https` absolute URI names another port.
+pub(crate) fn plain_target(parts: &Parts) -> Result<Target, String> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no destination host (absolute URI or Host header)")?,
+    };
+    let (host, port) = split_host_port(authority).ok_or("the destination host is not valid")?;
+    let port = match parts.uri.scheme_str() {
+        Some("https") => port.unwrap_or(443),
+        _ => 443,
+    };
+    Ok(Target { host, port })
+}
+
+/// "Host:port" → ("host", Some(port)); IPv6 literals in brackets are kept.
+pub(crate) fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
+    let a = authority.trim();
+    if a.is_empty() {
+        return None;
+    }
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
+            None => (a.to_string(), None),
+        }
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +223,19 @@ mod tests {
         assert_eq!(voice.map(|r| r.name()), Some("twilio_voice"));
         assert!(reg.route("nowhere.example", &Method::GET, "/").is_none());
         assert!(reg.knows_host("us21.api.mailchimp.com"));
+    }
+
+    #[test]
+    fn authority_parsing() {
+        assert_eq!(
+            split_host_port("Graph.Facebook.com:443"),
+            Some(("graph.facebook.com".into(), Some(443)))
+        );
+        assert_eq!(
+            split_host_port("[::1]:8443"),
+            Some(("[::1]".into(), Some(8443)))
+        );
+        assert_eq!(split_host_port("a b"), None);
+        assert_eq!(split_host_port("host:notaport"), None);
     }
 }

@@ -494,13 +494,6 @@ pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
             return 1;
         }
     };
-    let raw = match crate::explain::parse_raw(&raw) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {}: {e}", request.display());
-            return 1;
-        }
-    };
     let key_path = crate::audit::default_key_path(rt.config.audit.pseudonym_key_file.as_deref());
     let pkey = match crate::audit::load_or_create_key(&key_path) {
         Ok(k) => k,
@@ -509,7 +502,7 @@ pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
             return 1;
         }
     };
-    // The same consent state the proxy would use: snapshot plus journal.
+    // The same consent the proxy would use: the configured source, loaded once.
     let store = Arc::new(ConsentStore::new());
     let tokio_rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -522,18 +515,34 @@ pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
         }
     };
     let cfg = &rt.config;
-    let loaded = tokio_rt.block_on(crate::consent::file_source::start(
-        FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal),
-        store.clone(),
-    ));
-    if let Err(e) = loaded {
-        eprintln!("error: consent: {e}");
-        return 1;
+    let metrics = Metrics::new();
+    let _source = match tokio_rt.block_on(start_consent_source(cfg, store.clone(), &metrics)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: consent: {e}");
+            return 1;
+        }
+    };
+    if !store.source_up() {
+        eprintln!("warning: the consent source is not loaded; the trace shows what a proxy without consent data would do");
     }
-    let trace = crate::explain::explain(&rt, &store, &raw, &|id| pkey.pseudonym(id), show_body);
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&trace).unwrap_or_default()
-    );
-    0
+    let x = crate::explain::Explainer {
+        rt: &rt,
+        consent: &store,
+        pseudonym: &|id| pkey.pseudonym(id),
+        show_body,
+    };
+    match x.explain(&raw) {
+        Ok(trace) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&trace).unwrap_or_default()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", request.display());
+            1
+        }
+    }
 }

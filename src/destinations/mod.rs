@@ -87,7 +87,7 @@ pub enum BodyError {
 }
 
 /// The vendor's empty-success answer for `on_blocked: synthetic_ok`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyntheticOk {
     pub status: u16,
     pub body: &'static str,
@@ -158,21 +158,18 @@ pub fn builtins() -> Vec<Arc<dyn Adapter>> {
     ]
 }
 
-/// The builder for `type: generic` destinations from config entries. Keys
-/// every destination entry shares (`type`, `mode`, `on_blocked`, `enabled`) are
+/// A `type: generic` destination from its config entry (as JSON). Keys every
+/// destination entry shares (`type`, `mode`, `on_blocked`, `enabled`, ...) are
 /// removed before the rest is read as a [`generic::GenericSpec`].
-pub fn generic_builder() -> Option<crate::route::GenericBuilder> {
-    Some(|d| {
-        let mut v = d.generic.clone().ok_or("not a generic destination")?;
-        if let Some(m) = v.as_object_mut() {
-            for k in ["type", "mode", "on_blocked", "enabled"] {
-                m.remove(k);
-            }
+pub(crate) fn generic(entry: &serde_json::Value) -> Result<Arc<dyn Adapter>, String> {
+    let mut v = entry.clone();
+    if let Some(m) = v.as_object_mut() {
+        for k in ["type", "mode", "on_blocked", "enabled"] {
+            m.remove(k);
         }
-        let spec: generic::GenericSpec = serde_json::from_value(v).map_err(|e| e.to_string())?;
-        let adapter: Arc<dyn Adapter> = Arc::new(generic::GenericAdapter::new(spec)?);
-        Ok(adapter)
-    })
+    }
+    let spec: generic::GenericSpec = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    Ok(Arc::new(generic::GenericAdapter::new(spec)?))
 }
 
 /// The README's destination table, rendered from the built-in adapters (a test

@@ -5,7 +5,7 @@
 
 use super::{accept_loop, serve_connection, ConnTracker};
 use crate::app::App;
-use crate::pipeline::Via;
+use crate::route::Via;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;

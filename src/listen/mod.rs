@@ -5,7 +5,9 @@ pub mod connect;
 pub mod gateway;
 
 use crate::app::App;
-use crate::pipeline::{self, Via};
+use crate::enforce::Refusal;
+use crate::pipeline;
+use crate::route::Via;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -74,13 +76,7 @@ pub async fn serve_connection<IO>(
                 if allow_connect {
                     connect::handle_connect(app, req, shutdown).await
                 } else {
-                    let id = pipeline::new_request_id();
-                    pipeline::error_response(
-                        405,
-                        &id,
-                        "connect_not_allowed",
-                        "CONNECT is not accepted inside an intercepted connection",
-                    )
+                    pipeline::refuse(&app, Refusal::connect_not_allowed())
                 }
             } else {
                 pipeline::handle(app, req, via).await

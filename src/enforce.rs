@@ -1,0 +1,585 @@
+//! The enforcement plan, pure: no I/O, no server types. Two phases decide
+//! everything the proxy does with a request, and `explain` renders the very same
+//! values, so the two cannot disagree:
+//!
+//! - [`gate`] reads the request head: where it goes, which destination, the
+//!   request-level hints, whether it is inspected, its size and encoding. It
+//!   answers [`Gate::Refuse`], [`Gate::Pass`] (forward unread) or
+//!   [`Gate::Inspect`] (read the body, then plan).
+//! - [`plan`] reads the body: decode, run the destination's adapter with the
+//!   consent policy per event, re-encode. It answers [`Plan::Refuse`] or
+//!   [`Plan::Forward`] with the [`Enforcement`] behind it.
+//!
+//! Every status and error code the proxy answers with is made here, by a
+//! [`Refusal`] constructor; README's table of refusals lists them.
+
+use crate::app::Runtime;
+use crate::audit::{AuditRecord, PseudonymKey};
+use crate::body::{self, BodyReadError, Encoding};
+use crate::config::{Mode, OnBlocked, UnknownDestinations};
+use crate::consent::ConsentStore;
+use crate::decide::{Context, Decision, EventVerdict};
+use crate::destinations::{BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use crate::forward::{self, UpstreamErrorKind};
+use crate::identify::Identifiers;
+use crate::model::{Category, H_CATEGORY, H_PATIENT};
+use crate::route::{self, Route, Target, Via};
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::Uri;
+
+/// The request-level decision, as in `x-consentgate-decision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestDecision {
+    Allowed,
+    Modified,
+    Blocked,
+}
+
+impl RequestDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestDecision::Allowed => "allowed",
+            RequestDecision::Modified => "modified",
+            RequestDecision::Blocked => "blocked",
+        }
+    }
+}
+
+/// What a refusal says besides its code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Detail {
+    Text(String),
+    /// The distinct reasons of the dropped events (`blocked_by_consent_policy`).
+    Reasons(Vec<&'static str>),
+}
+
+/// The body a refusal is answered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// The product's JSON error.
+    Json,
+    /// The vendor's empty success (`on_blocked: synthetic_ok`).
+    Synthetic(SyntheticOk),
+}
+
+/// Why nothing (more) goes upstream: the status, the JSON `error` code (also the
+/// audit reason) and what the app is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: Detail,
+    pub answer: Answer,
+}
+
+impl Refusal {
+    fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            detail: Detail::Text(detail.into()),
+            answer: Answer::Json,
+        }
+    }
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Refusal {
+        Refusal::new(400, "bad_request", detail)
+    }
+    pub(crate) fn unknown_destination() -> Refusal {
+        Refusal::new(
+            403,
+            "unknown_destination",
+            "destination host is not a configured destination",
+        )
+    }
+    pub(crate) fn connect_not_allowed() -> Refusal {
+        Refusal::new(
+            405,
+            "connect_not_allowed",
+            "CONNECT is not accepted inside an intercepted connection",
+        )
+    }
+    fn uninspected_endpoint() -> Refusal {
+        Refusal::new(
+            451,
+            "uninspected_endpoint",
+            "this destination endpoint is not inspected; requests with a body are refused \
+             (set the destination's mode to passthrough to allow)",
+        )
+    }
+    fn too_large(limit: u64) -> Refusal {
+        Refusal::new(
+            413,
+            "body_too_large",
+            format!("body over max_body_bytes ({limit})"),
+        )
+    }
+    fn unsupported_encoding(name: &str) -> Refusal {
+        Refusal::new(
+            415,
+            "unsupported_content_encoding",
+            format!("Content-Encoding {name:?} is not supported (gzip, deflate, br, zstd)"),
+        )
+    }
+    fn unreadable(detail: impl Into<String>) -> Refusal {
+        Refusal::new(422, "unreadable_body", detail)
+    }
+    fn forbidden(code: &'static str, detail: String) -> Refusal {
+        Refusal::new(451, code, detail)
+    }
+    fn encode_failed(detail: String) -> Refusal {
+        Refusal::new(500, "encode_failed", detail)
+    }
+    fn blocked_by_policy(route: &Route, reasons: Vec<&'static str>) -> Refusal {
+        let (status, answer) = match route.on_blocked {
+            OnBlocked::SyntheticOk => {
+                let s = route.adapter.synthetic_ok();
+                (s.status, Answer::Synthetic(s))
+            }
+            OnBlocked::Error => (451, Answer::Json),
+        };
+        Refusal {
+            status,
+            code: "blocked_by_consent_policy",
+            detail: Detail::Reasons(reasons),
+            answer,
+        }
+    }
+    /// The audit trail could not take the request's records: nothing leaves.
+    pub(crate) fn audit_unavailable(why: &str) -> Refusal {
+        Refusal::new(
+            503,
+            crate::audit::AuditUnavailable::REASON,
+            format!("audit trail unavailable ({why}); nothing was sent"),
+        )
+    }
+    /// The upstream failed after the request was decided and audited.
+    pub(crate) fn upstream(kind: UpstreamErrorKind, detail: &str) -> Refusal {
+        let code = match kind.status() {
+            504 => "upstream_timeout",
+            _ => "upstream_unavailable",
+        };
+        Refusal::new(kind.status(), code, format!("{}: {detail}", kind.as_str()))
+    }
+    /// A body that could not be read or decoded.
+    pub(crate) fn body(e: BodyReadError, limit: u64) -> Refusal {
+        match e {
+            BodyReadError::TooLarge => Refusal::too_large(limit),
+            BodyReadError::UnknownEncoding(name) => Refusal::unsupported_encoding(&name),
+            BodyReadError::Unreadable(d) => Refusal::unreadable(d),
+        }
+    }
+}
+
+/// The request head as the gate sees it.
+pub(crate) struct Head<'a> {
+    pub parts: &'a Parts,
+    pub via: &'a Via,
+    /// Whether a body follows (a declared non-zero length, or a stream that is not
+    /// already at its end).
+    pub has_body: bool,
+}
+
+/// The request-level inputs to enforcement that come from headers.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestHints {
+    pub category: Category,
+    pub patient: Option<String>,
+    pub header_gpc: bool,
+}
+
+impl RequestHints {
+    fn from_headers(h: &HeaderMap, route: &Route) -> Result<RequestHints, String> {
+        let category = match h.get(H_CATEGORY) {
+            None => route.category,
+            Some(v) => {
+                let s = v
+                    .to_str()
+                    .map_err(|_| "X-Consent-Category is not text".to_string())?;
+                Category::parse(s.trim()).ok_or_else(|| {
+                    "X-Consent-Category names no known category (expected one of: advertising, \
+                     marketing_email, marketing_sms, phone_outreach, appointment_reminders, \
+                     patient_surveys, care_followups)"
+                        .to_string()
+                })?
+            }
+        };
+        let patient = h
+            .get(H_PATIENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let header_gpc = h
+            .get("sec-gpc")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() == "1");
+        Ok(RequestHints {
+            category,
+            patient,
+            header_gpc,
+        })
+    }
+}
+
+/// A request forwarded without reading its body.
+pub(crate) struct Pass<'rt> {
+    pub dest: &'rt str,
+    pub uri: Uri,
+    /// The audit reason (`not_inspected`, `unknown_destination_tunnel`).
+    pub reason: &'static str,
+}
+
+/// A request whose body is read and planned.
+pub(crate) struct Inspect<'rt> {
+    pub route: &'rt Route,
+    pub target: Target,
+    pub uri: Uri,
+    pub hints: RequestHints,
+    pub encoding: Encoding,
+    /// `max_body_bytes`, raw and decoded.
+    pub limit: u64,
+    pub content_type: Option<String>,
+}
+
+/// What the head decides.
+pub(crate) enum Gate<'rt> {
+    Refuse { dest: &'rt str, refusal: Refusal },
+    Pass(Pass<'rt>),
+    Inspect(Inspect<'rt>),
+}
+
+/// Decide on the request head (the route, the hints, whether it is inspected,
+/// its declared size and its encoding).
+pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
+    let refuse = |dest, refusal| Gate::Refuse { dest, refusal };
+    let parts = head.parts;
+    let target = match head.via {
+        Via::Intercepted { host, port } => Target {
+            host: host.clone(),
+            port: *port,
+        },
+        Via::Plain => match route::plain_target(parts) {
+            Ok(t) => t,
+            Err(e) => return refuse("unknown", Refusal::bad_request(e)),
+        },
+    };
+    let route = rt
+        .registry
+        .route(&target.host, &parts.method, parts.uri.path());
+    let dest = route.map_or("unknown", Route::name);
+    let Some(uri) = forward::upstream_uri(&target, parts.uri.path_and_query()) else {
+        return refuse(dest, Refusal::bad_request("request target is not a valid URI"));
+    };
+    let Some(route) = route else {
+        return match rt.config.unknown_destinations {
+            UnknownDestinations::Tunnel => Gate::Pass(Pass {
+                dest,
+                uri,
+                reason: "unknown_destination_tunnel",
+            }),
+            UnknownDestinations::Deny => refuse(dest, Refusal::unknown_destination()),
+        };
+    };
+    let hints = match RequestHints::from_headers(&parts.headers, route) {
+        Ok(h) => h,
+        Err(e) => return refuse(dest, Refusal::bad_request(e)),
+    };
+    if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path())
+    {
+        if route.mode == Mode::Passthrough || !head.has_body {
+            return Gate::Pass(Pass {
+                dest,
+                uri,
+                reason: "not_inspected",
+            });
+        }
+        return refuse(dest, Refusal::uninspected_endpoint());
+    }
+    let limit = rt.config.max_body_bytes;
+    if declared_length(&parts.headers).is_some_and(|n| n > limit) {
+        return refuse(dest, Refusal::too_large(limit));
+    }
+    let encoding = match Encoding::parse(
+        parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("(not text)")),
+    ) {
+        Ok(e) => e,
+        Err(e) => return refuse(dest, Refusal::body(e, limit)),
+    };
+    Gate::Inspect(Inspect {
+        route,
+        target,
+        uri,
+        hints,
+        encoding,
+        limit,
+        content_type: media_type(&parts.headers),
+    })
+}
+
+/// The declared Content-Length, when there is one that parses.
+pub(crate) fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn media_type(h: &HeaderMap) -> Option<String> {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+}
+
+/// What goes upstream as the body.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outgoing {
+    /// The bytes as they arrived.
+    Original,
+    /// A re-encoded body (Content-Length is set from it).
+    Rewritten(Vec<u8>),
+}
+
+/// A body that goes upstream.
+pub(crate) struct Forward {
+    pub body: Outgoing,
+    pub decision: RequestDecision,
+    /// The audit reason of the request-level record (`enforced`, `shadow`).
+    pub reason: &'static str,
+}
+
+/// What the body decides.
+pub(crate) enum Plan {
+    Refuse(Refusal),
+    Forward(Forward),
+}
+
+/// The plan and what enforcement concluded on the way (absent when the body
+/// was refused before any event was decided).
+pub(crate) struct Planned {
+    pub plan: Plan,
+    pub enforcement: Option<Enforcement>,
+}
+
+/// Decode, enforce and re-encode an inspected body. With `trace`, each decision
+/// keeps the identifiers and policy steps it was reached by (for `explain`).
+pub(crate) fn plan(
+    rt: &Runtime,
+    consent: &ConsentStore,
+    inspect: &Inspect<'_>,
+    parts: &Parts,
+    raw: &[u8],
+    trace: bool,
+) -> Planned {
+    let refused = |r| Planned {
+        plan: Plan::Refuse(r),
+        enforcement: None,
+    };
+    let plain = match body::decode(inspect.encoding, raw, inspect.limit) {
+        Ok(p) => p,
+        Err(e) => return refused(Refusal::body(e, inspect.limit)),
+    };
+    let view = RequestView {
+        method: &parts.method,
+        host: &inspect.target.host,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        content_type: inspect.content_type.as_deref(),
+    };
+    let e = match enforce(rt, consent, inspect, &view, &plain, trace) {
+        Ok(e) => e,
+        Err(BodyError::Unreadable(d)) => return refused(Refusal::unreadable(d)),
+        Err(BodyError::Forbidden { code, detail }) => {
+            return refused(Refusal::forbidden(code, detail))
+        }
+    };
+    let route = inspect.route;
+    let plan = if route.mode == Mode::Shadow {
+        Plan::Forward(Forward {
+            body: Outgoing::Original,
+            decision: RequestDecision::Allowed,
+            reason: "shadow",
+        })
+    } else if e.all_dropped() {
+        Plan::Refuse(Refusal::blocked_by_policy(route, e.drop_reasons()))
+    } else {
+        let (body, decision) = match &e.enforced.body {
+            Some(new_plain) => match body::encode(inspect.encoding, new_plain) {
+                Ok(b) => (Outgoing::Rewritten(b), RequestDecision::Modified),
+                Err(d) => return refused(Refusal::encode_failed(d)),
+            },
+            None if e.changed() => (Outgoing::Original, RequestDecision::Modified),
+            None => (Outgoing::Original, RequestDecision::Allowed),
+        };
+        Plan::Forward(Forward {
+            body,
+            decision,
+            reason: "enforced",
+        })
+    };
+    Planned {
+        plan,
+        enforcement: Some(e),
+    }
+}
+
+/// What enforcement concluded for one body.
+pub(crate) struct Enforcement {
+    pub enforced: Enforced,
+    pub decisions: Vec<Decision>,
+    pub context: Context,
+    /// The destination was in `mode: shadow`: the events' outcomes are what
+    /// would have happened.
+    pub shadow: bool,
+}
+
+impl Enforcement {
+    pub(crate) fn all_dropped(&self) -> bool {
+        !self.enforced.events.is_empty() && self.enforced.events.iter().all(|e| e.verdict.is_drop())
+    }
+    pub(crate) fn changed(&self) -> bool {
+        self.enforced.body.is_some() || self.enforced.events.iter().any(|e| e.changed())
+    }
+    /// Distinct reasons of dropped events, for the 451 answer.
+    pub(crate) fn drop_reasons(&self) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = Vec::new();
+        for (e, d) in self.events() {
+            if let EventVerdict::Drop(_) = e.verdict {
+                let r = e.verdict.reason(d.gpc_trigger).as_str();
+                if !v.contains(&r) {
+                    v.push(r);
+                }
+            }
+        }
+        v
+    }
+    /// Each event with the decision behind it, in payload order.
+    pub(crate) fn events(&self) -> impl Iterator<Item = (&EventApplied, &Decision)> {
+        self.enforced.events.iter().zip(&self.decisions)
+    }
+    /// The event's decision as counted and audited (`would_*` in shadow mode).
+    pub(crate) fn event_decision(&self, e: &EventApplied) -> &'static str {
+        match (e.verdict.is_drop(), e.changed(), self.shadow) {
+            (true, _, false) => "dropped",
+            (true, _, true) => "would_block",
+            (false, true, false) => "modified",
+            (false, true, true) => "would_modify",
+            (false, false, _) => "allowed",
+        }
+    }
+    /// One audit record per event or recipient: decision, reason, rule, what was
+    /// stripped or set, and the patient's pseudonym (never the raw id).
+    pub(crate) fn audit_records(
+        &self,
+        request_id: &str,
+        dest: &str,
+        pseudonyms: &PseudonymKey,
+    ) -> Vec<AuditRecord> {
+        self.events()
+            .enumerate()
+            .map(|(i, (e, d))| {
+                let reason = e.verdict.reason(d.gpc_trigger);
+                let mut r = AuditRecord::decision(
+                    request_id,
+                    dest,
+                    self.event_decision(e),
+                    reason.as_str(),
+                );
+                r.category = Some(self.context.category.as_str().to_string());
+                r.rule = Some(reason.rule().to_string());
+                r.fields_stripped = e.fields_stripped.clone();
+                r.flags_set = e.flags_set.clone();
+                if let Some(rec) = d.records.first() {
+                    r.patient = Some(pseudonyms.pseudonym(&rec.patient_id));
+                }
+                r.detail = Some(serde_json::json!({"event": i, "matches": d.records.len()}));
+                r
+            })
+            .collect()
+    }
+}
+
+/// Run the adapter over a decoded body with the policy, one decision per event.
+fn enforce(
+    rt: &Runtime,
+    consent: &ConsentStore,
+    inspect: &Inspect<'_>,
+    view: &RequestView<'_>,
+    body: &[u8],
+    trace: bool,
+) -> Result<Enforcement, BodyError> {
+    let route = inspect.route;
+    let hints = &inspect.hints;
+    let context = Context {
+        category: hints.category,
+        channel: route.adapter.channel(),
+        kind: route.adapter.kind(),
+        header_gpc: hints.header_gpc,
+        stale: consent.is_stale(rt.config.consent.max_staleness),
+    };
+    let mut decisions = Vec::new();
+    let mut decide = |ids: &Identifiers| {
+        // An event that names nobody is decided for the patient the app named.
+        let from_header;
+        let ids = match (&hints.patient, ids.is_empty()) {
+            (Some(p), true) => {
+                let mut h = Identifiers::new();
+                h.add_patient(p);
+                from_header = h;
+                &from_header
+            }
+            _ => ids,
+        };
+        let d = if trace {
+            let mut d = rt.policy.decide_traced(&context, consent.lookup(ids));
+            d.identifiers = ids.keys.clone();
+            d
+        } else {
+            rt.policy.decide(&context, consent.lookup(ids))
+        };
+        let v = d.verdict;
+        decisions.push(d);
+        v
+    };
+    let enforced = route.adapter.enforce(view, body, &mut decide)?;
+    Ok(Enforcement {
+        enforced,
+        decisions,
+        context,
+        shadow: route.mode == Mode::Shadow,
+    })
+}
+
+/// What a CONNECT decides.
+pub(crate) enum ConnectGate {
+    Refuse(Refusal),
+    /// An unknown host in `unknown_destinations: tunnel`: bytes pass blind.
+    Tunnel(Target),
+    /// A known destination: terminate TLS and run every request through the pipeline.
+    Intercept(Target),
+}
+
+/// Decide on a CONNECT by its authority.
+pub(crate) fn gate_connect(rt: &Runtime, authority: Option<&str>) -> ConnectGate {
+    let Some((host, port)) = authority.and_then(route::split_host_port) else {
+        return ConnectGate::Refuse(Refusal::bad_request("CONNECT needs host:port"));
+    };
+    let target = Target {
+        host,
+        port: port.unwrap_or(443),
+    };
+    if rt.registry.knows_host(&target.host) {
+        ConnectGate::Intercept(target)
+    } else if rt.config.unknown_destinations == UnknownDestinations::Tunnel {
+        ConnectGate::Tunnel(target)
+    } else {
+        ConnectGate::Refuse(Refusal::unknown_destination())
+    }
+}

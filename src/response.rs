@@ -1,0 +1,93 @@
+//! What the app is answered with: request ids, the decision headers, JSON
+//! answers (shared by the proxy, the admin listener and the consent API) and the
+//! rendering of a [`Refusal`].
+
+use crate::enforce::{Answer, Detail, Refusal, RequestDecision};
+use crate::forward::ProxyBody;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use serde_json::{json, Value};
+
+pub(crate) const H_DECISION: &str = "x-consentgate-decision";
+pub(crate) const H_REQUEST_ID: &str = "x-consentgate-request-id";
+
+/// A 128-bit random request id as 32 hex characters.
+pub(crate) fn new_request_id() -> String {
+    let id: u128 = rand::random();
+    format!("{id:032x}")
+}
+
+pub(crate) fn empty_body() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub(crate) fn full_body(data: impl Into<Bytes>) -> ProxyBody {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Set `x-consentgate-decision` and `x-consentgate-request-id`.
+pub(crate) fn stamp(h: &mut HeaderMap, decision: RequestDecision, request_id: &str) {
+    h.insert(
+        HeaderName::from_static(H_DECISION),
+        HeaderValue::from_static(decision.as_str()),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(HeaderName::from_static(H_REQUEST_ID), v);
+    }
+}
+
+/// A JSON answer (never cached); map the body into the listener's body type.
+pub(crate) fn json(status: StatusCode, body: &Value) -> Response<Bytes> {
+    // A Value always serialises.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut r = Response::new(Bytes::from(bytes));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The app's answer to a refusal, with the decision headers.
+pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = match r.answer {
+        Answer::Synthetic(s) => {
+            let mut resp = Response::new(full_body(Bytes::from_static(s.body.as_bytes())));
+            *resp.status_mut() = status;
+            if !s.body.is_empty() {
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            resp
+        }
+        Answer::Json => {
+            let mut body = json!({"error": r.code, "request_id": request_id});
+            match &r.detail {
+                Detail::Text(d) => body["detail"] = json!(d),
+                Detail::Reasons(v) => body["reasons"] = json!(v),
+            }
+            json(status, &body).map(full_body)
+        }
+    };
+    stamp(resp.headers_mut(), RequestDecision::Blocked, request_id);
+    resp
+}
+
+/// A 200 with no body and the decision headers (an accepted CONNECT).
+pub(crate) fn connect_established(request_id: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(empty_body());
+    stamp(r.headers_mut(), RequestDecision::Allowed, request_id);
+    r
+}

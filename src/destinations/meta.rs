@@ -5,6 +5,7 @@
 //! string (double encoding). Events are re-encoded the way they arrived, and
 //! other form fields (`access_token`, `test_event_code`, …) are kept as they are.
 
+use super::adspec::{Fields, Sensitive};
 use super::common;
 use super::rawjson::{self, Node, Object, Shape};
 use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
@@ -16,106 +17,93 @@ use serde_json::{json, Value};
 
 pub struct MetaCapi;
 
-/// Every identity field of `user_data` (SPEC §6 step 3).
-const IDENTITY: &[&str] = &[
-    "user_data.em",
-    "user_data.ph",
-    "user_data.fn",
-    "user_data.ln",
-    "user_data.ge",
-    "user_data.db",
-    "user_data.ct",
-    "user_data.st",
-    "user_data.zp",
-    "user_data.country",
-    "user_data.external_id",
-    "user_data.client_ip_address",
-    "user_data.client_user_agent",
-    "user_data.fbc",
-    "user_data.fbp",
-    "user_data.lead_id",
-    "user_data.anon_id",
-    "user_data.madid",
-    "user_data.fb_login_id",
-    "user_data.ctwa_clid",
-    "user_data.subscription_id",
-    "user_data.page_id",
-    "user_data.page_scoped_user_id",
-    "user_data.ig_account_id",
-    "user_data.ig_sid",
-];
+/// Meta's field tables (SPEC §6 steps 3-5). The lazy path below reads them
+/// key by key inside `user_data`; unusual shapes go through [`Fields::apply`].
+pub(crate) static FIELDS: Fields = Fields {
+    email: &["user_data.em"],
+    phone: &["user_data.ph"],
+    external: &["user_data.external_id"],
+    identity: &[
+        "user_data.em",
+        "user_data.ph",
+        "user_data.fn",
+        "user_data.ln",
+        "user_data.ge",
+        "user_data.db",
+        "user_data.ct",
+        "user_data.st",
+        "user_data.zp",
+        "user_data.country",
+        "user_data.external_id",
+        "user_data.client_ip_address",
+        "user_data.client_user_agent",
+        "user_data.fbc",
+        "user_data.fbp",
+        "user_data.lead_id",
+        "user_data.anon_id",
+        "user_data.madid",
+        "user_data.fb_login_id",
+        "user_data.ctwa_clid",
+        "user_data.subscription_id",
+        "user_data.page_id",
+        "user_data.page_scoped_user_id",
+        "user_data.ig_account_id",
+        "user_data.ig_sid",
+    ],
+    // Anything else left in user_data is identity too (new platform ids).
+    identity_object: Some("user_data"),
+    urls: &["event_source_url", "referrer_url"],
+    // Content fields, search strings and arbitrary custom keys all go.
+    sensitive: Sensitive::KeepOnly {
+        object: CUSTOM_DATA,
+        keep: CUSTOM_DATA_KEEP,
+    },
+    hashed: &[
+        ("user_data.em", identify::hash_email_for_vendor),
+        ("user_data.ph", identify::hash_phone_digits_for_vendor),
+        ("user_data.fn", common::hash_trimmed_lowercase),
+        ("user_data.ln", common::hash_trimmed_lowercase),
+        ("user_data.ge", common::hash_trimmed_lowercase),
+        ("user_data.db", common::hash_trimmed_lowercase),
+        ("user_data.ct", common::hash_trimmed_lowercase),
+        ("user_data.st", common::hash_trimmed_lowercase),
+        ("user_data.zp", common::hash_trimmed_lowercase),
+        ("user_data.country", common::hash_trimmed_lowercase),
+        ("user_data.external_id", common::hash_trimmed_lowercase),
+    ],
+    ldu: Some(set_ldu),
+};
 
-/// `custom_data` keys kept under limit_sensitive; every other key (content
-/// fields, search strings, arbitrary custom keys) goes.
+const CUSTOM_DATA: &str = "custom_data";
+/// `custom_data` keys kept under limit_sensitive.
 const CUSTOM_DATA_KEEP: &[&str] = &["value", "currency", "order_id", "num_items"];
 
-const HASHED: &[(&str, common::Hasher)] = &[
-    ("user_data.em", identify::hash_email_for_vendor),
-    ("user_data.ph", identify::hash_phone_digits_for_vendor),
-    ("user_data.fn", common::hash_trimmed_lowercase),
-    ("user_data.ln", common::hash_trimmed_lowercase),
-    ("user_data.ge", common::hash_trimmed_lowercase),
-    ("user_data.db", common::hash_trimmed_lowercase),
-    ("user_data.ct", common::hash_trimmed_lowercase),
-    ("user_data.st", common::hash_trimmed_lowercase),
-    ("user_data.zp", common::hash_trimmed_lowercase),
-    ("user_data.country", common::hash_trimmed_lowercase),
-    ("user_data.external_id", common::hash_trimmed_lowercase),
-];
+/// Meta's limited-data-use fields for a geography, and what the audit says was set.
+fn ldu_fields(l: Ldu, a: &mut EventApplied) -> [(&'static str, Value); 3] {
+    a.flags_set.push("data_processing_options=LDU".into());
+    a.flags_set
+        .push(format!("data_processing_options_country={}", l.country));
+    a.flags_set
+        .push(format!("data_processing_options_state={}", l.state));
+    [
+        ("data_processing_options", json!(["LDU"])),
+        ("data_processing_options_country", json!(l.country)),
+        ("data_processing_options_state", json!(l.state)),
+    ]
+}
+
+fn set_ldu(ev: &mut Value, l: Ldu, a: &mut EventApplied) {
+    for (k, v) in ldu_fields(l, a) {
+        common::set_at(ev, k, v);
+    }
+}
 
 fn identify_event(ev: &Value) -> Identifiers {
-    let mut ids = Identifiers::new();
-    common::collect(ev, &["user_data.em"], &mut ids, Identifiers::add_email);
-    common::collect(ev, &["user_data.ph"], &mut ids, Identifiers::add_phone);
-    common::collect(
-        ev,
-        &["user_data.external_id"],
-        &mut ids,
-        Identifiers::add_external,
-    );
-    ids
+    FIELDS.identify(ev)
 }
 
 fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
-    if keep.strip_identity {
-        common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
-        // Anything else left in user_data is identity too (new platform ids).
-        if let Some(Value::Object(ud)) = ev.get_mut("user_data") {
-            if !ud.is_empty() {
-                ud.clear();
-                a.fields_stripped.push("user_data.*".into());
-            }
-        }
-    }
-    let ldu = keep.ldu.or(keep.strip_identity.then_some(Ldu {
-        country: 0,
-        state: 0,
-    }));
-    if let Some(l) = ldu {
-        common::set_at(ev, "data_processing_options", json!(["LDU"]));
-        common::set_at(ev, "data_processing_options_country", json!(l.country));
-        common::set_at(ev, "data_processing_options_state", json!(l.state));
-        a.flags_set.push("data_processing_options=LDU".into());
-        a.flags_set
-            .push(format!("data_processing_options_country={}", l.country));
-        a.flags_set
-            .push(format!("data_processing_options_state={}", l.state));
-    }
-    if keep.limit_sensitive {
-        common::reduce_urls(
-            ev,
-            &["event_source_url", "referrer_url"],
-            &mut a.fields_stripped,
-        );
-        if let Some(Value::Object(cd)) = ev.get_mut("custom_data") {
-            let before = cd.len();
-            cd.retain(|k, _| CUSTOM_DATA_KEEP.contains(&k.as_str()));
-            if cd.len() != before {
-                a.fields_stripped.push("custom_data.*".into());
-            }
-        }
-    }
-    common::hash_all(ev, HASHED, &mut a.hashed);
+    FIELDS.apply(ev, keep, a)
 }
 
 /// The JSON error answer for a body that does not parse.
@@ -170,7 +158,7 @@ fn apply_lazy<'a>(
     if keep.strip_identity {
         if let Some(u) = ud.as_deref_mut() {
             let mut present = 0;
-            for p in IDENTITY {
+            for p in FIELDS.identity {
                 if u.get(ud_key(p)).is_some() {
                     present += 1;
                     a.fields_stripped.push((*p).to_string());
@@ -187,20 +175,12 @@ fn apply_lazy<'a>(
         state: 0,
     }));
     if let Some(l) = ldu {
-        ev.insert("data_processing_options", Node::Val(json!(["LDU"])));
-        ev.insert(
-            "data_processing_options_country",
-            Node::Val(json!(l.country)),
-        );
-        ev.insert("data_processing_options_state", Node::Val(json!(l.state)));
-        a.flags_set.push("data_processing_options=LDU".into());
-        a.flags_set
-            .push(format!("data_processing_options_country={}", l.country));
-        a.flags_set
-            .push(format!("data_processing_options_state={}", l.state));
+        for (k, v) in ldu_fields(l, a) {
+            ev.insert(k, Node::Val(v));
+        }
     }
     if keep.limit_sensitive {
-        for p in ["event_source_url", "referrer_url"] {
+        for p in FIELDS.urls {
             let Some(n) = ev.get_mut(p) else { continue };
             if n.lead() != b'"' {
                 continue;
@@ -214,7 +194,8 @@ fn apply_lazy<'a>(
             }
             *n = Node::Val(Value::String(reduced));
         }
-        if let Some(n) = ev.get_mut("custom_data") {
+        let (object, keep) = (CUSTOM_DATA, CUSTOM_DATA_KEEP);
+        if let Some(n) = ev.get_mut(object) {
             if n.lead() == b'{' {
                 let mut cd = match std::mem::replace(n, Node::Val(Value::Null)) {
                     Node::Raw(r) => Object::parse(r.get()).map_err(|e| invalid_json(&e))?,
@@ -222,17 +203,16 @@ fn apply_lazy<'a>(
                     Node::Val(v) => Object::from_value(v),
                 };
                 let before = cd.len();
-                cd.entries
-                    .retain(|(k, _)| CUSTOM_DATA_KEEP.contains(&k.0.as_ref()));
+                cd.entries.retain(|(k, _)| keep.contains(&k.0.as_ref()));
                 if cd.len() != before {
-                    a.fields_stripped.push("custom_data.*".into());
+                    a.fields_stripped.push(format!("{object}.*"));
                 }
                 *n = Node::Obj(cd);
             }
         }
     }
     if let Some(u) = ud {
-        for (p, h) in HASHED {
+        for (p, h) in FIELDS.hashed {
             let Some(n) = u.get_mut(ud_key(p)) else {
                 continue;
             };

@@ -2,6 +2,7 @@
 //! implementing [`Adapter`]; the registry below is the only other place that
 //! names it. The proxy never names a vendor.
 
+pub(crate) mod adspec;
 pub mod braze;
 pub mod common;
 pub mod ga4;
@@ -21,6 +22,7 @@ pub mod snap;
 pub mod tiktok;
 pub mod twilio;
 
+use adspec::AdPlatform;
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
@@ -142,10 +144,10 @@ pub fn builtins() -> Vec<Arc<dyn Adapter>> {
         Arc::new(meta::MetaCapi),
         Arc::new(ga4::Ga4Mp),
         Arc::new(google_ads::GoogleAds),
-        Arc::new(tiktok::TiktokEvents),
+        Arc::new(AdPlatform(&tiktok::SPEC)),
         Arc::new(linkedin::LinkedinCapi),
-        Arc::new(pinterest::PinterestCapi),
-        Arc::new(snap::SnapCapi),
+        Arc::new(AdPlatform(&pinterest::SPEC)),
+        Arc::new(AdPlatform(&snap::SPEC)),
         Arc::new(sendgrid::SendGrid),
         Arc::new(mailchimp::Mailchimp),
         Arc::new(mandrill::Mandrill),

@@ -3,70 +3,86 @@
 //! Limited data processing: `opt_out: true` and `custom_data.opt_out_type`
 //! (comma-separated privacy flags) including `LDP`.
 
+use super::adspec::{AdSpec, Endpoint, Events, Fields, Sensitive};
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
-use crate::identify::{self, Identifiers};
-use crate::model::{Category, DestKind};
-use http::Method;
+use super::{EventApplied, SyntheticOk};
+use crate::decide::Ldu;
+use crate::identify;
 use serde_json::{json, Value};
 
-pub struct PinterestCapi;
+pub(crate) static SPEC: AdSpec = AdSpec {
+    name: "pinterest_capi",
+    display_name: "Pinterest Conversions API",
+    hosts: &["api.pinterest.com"],
+    endpoints: &[Endpoint {
+        path: &["v5", "ad_accounts", "*", "events"],
+        events: Events::Array("data"),
+        fields: &FIELDS,
+    }],
+    synthetic_ok: SyntheticOk {
+        status: 200,
+        body: r#"{"num_events_received":0,"num_events_processed":0,"events":[]}"#,
+    },
+    identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id[]",
+    ldu_signal: "opt_out: true + custom_data.opt_out_type \"LDP\"",
+};
 
-const IDENTITY: &[&str] = &[
-    "user_data.em",
-    "user_data.ph",
-    "user_data.fn",
-    "user_data.ln",
-    "user_data.ge",
-    "user_data.db",
-    "user_data.ct",
-    "user_data.st",
-    "user_data.zp",
-    "user_data.country",
-    "user_data.external_id",
-    "user_data.hashed_maids",
-    "user_data.client_ip_address",
-    "user_data.client_user_agent",
-    "user_data.click_id",
-    "user_data.partner_id",
-];
+static FIELDS: Fields = Fields {
+    email: &["user_data.em"],
+    phone: &["user_data.ph"],
+    external: &["user_data.external_id"],
+    identity: &[
+        "user_data.em",
+        "user_data.ph",
+        "user_data.fn",
+        "user_data.ln",
+        "user_data.ge",
+        "user_data.db",
+        "user_data.ct",
+        "user_data.st",
+        "user_data.zp",
+        "user_data.country",
+        "user_data.external_id",
+        "user_data.hashed_maids",
+        "user_data.client_ip_address",
+        "user_data.client_user_agent",
+        "user_data.click_id",
+        "user_data.partner_id",
+    ],
+    identity_object: None,
+    urls: &["event_source_url"],
+    sensitive: Sensitive::Remove(&[
+        "custom_data.content_name",
+        "custom_data.content_category",
+        "custom_data.content_brand",
+        "custom_data.contents",
+        "custom_data.content_ids",
+        "custom_data.search_string",
+    ]),
+    hashed: &[
+        ("user_data.em", identify::hash_email_for_vendor),
+        ("user_data.ph", identify::hash_phone_digits_for_vendor),
+        ("user_data.fn", common::hash_trimmed_lowercase),
+        ("user_data.ln", common::hash_trimmed_lowercase),
+        ("user_data.ge", common::hash_trimmed_lowercase),
+        ("user_data.db", common::hash_trimmed_lowercase),
+        ("user_data.ct", common::hash_trimmed_lowercase),
+        ("user_data.st", common::hash_trimmed_lowercase),
+        ("user_data.zp", common::hash_trimmed_lowercase),
+        ("user_data.country", common::hash_trimmed_lowercase),
+        ("user_data.external_id", common::hash_trimmed_lowercase),
+        ("user_data.hashed_maids", common::hash_trimmed_lowercase),
+    ],
+    ldu: Some(limited_data_processing),
+};
 
-const SENSITIVE: &[&str] = &[
-    "custom_data.content_name",
-    "custom_data.content_category",
-    "custom_data.content_brand",
-    "custom_data.contents",
-    "custom_data.content_ids",
-    "custom_data.search_string",
-];
-
-const HASHED: &[(&str, common::Hasher)] = &[
-    ("user_data.em", identify::hash_email_for_vendor),
-    ("user_data.ph", identify::hash_phone_digits_for_vendor),
-    ("user_data.fn", common::hash_trimmed_lowercase),
-    ("user_data.ln", common::hash_trimmed_lowercase),
-    ("user_data.ge", common::hash_trimmed_lowercase),
-    ("user_data.db", common::hash_trimmed_lowercase),
-    ("user_data.ct", common::hash_trimmed_lowercase),
-    ("user_data.st", common::hash_trimmed_lowercase),
-    ("user_data.zp", common::hash_trimmed_lowercase),
-    ("user_data.country", common::hash_trimmed_lowercase),
-    ("user_data.external_id", common::hash_trimmed_lowercase),
-    ("user_data.hashed_maids", common::hash_trimmed_lowercase),
-];
-
-fn identify_event(ev: &Value) -> Identifiers {
-    let mut ids = Identifiers::new();
-    common::collect(ev, &["user_data.em"], &mut ids, Identifiers::add_email);
-    common::collect(ev, &["user_data.ph"], &mut ids, Identifiers::add_phone);
-    common::collect(
-        ev,
-        &["user_data.external_id"],
-        &mut ids,
-        Identifiers::add_external,
-    );
-    ids
+/// `opt_out: true` and `LDP` added to `custom_data.opt_out_type`'s comma list.
+fn limited_data_processing(ev: &mut Value, _: Ldu, a: &mut EventApplied) {
+    common::set_at(ev, "opt_out", json!(true));
+    let t = with_ldp(ev.pointer("/custom_data/opt_out_type"));
+    common::set_at(ev, "custom_data.opt_out_type", Value::String(t));
+    a.flags_set.push("opt_out=true".into());
+    a.flags_set.push("custom_data.opt_out_type=LDP".into());
 }
 
 /// `opt_out_type` with `LDP` added to its comma list (kept if already there).
@@ -83,72 +99,18 @@ fn with_ldp(current: Option<&Value>) -> String {
     }
 }
 
-fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
-    if keep.strip_identity {
-        common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
-    }
-    if keep.strip_identity || keep.ldu.is_some() {
-        common::set_at(ev, "opt_out", json!(true));
-        let t = with_ldp(ev.pointer("/custom_data/opt_out_type"));
-        common::set_at(ev, "custom_data.opt_out_type", Value::String(t));
-        a.flags_set.push("opt_out=true".into());
-        a.flags_set.push("custom_data.opt_out_type=LDP".into());
-    }
-    if keep.limit_sensitive {
-        common::reduce_urls(ev, &["event_source_url"], &mut a.fields_stripped);
-        common::remove_all(ev, SENSITIVE, &mut a.fields_stripped);
-    }
-    common::hash_all(ev, HASHED, &mut a.hashed);
-}
-
-impl Adapter for PinterestCapi {
-    fn name(&self) -> &str {
-        "pinterest_capi"
-    }
-    fn display_name(&self) -> &str {
-        "Pinterest Conversions API"
-    }
-    fn kind(&self) -> DestKind {
-        DestKind::AdPlatform
-    }
-    fn default_category(&self) -> Category {
-        Category::Advertising
-    }
-    fn matches_host(&self, host: &str) -> bool {
-        host == "api.pinterest.com"
-    }
-    fn inspects(&self, method: &Method, path: &str) -> bool {
-        common::post_path_matches(method, path, &|s| {
-            matches!(s, ["v5", "ad_accounts", _, "events"])
-        })
-    }
-    fn enforce(
-        &self,
-        _req: &RequestView<'_>,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
-        common::enforce_json_batch(body, "data", decide, &identify_event, &apply)
-    }
-    fn synthetic_ok(&self) -> SyntheticOk {
-        SyntheticOk {
-            status: 200,
-            body: r#"{"num_events_received":0,"num_events_processed":0,"events":[]}"#,
-        }
-    }
-    fn identifier_fields(&self) -> &str {
-        "user_data.em[], user_data.ph[], user_data.external_id[]"
-    }
-    fn ldu_signal(&self) -> &str {
-        "opt_out: true + custom_data.opt_out_type \"LDP\""
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::destinations::adspec::AdPlatform;
     use crate::destinations::common::adkit;
-    use serde_json::json;
+    use crate::destinations::{Adapter, BodyError, RequestView};
+    use crate::identify;
+    use crate::model::DestKind;
+    use http::Method;
+    use serde_json::{json, Value};
+
+    const PINTEREST: AdPlatform = AdPlatform(&SPEC);
 
     fn view() -> RequestView<'static> {
         RequestView {
@@ -181,7 +143,7 @@ mod tests {
             ev(json!({"em":["limited@example.com"]}), c.clone()),
         ]}));
         let mut decide = adkit::decider(DestKind::AdPlatform);
-        let r = PinterestCapi.enforce(&view(), &body, &mut decide).unwrap();
+        let r = PINTEREST.enforce(&view(), &body, &mut decide).unwrap();
         let out = r.body.unwrap();
         adkit::assert_absent(
             &out,
@@ -225,12 +187,12 @@ mod tests {
         let mut decide = adkit::decider(DestKind::AdPlatform);
         for bad in [&b"{\"data\":[{]}"[..], &b"{}"[..]] {
             assert!(matches!(
-                PinterestCapi.enforce(&view(), bad, &mut decide),
+                PINTEREST.enforce(&view(), bad, &mut decide),
                 Err(BodyError::Unreadable(_))
             ));
         }
-        assert!(PinterestCapi.inspects(&Method::POST, "/v5/ad_accounts/1/events"));
-        assert!(!PinterestCapi.inspects(&Method::GET, "/v5/ad_accounts/1/events"));
-        assert!(!PinterestCapi.inspects(&Method::POST, "/v5/ad_accounts/1/audiences"));
+        assert!(PINTEREST.inspects(&Method::POST, "/v5/ad_accounts/1/events"));
+        assert!(!PINTEREST.inspects(&Method::GET, "/v5/ad_accounts/1/events"));
+        assert!(!PINTEREST.inspects(&Method::POST, "/v5/ad_accounts/1/audiences"));
     }
 }

@@ -4,120 +4,80 @@
 //! Snap's limited-data-use field names are unconfirmed, so no wire field is
 //! invented: a sale/share opt-out strips the identity only.
 
+use super::adspec::{AdSpec, Endpoint, Events, Fields, Sensitive};
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
-use crate::identify::{self, Identifiers};
-use crate::model::{Category, DestKind};
-use http::Method;
-use serde_json::Value;
+use super::SyntheticOk;
+use crate::identify;
 
-pub struct SnapCapi;
+pub(crate) static SPEC: AdSpec = AdSpec {
+    name: "snap_capi",
+    display_name: "Snap Conversions API",
+    hosts: &["tr.snapchat.com"],
+    endpoints: &[Endpoint {
+        path: &["v3", "*", "events"],
+        events: Events::Array("data"),
+        fields: &FIELDS,
+    }],
+    synthetic_ok: SyntheticOk {
+        status: 200,
+        body: r#"{"status":"VALID","reason":"","data":[]}"#,
+    },
+    identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id",
+    ldu_signal: "none confirmed (identity stripped)",
+};
 
-const IDENTITY: &[&str] = &[
-    "user_data.em",
-    "user_data.ph",
-    "user_data.fn",
-    "user_data.ln",
-    "user_data.ge",
-    "user_data.db",
-    "user_data.ct",
-    "user_data.st",
-    "user_data.zp",
-    "user_data.country",
-    "user_data.client_ip_address",
-    "user_data.client_user_agent",
-    "user_data.sc_click_id",
-    "user_data.sc_cookie1",
-    "user_data.madid",
-    "user_data.external_id",
-];
-
-const SENSITIVE: &[&str] = &[
-    "custom_data.contents",
-    "custom_data.content_ids",
-    "custom_data.content_category",
-    "custom_data.content_name",
-    "custom_data.search_string",
-];
-
-const HASHED: &[(&str, common::Hasher)] = &[
-    ("user_data.em", identify::hash_email_for_vendor),
-    ("user_data.ph", identify::hash_phone_digits_for_vendor),
-    ("user_data.fn", common::hash_trimmed_lowercase),
-    ("user_data.ln", common::hash_trimmed_lowercase),
-];
-
-fn identify_event(ev: &Value) -> Identifiers {
-    let mut ids = Identifiers::new();
-    common::collect(ev, &["user_data.em"], &mut ids, Identifiers::add_email);
-    common::collect(ev, &["user_data.ph"], &mut ids, Identifiers::add_phone);
-    common::collect(
-        ev,
-        &["user_data.external_id"],
-        &mut ids,
-        Identifiers::add_external,
-    );
-    ids
-}
-
-fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
-    if keep.strip_identity {
-        common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
-    }
-    if keep.limit_sensitive {
-        common::reduce_urls(ev, &["event_source_url"], &mut a.fields_stripped);
-        common::remove_all(ev, SENSITIVE, &mut a.fields_stripped);
-    }
-    common::hash_all(ev, HASHED, &mut a.hashed);
-}
-
-impl Adapter for SnapCapi {
-    fn name(&self) -> &str {
-        "snap_capi"
-    }
-    fn display_name(&self) -> &str {
-        "Snap Conversions API"
-    }
-    fn kind(&self) -> DestKind {
-        DestKind::AdPlatform
-    }
-    fn default_category(&self) -> Category {
-        Category::Advertising
-    }
-    fn matches_host(&self, host: &str) -> bool {
-        host == "tr.snapchat.com"
-    }
-    fn inspects(&self, method: &Method, path: &str) -> bool {
-        common::post_path_matches(method, path, &|s| matches!(s, ["v3", _, "events"]))
-    }
-    fn enforce(
-        &self,
-        _req: &RequestView<'_>,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
-        common::enforce_json_batch(body, "data", decide, &identify_event, &apply)
-    }
-    fn synthetic_ok(&self) -> SyntheticOk {
-        SyntheticOk {
-            status: 200,
-            body: r#"{"status":"VALID","reason":"","data":[]}"#,
-        }
-    }
-    fn identifier_fields(&self) -> &str {
-        "user_data.em[], user_data.ph[], user_data.external_id"
-    }
-    fn ldu_signal(&self) -> &str {
-        "none confirmed (identity stripped)"
-    }
-}
+static FIELDS: Fields = Fields {
+    email: &["user_data.em"],
+    phone: &["user_data.ph"],
+    external: &["user_data.external_id"],
+    identity: &[
+        "user_data.em",
+        "user_data.ph",
+        "user_data.fn",
+        "user_data.ln",
+        "user_data.ge",
+        "user_data.db",
+        "user_data.ct",
+        "user_data.st",
+        "user_data.zp",
+        "user_data.country",
+        "user_data.client_ip_address",
+        "user_data.client_user_agent",
+        "user_data.sc_click_id",
+        "user_data.sc_cookie1",
+        "user_data.madid",
+        "user_data.external_id",
+    ],
+    identity_object: None,
+    urls: &["event_source_url"],
+    sensitive: Sensitive::Remove(&[
+        "custom_data.contents",
+        "custom_data.content_ids",
+        "custom_data.content_category",
+        "custom_data.content_name",
+        "custom_data.search_string",
+    ]),
+    hashed: &[
+        ("user_data.em", identify::hash_email_for_vendor),
+        ("user_data.ph", identify::hash_phone_digits_for_vendor),
+        ("user_data.fn", common::hash_trimmed_lowercase),
+        ("user_data.ln", common::hash_trimmed_lowercase),
+    ],
+    ldu: None,
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::destinations::adspec::AdPlatform;
     use crate::destinations::common::adkit;
-    use serde_json::json;
+    use crate::destinations::{Adapter, BodyError, RequestView};
+    use crate::identify;
+    use crate::model::DestKind;
+    use http::Method;
+    use serde_json::{json, Value};
+
+    const SNAP: AdPlatform = AdPlatform(&SPEC);
 
     fn view() -> RequestView<'static> {
         RequestView {
@@ -148,7 +108,7 @@ mod tests {
             ev(json!({"em":["limited@example.com"]})),
         ]}));
         let mut decide = adkit::decider(DestKind::AdPlatform);
-        let r = SnapCapi.enforce(&view(), &body, &mut decide).unwrap();
+        let r = SNAP.enforce(&view(), &body, &mut decide).unwrap();
         let out = r.body.unwrap();
         adkit::assert_absent(
             &out,
@@ -179,11 +139,11 @@ mod tests {
         let mut decide = adkit::decider(DestKind::AdPlatform);
         for bad in [&b"not json"[..], &b"{\"data\":\"x\"}"[..]] {
             assert!(matches!(
-                SnapCapi.enforce(&view(), bad, &mut decide),
+                SNAP.enforce(&view(), bad, &mut decide),
                 Err(BodyError::Unreadable(_))
             ));
         }
-        assert!(SnapCapi.inspects(&Method::POST, "/v3/PIXEL-1/events"));
-        assert!(!SnapCapi.inspects(&Method::POST, "/v2/conversion"));
+        assert!(SNAP.inspects(&Method::POST, "/v3/PIXEL-1/events"));
+        assert!(!SNAP.inspects(&Method::POST, "/v2/conversion"));
     }
 }

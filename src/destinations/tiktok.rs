@@ -1,126 +1,84 @@
 //! TikTok Events API 2.0: `POST business-api.tiktok.com/open_api/v1.3/event/track/`.
 //! Events in `data[]`; each names its user in `user{email[], phone[], external_id[]}`.
 
+use super::adspec::{AdSpec, Endpoint, Events, Fields, Sensitive};
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
-use crate::identify::{self, Identifiers};
-use crate::model::{Category, DestKind};
-use http::Method;
+use super::{EventApplied, SyntheticOk};
+use crate::decide::Ldu;
+use crate::identify;
 use serde_json::{json, Value};
 
-pub struct TiktokEvents;
+pub(crate) static SPEC: AdSpec = AdSpec {
+    name: "tiktok_events",
+    display_name: "TikTok Events API",
+    hosts: &["business-api.tiktok.com"],
+    endpoints: &[Endpoint {
+        path: &["open_api", "v1.3", "event", "track"],
+        events: Events::Array("data"),
+        fields: &EVENTS_2,
+    }],
+    synthetic_ok: SyntheticOk {
+        status: 200,
+        body: r#"{"code":0,"message":"OK","data":{}}"#,
+    },
+    identifier_fields: "user.email[], user.phone[], user.external_id[]",
+    ldu_signal: "limited_data_use: true (per event)",
+};
 
-const IDENTITY: &[&str] = &[
-    "user.email",
-    "user.phone",
-    "user.external_id",
-    "user.ttclid",
-    "user.ttp",
-    "user.ip",
-    "user.user_agent",
-    "user.first_name",
-    "user.last_name",
-    "user.city",
-    "user.state",
-    "user.country",
-    "user.zip_code",
-    "user.locale",
-    "lead.lead_id",
-];
+static EVENTS_2: Fields = Fields {
+    email: &["user.email"],
+    phone: &["user.phone"],
+    external: &["user.external_id"],
+    identity: &[
+        "user.email",
+        "user.phone",
+        "user.external_id",
+        "user.ttclid",
+        "user.ttp",
+        "user.ip",
+        "user.user_agent",
+        "user.first_name",
+        "user.last_name",
+        "user.city",
+        "user.state",
+        "user.country",
+        "user.zip_code",
+        "user.locale",
+        "lead.lead_id",
+    ],
+    identity_object: None,
+    urls: &["page.url", "page.referrer"],
+    sensitive: Sensitive::Remove(&[
+        "properties.contents",
+        "properties.query",
+        "properties.description",
+        "properties.search_string",
+        "properties.content_name",
+        "properties.content_category",
+    ]),
+    hashed: &[
+        ("user.email", identify::hash_email_for_vendor),
+        ("user.phone", identify::hash_phone_e164_for_vendor),
+        ("user.external_id", common::hash_trimmed_lowercase),
+    ],
+    ldu: Some(limited_data_use),
+};
 
-const URLS: &[&str] = &["page.url", "page.referrer"];
-
-const SENSITIVE: &[&str] = &[
-    "properties.contents",
-    "properties.query",
-    "properties.description",
-    "properties.search_string",
-    "properties.content_name",
-    "properties.content_category",
-];
-
-const HASHED: &[(&str, common::Hasher)] = &[
-    ("user.email", identify::hash_email_for_vendor),
-    ("user.phone", identify::hash_phone_e164_for_vendor),
-    ("user.external_id", common::hash_trimmed_lowercase),
-];
-
-fn identify_event(ev: &Value) -> Identifiers {
-    let mut ids = Identifiers::new();
-    common::collect(ev, &["user.email"], &mut ids, Identifiers::add_email);
-    common::collect(ev, &["user.phone"], &mut ids, Identifiers::add_phone);
-    common::collect(
-        ev,
-        &["user.external_id"],
-        &mut ids,
-        Identifiers::add_external,
-    );
-    ids
-}
-
-fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
-    if keep.strip_identity {
-        common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
-    }
-    if keep.strip_identity || keep.ldu.is_some() {
-        common::set_at(ev, "limited_data_use", json!(true));
-        a.flags_set.push("limited_data_use=true".into());
-    }
-    if keep.limit_sensitive {
-        common::reduce_urls(ev, URLS, &mut a.fields_stripped);
-        common::remove_all(ev, SENSITIVE, &mut a.fields_stripped);
-    }
-    common::hash_all(ev, HASHED, &mut a.hashed);
-}
-
-impl Adapter for TiktokEvents {
-    fn name(&self) -> &str {
-        "tiktok_events"
-    }
-    fn display_name(&self) -> &str {
-        "TikTok Events API"
-    }
-    fn kind(&self) -> DestKind {
-        DestKind::AdPlatform
-    }
-    fn default_category(&self) -> Category {
-        Category::Advertising
-    }
-    fn matches_host(&self, host: &str) -> bool {
-        host == "business-api.tiktok.com"
-    }
-    fn inspects(&self, method: &Method, path: &str) -> bool {
-        common::post_path_matches(method, path, &|s| {
-            s == ["open_api", "v1.3", "event", "track"]
-        })
-    }
-    fn enforce(
-        &self,
-        _req: &RequestView<'_>,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
-        common::enforce_json_batch(body, "data", decide, &identify_event, &apply)
-    }
-    fn synthetic_ok(&self) -> SyntheticOk {
-        SyntheticOk {
-            status: 200,
-            body: r#"{"code":0,"message":"OK","data":{}}"#,
-        }
-    }
-    fn identifier_fields(&self) -> &str {
-        "user.email[], user.phone[], user.external_id[]"
-    }
-    fn ldu_signal(&self) -> &str {
-        "limited_data_use: true (per event)"
-    }
+fn limited_data_use(ev: &mut Value, _: Ldu, a: &mut EventApplied) {
+    common::set_at(ev, "limited_data_use", json!(true));
+    a.flags_set.push("limited_data_use=true".into());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::destinations::adspec::AdPlatform;
     use crate::destinations::common::adkit;
+    use crate::destinations::{Adapter, BodyError, RequestView};
+    use crate::model::DestKind;
+    use http::Method;
+
+    const TIKTOK: AdPlatform = AdPlatform(&SPEC);
     use serde_json::json;
 
     fn view() -> RequestView<'static> {
@@ -155,7 +113,7 @@ mod tests {
             ]}),
         );
         let mut decide = adkit::decider(DestKind::AdPlatform);
-        let r = TiktokEvents.enforce(&view(), &body, &mut decide).unwrap();
+        let r = TIKTOK.enforce(&view(), &body, &mut decide).unwrap();
         let out = r.body.unwrap();
         adkit::assert_absent(
             &out,
@@ -193,12 +151,12 @@ mod tests {
         let mut decide = adkit::decider(DestKind::AdPlatform);
         for bad in [&b"{\"data\":[}"[..], &b"{\"data\":null}"[..]] {
             assert!(matches!(
-                TiktokEvents.enforce(&view(), bad, &mut decide),
+                TIKTOK.enforce(&view(), bad, &mut decide),
                 Err(BodyError::Unreadable(_))
             ));
         }
-        assert!(TiktokEvents.inspects(&Method::POST, "/open_api/v1.3/event/track"));
-        assert!(TiktokEvents.inspects(&Method::POST, "/open_api/v1.3/event/track/"));
-        assert!(!TiktokEvents.inspects(&Method::POST, "/open_api/v1.3/pixel/track/"));
+        assert!(TIKTOK.inspects(&Method::POST, "/open_api/v1.3/event/track"));
+        assert!(TIKTOK.inspects(&Method::POST, "/open_api/v1.3/event/track/"));
+        assert!(!TIKTOK.inspects(&Method::POST, "/open_api/v1.3/pixel/track/"));
     }
 }

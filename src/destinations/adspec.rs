@@ -1,0 +1,194 @@
+//! Ad platforms as data. A conversions API is described by an [`AdSpec`]: its
+//! hosts, its endpoints and, per endpoint, where the events are and a [`Fields`]
+//! table (which fields identify the person, which are stripped on a sale/share
+//! opt-out, which can reveal health information, which are hashed on the way
+//! out, and how the platform says "limited data use"). [`AdPlatform`] applies
+//! any spec with one generic walk; a platform file holds only its tables and
+//! the small hooks a table cannot say. Meta keeps its own lazy parser (it is the
+//! measured hot path) but reads its [`Fields`] from the same kind of table.
+//! Adding an ad platform: docs/ADAPTERS.md.
+
+use super::common::{self, Hasher};
+use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use crate::decide::{EventVerdict, Keep, Ldu};
+use crate::identify::Identifiers;
+use crate::model::{Category, DestKind};
+use http::Method;
+use serde_json::Value;
+
+/// The platform's limited-data-use signal, set on a kept event when the
+/// patient opted out of sale/share (or GPC applies): the event's JSON, the
+/// geography (Meta's; `0/0` when the platform geolocates), and the record of
+/// what was set.
+pub(crate) type LduHook = fn(&mut Value, Ldu, &mut EventApplied);
+
+/// What limit_sensitive removes besides reducing URLs.
+pub(crate) enum Sensitive {
+    /// These paths go.
+    Remove(&'static [&'static str]),
+    /// Every key of `object` but `keep` goes (arbitrary custom keys included).
+    KeepOnly {
+        object: &'static str,
+        keep: &'static [&'static str],
+    },
+}
+
+/// One endpoint's field tables (dotted paths inside one event; arrays on the
+/// way are walked).
+pub(crate) struct Fields {
+    /// Looked up as emails, phones and external ids (in this order).
+    pub email: &'static [&'static str],
+    pub phone: &'static [&'static str],
+    pub external: &'static [&'static str],
+    /// Removed on a sale/share opt-out.
+    pub identity: &'static [&'static str],
+    /// An object emptied whole after `identity` on a sale/share opt-out (every
+    /// key in it identifies the person, new platform ids included).
+    pub identity_object: Option<&'static str>,
+    /// Reduced to scheme://host/ under limit_sensitive.
+    pub urls: &'static [&'static str],
+    pub sensitive: Sensitive,
+    /// Plaintext hashed the platform's way on every kept event.
+    pub hashed: &'static [(&'static str, Hasher)],
+    /// The platform's limited-data-use signal; `None` when it has none (the
+    /// identity is stripped and nothing is invented).
+    pub ldu: Option<LduHook>,
+}
+
+/// Where an endpoint's events are.
+pub(crate) enum Events {
+    /// The array at this key of the top-level object.
+    Array(&'static str),
+}
+
+/// One inspected endpoint: a POST path, its events and its fields.
+pub(crate) struct Endpoint {
+    /// Path segments; `*` matches any one segment.
+    pub path: &'static [&'static str],
+    pub events: Events,
+    pub fields: &'static Fields,
+}
+
+/// An ad platform's conversions API.
+pub(crate) struct AdSpec {
+    pub name: &'static str,
+    pub display_name: &'static str,
+    pub hosts: &'static [&'static str],
+    pub endpoints: &'static [Endpoint],
+    pub synthetic_ok: SyntheticOk,
+    /// For README's destination table.
+    pub identifier_fields: &'static str,
+    pub ldu_signal: &'static str,
+}
+
+impl AdSpec {
+    fn endpoint(&self, method: &Method, path: &str) -> Option<&'static Endpoint> {
+        self.endpoints.iter().find(|e| {
+            common::post_path_matches(method, path, &|segs| {
+                e.path.len() == segs.len()
+                    && e.path.iter().zip(segs).all(|(p, s)| *p == "*" || p == s)
+            })
+        })
+    }
+}
+
+impl Fields {
+    pub(crate) fn identify(&self, ev: &Value) -> Identifiers {
+        let mut ids = Identifiers::new();
+        common::collect(ev, self.email, &mut ids, Identifiers::add_email);
+        common::collect(ev, self.phone, &mut ids, Identifiers::add_phone);
+        common::collect(ev, self.external, &mut ids, Identifiers::add_external);
+        ids
+    }
+
+    /// SPEC §6 steps 3-5 on one kept event.
+    pub(crate) fn apply(&self, ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
+        if keep.strip_identity {
+            common::remove_all(ev, self.identity, &mut a.fields_stripped);
+            if let Some(obj) = self.identity_object {
+                if let Some(Value::Object(m)) = ev.get_mut(obj) {
+                    if !m.is_empty() {
+                        m.clear();
+                        a.fields_stripped.push(format!("{obj}.*"));
+                    }
+                }
+            }
+        }
+        let ldu = keep.ldu.or(keep.strip_identity.then_some(Ldu {
+            country: 0,
+            state: 0,
+        }));
+        if let (Some(l), Some(set)) = (ldu, self.ldu) {
+            set(ev, l, a);
+        }
+        if keep.limit_sensitive {
+            common::reduce_urls(ev, self.urls, &mut a.fields_stripped);
+            match &self.sensitive {
+                Sensitive::Remove(paths) => common::remove_all(ev, paths, &mut a.fields_stripped),
+                Sensitive::KeepOnly { object, keep } => {
+                    if let Some(Value::Object(m)) = ev.get_mut(*object) {
+                        let before = m.len();
+                        m.retain(|k, _| keep.contains(&k.as_str()));
+                        if m.len() != before {
+                            a.fields_stripped.push(format!("{object}.*"));
+                        }
+                    }
+                }
+            }
+        }
+        common::hash_all(ev, self.hashed, &mut a.hashed);
+    }
+}
+
+/// Any ad platform described by an [`AdSpec`].
+pub(crate) struct AdPlatform(pub &'static AdSpec);
+
+impl Adapter for AdPlatform {
+    fn name(&self) -> &str {
+        self.0.name
+    }
+    fn display_name(&self) -> &str {
+        self.0.display_name
+    }
+    fn kind(&self) -> DestKind {
+        DestKind::AdPlatform
+    }
+    fn default_category(&self) -> Category {
+        Category::Advertising
+    }
+    fn matches_host(&self, host: &str) -> bool {
+        self.0.hosts.contains(&host)
+    }
+    fn inspects(&self, method: &Method, path: &str) -> bool {
+        self.0.endpoint(method, path).is_some()
+    }
+    fn enforce(
+        &self,
+        req: &RequestView<'_>,
+        body: &[u8],
+        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    ) -> Result<Enforced, BodyError> {
+        let Some(e) = self.0.endpoint(req.method, req.path) else {
+            return Err(BodyError::Unreadable("not an inspected endpoint".into()));
+        };
+        let f = e.fields;
+        match e.events {
+            Events::Array(key) => common::enforce_json_batch(
+                body,
+                key,
+                decide,
+                &|ev| f.identify(ev),
+                &|ev, k, a| f.apply(ev, k, a),
+            ),
+        }
+    }
+    fn synthetic_ok(&self) -> SyntheticOk {
+        self.0.synthetic_ok
+    }
+    fn identifier_fields(&self) -> &str {
+        self.0.identifier_fields
+    }
+    fn ldu_signal(&self) -> &str {
+        self.0.ldu_signal
+    }
+}

@@ -154,16 +154,20 @@ fn check_postgres_url(v: &str) -> Result<(), String> {
     }
     let u = url::Url::parse(v).map_err(|e| format!("not a valid URL: {e}"))?;
     if u.password().is_some() {
-        return Err("the password must not be in the URL; use CONSENTGATE_PG_PASSWORD or \
+        return Err(
+            "the password must not be in the URL; use CONSENTGATE_PG_PASSWORD or \
                     consent.postgres.password_file"
-            .into());
+                .into(),
+        );
     }
     match u.query_pairs().find(|(k, _)| k == "sslmode") {
         None => Ok(()),
         Some((_, m)) if ["disable", "prefer"].contains(&m.as_ref()) => Ok(()),
-        Some(_) => Err("TLS to the database is not supported yet; use sslmode=disable \
+        Some(_) => Err(
+            "TLS to the database is not supported yet; use sslmode=disable \
                         (or a local TLS-terminating sidecar)"
-            .into()),
+                .into(),
+        ),
     }
 }
 

@@ -268,7 +268,10 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         .route(&target.host, &parts.method, parts.uri.path());
     let dest = route.map_or("unknown", Route::name);
     let Some(uri) = forward::upstream_uri(&target, parts.uri.path_and_query()) else {
-        return refuse(dest, Refusal::bad_request("request target is not a valid URI"));
+        return refuse(
+            dest,
+            Refusal::bad_request("request target is not a valid URI"),
+        );
     };
     let Some(route) = route else {
         return match rt.config.unknown_destinations {
@@ -284,8 +287,7 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         Ok(h) => h,
         Err(e) => return refuse(dest, Refusal::bad_request(e)),
     };
-    if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path())
-    {
+    if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path()) {
         if route.mode == Mode::Passthrough || !head.has_body {
             return Gate::Pass(Pass {
                 dest,

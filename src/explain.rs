@@ -112,6 +112,7 @@ impl Explainer<'_> {
                 out["decision"] = json!("allowed");
                 out["inspected"] = json!(false);
                 out["reason"] = json!(p.reason);
+                out["upstream_body"] = upstream_body(&body);
             }
             Gate::Inspect(i) => self.inspected(&mut out, &i, &parts, &body),
         }
@@ -143,14 +144,13 @@ impl Explainer<'_> {
             Outgoing::Original => body,
             Outgoing::Rewritten(b) => b.as_slice(),
         };
-        out["upstream_body"] = json!({
-            "bytes": upstream.len(),
-            "sha256": crate::identify::sha256_hex(upstream),
-        });
+        out["upstream_body"] = upstream_body(upstream);
         let before = body::decode(i.encoding, body, i.limit).unwrap_or_default();
         let after = match &f.body {
             Outgoing::Original => None,
-            Outgoing::Rewritten(b) => Some(body::decode(i.encoding, b, i.limit).unwrap_or_default()),
+            Outgoing::Rewritten(b) => {
+                Some(body::decode(i.encoding, b, i.limit).unwrap_or_default())
+            }
         };
         out["body_diff"] = body_diff(&before, after.as_deref(), i.content_type.as_deref());
         if self.show_body {
@@ -158,6 +158,11 @@ impl Explainer<'_> {
             out["body_after"] = json!(String::from_utf8_lossy(&shown));
         }
     }
+}
+
+/// The exact bytes that go upstream, by length and digest (never the content).
+fn upstream_body(b: &[u8]) -> Value {
+    json!({"bytes": b.len(), "sha256": crate::identify::sha256_hex(b)})
 }
 
 fn destination(dest: &str) -> Value {

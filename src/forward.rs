@@ -57,13 +57,7 @@ pub(crate) fn outgoing(
     for n in listed {
         h.remove(n);
     }
-    for n in [
-        "proxy-authorization",
-        "te",
-        "host",
-        H_PATIENT,
-        H_CATEGORY,
-    ] {
+    for n in ["proxy-authorization", "te", "host", H_PATIENT, H_CATEGORY] {
         h.remove(n);
     }
     remove_hop_by_hop_and_own(h);

@@ -223,7 +223,11 @@ impl<'a> Exchange<'a> {
             End::Refused { dest, refusal } => {
                 // Already refused: an unavailable audit changes nothing (the writer counts it).
                 let _ = self.audit_egress(dest, "blocked", refusal.code);
-                (dest, "blocked", response::refusal(&refusal, &self.request_id))
+                (
+                    dest,
+                    "blocked",
+                    response::refusal(&refusal, &self.request_id),
+                )
             }
             End::Answered { egress, resp } => {
                 let (mut parts, body) = resp.into_parts();

@@ -173,13 +173,11 @@ impl Adapter for AdPlatform {
         };
         let f = e.fields;
         match e.events {
-            Events::Array(key) => common::enforce_json_batch(
-                body,
-                key,
-                decide,
-                &|ev| f.identify(ev),
-                &|ev, k, a| f.apply(ev, k, a),
-            ),
+            Events::Array(key) => {
+                common::enforce_json_batch(body, key, decide, &|ev| f.identify(ev), &|ev, k, a| {
+                    f.apply(ev, k, a)
+                })
+            }
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

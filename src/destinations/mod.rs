@@ -22,10 +22,10 @@ pub mod snap;
 pub mod tiktok;
 pub mod twilio;
 
-use adspec::AdPlatform;
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
+use adspec::AdPlatform;
 use http::Method;
 use std::sync::Arc;
 

@@ -22,6 +22,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod refusal;
 pub mod route;
 pub mod run;
 pub mod state;

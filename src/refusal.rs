@@ -126,13 +126,18 @@ const JSON: &str = "application/json";
 
 /// Render `refusal` in `format`.
 ///
-/// Every format keeps the product's status: each SDK checked raises its own
-/// error type on it (docs/SDKS.md). TikTok's API itself answers errors with
-/// HTTP 200 and a non-zero `code`, but its official SDKs (Python: urllib3,
-/// `ApiException` for anything outside 2xx; Node: superagent, which rejects
-/// outside 2xx) surface a 451 as their own error with the body attached,
-/// while a 200 would be returned as a success object that only a careful app
-/// inspects. So no format changes the status.
+/// Every format keeps the product's status except TikTok's. TikTok's API
+/// answers every error with HTTP 200 and a non-zero `code`, and both official
+/// SDKs surface an error only on that path: Python raises its own
+/// `TiktokSDKError("Error Code: …, message: …, request_id: …")`, Node rejects
+/// with `Error("request_id:… message: … code: …")`. Given a 451, Python raises
+/// the generic generated `ApiException` with the raw body, and Node
+/// superagent's error whose message is only "Unavailable For Legal Reasons"
+/// (our message stays inside `err.response.body`). So a TikTok refusal answers
+/// 200 with the refusal code in the body; `x-consentgate-decision: blocked`
+/// still says what happened, and the audit keeps the product's status.
+/// Every other SDK checked raises its own error type on the product's status
+/// (docs/SDKS.md).
 pub fn render(format: RefusalFormat, r: &Refusal<'_>) -> Rendered {
     let (content_type, body) = match format {
         RefusalFormat::Plain => (JSON, plain(r)),
@@ -144,8 +149,12 @@ pub fn render(format: RefusalFormat, r: &Refusal<'_>) -> Rendered {
             (ct, body)
         }
     };
+    let status = match format {
+        RefusalFormat::TikTok => 200,
+        _ => r.status,
+    };
     Rendered {
-        status: r.status,
+        status,
         content_type,
         body: serde_json::to_vec(&body).unwrap_or_default(),
     }
@@ -284,10 +293,11 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
                 "category": r.error.to_ascii_uppercase(),
             }),
         ),
-        // TikTok's envelope. `code` must be non-zero (0 is success); the HTTP
-        // status times 100 (45100, 42200) is no code TikTok documents and
-        // none its clients retry on (40100 throttling, 5xxxx system errors):
-        // 401 is never a refusal status here.
+        // TikTok's envelope (answered with HTTP 200, see `render`). `code`
+        // must be non-zero (0 is success): the product's status times 100
+        // (45100, 42200) is no code TikTok documents and none its clients
+        // retry on (40100 throttling, 5xxxx system errors); 401 is never a
+        // refusal status here. The product's status stays readable from it.
         RefusalFormat::TikTok => (
             JSON,
             json!({
@@ -445,11 +455,16 @@ mod tests {
     }
 
     #[test]
-    fn every_vendor_shape_keeps_status_and_carries_the_contract() {
+    fn every_vendor_shape_but_tiktok_keeps_status_and_all_carry_the_contract() {
         for f in RefusalFormat::ALL {
             for r in [blocked(), unreadable()] {
                 let (out, v) = body(f, &r);
-                assert_eq!(out.status, r.status, "{f:?}");
+                let want = if f == RefusalFormat::TikTok {
+                    200
+                } else {
+                    r.status
+                };
+                assert_eq!(out.status, want, "{f:?}");
                 assert!(v.is_object(), "{f:?}: {v}");
                 if f != RefusalFormat::Plain {
                     assert_contract(&v, &r);
@@ -562,10 +577,11 @@ mod tests {
     }
 
     #[test]
-    fn tiktok_envelope_has_nonzero_code_and_keeps_status() {
+    fn tiktok_answers_200_with_a_nonzero_code() {
         for r in [blocked(), unreadable()] {
             let (out, v) = body(RefusalFormat::TikTok, &r);
-            assert_eq!(out.status, r.status);
+            // The only status on which TikTok's SDKs raise their own error.
+            assert_eq!(out.status, 200);
             let code = v["code"].as_u64().unwrap();
             assert_ne!(code, 0, "0 is TikTok's success");
             assert_ne!(code, 40100, "TikTok's throttling code");

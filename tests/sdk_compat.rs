@@ -161,7 +161,9 @@ fn tiktok_py() -> Sdk {
         name: "tiktok",
         route: Route::OwnOption,
         trust: Trust::OwnOption,
-        exc_type: "business_api_client.rest.ApiException",
+        // TikTok's own error, raised on HTTP 200 with a non-zero `code`: how
+        // TikTok reports errors, and so how consentgate answers it.
+        exc_type: "business_api_client.tiktok_business.tiktok_exceptions.TiktokSDKError",
         host: "business-api.tiktok.com",
         destination: "tiktok_events",
         path_prefix: "/open_api/v1.3/pixel/",

@@ -166,6 +166,7 @@ def mandrill(people):
 def tiktok(people):
     import business_api_client
     from business_api_client.rest import ApiException
+    from business_api_client.tiktok_business.tiktok_exceptions import TiktokSDKError
 
     # The SDK reads neither HTTPS_PROXY nor any CA variable: urllib3 with
     # certifi unless Configuration.proxy / .ssl_ca_cert are set.
@@ -199,6 +200,10 @@ def tiktok(people):
             )
 
     def message_of(e):
+        # TikTok answers errors with HTTP 200 and a non-zero `code`; the SDK
+        # raises its own TiktokSDKError("Error Code: …, message: …") for those.
+        if isinstance(e, TiktokSDKError):
+            return str(e), None
         if isinstance(e, ApiException):
             # str(ApiException) is "(status)\nReason: ...\nHTTP response body: ..."
             body = e.body.decode("utf-8", "replace") if isinstance(e.body, bytes) else str(e.body)

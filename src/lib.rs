@@ -23,6 +23,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub(crate) mod refusal;
 pub(crate) mod response;
 pub mod route;
 pub mod run;

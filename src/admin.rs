@@ -31,11 +31,7 @@ fn text(
 }
 
 pub fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
-    text(
-        status,
-        "application/json",
-        serde_json::to_vec(&v).unwrap_or_default(),
-    )
+    crate::response::json(status, &v).map(Full::new)
 }
 
 /// Extra routes mounted under /v1/ (the consent API).

@@ -112,6 +112,14 @@ pub enum Mode {
     Passthrough,
 }
 
+/// How a destination's refusals are worded (`refusal_format`): in the vendor's
+/// own error shape (so its SDK raises its own error type) or consentgate's plain JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalFormat {
+    Vendor,
+    Plain,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnBlocked {
     Error,
@@ -127,6 +135,7 @@ pub struct DestinationCfg {
     pub enabled: bool,
     pub mode: Option<Mode>,
     pub on_blocked: Option<OnBlocked>,
+    pub refusal_format: Option<RefusalFormat>,
     pub category: Option<Category>,
     /// Extra hosts routed to this destination (e.g. a vendor's regional host).
     pub hosts: Vec<String>,
@@ -681,6 +690,7 @@ impl Reader {
                         "enabled",
                         "mode",
                         "on_blocked",
+                        "refusal_format",
                         "category",
                         "hosts",
                     ],
@@ -720,6 +730,11 @@ impl Reader {
                     "error" => Ok(OnBlocked::Error),
                     "synthetic_ok" => Ok(OnBlocked::SyntheticOk),
                     _ => Err(format!("expected error or synthetic_ok, got {v:?}")),
+                }),
+                refusal_format: self.opt_parsed(m, &p, "refusal_format", |v| match v {
+                    "vendor" => Ok(RefusalFormat::Vendor),
+                    "plain" => Ok(RefusalFormat::Plain),
+                    _ => Err(format!("expected vendor or plain, got {v:?}")),
                 }),
                 category: self.opt_parsed(m, &p, "category", category),
                 hosts,

@@ -23,6 +23,7 @@ use crate::destinations::{BodyError, Enforced, EventApplied, RequestView, Synthe
 use crate::forward::{self, UpstreamErrorKind};
 use crate::identify::Identifiers;
 use crate::model::{Category, H_CATEGORY, H_PATIENT};
+use crate::refusal::Shape;
 use crate::route::{self, Route, Target, Via};
 use http::header::{self, HeaderMap};
 use http::request::Parts;
@@ -57,8 +58,8 @@ pub(crate) enum Detail {
 /// The body a refusal is answered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Answer {
-    /// The product's JSON error.
-    Json,
+    /// The product's JSON error, in the destination's vendor shape or plain.
+    Json(Shape),
     /// The vendor's empty success (`on_blocked: synthetic_ok`).
     Synthetic(SyntheticOk),
 }
@@ -79,8 +80,15 @@ impl Refusal {
             status,
             code,
             detail: Detail::Text(detail.into()),
-            answer: Answer::Json,
+            answer: Answer::Json(Shape::Plain),
         }
+    }
+    /// Worded in `shape` (a destination's), unless answered with a synthetic success.
+    pub(crate) fn in_shape(mut self, shape: Shape) -> Refusal {
+        if let Answer::Json(_) = self.answer {
+            self.answer = Answer::Json(shape);
+        }
+        self
     }
     pub(crate) fn bad_request(detail: impl Into<String>) -> Refusal {
         Refusal::new(400, "bad_request", detail)
@@ -136,7 +144,7 @@ impl Refusal {
                 let s = route.adapter.synthetic_ok();
                 (s.status, Answer::Synthetic(s))
             }
-            OnBlocked::Error => (451, Answer::Json),
+            OnBlocked::Error => (451, Answer::Json(route.refusal_shape)),
         };
         Refusal {
             status,
@@ -225,6 +233,8 @@ impl RequestHints {
 pub(crate) struct Pass<'rt> {
     pub dest: &'rt str,
     pub uri: Uri,
+    /// How a refusal after this point (audit or upstream failure) is worded.
+    pub shape: Shape,
     /// The audit reason (`not_inspected`, `unknown_destination_tunnel`).
     pub reason: &'static str,
 }
@@ -278,11 +288,14 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             UnknownDestinations::Tunnel => Gate::Pass(Pass {
                 dest,
                 uri,
+                shape: Shape::Plain,
                 reason: "unknown_destination_tunnel",
             }),
             UnknownDestinations::Deny => refuse(dest, Refusal::unknown_destination()),
         };
     };
+    // From here on, refusals are worded in the destination's shape.
+    let refuse = |dest, r: Refusal| refuse(dest, r.in_shape(route.refusal_shape));
     let hints = match RequestHints::from_headers(&parts.headers, route) {
         Ok(h) => h,
         Err(e) => return refuse(dest, Refusal::bad_request(e)),
@@ -292,6 +305,7 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             return Gate::Pass(Pass {
                 dest,
                 uri,
+                shape: route.refusal_shape,
                 reason: "not_inspected",
             });
         }
@@ -380,8 +394,9 @@ pub(crate) fn plan(
     raw: &[u8],
     trace: bool,
 ) -> Planned {
-    let refused = |r| Planned {
-        plan: Plan::Refuse(r),
+    let shape = inspect.route.refusal_shape;
+    let refused = |r: Refusal| Planned {
+        plan: Plan::Refuse(r.in_shape(shape)),
         enforcement: None,
     };
     let plain = match body::decode(inspect.encoding, raw, inspect.limit) {

@@ -175,7 +175,8 @@ fn destination(dest: &str) -> Value {
 
 fn refused(out: &mut Value, r: &Refusal) {
     out["decision"] = json!("blocked");
-    out["status"] = json!(r.status);
+    // The status the app is answered with (a vendor shape may need another).
+    out["status"] = json!(crate::response::refusal(r, "explain").status().as_u16());
     out["error"] = json!(r.code);
     match &r.detail {
         Detail::Text(d) => out["detail"] = json!(d),

@@ -9,6 +9,7 @@ use crate::audit::AuditRecord;
 use crate::body;
 use crate::enforce::{self, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Refusal};
 use crate::forward::{self, BoxError, ProxyBody, UpstreamError};
+use crate::refusal::Shape;
 use crate::response;
 use crate::route::Via;
 use bytes::Bytes;
@@ -39,6 +40,7 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> R
             let body = body.map_err(BoxError::from).boxed_unsync();
             let egress = Egress {
                 dest: p.dest,
+                shape: p.shape,
                 decision: RequestDecision::Allowed,
                 reason: p.reason,
             };
@@ -88,6 +90,8 @@ pub(crate) enum End<'rt> {
 /// What leaves, and how it is recorded.
 pub(crate) struct Egress<'rt> {
     pub dest: &'rt str,
+    /// How a refusal after the decision (audit, upstream) is worded.
+    pub shape: Shape,
     pub decision: RequestDecision,
     /// The audit reason of the request-level record.
     pub reason: &'static str,
@@ -148,6 +152,7 @@ impl<'a> Exchange<'a> {
             .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
         let egress = Egress {
             dest,
+            shape: i.route.refusal_shape,
             decision: f.decision,
             reason: f.reason,
         };
@@ -181,6 +186,7 @@ impl<'a> Exchange<'a> {
         let decision = egress.decision.as_str();
         if let Err(refusal) = self.audit_egress(egress.dest, decision, egress.reason) {
             let dest = egress.dest;
+            let refusal = refusal.in_shape(egress.shape);
             return End::Refused { dest, refusal };
         }
         let sent = Instant::now();
@@ -245,7 +251,7 @@ impl<'a> Exchange<'a> {
                     .inc();
                 tracing::warn!(request_id = %self.request_id, destination = %egress.dest,
                     kind = error.kind.as_str(), detail = %error.detail, "upstream failed");
-                let refusal = Refusal::upstream(error.kind, &error.detail);
+                let refusal = Refusal::upstream(error.kind, &error.detail).in_shape(egress.shape);
                 let resp = response::refusal(&refusal, &self.request_id);
                 (egress.dest, "blocked", resp)
             }

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 /// The error body shapes consentgate can answer in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RefusalFormat {
+pub enum Shape {
     /// consentgate's own `{"error", "request_id", "reasons" | "detail"}`.
     Plain,
     /// Meta Graph API: `{"error": {"message", "type", "code", "fbtrace_id"}}`.
@@ -50,48 +50,48 @@ pub enum RefusalFormat {
     Google,
 }
 
-impl RefusalFormat {
+impl Shape {
     /// Every format, for tests and for listing the accepted names.
-    pub const ALL: [RefusalFormat; 14] = [
-        RefusalFormat::Plain,
-        RefusalFormat::MetaGraph,
-        RefusalFormat::Twilio,
-        RefusalFormat::SendGrid,
-        RefusalFormat::Mailchimp,
-        RefusalFormat::Mandrill,
-        RefusalFormat::Klaviyo,
-        RefusalFormat::Braze,
-        RefusalFormat::HubSpot,
-        RefusalFormat::TikTok,
-        RefusalFormat::Pinterest,
-        RefusalFormat::LinkedIn,
-        RefusalFormat::Snap,
-        RefusalFormat::Google,
+    pub const ALL: [Shape; 14] = [
+        Shape::Plain,
+        Shape::MetaGraph,
+        Shape::Twilio,
+        Shape::SendGrid,
+        Shape::Mailchimp,
+        Shape::Mandrill,
+        Shape::Klaviyo,
+        Shape::Braze,
+        Shape::HubSpot,
+        Shape::TikTok,
+        Shape::Pinterest,
+        Shape::LinkedIn,
+        Shape::Snap,
+        Shape::Google,
     ];
 
     /// A stable name (for `explain` output and logs).
     pub fn name(self) -> &'static str {
         match self {
-            RefusalFormat::Plain => "plain",
-            RefusalFormat::MetaGraph => "meta_graph",
-            RefusalFormat::Twilio => "twilio",
-            RefusalFormat::SendGrid => "sendgrid",
-            RefusalFormat::Mailchimp => "mailchimp",
-            RefusalFormat::Mandrill => "mandrill",
-            RefusalFormat::Klaviyo => "klaviyo",
-            RefusalFormat::Braze => "braze",
-            RefusalFormat::HubSpot => "hubspot",
-            RefusalFormat::TikTok => "tiktok",
-            RefusalFormat::Pinterest => "pinterest",
-            RefusalFormat::LinkedIn => "linkedin",
-            RefusalFormat::Snap => "snap",
-            RefusalFormat::Google => "google",
+            Shape::Plain => "plain",
+            Shape::MetaGraph => "meta_graph",
+            Shape::Twilio => "twilio",
+            Shape::SendGrid => "sendgrid",
+            Shape::Mailchimp => "mailchimp",
+            Shape::Mandrill => "mandrill",
+            Shape::Klaviyo => "klaviyo",
+            Shape::Braze => "braze",
+            Shape::HubSpot => "hubspot",
+            Shape::TikTok => "tiktok",
+            Shape::Pinterest => "pinterest",
+            Shape::LinkedIn => "linkedin",
+            Shape::Snap => "snap",
+            Shape::Google => "google",
         }
     }
 
-    /// The format named `name` (as [`RefusalFormat::name`] spells it).
-    pub fn from_name(name: &str) -> Option<RefusalFormat> {
-        RefusalFormat::ALL.into_iter().find(|f| f.name() == name)
+    /// The format named `name` (as [`Shape::name`] spells it).
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|f| f.name() == name)
     }
 }
 
@@ -107,7 +107,7 @@ pub enum Explanation<'a> {
 /// (`blocked_by_consent_policy`, `unreadable_body`, …); nothing here may hold
 /// PHI, and nothing does: codes, reasons and details are the product's own words.
 #[derive(Clone, Copy, Debug)]
-pub struct Refusal<'a> {
+pub struct Notice<'a> {
     pub status: u16,
     pub error: &'a str,
     pub request_id: &'a str,
@@ -138,9 +138,9 @@ const JSON: &str = "application/json";
 /// still says what happened, and the audit keeps the product's status.
 /// Every other SDK checked raises its own error type on the product's status
 /// (docs/SDKS.md).
-pub fn render(format: RefusalFormat, r: &Refusal<'_>) -> Rendered {
+pub fn render(format: Shape, r: &Notice<'_>) -> Rendered {
     let (content_type, body) = match format {
-        RefusalFormat::Plain => (JSON, plain(r)),
+        Shape::Plain => (JSON, plain(r)),
         vendor => {
             let (ct, mut body) = vendor_body(vendor, r);
             if let Value::Object(m) = &mut body {
@@ -150,7 +150,7 @@ pub fn render(format: RefusalFormat, r: &Refusal<'_>) -> Rendered {
         }
     };
     let status = match format {
-        RefusalFormat::TikTok => 200,
+        Shape::TikTok => 200,
         _ => r.status,
     };
     Rendered {
@@ -161,7 +161,7 @@ pub fn render(format: RefusalFormat, r: &Refusal<'_>) -> Rendered {
 }
 
 /// consentgate's own body, exactly as SPEC §7 names it.
-fn plain(r: &Refusal<'_>) -> Value {
+fn plain(r: &Notice<'_>) -> Value {
     let mut m = Map::new();
     m.insert("error".into(), json!(r.error));
     m.insert("request_id".into(), json!(r.request_id));
@@ -170,11 +170,11 @@ fn plain(r: &Refusal<'_>) -> Value {
 }
 
 /// The contract fields, moved under `"consentgate"` in a vendor shape.
-fn contract(r: &Refusal<'_>) -> Value {
+fn contract(r: &Notice<'_>) -> Value {
     plain(r)
 }
 
-fn explain_into(m: &mut Map<String, Value>, r: &Refusal<'_>) {
+fn explain_into(m: &mut Map<String, Value>, r: &Notice<'_>) {
     match r.explanation {
         Explanation::Reasons(rs) => m.insert("reasons".into(), json!(rs)),
         Explanation::Detail(d) => m.insert("detail".into(), json!(d)),
@@ -183,7 +183,7 @@ fn explain_into(m: &mut Map<String, Value>, r: &Refusal<'_>) {
 
 /// The vendor message: `consentgate: <code>`, then what explains it and the
 /// request id, so the one line an SDK prints is enough to find the audit record.
-pub fn message(r: &Refusal<'_>) -> String {
+pub fn message(r: &Notice<'_>) -> String {
     let why = match r.explanation {
         Explanation::Reasons([]) => String::new(),
         Explanation::Reasons(rs) => format!(" ({})", rs.join(", ")),
@@ -197,22 +197,22 @@ pub fn message(r: &Refusal<'_>) -> String {
 }
 
 /// The short title some shapes carry beside the message.
-fn title(r: &Refusal<'_>) -> String {
+fn title(r: &Notice<'_>) -> String {
     format!("consentgate: {}", r.error)
 }
 
-fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) {
+fn vendor_body(format: Shape, r: &Notice<'_>) -> (&'static str, Value) {
     let msg = message(r);
     let status = r.status;
     match format {
-        RefusalFormat::Plain => (JSON, plain(r)),
+        Shape::Plain => (JSON, plain(r)),
         // facebook_business' FacebookRequestError reads error.message, .code,
         // .type, .error_subcode, .is_transient and (if present, as a dict or a
         // JSON string) error_data; the Node SDK reads error.message. `code`
         // is the HTTP status: no Graph code means "refused by a proxy", and
         // Graph codes an app acts on (190 token, 4/17/613 throttling) must not
         // be borrowed. `is_transient: false` keeps retry logic from resending.
-        RefusalFormat::MetaGraph => (
+        Shape::MetaGraph => (
             JSON,
             json!({"error": {
                 "message": msg,
@@ -230,20 +230,20 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         // themselves default it when the body has none: a real Twilio code
         // (21610 "unsubscribed recipient") would tell the app something false.
         // `more_info` is null: no Twilio docs page describes our refusal.
-        RefusalFormat::Twilio => (
+        Shape::Twilio => (
             JSON,
             json!({"code": status, "message": msg, "more_info": null, "status": status}),
         ),
         // python_http_client keeps the raw body (HTTPError.body / .to_dict);
         // @sendgrid/client's ResponseError.toString prints each
         // errors[].message, field and help.
-        RefusalFormat::SendGrid => (
+        Shape::SendGrid => (
             JSON,
             json!({"errors": [{"message": msg, "field": null, "help": null}]}),
         ),
         // Mailchimp Marketing answers application/problem+json; its SDKs hand
         // the app the text (Python ApiClientError.text) or the parsed body.
-        RefusalFormat::Mailchimp => (
+        Shape::Mailchimp => (
             "application/problem+json",
             json!({
                 "type": "https://mailchimp.com/developer/marketing/docs/errors/",
@@ -257,7 +257,7 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         // body>) when the content type is JSON; `name` is Mandrill's error
         // class and `code` its number. Mandrill's own codes (-1 Invalid_Key,
         // -2 ValidationError, …) all mean something; the HTTP status does not.
-        RefusalFormat::Mandrill => (
+        Shape::Mandrill => (
             JSON,
             json!({
                 "status": "error",
@@ -268,7 +268,7 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         ),
         // klaviyo-api raises ApiException with the body text; Klaviyo's
         // errors carry a string `code`, an integer `status` and a JSON pointer.
-        RefusalFormat::Klaviyo => (
+        Shape::Klaviyo => (
             "application/vnd.api+json",
             json!({"errors": [{
                 "id": r.request_id,
@@ -281,10 +281,10 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         ),
         // No official Braze server SDK; Braze's REST API answers
         // `{"message": ..., "errors": [...]}` and clients read `message`.
-        RefusalFormat::Braze => (JSON, json!({"message": msg, "errors": [msg]})),
+        Shape::Braze => (JSON, json!({"message": msg, "errors": [msg]})),
         // HubSpot's Error model: status "error", message, correlationId,
         // category (required; an upper-case word like VALIDATION_ERROR).
-        RefusalFormat::HubSpot => (
+        Shape::HubSpot => (
             JSON,
             json!({
                 "status": "error",
@@ -298,7 +298,7 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         // (45100, 42200) is no code TikTok documents and none its clients
         // retry on (40100 throttling, 5xxxx system errors); 401 is never a
         // refusal status here. The product's status stays readable from it.
-        RefusalFormat::TikTok => (
+        Shape::TikTok => (
             JSON,
             json!({
                 "code": u32::from(status) * 100,
@@ -307,12 +307,12 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
                 "data": {},
             }),
         ),
-        RefusalFormat::Pinterest => (JSON, json!({"code": status, "message": msg})),
-        RefusalFormat::LinkedIn => (
+        Shape::Pinterest => (JSON, json!({"code": status, "message": msg})),
+        Shape::LinkedIn => (
             JSON,
             json!({"status": status, "code": r.error.to_ascii_uppercase(), "message": msg}),
         ),
-        RefusalFormat::Snap => (
+        Shape::Snap => (
             JSON,
             json!({
                 "request_status": "ERROR",
@@ -326,7 +326,7 @@ fn vendor_body(format: RefusalFormat, r: &Refusal<'_>) -> (&'static str, Value) 
         // error.errors and error.details (an ErrorInfo detail becomes the
         // exception's `reason` and `domain`); google-ads' REST transport goes
         // through it. `status` is the canonical code name for the HTTP status.
-        RefusalFormat::Google => (
+        Shape::Google => (
             JSON,
             json!({"error": {
                 "code": status,
@@ -367,8 +367,8 @@ mod tests {
 
     const RID: &str = "req-0123abcd";
 
-    fn blocked() -> Refusal<'static> {
-        Refusal {
+    fn blocked() -> Notice<'static> {
+        Notice {
             status: 451,
             error: "blocked_by_consent_policy",
             request_id: RID,
@@ -376,8 +376,8 @@ mod tests {
         }
     }
 
-    fn unreadable() -> Refusal<'static> {
-        Refusal {
+    fn unreadable() -> Notice<'static> {
+        Notice {
             status: 422,
             error: "unreadable_body",
             request_id: RID,
@@ -385,14 +385,14 @@ mod tests {
         }
     }
 
-    fn body(format: RefusalFormat, r: &Refusal<'_>) -> (Rendered, Value) {
+    fn body(format: Shape, r: &Notice<'_>) -> (Rendered, Value) {
         let out = render(format, r);
         let v: Value = serde_json::from_slice(&out.body).unwrap();
         (out, v)
     }
 
     /// The contract fields sit under "consentgate" in every vendor shape.
-    fn assert_contract(v: &Value, r: &Refusal<'_>) {
+    fn assert_contract(v: &Value, r: &Notice<'_>) {
         let c = &v["consentgate"];
         assert_eq!(c["error"], r.error, "{v}");
         assert_eq!(c["request_id"], r.request_id, "{v}");
@@ -408,7 +408,7 @@ mod tests {
         }
     }
 
-    fn assert_msg(s: &Value, r: &Refusal<'_>) {
+    fn assert_msg(s: &Value, r: &Notice<'_>) {
         let s = s
             .as_str()
             .unwrap_or_else(|| panic!("message is a string: {s}"));
@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn plain_is_the_contract_body_unchanged() {
-        let (out, v) = body(RefusalFormat::Plain, &blocked());
+        let (out, v) = body(Shape::Plain, &blocked());
         assert_eq!(out.status, 451);
         assert_eq!(out.content_type, "application/json");
         assert_eq!(
@@ -426,7 +426,7 @@ mod tests {
             json!({"error": "blocked_by_consent_policy", "request_id": RID,
                    "reasons": ["consent_denied", "unknown_patient"]})
         );
-        let (_, v) = body(RefusalFormat::Plain, &unreadable());
+        let (_, v) = body(Shape::Plain, &unreadable());
         assert_eq!(
             v,
             json!({"error": "unreadable_body", "request_id": RID,
@@ -444,7 +444,7 @@ mod tests {
             message(&unreadable()),
             "consentgate: unreadable_body: `message.to[0].email` is an object [request_id req-0123abcd]"
         );
-        let bare = Refusal {
+        let bare = Notice {
             explanation: Explanation::Reasons(&[]),
             ..blocked()
         };
@@ -456,17 +456,13 @@ mod tests {
 
     #[test]
     fn every_vendor_shape_but_tiktok_keeps_status_and_all_carry_the_contract() {
-        for f in RefusalFormat::ALL {
+        for f in Shape::ALL {
             for r in [blocked(), unreadable()] {
                 let (out, v) = body(f, &r);
-                let want = if f == RefusalFormat::TikTok {
-                    200
-                } else {
-                    r.status
-                };
+                let want = if f == Shape::TikTok { 200 } else { r.status };
                 assert_eq!(out.status, want, "{f:?}");
                 assert!(v.is_object(), "{f:?}: {v}");
-                if f != RefusalFormat::Plain {
+                if f != Shape::Plain {
                     assert_contract(&v, &r);
                 }
             }
@@ -475,16 +471,16 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for f in RefusalFormat::ALL {
-            assert_eq!(RefusalFormat::from_name(f.name()), Some(f));
+        for f in Shape::ALL {
+            assert_eq!(Shape::from_name(f.name()), Some(f));
         }
-        assert_eq!(RefusalFormat::from_name("vendor"), None);
+        assert_eq!(Shape::from_name("vendor"), None);
     }
 
     #[test]
     fn meta_graph_error_object() {
         let r = blocked();
-        let (out, v) = body(RefusalFormat::MetaGraph, &r);
+        let (out, v) = body(Shape::MetaGraph, &r);
         assert_eq!(out.content_type, "application/json");
         let e = &v["error"];
         // The SDKs call .get / read .message on this: it must be an object.
@@ -500,7 +496,7 @@ mod tests {
     #[test]
     fn twilio_legacy_shape_not_rfc9457() {
         let r = blocked();
-        let (_, v) = body(RefusalFormat::Twilio, &r);
+        let (_, v) = body(Shape::Twilio, &r);
         assert_msg(&v["message"], &r);
         assert_eq!(v["code"], 451);
         assert_eq!(v["status"], 451);
@@ -513,7 +509,7 @@ mod tests {
     #[test]
     fn sendgrid_errors_array() {
         let r = unreadable();
-        let (_, v) = body(RefusalFormat::SendGrid, &r);
+        let (_, v) = body(Shape::SendGrid, &r);
         let errs = v["errors"].as_array().unwrap();
         assert_eq!(errs.len(), 1);
         assert_msg(&errs[0]["message"], &r);
@@ -523,7 +519,7 @@ mod tests {
     #[test]
     fn mailchimp_problem_json() {
         let r = blocked();
-        let (out, v) = body(RefusalFormat::Mailchimp, &r);
+        let (out, v) = body(Shape::Mailchimp, &r);
         assert_eq!(out.content_type, "application/problem+json");
         assert_eq!(v["title"], "consentgate: blocked_by_consent_policy");
         assert_msg(&v["detail"], &r);
@@ -535,7 +531,7 @@ mod tests {
     #[test]
     fn mandrill_error_envelope() {
         let r = blocked();
-        let (out, v) = body(RefusalFormat::Mandrill, &r);
+        let (out, v) = body(Shape::Mandrill, &r);
         // mailchimp_transactional parses the body only for a JSON content type.
         assert_eq!(out.content_type, "application/json");
         assert_eq!(v["status"], "error");
@@ -547,7 +543,7 @@ mod tests {
     #[test]
     fn klaviyo_json_api_errors() {
         let r = unreadable();
-        let (out, v) = body(RefusalFormat::Klaviyo, &r);
+        let (out, v) = body(Shape::Klaviyo, &r);
         assert_eq!(out.content_type, "application/vnd.api+json");
         let e = &v["errors"][0];
         assert_eq!(e["id"], RID);
@@ -561,7 +557,7 @@ mod tests {
     #[test]
     fn braze_message_and_errors() {
         let r = blocked();
-        let (_, v) = body(RefusalFormat::Braze, &r);
+        let (_, v) = body(Shape::Braze, &r);
         assert_msg(&v["message"], &r);
         assert_msg(&v["errors"][0], &r);
     }
@@ -569,7 +565,7 @@ mod tests {
     #[test]
     fn hubspot_error_model() {
         let r = blocked();
-        let (_, v) = body(RefusalFormat::HubSpot, &r);
+        let (_, v) = body(Shape::HubSpot, &r);
         assert_eq!(v["status"], "error");
         assert_msg(&v["message"], &r);
         assert_eq!(v["correlationId"], RID);
@@ -579,7 +575,7 @@ mod tests {
     #[test]
     fn tiktok_answers_200_with_a_nonzero_code() {
         for r in [blocked(), unreadable()] {
-            let (out, v) = body(RefusalFormat::TikTok, &r);
+            let (out, v) = body(Shape::TikTok, &r);
             // The only status on which TikTok's SDKs raise their own error.
             assert_eq!(out.status, 200);
             let code = v["code"].as_u64().unwrap();
@@ -595,14 +591,14 @@ mod tests {
     #[test]
     fn pinterest_linkedin_snap() {
         let r = blocked();
-        let (_, p) = body(RefusalFormat::Pinterest, &r);
+        let (_, p) = body(Shape::Pinterest, &r);
         assert_eq!(p["code"], 451);
         assert_msg(&p["message"], &r);
-        let (_, l) = body(RefusalFormat::LinkedIn, &r);
+        let (_, l) = body(Shape::LinkedIn, &r);
         assert_eq!(l["status"], 451);
         assert_eq!(l["code"], "BLOCKED_BY_CONSENT_POLICY");
         assert_msg(&l["message"], &r);
-        let (_, s) = body(RefusalFormat::Snap, &r);
+        let (_, s) = body(Shape::Snap, &r);
         assert_eq!(s["request_status"], "ERROR");
         assert_eq!(s["request_id"], RID);
         assert_eq!(s["error_code"], "blocked_by_consent_policy");
@@ -613,7 +609,7 @@ mod tests {
     #[test]
     fn google_error_with_error_info() {
         let r = blocked();
-        let (_, v) = body(RefusalFormat::Google, &r);
+        let (_, v) = body(Shape::Google, &r);
         let e = &v["error"];
         assert!(e.is_object(), "google-api-core calls .get on it");
         assert_eq!(e["code"], 451);
@@ -624,22 +620,22 @@ mod tests {
         assert_eq!(info["reason"], "BLOCKED_BY_CONSENT_POLICY");
         assert_eq!(info["domain"], "consentgate");
         assert_eq!(info["metadata"]["request_id"], RID);
-        let (_, v) = body(RefusalFormat::Google, &unreadable());
+        let (_, v) = body(Shape::Google, &unreadable());
         assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
     }
 
     /// Details and ids with quotes or control characters stay valid JSON.
     #[test]
     fn hostile_strings_stay_json() {
-        let r = Refusal {
+        let r = Notice {
             status: 422,
             error: "unreadable_body",
             request_id: "id\"\n\\",
             explanation: Explanation::Detail("field `a\"b`\u{0}"),
         };
-        for f in RefusalFormat::ALL {
+        for f in Shape::ALL {
             let (_, v) = body(f, &r);
-            if f == RefusalFormat::Plain {
+            if f == Shape::Plain {
                 assert_eq!(v["detail"], "field `a\"b`\u{0}");
             } else {
                 assert_eq!(v["consentgate"]["request_id"], "id\"\n\\");

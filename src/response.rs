@@ -4,11 +4,12 @@
 
 use crate::enforce::{Answer, Detail, Refusal, RequestDecision};
 use crate::forward::ProxyBody;
+use crate::refusal::{self, Explanation, Notice};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub(crate) const H_DECISION: &str = "x-consentgate-decision";
 pub(crate) const H_REQUEST_ID: &str = "x-consentgate-request-id";
@@ -72,13 +73,25 @@ pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
             }
             resp
         }
-        Answer::Json => {
-            let mut body = json!({"error": r.code, "request_id": request_id});
-            match &r.detail {
-                Detail::Text(d) => body["detail"] = json!(d),
-                Detail::Reasons(v) => body["reasons"] = json!(v),
-            }
-            json(status, &body).map(full_body)
+        Answer::Json(shape) => {
+            let explanation = match &r.detail {
+                Detail::Text(d) => Explanation::Detail(d),
+                Detail::Reasons(v) => Explanation::Reasons(v),
+            };
+            let notice = Notice {
+                status: r.status,
+                error: r.code,
+                request_id,
+                explanation,
+            };
+            let out = refusal::render(shape, &notice);
+            let mut resp = Response::new(full_body(out.body));
+            *resp.status_mut() = StatusCode::from_u16(out.status).unwrap_or(status);
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(out.content_type),
+            );
+            resp
         }
     };
     stamp(resp.headers_mut(), RequestDecision::Blocked, request_id);

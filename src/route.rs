@@ -2,10 +2,11 @@
 //! destination it is for, with what settings (the built-in catalog plus the
 //! config's `destinations:` overrides).
 
-use crate::config::{Config, ConfigError, Mode, OnBlocked};
+use crate::config::{Config, ConfigError, Mode, OnBlocked, RefusalFormat};
 use crate::destinations::common::host_matches;
 use crate::destinations::{self, Adapter};
 use crate::model::Category;
+use crate::refusal::Shape;
 use http::request::Parts;
 use http::{header, Method};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ pub struct Route {
     pub adapter: Arc<dyn Adapter>,
     pub mode: Mode,
     pub on_blocked: OnBlocked,
+    /// How its refusals are worded (the vendor's shape unless `refusal_format: plain`).
+    pub refusal_shape: Shape,
     pub category: Category,
     pub extra_hosts: Vec<String>,
 }
@@ -42,6 +45,7 @@ impl Registry {
             .into_iter()
             .map(|a| Route {
                 category: a.default_category(),
+                refusal_shape: a.refusal_shape(),
                 adapter: a,
                 mode: Mode::Enforce,
                 on_blocked: OnBlocked::Error,
@@ -64,6 +68,7 @@ impl Registry {
                     Ok(a) => {
                         routes.push(Route {
                             category: a.default_category(),
+                            refusal_shape: a.refusal_shape(),
                             adapter: a,
                             mode: Mode::Enforce,
                             on_blocked: OnBlocked::Error,
@@ -102,6 +107,12 @@ impl Registry {
             }
             if let Some(c) = d.category {
                 r.category = c;
+            }
+            if let Some(f) = d.refusal_format {
+                r.refusal_shape = match f {
+                    RefusalFormat::Vendor => r.adapter.refusal_shape(),
+                    RefusalFormat::Plain => Shape::Plain,
+                };
             }
             r.extra_hosts.extend(d.hosts.iter().cloned());
         }

@@ -100,7 +100,7 @@ fn assert_content_length(got: &Recorded) {
 fn assert_blocked(r: &Resp, up: &Upstream, before: usize, reason: &str) {
     assert_eq!(r.status, 451, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.decision(), "blocked");
-    let j = r.json();
+    let j = r.contract();
     assert_eq!(j["error"], "blocked_by_consent_policy");
     assert_eq!(
         j["request_id"],

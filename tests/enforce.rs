@@ -258,7 +258,7 @@ async fn gzip_batch_is_enforced_and_reencoded_unknown_encoding_blocked() {
     .await;
     assert_eq!(r.status, 415);
     assert_eq!(r.decision(), "blocked");
-    assert_eq!(r.json()["error"], "unsupported_content_encoding");
+    assert_eq!(r.contract()["error"], "unsupported_content_encoding");
     assert_eq!(up.count(), before, "nothing forwarded");
 }
 
@@ -280,7 +280,7 @@ async fn twilio_sms_denied_channel_blocked_reminder_forwarded_unchanged() {
     let r = send(p.proxy, sms("+14155550106")).await;
     assert_eq!(r.status, 451);
     assert_eq!(r.decision(), "blocked");
-    let j = r.json();
+    let j = r.contract();
     assert_eq!(j["error"], "blocked_by_consent_policy");
     assert_eq!(
         j["request_id"],
@@ -321,7 +321,7 @@ async fn malformed_and_oversized_bodies_are_blocked_never_forwarded() {
     )
     .await;
     assert_eq!(r.status, 422);
-    assert_eq!(r.json()["error"], "unreadable_body");
+    assert_eq!(r.contract()["error"], "unreadable_body");
     assert!(
         !String::from_utf8_lossy(&r.body).contains("deny.me"),
         "error never echoes the payload"
@@ -337,7 +337,7 @@ async fn malformed_and_oversized_bodies_are_blocked_never_forwarded() {
     )
     .await;
     assert_eq!(r.status, 413);
-    assert_eq!(r.json()["error"], "body_too_large");
+    assert_eq!(r.contract()["error"], "body_too_large");
     assert_eq!(up.count(), 0);
 }
 
@@ -359,7 +359,7 @@ async fn all_dropped_answers_451_or_synthetic_ok_and_counts_events() {
     )
     .await;
     assert_eq!(r.status, 451);
-    let mut reasons: Vec<String> = r.json()["reasons"]
+    let mut reasons: Vec<String> = r.contract()["reasons"]
         .as_array()
         .unwrap()
         .iter()

@@ -129,7 +129,8 @@ async fn compare(p: &Proxy, up: &Upstream, cases: &[Case]) -> Vec<(String, Value
             assert_eq!(up.count(), before, "{n}: nothing went upstream");
             assert_eq!(trace["status"], resp.status, "{n}: status; {trace:#}");
             if let Ok(body) = serde_json::from_slice::<Value>(&resp.body) {
-                if let Some(code) = body.get("error") {
+                let contract = body.get("consentgate").unwrap_or(&body);
+                if let Some(code) = contract.get("error") {
                     assert_eq!(&trace["error"], code, "{n}: error code");
                 }
             }

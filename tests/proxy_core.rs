@@ -91,7 +91,7 @@ async fn unknown_host_403_closed_port_502_silent_upstream_504() {
     let (p, up, _ca) = setup("errors", opts).await;
     let r = send(p.proxy, Req::get("unknown.example", "/")).await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "unknown_destination");
+    assert_eq!(r.contract()["error"], "unknown_destination");
     assert_eq!(r.decision(), "blocked");
     assert!(r.header("x-consentgate-request-id").is_some());
 
@@ -101,14 +101,14 @@ async fn unknown_host_403_closed_port_502_silent_upstream_504() {
     )
     .await;
     assert_eq!(r.status, 502, "{:?}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["error"], "upstream_unavailable");
+    assert_eq!(r.contract()["error"], "upstream_unavailable");
 
     up.set(Behavior::Hang);
     let t = Instant::now();
     let r = send(p.proxy, Req::get("graph.facebook.com", "/v19.0/hang")).await;
     let took = t.elapsed();
     assert_eq!(r.status, 504);
-    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert_eq!(r.contract()["error"], "upstream_timeout");
     assert!(
         took >= Duration::from_millis(800) && took <= Duration::from_millis(1200),
         "took {took:?}"

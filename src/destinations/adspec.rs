@@ -13,6 +13,7 @@ use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk
 use crate::decide::{EventVerdict, Keep, Ldu};
 use crate::identify::Identifiers;
 use crate::model::{Category, DestKind};
+use crate::refusal::Shape;
 use http::Method;
 use serde_json::Value;
 
@@ -42,8 +43,8 @@ pub(crate) struct Fields {
     pub external: &'static [&'static str],
     /// Removed on a sale/share opt-out.
     pub identity: &'static [&'static str],
-    /// An object emptied whole after `identity` on a sale/share opt-out (every
-    /// key in it identifies the person, new platform ids included).
+    /// An object (dotted path) emptied whole after `identity` on a sale/share
+    /// opt-out (every key in it identifies the person, new platform ids included).
     pub identity_object: Option<&'static str>,
     /// Reduced to scheme://host/ under limit_sensitive.
     pub urls: &'static [&'static str],
@@ -59,6 +60,8 @@ pub(crate) struct Fields {
 pub(crate) enum Events {
     /// The array at this key of the top-level object.
     Array(&'static str),
+    /// The top-level object is one event.
+    Single,
 }
 
 /// One inspected endpoint: a POST path, its events and its fields.
@@ -79,6 +82,8 @@ pub(crate) struct AdSpec {
     /// For README's destination table.
     pub identifier_fields: &'static str,
     pub ldu_signal: &'static str,
+    /// The platform's error shape for refusals (docs/SDKS.md).
+    pub refusal_shape: Shape,
 }
 
 impl AdSpec {
@@ -106,7 +111,8 @@ impl Fields {
         if keep.strip_identity {
             common::remove_all(ev, self.identity, &mut a.fields_stripped);
             if let Some(obj) = self.identity_object {
-                if let Some(Value::Object(m)) = ev.get_mut(obj) {
+                let at = obj.split('.').try_fold(&mut *ev, |v, k| v.get_mut(k));
+                if let Some(Value::Object(m)) = at {
                     if !m.is_empty() {
                         m.clear();
                         a.fields_stripped.push(format!("{obj}.*"));
@@ -172,12 +178,11 @@ impl Adapter for AdPlatform {
             return Err(BodyError::Unreadable("not an inspected endpoint".into()));
         };
         let f = e.fields;
+        let identify = |ev: &Value| f.identify(ev);
+        let apply = |ev: &mut Value, k: &Keep, a: &mut EventApplied| f.apply(ev, k, a);
         match e.events {
-            Events::Array(key) => {
-                common::enforce_json_batch(body, key, decide, &|ev| f.identify(ev), &|ev, k, a| {
-                    f.apply(ev, k, a)
-                })
-            }
+            Events::Array(key) => common::enforce_json_batch(body, key, decide, &identify, &apply),
+            Events::Single => common::enforce_json_single(body, decide, &identify, &apply),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {
@@ -188,5 +193,8 @@ impl Adapter for AdPlatform {
     }
     fn ldu_signal(&self) -> &str {
         self.0.ldu_signal
+    }
+    fn refusal_shape(&self) -> Shape {
+        self.0.refusal_shape
     }
 }

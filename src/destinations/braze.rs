@@ -191,6 +191,9 @@ impl Adapter for Braze {
     fn ldu_signal(&self) -> &str {
         "none (segment/audience/broadcast sends refused)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Braze
+    }
 }
 
 #[cfg(test)]

@@ -164,6 +164,9 @@ impl Adapter for GoogleAds {
     fn ldu_signal(&self) -> &str {
         "consent.adUserData DENIED (click/call conversions; adjustments: identity stripped)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Google
+    }
 }
 
 #[cfg(test)]

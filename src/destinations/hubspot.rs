@@ -135,6 +135,9 @@ impl Adapter for HubSpot {
     fn ldu_signal(&self) -> &str {
         "none"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::HubSpot
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,9 @@ impl Adapter for Klaviyo {
     fn ldu_signal(&self) -> &str {
         "none"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Klaviyo
+    }
 }
 
 #[cfg(test)]

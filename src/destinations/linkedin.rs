@@ -136,6 +136,9 @@ impl Adapter for LinkedinCapi {
     fn ldu_signal(&self) -> &str {
         "none (identity stripped)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::LinkedIn
+    }
 }
 
 #[cfg(test)]

@@ -171,6 +171,9 @@ impl Adapter for Mailchimp {
     fn ldu_signal(&self) -> &str {
         "none (status as sent)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Mailchimp
+    }
 }
 
 #[cfg(test)]

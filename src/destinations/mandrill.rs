@@ -1,5 +1,7 @@
-//! Mailchimp Transactional (Mandrill): `POST /api/1.0/messages/send` and
-//! `/messages/send-template` (with or without the `.json` suffix).
+//! Mailchimp Transactional (Mandrill): `POST /api/1.{0-3}/messages/send`,
+//! `/messages/send-template` and `/messages/send-mc-template`, with or without
+//! the `.json` suffix (the official SDKs call `/api/1.3/....json`). `send-raw`
+//! (recipients inside a MIME message) is not inspected, so it is refused.
 //!
 //! One decision per `message.to[]` recipient. A dropped recipient is removed
 //! from `message.to[]` and its entries in `message.merge_vars[]` and
@@ -47,15 +49,16 @@ impl Adapter for Mandrill {
         host == "mandrillapp.com"
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
+        let call = |c: &str| {
+            matches!(
+                c.strip_suffix(".json").unwrap_or(c),
+                "send" | "send-template" | "send-mc-template"
+            )
+        };
         *method == Method::POST
             && matches!(
                 common::path_segments(path).as_slice(),
-                [
-                    "api",
-                    "1.0",
-                    "messages",
-                    "send" | "send.json" | "send-template" | "send-template.json"
-                ]
+                ["api", "1.0" | "1.1" | "1.2" | "1.3", "messages", c] if call(c)
             )
     }
     fn enforce(
@@ -113,6 +116,9 @@ impl Adapter for Mandrill {
     }
     fn ldu_signal(&self) -> &str {
         "none"
+    }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Mandrill
     }
 }
 

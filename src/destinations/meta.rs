@@ -489,6 +489,9 @@ impl Adapter for MetaCapi {
     fn ldu_signal(&self) -> &str {
         "data_processing_options [\"LDU\"] + _country/_state (1/1000 US-CA, else 0/0)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::MetaGraph
+    }
 }
 
 /// The Value-tree implementation this adapter had before the lazy one: the

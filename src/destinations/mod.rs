@@ -25,6 +25,7 @@ pub mod twilio;
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
+use crate::refusal::Shape;
 use adspec::AdPlatform;
 use http::Method;
 use std::sync::Arc;
@@ -136,6 +137,11 @@ pub trait Adapter: Send + Sync + 'static {
     fn ldu_signal(&self) -> &str {
         "none"
     }
+    /// The vendor's own error shape, so its SDK raises its own error type on a
+    /// refusal (docs/SDKS.md); `Plain` where the vendor has none.
+    fn refusal_shape(&self) -> Shape {
+        Shape::Plain
+    }
 }
 
 /// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.
@@ -166,7 +172,7 @@ pub fn builtins() -> Vec<Arc<dyn Adapter>> {
 pub(crate) fn generic(entry: &serde_json::Value) -> Result<Arc<dyn Adapter>, String> {
     let mut v = entry.clone();
     if let Some(m) = v.as_object_mut() {
-        for k in ["type", "mode", "on_blocked", "enabled"] {
+        for k in ["type", "mode", "on_blocked", "refusal_format", "enabled"] {
             m.remove(k);
         }
     }

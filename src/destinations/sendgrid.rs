@@ -193,6 +193,9 @@ impl Adapter for SendGrid {
     fn ldu_signal(&self) -> &str {
         "none (bypass_list_management refused)"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::SendGrid
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,9 @@ impl Adapter for Twilio {
     fn ldu_signal(&self) -> &str {
         "none"
     }
+    fn refusal_shape(&self) -> crate::refusal::Shape {
+        crate::refusal::Shape::Twilio
+    }
 }
 
 #[cfg(test)]

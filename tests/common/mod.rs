@@ -498,6 +498,15 @@ impl Resp {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|_| panic!("JSON body, got {:?}", String::from_utf8_lossy(&self.body)))
     }
+    /// A refusal's contract fields (`error`, `request_id`, `reasons` | `detail`):
+    /// under `"consentgate"` in a vendor-shaped body, at the top of a plain one.
+    pub fn contract(&self) -> serde_json::Value {
+        let j = self.json();
+        match j.get("consentgate") {
+            Some(c) => c.clone(),
+            None => j,
+        }
+    }
 }
 
 fn build(req: &Req, h2: bool) -> hyper::Request<Full<Bytes>> {

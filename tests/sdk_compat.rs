@@ -77,8 +77,6 @@ struct Sdk {
     /// Node: the constructor's name).
     exc_type: &'static str,
     host: &'static str,
-    /// consentgate's destination for `host`.
-    destination: &'static str,
     /// Every request of the granted case goes to a path with this prefix.
     path_prefix: &'static str,
     /// A vendor success answer the SDK accepts.
@@ -94,7 +92,6 @@ fn meta_py() -> Sdk {
         trust: Trust::RequestsCaBundle,
         exc_type: "facebook_business.exceptions.FacebookRequestError",
         host: "graph.facebook.com",
-        destination: "meta_capi",
         path_prefix: "/v26.0/1234567890/events",
         ok_status: 200,
         ok_body: r#"{"events_received":1,"messages":[],"fbtrace_id":"AbCdEf"}"#,
@@ -109,7 +106,6 @@ fn twilio_py() -> Sdk {
         trust: Trust::RequestsCaBundle,
         exc_type: "twilio.base.exceptions.TwilioRestException",
         host: "api.twilio.com",
-        destination: "twilio_sms",
         path_prefix: "/2010-04-01/Accounts/AC00000000000000000000000000000000/Messages.json",
         ok_status: 201,
         ok_body: r#"{"sid":"SM00000000000000000000000000000000","status":"queued"}"#,
@@ -124,7 +120,6 @@ fn sendgrid_py() -> Sdk {
         trust: Trust::SslCertFile,
         exc_type: "python_http_client.exceptions.HTTPError",
         host: "api.sendgrid.com",
-        destination: "sendgrid",
         path_prefix: "/v3/mail/send",
         ok_status: 202,
         ok_body: "",
@@ -139,7 +134,6 @@ fn mandrill_py() -> Sdk {
         trust: Trust::RequestsCaBundle,
         exc_type: "mailchimp_transactional.api_client.ApiClientError",
         host: "mandrillapp.com",
-        destination: "mandrill",
         path_prefix: "/api/1.3/messages/send.json",
         ok_status: 200,
         ok_body: r#"[{"status":"sent","_id":"0a1b2c","reject_reason":null}]"#,
@@ -156,7 +150,6 @@ fn tiktok_py() -> Sdk {
         // TikTok reports errors, and so how consentgate answers it.
         exc_type: "business_api_client.tiktok_business.tiktok_exceptions.TiktokSDKError",
         host: "business-api.tiktok.com",
-        destination: "tiktok_events",
         path_prefix: "/open_api/v1.3/pixel/",
         ok_status: 200,
         ok_body: r#"{"code":0,"message":"OK","request_id":"r-1","data":{}}"#,

@@ -65,7 +65,8 @@ COPY --from=builder /usr/local/bin/consentgate /usr/local/bin/consentgate
 USER 10001:10001
 WORKDIR /var/lib/consentgate
 VOLUME ["/var/lib/consentgate"]
-# proxy (forward/reverse), admin (/metrics, /healthz, /readyz, consent API), gateway (TLS by SNI)
-EXPOSE 15001 15000 8443
+# proxy (forward/reverse), admin (consent API), gateway (TLS by SNI), metrics (/metrics,
+# /healthz, /readyz on listen.metrics, as the Helm chart configures it)
+EXPOSE 15001 15000 8443 15090
 ENTRYPOINT ["consentgate"]
 CMD ["run", "--config", "/etc/consentgate/config/consentgate.yaml"]

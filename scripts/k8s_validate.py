@@ -165,7 +165,7 @@ def check_labels_map(scenario, where, m):
         fail(scenario, f"{where}: must be a map of strings")
 
 
-def check_endpoints(scenario, kind, name, eps, port_key):
+def check_endpoints(scenario, kind, name, eps):
     if not isinstance(eps, list) or not eps:
         return fail(scenario, f"{kind} {name}: its endpoints must be a non-empty list")
     for i, ep in enumerate(eps):
@@ -204,13 +204,13 @@ def check_monitor_common(scenario, d):
 def check_servicemonitor(scenario, d):
     spec = check_monitor_common(scenario, d)
     if spec is not None:
-        check_endpoints(scenario, "ServiceMonitor", d["metadata"]["name"], spec.get("endpoints"), "port")
+        check_endpoints(scenario, "ServiceMonitor", d["metadata"]["name"], spec.get("endpoints"))
 
 
 def check_podmonitor(scenario, d):
     spec = check_monitor_common(scenario, d)
     if spec is not None:
-        check_endpoints(scenario, "PodMonitor", d["metadata"]["name"], spec.get("podMetricsEndpoints"), "port")
+        check_endpoints(scenario, "PodMonitor", d["metadata"]["name"], spec.get("podMetricsEndpoints"))
 
 
 METRIC = re.compile(r"\b(?:consentgate|process)_[a-zA-Z0-9_]*[a-zA-Z0-9]")
@@ -482,7 +482,6 @@ def check_docs(scenario, docs, expect, known_metrics, known_keys, mode):
             shipped = json.loads((CHART / "dashboards" / "consentgate.json").read_text())
             if json.loads(cm["data"]["consentgate.json"]) != shipped:
                 fail(scenario, "dashboard ConfigMap differs from dashboards/consentgate.json")
-    ports = None
     pod_labels = []  # (labels, consentgate container port names) of every rendered pod template
     for kind in ("Deployment",):
         for d in by_kind.get(kind, []):
@@ -496,7 +495,6 @@ def check_docs(scenario, docs, expect, known_metrics, known_keys, mode):
                 continue
             c = cg[0]
             cports = {p["name"].removeprefix("cg-"): p["containerPort"] for p in c.get("ports", [])}
-            ports = cports
             cfg_vol = next((v for v in pod.get("volumes", []) if v["name"] == "consentgate-config"), None)
             cfg = configs.get((cfg_vol or {}).get("configMap", {}).get("name")) if cfg_vol else None
             if cfg is None and mode != "parent":

@@ -982,6 +982,19 @@ def check_dashboard(known_metrics):
             steps = (((p.get("fieldConfig") or {}).get("defaults") or {}).get("thresholds") or {}).get("steps") or []
             if len(steps) < 2 or steps[0].get("value") is not None:
                 fail(scen, f"stat panel {title!r}: needs thresholds (a base step and at least one more)")
+    # The chart derives the staleness stat's thresholds from config.consent.maxStaleness.
+    docs = render({"dashboards": {"enabled": True}, "config": {"consent": {"maxStaleness": "10m"}}})
+    cm = next(d for _, d in docs if d["kind"] == "ConfigMap" and "consentgate.json" in (d.get("data") or {}))
+    rendered = json.loads(cm["data"]["consentgate.json"])
+    stale = [p for p in rendered["panels"] if p.get("type") == "stat" and any(
+        "consentgate_consent_staleness_seconds" in t.get("expr", "") for t in p.get("targets", []))]
+    got = [[s.get("value") for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]] for p in stale]
+    if got != [[None, 300, 600]]:
+        fail(scen, f"staleness stat thresholds with maxStaleness 10m: {got}, expected [[None, 300, 600]]")
+    for p in rendered["panels"]:
+        if p not in stale:
+            if p != next((q for q in panels if q["id"] == p["id"]), None):
+                fail(scen, f"rendered panel {p.get('title')!r} differs from dashboards/consentgate.json")
     src_up = [p for p in panels if p.get("type") == "stat" and any(
         "consentgate_consent_source_up" in t.get("expr", "") for t in p.get("targets", []))]
     for p in src_up:

@@ -23,13 +23,14 @@ Deployment (gateway) or by "consentgate.sidecar":
 listen:
 {{- if $sidecar }}
   proxy: 127.0.0.1:{{ .Values.ports.proxy }}
-  admin: 0.0.0.0:{{ .Values.ports.admin }}      # kubelet probes and Prometheus reach the pod IP
+  admin: 127.0.0.1:{{ .Values.ports.admin }}    # the consent write API: the pod's own containers only
   gateway: {{ if .Values.sidecar.iptablesInit.enabled }}127.0.0.1:{{ .Values.ports.gateway }}{{ else }}null{{ end }}
 {{- else }}
   proxy: 0.0.0.0:{{ .Values.ports.proxy }}
   admin: 0.0.0.0:{{ .Values.ports.admin }}
   gateway: 0.0.0.0:{{ .Values.ports.gateway }}
 {{- end }}
+  metrics: 0.0.0.0:{{ .Values.ports.metrics }}  # /metrics, /healthz, /readyz: kubelet probes and Prometheus reach the pod IP
 unknown_destinations: {{ $c.unknownDestinations }}
 interception:
   ca_cert: /etc/consentgate/certs/{{ $s.ca.certKey }}
@@ -45,17 +46,32 @@ consent:
   source: {{ $c.consent.source }}
   file: {{ include "consentgate.consentFilePath" . }}
   journal: /var/lib/consentgate/consent-journal
+  journal_key_file: {{ if $s.journalKey.name }}/etc/consentgate/secrets/journal-key/{{ $s.journalKey.key }}{{ else }}null{{ end }}
   max_staleness: {{ $c.consent.maxStaleness }}
   postgres:
     url: {{ $c.consent.postgres.url | quote }}
-    password_file: {{ if $s.postgresPassword.name }}/etc/consentgate/secrets/postgres/{{ $s.postgresPassword.key }}{{ else }}null{{ end }}
+    password_file: {{ if eq $c.consent.source "postgres" }}/etc/consentgate/secrets/postgres/{{ $s.postgresPassword.key }}{{ else }}null{{ end }}
 admin:
   tokens_file: /etc/consentgate/secrets/admin-tokens/{{ $s.adminTokens.key }}
   ready_requires_fresh_consent: {{ if $sidecar }}{{ .Values.sidecar.readyRequiresFreshConsent }}{{ else }}{{ $c.admin.readyRequiresFreshConsent }}{{ end }}
+{{- if include "consentgate.adminTls" . }}
+  tls:
+    cert: /etc/consentgate/secrets/admin-tls/{{ $s.adminTls.certKey }}
+    key: /etc/consentgate/secrets/admin-tls/{{ $s.adminTls.keyKey }}
+    {{- if $c.admin.tls.clientAuth }}
+    client_ca: /etc/consentgate/secrets/admin-tls/{{ $s.adminTls.clientCaKey }}
+    {{- end }}
+{{- end }}
 audit:
   path: /var/lib/consentgate/audit
   pseudonym_key_file: {{ if $s.pseudonymKey.name }}/etc/consentgate/secrets/pseudonym-key/{{ $s.pseudonymKey.key }}{{ else }}null{{ end }}
+  max_total_bytes: {{ $c.audit.maxTotalBytes }}
 max_body_bytes: {{ $c.maxBodyBytes }}
+limits:
+  header_read_timeout: {{ $c.limits.headerReadTimeout }}
+  body_read_timeout: {{ $c.limits.bodyReadTimeout }}
+  max_header_bytes: {{ $c.limits.maxHeaderBytes }}
+  inflight_body_bytes: {{ $c.limits.inflightBodyBytes }}
 destinations: {{ if $c.destinations }}{{ toYaml $c.destinations | nindent 2 }}{{ else }}[]{{ end }}
 categories:{{ toYaml $c.categories | nindent 2 }}
 log:

@@ -55,7 +55,31 @@ app.kubernetes.io/part-of: consentgate
 {{- end }}
 {{- end -}}
 
-{{/* Fail early on values that cannot work. */}}
+{{/* Whole seconds in a duration such as 5m, 1m30s or 250ms (the forms the values schema
+allows); fractions of a second are dropped. */}}
+{{- define "consentgate.seconds" -}}
+{{- $acc := dict "ms" 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d)" (toString .) -1 -}}
+{{- $n := regexFind "^[0-9]+" . | atoi -}}
+{{- $u := trimPrefix (regexFind "^[0-9]+" .) . -}}
+{{- $mul := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000) $u -}}
+{{- $_ := set $acc "ms" (add $acc.ms (mul $n $mul)) -}}
+{{- end -}}
+{{- div $acc.ms 1000 -}}
+{{- end -}}
+
+{{/* Whether the admin API is served over TLS (gateway mode only: sidecars keep it on loopback). */}}
+{{- define "consentgate.adminTls" -}}
+{{- if and (eq .Values.mode "gateway") .Values.config.admin.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The most gateway replicas these values can run at once. */}}
+{{- define "consentgate.maxReplicas" -}}
+{{- if .Values.autoscaling.enabled -}}{{ .Values.autoscaling.maxReplicas }}{{- else -}}{{ .Values.gateway.replicas }}{{- end -}}
+{{- end -}}
+
+{{/* Fail early on values that cannot work (values.schema.json refuses bad types, unknown
+keys and malformed durations before this runs; these are the rules across keys). */}}
 {{- define "consentgate.validate" -}}
 {{- if not (has .Values.mode (list "gateway" "sidecar")) -}}
 {{- fail (printf "mode must be gateway or sidecar, got %q" .Values.mode) -}}
@@ -66,10 +90,39 @@ app.kubernetes.io/part-of: consentgate
 {{- if not .Values.secrets.adminTokens.name -}}
 {{- fail "secrets.adminTokens.name: name the existing Secret holding the admin tokens" -}}
 {{- end -}}
+{{- if and (include "consentgate.adminTls" .) (not .Values.secrets.adminTls.name) -}}
+{{- fail "config.admin.tls.enabled: set secrets.adminTls.name to the Secret holding the admin API's tls.crt, tls.key and ca.crt (or set config.admin.tls.enabled: false)" -}}
+{{- end -}}
 {{- if and (eq .Values.config.consent.source "postgres") (not .Values.secrets.postgresPassword.name) -}}
 {{- fail "consent.source is postgres: set secrets.postgresPassword.name" -}}
 {{- end -}}
+{{- if eq .Values.config.consent.source "file" -}}
+{{- if not (or .Values.config.consent.file.existingConfigMap .Values.config.consent.file.inline) -}}
+{{- fail "config.consent.source is file but the snapshot is empty: set config.consent.file.existingConfigMap (or .inline); with no records every event would be dropped. For a shared source use config.consent.source: postgres" -}}
+{{- end -}}
+{{- $max := include "consentgate.maxReplicas" . | int -}}
+{{- if and (eq .Values.mode "gateway") (gt $max 1) -}}
+{{- fail (printf "config.consent.source is file but the gateway can run %d replicas (gateway.replicas, or autoscaling.maxReplicas while autoscaling.enabled): each replica would keep its own consent copy and journal, so an admin-API write would reach one replica only. Use config.consent.source: postgres, or gateway.replicas: 1 with autoscaling.enabled: false" $max) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
+{{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" -}}
+{{- end -}}
 {{- if and .Values.sidecar.iptablesInit.enabled (eq (int .Values.sidecar.exampleApp.runAsUser) 10001) -}}
 {{- fail "sidecar.exampleApp.runAsUser must not be 10001: that uid is exempt from the iptables redirect" -}}
+{{- end -}}
+{{- if and (eq .Values.mode "sidecar") .Values.metrics.serviceMonitor.enabled -}}
+{{- fail "metrics.serviceMonitor is for the gateway; sidecars are scraped by metrics.podMonitor (one per namespace)" -}}
+{{- end -}}
+{{- if and (eq .Values.mode "gateway") .Values.metrics.podMonitor.enabled -}}
+{{- fail "metrics.podMonitor is for sidecars; the gateway is scraped by metrics.serviceMonitor" -}}
+{{- end -}}
+{{- $ports := list .Values.ports.proxy .Values.ports.admin .Values.ports.gateway .Values.ports.metrics -}}
+{{- if ne (len (uniq $ports)) (len $ports) -}}
+{{- fail (printf "ports: proxy, admin, gateway and metrics must differ, got %v" $ports) -}}
+{{- end -}}
+{{- if .Values.metrics.prometheusRule.enabled -}}
+{{- /* refuses a maxStaleness too short for the alerts to fire in order */ -}}
+{{- $_ := include "consentgate.rules.thresholds" . -}}
 {{- end -}}
 {{- end -}}

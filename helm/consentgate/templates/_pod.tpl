@@ -17,8 +17,13 @@ the volumes it mounts. Context: a dict with Values and Release (see _sidecar.tpl
     - name: {{ if $sidecar }}cg-{{ end }}proxy
       containerPort: {{ .Values.ports.proxy }}
       protocol: TCP
-    - name: {{ if $sidecar }}cg-{{ end }}admin
+    {{- if not $sidecar }}
+    - name: admin
       containerPort: {{ .Values.ports.admin }}
+      protocol: TCP
+    {{- end }}
+    - name: {{ if $sidecar }}cg-{{ end }}metrics
+      containerPort: {{ .Values.ports.metrics }}
       protocol: TCP
     {{- if or (not $sidecar) .Values.sidecar.iptablesInit.enabled }}
     - name: {{ if $sidecar }}cg-{{ end }}gateway
@@ -34,21 +39,21 @@ the volumes it mounts. Context: a dict with Values and Release (see _sidecar.tpl
   startupProbe:
     httpGet:
       path: /healthz
-      port: {{ .Values.ports.admin }}
+      port: {{ .Values.ports.metrics }}
     periodSeconds: {{ .Values.probes.startup.periodSeconds }}
     timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
     failureThreshold: {{ .Values.probes.startup.failureThreshold }}
   readinessProbe:
     httpGet:
       path: /readyz
-      port: {{ .Values.ports.admin }}
+      port: {{ .Values.ports.metrics }}
     periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
     timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
     failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
   livenessProbe:
     httpGet:
       path: /healthz
-      port: {{ .Values.ports.admin }}
+      port: {{ .Values.ports.metrics }}
     periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
     timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
     failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
@@ -72,12 +77,22 @@ the volumes it mounts. Context: a dict with Values and Release (see _sidecar.tpl
     - name: consentgate-admin-tokens
       mountPath: /etc/consentgate/secrets/admin-tokens
       readOnly: true
+    {{- if include "consentgate.adminTls" . }}
+    - name: consentgate-admin-tls
+      mountPath: /etc/consentgate/secrets/admin-tls
+      readOnly: true
+    {{- end }}
     {{- if .Values.secrets.pseudonymKey.name }}
     - name: consentgate-pseudonym-key
       mountPath: /etc/consentgate/secrets/pseudonym-key
       readOnly: true
     {{- end }}
-    {{- if .Values.secrets.postgresPassword.name }}
+    {{- if .Values.secrets.journalKey.name }}
+    - name: consentgate-journal-key
+      mountPath: /etc/consentgate/secrets/journal-key
+      readOnly: true
+    {{- end }}
+    {{- if eq .Values.config.consent.source "postgres" }}
     - name: consentgate-postgres
       mountPath: /etc/consentgate/secrets/postgres
       readOnly: true
@@ -118,13 +133,32 @@ container mounts them (the app gets ca.pem alone, from its own volume). */ -}}
   secret:
     secretName: {{ .Values.secrets.adminTokens.name }}
     defaultMode: {{ $mode }}
+{{- if include "consentgate.adminTls" . }}
+{{- $t := .Values.secrets.adminTls }}
+- name: consentgate-admin-tls
+  secret:
+    secretName: {{ $t.name }}
+    defaultMode: {{ $mode }}
+    items:
+      - {key: {{ $t.certKey }}, path: {{ $t.certKey }}}
+      - {key: {{ $t.keyKey }}, path: {{ $t.keyKey }}}
+      {{- if .Values.config.admin.tls.clientAuth }}
+      - {key: {{ $t.clientCaKey }}, path: {{ $t.clientCaKey }}}
+      {{- end }}
+{{- end }}
 {{- if .Values.secrets.pseudonymKey.name }}
 - name: consentgate-pseudonym-key
   secret:
     secretName: {{ .Values.secrets.pseudonymKey.name }}
     defaultMode: {{ $mode }}
 {{- end }}
-{{- if .Values.secrets.postgresPassword.name }}
+{{- if .Values.secrets.journalKey.name }}
+- name: consentgate-journal-key
+  secret:
+    secretName: {{ .Values.secrets.journalKey.name }}
+    defaultMode: {{ $mode }}
+{{- end }}
+{{- if eq .Values.config.consent.source "postgres" }}
 - name: consentgate-postgres
   secret:
     secretName: {{ .Values.secrets.postgresPassword.name }}

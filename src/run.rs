@@ -171,7 +171,7 @@ async fn start_consent_source(
 ) -> Result<ConsentSource, String> {
     match cfg.consent.source {
         crate::config::SourceKind::File => {
-            let c = FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal);
+            let c = file_source_config(&cfg.consent, false)?;
             crate::consent::file_source::start(c, store)
                 .await
                 .map(ConsentSource::File)
@@ -186,6 +186,31 @@ async fn start_consent_source(
     }
 }
 
+/// The file source's config: snapshot, journal directory and journal keys
+/// (loaded here, so a missing or malformed key refuses to start, naming it).
+/// `read_only`: replay the journal without locking or writing it (`explain`).
+fn file_source_config(
+    consent: &crate::config::ConsentCfg,
+    read_only: bool,
+) -> Result<FileSourceConfig, String> {
+    use crate::consent::journal;
+    let mut c = FileSourceConfig::new(&consent.file, &consent.journal);
+    c.read_only = read_only;
+    c.journal_keys = journal::Keys {
+        current: consent
+            .journal_key_file
+            .as_deref()
+            .map(|p| journal::load_key(p, "consent.journal_key_file"))
+            .transpose()?,
+        previous: consent
+            .journal_previous_key_file
+            .as_deref()
+            .map(|p| journal::load_key(p, "consent.journal_previous_key_file"))
+            .transpose()?,
+    };
+    Ok(c)
+}
+
 /// `consentgate db migrate`: apply the shipped schema migrations to
 /// `consent.postgres.url`.
 pub fn db_migrate(explicit: Option<&Path>) -> i32 {
@@ -198,7 +223,7 @@ pub fn db_migrate(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    let pg = runtime.config.consent.postgres.clone();
+    let pg = PgSourceConfig::new(&runtime.config.consent.postgres);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,10 +234,7 @@ pub fn db_migrate(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(crate::consent::postgres::migrate(
-        &pg.url,
-        pg.password_file.as_deref(),
-    )) {
+    match rt.block_on(crate::consent::postgres::migrate(&pg)) {
         Ok(applied) if applied.is_empty() => {
             println!("ok: schema up to date");
             0
@@ -522,10 +544,11 @@ pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
         }
     };
     let cfg = &rt.config;
-    let loaded = tokio_rt.block_on(crate::consent::file_source::start(
-        FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal),
-        store.clone(),
-    ));
+    // Read-only: `explain` may run next to the proxy that owns the journal.
+    let loaded = match file_source_config(&cfg.consent, true) {
+        Ok(c) => tokio_rt.block_on(crate::consent::file_source::start(c, store.clone())),
+        Err(e) => Err(e),
+    };
     if let Err(e) = loaded {
         eprintln!("error: consent: {e}");
         return 1;

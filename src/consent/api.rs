@@ -394,6 +394,12 @@ where
         }
     };
 
+    if method == Method::GET {
+        return match ctx.store.get(&patient_id) {
+            Some(rec) => record_response(&rec),
+            None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
+        };
+    }
     let pre = match if_match(req.headers()) {
         Ok(p) => p,
         Err(()) => {
@@ -405,12 +411,6 @@ where
         }
     };
 
-    if method == Method::GET {
-        return match ctx.store.get(&patient_id) {
-            Some(rec) => record_response(&rec),
-            None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
-        };
-    }
     let (op, pre, merge): (ChangeOp, Precondition, super::source::Merge) = match method {
         Method::DELETE => (ChangeOp::Delete, pre, Box::new(|_| Ok(Change::Delete))),
         Method::PUT => {
@@ -771,6 +771,34 @@ mod tests {
             (status, v, text)
         }
 
+        /// A request with extra headers; returns the response headers too.
+        async fn call_h(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: &str,
+        ) -> (StatusCode, http::HeaderMap, Value) {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let mut b = Request::builder()
+                .method(method)
+                .uri(format!("http://{}{}", self.addr, path))
+                .header("authorization", "Bearer ops-secret-token-1");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let resp = client
+                .request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+                .await
+                .unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (parts.status, parts.headers, v)
+        }
+
         fn journal_lines(&self) -> usize {
             std::fs::read_to_string(
                 self.dir
@@ -1001,5 +1029,130 @@ mod tests {
         assert_eq!(percent_decode("P%2D1%20x").unwrap(), "P-1 x");
         assert!(percent_decode("P%2").is_none());
         assert!(percent_decode("%FF").is_none());
+    }
+
+    fn if_match_of(values: &[&str]) -> Result<Precondition, ()> {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(header::IF_MATCH, header::HeaderValue::from_str(v).unwrap());
+        }
+        if_match(&h)
+    }
+
+    #[test]
+    fn if_match_parsing() {
+        assert_eq!(if_match_of(&[]), Ok(Precondition::None));
+        assert_eq!(if_match_of(&["*"]), Ok(Precondition::Exists));
+        assert_eq!(if_match_of(&["\"3\""]), Ok(Precondition::Versions(vec![3])));
+        assert_eq!(
+            if_match_of(&["\"3\", W/\"4\" ,\"x\"", "\"5\""]),
+            Ok(Precondition::Versions(vec![3, 5])),
+            "weak and foreign tags never match"
+        );
+        assert_eq!(
+            if_match_of(&["W/\"4\""]),
+            Ok(Precondition::Versions(vec![])),
+            "only a weak tag: can never hold"
+        );
+        for bad in ["3", "\"3", "\"3\" \"4\"", "*, \"3\"", "\"+3\"x"] {
+            assert_eq!(if_match_of(&[bad]), Err(()), "{bad}");
+        }
+        assert_eq!(if_match_of(&["*", "*"]), Err(()));
+        // A tag that is not all digits is not a version.
+        assert_eq!(if_match_of(&["\"+3\""]), Ok(Precondition::Versions(vec![])));
+    }
+
+    #[tokio::test]
+    async fn versions_etags_and_if_match() {
+        let h = harness().await;
+        let p = "/v1/consent/P-1001";
+        let etag = |hm: &http::HeaderMap| {
+            hm.get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // Known only from the snapshot: version 0.
+        let (s, hm, v) = h.call_h("GET", p, &[], "").await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(0)));
+        assert_eq!(etag(&hm).as_deref(), Some("\"0\""));
+        let (s, hm, v) = h
+            .call_h("PATCH", p, &[("if-match", "\"0\"")], r#"{"gpc":true}"#)
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+        assert_eq!(etag(&hm).as_deref(), Some("\"1\""));
+        // Stale: 412, the current version named, nothing changed.
+        let (s, hm, v) = h
+            .call_h(
+                "PATCH",
+                p,
+                &[("if-match", "\"0\"")],
+                r#"{"limit_sensitive":true}"#,
+            )
+            .await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(v["error"], "precondition_failed");
+        assert_eq!(v["current_version"], 1);
+        assert_eq!(etag(&hm).as_deref(), Some("\"1\""));
+        assert!(!h.store.get("P-1001").unwrap().limit_sensitive);
+        assert_eq!(h.journal_lines(), 1);
+        let (s, _, v) = h
+            .call_h(
+                "PATCH",
+                p,
+                &[("if-match", "\"7\", \"1\"")],
+                r#"{"limit_sensitive":true}"#,
+            )
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(2)));
+        let (s, _, _) = h
+            .call_h("PATCH", p, &[("if-match", "W/\"2\"")], r#"{"gpc":false}"#)
+            .await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED, "weak tags never match");
+        // A version in the body is the same precondition, and is not stored.
+        let (s, _, v) = h.call_h("PUT", p, &[], r#"{"version":1}"#).await;
+        assert_eq!(
+            (s, v["current_version"].as_u64()),
+            (StatusCode::PRECONDITION_FAILED, Some(2))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[], r#"{"version":2,"gpc":true}"#).await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+        let (s, _, v) = h
+            .call_h("PUT", p, &[("if-match", "\"3\"")], r#"{"version":2}"#)
+            .await;
+        assert_eq!(
+            (s, v["current_version"].as_u64()),
+            (StatusCode::PRECONDITION_FAILED, Some(3))
+        );
+        let (s, _, v) = h.call_h("PATCH", p, &[], r#"{"version":"x"}"#).await;
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("version"))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[("if-match", "3")], "{}").await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_if_match"))
+        );
+        // DELETE too; a record created again never reuses a version.
+        let (s, _, _) = h.call_h("DELETE", p, &[("if-match", "\"2\"")], "").await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert!(h.store.get("P-1001").is_some());
+        let (s, _, _) = h.call_h("DELETE", p, &[("if-match", "\"3\"")], "").await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _, v) = h.call_h("PUT", p, &[("if-match", "*")], "{}").await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(v["current_version"], Value::Null);
+        let (s, _, v) = h.call_h("PATCH", p, &[], "{}").await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[], "{}").await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(5)));
+        let (s, _, v) = h
+            .call_h("PATCH", p, &[("if-match", "*")], r#"{"gpc":true}"#)
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(6)));
+        assert_eq!(h.store.get("P-1001").unwrap().version, 6);
     }
 }

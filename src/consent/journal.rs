@@ -646,4 +646,205 @@ mod tests {
         }
         assert!(!d.path().join(COMPACT_TMP).exists());
     }
+
+    fn key(b: u8) -> EncKey {
+        EncKey::from_hex(&hex::encode([b; 32])).unwrap()
+    }
+
+    fn keyed(current: Option<u8>, previous: Option<u8>) -> Options {
+        Options {
+            keys: Keys {
+                current: current.map(key),
+                previous: previous.map(key),
+            },
+            ..Default::default()
+        }
+    }
+
+    fn with_ext(id: &str, ext: &str) -> ConsentRecord {
+        ConsentRecord::from_json(
+            format!(
+                r#"{{"patient_id":"{id}","identifiers":{{"external_ids":["{ext}"]}},"updated_at":"2026-01-01T00:00:00Z"}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// Every file in the journal directory, concatenated.
+    fn all_files(dir: &Path) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            out.push_str(&String::from_utf8_lossy(
+                &std::fs::read(e.unwrap().path()).unwrap(),
+            ));
+        }
+        out
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn versions_grow_across_deletes_compaction_and_legacy_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_entries: 4,
+            max_bytes: u64::MAX,
+        };
+        {
+            let mut j = Journal::open(d.path(), &opts(limits)).unwrap();
+            let mut r = rec("P-1", "2026-01-01T00:00:00Z");
+            r.version = 1;
+            j.append_put(r.clone(), "ops").unwrap();
+            j.append_delete("P-1", 2, "ops").unwrap();
+            // A stale version is lifted above the last one.
+            j.append_put(r, "ops").unwrap();
+            assert_eq!(j.version_of("P-1"), 3);
+            for i in 0..6 {
+                j.append_put(rec("P-2", &format!("2026-01-01T00:00:0{i}Z")), "ops")
+                    .unwrap();
+            }
+            assert!(j.entries() < 9, "compacted");
+            assert_eq!(j.version_of("P-2"), 6);
+        }
+        let j = Journal::open(d.path(), &opts(limits)).unwrap();
+        assert_eq!((j.version_of("P-1"), j.version_of("P-2")), (3, 6));
+        assert_eq!(j.version_of("P-9"), 0);
+        // Entries written before versions existed replay as 1, 2, ...
+        let d2 = tempfile::tempdir().unwrap();
+        let legacy = format!(
+            "{}\n{}\n",
+            r#"{"op":"put","record":{"patient_id":"P-1","updated_at":"2026-01-01T00:00:00Z"},"actor":"a","ts":"2026-01-01T00:00:00Z"}"#,
+            r#"{"op":"delete","patient_id":"P-1","actor":"a","ts":"2026-01-02T00:00:00Z"}"#
+        );
+        std::fs::write(d2.path().join(JOURNAL_FILE), legacy).unwrap();
+        let j = Journal::open(d2.path(), &Options::default()).unwrap();
+        assert_eq!(j.version_of("P-1"), 2);
+    }
+
+    #[test]
+    fn lock_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("journal");
+        let j = Journal::open(&dir, &Options::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(JOURNAL_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(crate::state::LOCK_FILE)), 0o600);
+        let e = Journal::open(&dir, &Options::default()).err().unwrap();
+        assert!(e.contains("consent.journal") && e.contains("locked"), "{e}");
+        // Read-only opens beside the owner, and writes nothing.
+        let ro = Options {
+            read_only: true,
+            ..Default::default()
+        };
+        let mut r = Journal::open(&dir, &ro).unwrap();
+        assert!(r
+            .append_put(rec("P-1", "2026-01-01T00:00:00Z"), "x")
+            .is_err());
+        assert_eq!(std::fs::metadata(dir.join(JOURNAL_FILE)).unwrap().len(), 0);
+        drop(j);
+        // Looser modes left by an older version are tightened on open.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            dir.join(JOURNAL_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let _j = Journal::open(&dir, &Options::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(JOURNAL_FILE)), 0o600);
+        // Read-only on a directory that does not exist: empty, nothing created.
+        let none = d.path().join("absent");
+        assert!(Journal::open(&none, &ro).unwrap().state().is_empty());
+        assert!(!none.exists());
+    }
+
+    #[test]
+    fn encrypted_journal_has_no_identifier_in_clear_and_replays() {
+        let d = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_entries: 3,
+            max_bytes: u64::MAX,
+        };
+        let o = Options {
+            limits,
+            ..keyed(Some(1), None)
+        };
+        {
+            let mut j = Journal::open(d.path(), &o).unwrap();
+            for i in 0..5 {
+                let mut r = with_ext("PAT-SECRET-1", &format!("MRN-SECRET-{i}"));
+                r.updated_at += chrono::Duration::seconds(i);
+                j.append_put(r, "ops").unwrap();
+            }
+            j.append_delete("PAT-SECRET-2", 1, "ops").unwrap();
+        }
+        let text = all_files(d.path());
+        assert!(
+            !text.contains("SECRET") && !text.contains("\"op\""),
+            "{text}"
+        );
+        let journal = std::fs::read_to_string(d.path().join(JOURNAL_FILE)).unwrap();
+        assert!(journal.lines().all(|l| l.starts_with("{\"v\":1,")));
+        let j = Journal::open(d.path(), &o).unwrap();
+        match j.state().get("PAT-SECRET-1").unwrap() {
+            Entry::Put { record, .. } => {
+                assert_eq!(record.identifiers.external_ids, vec!["MRN-SECRET-4"]);
+                assert_eq!(record.version, 5);
+            }
+            e => panic!("{e:?}"),
+        }
+        drop(j);
+        // A wrong key, or no key, refuses to open: nothing is skipped.
+        let e = Journal::open(d.path(), &keyed(Some(2), None))
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("line 1")
+                && e.contains("consent.journal_key_file")
+                && e.contains("wrong key"),
+            "{e}"
+        );
+        let e = Journal::open(d.path(), &Options::default()).err().unwrap();
+        assert!(e.contains("is encrypted"), "{e}");
+        assert!(!e.contains("SECRET"));
+    }
+
+    #[test]
+    fn turning_encryption_on_and_rotating_rewrite_the_journal() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(d.path(), &Options::default()).unwrap();
+            j.append_put(with_ext("PAT-SECRET-1", "MRN-SECRET-1"), "ops")
+                .unwrap();
+        }
+        assert!(all_files(d.path()).contains("MRN-SECRET-1"));
+        // Key on: the clear lines are rewritten under it at open.
+        {
+            let mut j = Journal::open(d.path(), &keyed(Some(1), None)).unwrap();
+            j.append_put(with_ext("PAT-SECRET-2", "MRN-SECRET-2"), "ops")
+                .unwrap();
+        }
+        assert!(!all_files(d.path()).contains("SECRET"));
+        // Rotation: new key, old one as previous; afterwards the new key alone.
+        drop(Journal::open(d.path(), &keyed(Some(2), Some(1))).unwrap());
+        assert!(Journal::open(d.path(), &keyed(Some(1), None)).is_err());
+        let j = Journal::open(d.path(), &keyed(Some(2), None)).unwrap();
+        assert_eq!(j.state().len(), 2);
+        assert!(!all_files(d.path()).contains("SECRET"));
+        drop(j);
+        // A torn encrypted tail is cut like a clear one.
+        let path = d.path().join(JOURNAL_FILE);
+        let good = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"v":1,"nonce":"00"#).unwrap();
+        drop(f);
+        let j = Journal::open(d.path(), &keyed(Some(2), None)).unwrap();
+        assert_eq!(j.state().len(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+    }
 }

@@ -425,7 +425,7 @@ where
             (
                 ChangeOp::Put,
                 with_body_version(pre, version),
-                Box::new(move |_| Ok(Change::Put(rec))),
+                Box::new(move |_| Ok(Change::Put(Box::new(rec)))),
             )
         }
         _ => {
@@ -445,7 +445,7 @@ where
                 Box::new(move |cur| {
                     let cur = cur.ok_or(WriteError::NotFound)?;
                     merge_patch(patch, cur)
-                        .map(Change::Put)
+                        .map(|r| Change::Put(Box::new(r)))
                         .map_err(|e| WriteError::Invalid {
                             field: e.field,
                             detail: e.detail,

@@ -785,7 +785,7 @@ fn storage(e: PgError) -> WriteError {
 
 /// What a committed transaction did.
 enum Committed {
-    Put(ConsentRecord, i64, DateTime<Utc>),
+    Put(Box<ConsentRecord>, i64, DateTime<Utc>),
     Deleted(i64, DateTime<Utc>),
     Absent,
 }
@@ -844,10 +844,10 @@ impl PgWriter {
                 let mut st = lock(&sh.apply);
                 let out = if st.last >= version {
                     // The feed already applied this version (or a later one).
-                    Arc::new(stored)
+                    Arc::new(*stored)
                 } else {
                     st.ahead.insert(patient_id.clone(), version);
-                    sh.store.put_arc(stored)
+                    sh.store.put_arc(*stored)
                 };
                 (version, changed_at, Written::Stored(out))
             }
@@ -941,7 +941,7 @@ impl PgWriter {
                 };
                 let version: i64 = row.try_get(0).map_err(|e| storage(e.into()))?;
                 let changed_at: DateTime<Utc> = row.try_get(1).map_err(|e| storage(e.into()))?;
-                Committed::Put(stored, version, changed_at)
+                Committed::Put(Box::new(stored), version, changed_at)
             }
             Change::Delete => {
                 if current.is_none() {

@@ -88,7 +88,7 @@ impl Precondition {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     /// Store this record (its `version` is assigned by the writer).
-    Put(ConsentRecord),
+    Put(Box<ConsentRecord>),
     /// Delete the record (nothing is written when there is none).
     Delete,
 }
@@ -136,7 +136,7 @@ pub trait ConsentWriter: Send + Sync {
         let write = self.modify(
             &id,
             Precondition::None,
-            Box::new(move |_| Ok(Change::Put(rec))),
+            Box::new(move |_| Ok(Change::Put(Box::new(rec)))),
             actor,
         );
         Box::pin(async move {
@@ -164,7 +164,7 @@ pub trait ConsentWriter: Send + Sync {
 /// wins), in stored form (hashes only), with the patient id trimmed and the
 /// given `version`. Shared by the writers so both apply the same rules.
 pub(crate) fn prepare_put(
-    rec: ConsentRecord,
+    rec: Box<ConsentRecord>,
     patient_id: &str,
     current: Option<&ConsentRecord>,
     version: u64,

@@ -252,6 +252,10 @@ impl Drop for FileSourceHandle {
         for t in &self.tasks {
             t.abort();
         }
+        // An aborted task lets go of the journal only when the runtime next
+        // polls it: release the directory lock now, so a source started
+        // right after this one (tests; an in-process restart) can take it.
+        lock(&self.inner.journal).close();
     }
 }
 
@@ -616,5 +620,42 @@ mod tests {
             "no longer in snapshot or journal"
         );
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn versions_survive_snapshot_reloads_restarts_and_deletes() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        {
+            let store = Arc::new(ConsentStore::new());
+            let h = start(c.clone(), store.clone()).await.unwrap();
+            assert_eq!(store.get("P-1").unwrap().version, 0, "snapshot only");
+            let mut r = rec(A);
+            r.updated_at = "2026-02-01T00:00:00Z".parse().unwrap();
+            assert_eq!(h.writer().put(r, "ops").await.unwrap().version, 1);
+            // A newer snapshot record wins, and shows the patient's version.
+            std::fs::write(
+                &c.file,
+                format!("{}\n{B}\n", A.replace("2026-01-01", "2026-03-01")),
+            )
+            .unwrap();
+            h.reload().await.unwrap();
+            let cur = store.get("P-1").unwrap();
+            assert_eq!(
+                (cur.updated_at.to_rfc3339().as_str(), cur.version),
+                ("2026-03-01T00:00:00+00:00", 1)
+            );
+            assert!(h.writer().delete("P-2", "ops").await.unwrap());
+        }
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        assert_eq!(store.get("P-1").unwrap().version, 1);
+        let again = rec(r#"{"patient_id":"P-2","updated_at":"2026-05-01T00:00:00Z"}"#);
+        assert_eq!(
+            h.writer().put(again, "ops").await.unwrap().version,
+            2,
+            "above the delete's version"
+        );
     }
 }

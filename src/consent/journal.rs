@@ -136,7 +136,7 @@ pub struct Journal {
     /// `None` when read-only.
     file: Option<File>,
     /// Held for as long as the journal is open (read-write only).
-    _lock: Option<DirLock>,
+    lock: Option<DirLock>,
     key: Option<EncKey>,
     entries: u64,
     bytes: u64,
@@ -193,7 +193,7 @@ impl Journal {
         let mut j = Journal {
             dir: dir.to_path_buf(),
             file: Some(file),
-            _lock: Some(lock),
+            lock: Some(lock),
             key: opts.keys.current.clone(),
             entries: replayed.entries,
             bytes: replayed.good_len,
@@ -226,7 +226,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             file: None,
-            _lock: None,
+            lock: None,
             key: opts.keys.current.clone(),
             entries: replayed.entries,
             bytes: replayed.good_len,
@@ -237,6 +237,16 @@ impl Journal {
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(JOURNAL_FILE)
+    }
+
+    /// Stop writing and release the directory lock now (the source is being
+    /// dropped; its tasks may still hold this journal for a moment). Appends
+    /// fail from here on.
+    pub fn close(&mut self) {
+        self.file = None;
+        if self.lock.take().is_some() {
+            tracing::debug!("consent journal closed");
+        }
     }
 
     /// The live journaled state: the last entry per patient.
@@ -305,7 +315,7 @@ impl Journal {
         let line = self.encode(&entry)?;
         let path = self.path();
         let Some(file) = self.file.as_mut() else {
-            return Err("consent journal: opened read-only".into());
+            return Err("consent journal: not open for writing".into());
         };
         let res = file.write_all(&line).and_then(|_| file.sync_data());
         if let Err(e) = res {
@@ -336,7 +346,7 @@ impl Journal {
     /// file (0600), fsync, atomic rename, fsync of the directory.
     pub fn compact(&mut self) -> Result<(), String> {
         if self.file.is_none() {
-            return Err("consent journal: opened read-only".into());
+            return Err("consent journal: not open for writing".into());
         }
         let tmp = self.dir.join(COMPACT_TMP);
         let path = self.path();

@@ -221,8 +221,7 @@ fn record_response(rec: &ConsentRecord) -> Resp {
 /// `*` or a list of entity tags. Weak tags and tags that are not a version can
 /// never match (strong comparison), so they add nothing to the list.
 fn if_match(headers: &http::HeaderMap) -> Result<Precondition, ()> {
-    let mut any = false;
-    let mut star = false;
+    let (mut any, mut star, mut tags) = (false, false, 0usize);
     let mut versions = Vec::new();
     for v in headers.get_all(header::IF_MATCH) {
         let text = v.to_str().map_err(|_| ())?;
@@ -240,6 +239,7 @@ fn if_match(headers: &http::HeaderMap) -> Result<Precondition, ()> {
                 let r = r.strip_prefix('"').ok_or(())?;
                 let end = r.find('"').ok_or(())?;
                 let tag = &r[..end];
+                tags += 1;
                 if tag.bytes().any(|b| b < 0x21 || b == 0x7f) {
                     return Err(());
                 }
@@ -263,9 +263,7 @@ fn if_match(headers: &http::HeaderMap) -> Result<Precondition, ()> {
     Ok(match (any, star) {
         (false, _) => Precondition::None,
         // `*` is only meaningful alone; next to tags it is malformed.
-        (true, true)
-            if versions.is_empty() && headers.get_all(header::IF_MATCH).iter().count() == 1 =>
-        {
+        (true, true) if tags == 0 && headers.get_all(header::IF_MATCH).iter().count() == 1 => {
             Precondition::Exists
         }
         (true, true) => return Err(()),
@@ -1054,7 +1052,15 @@ mod tests {
             Ok(Precondition::Versions(vec![])),
             "only a weak tag: can never hold"
         );
-        for bad in ["3", "\"3", "\"3\" \"4\"", "*, \"3\"", "\"+3\"x"] {
+        for bad in [
+            "3",
+            "\"3",
+            "\"3\" \"4\"",
+            "*, \"3\"",
+            "*, W/\"3\"",
+            "**",
+            "\"+3\"x",
+        ] {
             assert_eq!(if_match_of(&[bad]), Err(()), "{bad}");
         }
         assert_eq!(if_match_of(&["*", "*"]), Err(()));

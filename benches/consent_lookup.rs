@@ -60,6 +60,7 @@ fn synth(i: usize) -> ConsentRecord {
             .single()
             .unwrap_or_default(),
         source: Some("preference-center".into()),
+        version: 0,
     }
 }
 

@@ -72,6 +72,11 @@ pub struct ConsentCfg {
     pub source: SourceKind,
     pub file: PathBuf,
     pub journal: PathBuf,
+    /// AES-256-GCM key of the journal at rest (64 hex characters).
+    pub journal_key_file: Option<PathBuf>,
+    /// The key before the last rotation: read once, then the journal is
+    /// rewritten under `journal_key_file`.
+    pub journal_previous_key_file: Option<PathBuf>,
     pub max_staleness: Duration,
     pub postgres: PostgresCfg,
 }
@@ -80,6 +85,10 @@ pub struct ConsentCfg {
 pub struct PostgresCfg {
     pub url: String,
     pub password_file: Option<PathBuf>,
+    /// `None`: the URL's `sslmode=`, else disable.
+    pub sslmode: Option<crate::consent::pg_tls::PgSslMode>,
+    /// PEM trust anchors for `verify-full`.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -541,7 +550,15 @@ impl Reader {
             self.known(
                 m,
                 p,
-                &["source", "file", "journal", "max_staleness", "postgres"],
+                &[
+                    "source",
+                    "file",
+                    "journal",
+                    "journal_key_file",
+                    "journal_previous_key_file",
+                    "max_staleness",
+                    "postgres",
+                ],
             );
             let source = self.parsed(m, p, "source", SourceKind::File, |v| match v {
                 "file" => Ok(SourceKind::File),
@@ -555,7 +572,14 @@ impl Reader {
                 self.parsed(m, p, "file", "config/consent.example.jsonl".into(), path)
             };
             let pg = self.mapping(m, p, "postgres").unwrap_or(&empty);
-            self.known(pg, "consent.postgres", &["url", "password_file"]);
+            self.known(
+                pg,
+                "consent.postgres",
+                &["url", "password_file", "sslmode", "ca_file"],
+            );
+            let url_line = self
+                .scalar(pg, "consent.postgres", "url")
+                .map_or_else(|| line_of(pg.span()), |(_, l)| l);
             let postgres = PostgresCfg {
                 url: self.parsed(
                     pg,
@@ -565,11 +589,29 @@ impl Reader {
                     |v| check_postgres_url(v).map(|()| v.to_string()),
                 ),
                 password_file: self.input_file(pg, "consent.postgres", "password_file"),
+                sslmode: self.opt_parsed(
+                    pg,
+                    "consent.postgres",
+                    "sslmode",
+                    crate::consent::pg_tls::PgSslMode::parse,
+                ),
+                ca_file: self.input_file(pg, "consent.postgres", "ca_file"),
             };
+            if source == SourceKind::Postgres {
+                if let Err(e) = crate::consent::postgres::resolve_tls(
+                    &postgres.url,
+                    postgres.sslmode,
+                    postgres.ca_file.as_deref(),
+                ) {
+                    self.err_at(url_line, "consent.postgres", e);
+                }
+            }
             ConsentCfg {
                 source,
                 file,
                 journal: self.parsed(m, p, "journal", "var/consent-journal".into(), path),
+                journal_key_file: self.input_file(m, p, "journal_key_file"),
+                journal_previous_key_file: self.input_file(m, p, "journal_previous_key_file"),
                 max_staleness: self.parsed(
                     m,
                     p,
@@ -930,12 +972,29 @@ mod tests {
     }
 
     #[test]
-    fn postgres_url_refuses_tls_requirement_and_inline_password() {
+    fn postgres_url_tls_modes_and_inline_password() {
         let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=require\n";
-        let errs = parse(text, "t.yaml").unwrap_err();
-        let shown = errs[0].to_string();
+        let c = parse(text, "t.yaml").unwrap();
+        assert_eq!(
+            c.consent.postgres.sslmode, None,
+            "the URL's mode is read at connect"
+        );
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=prefer\n";
+        let shown = parse(text, "t.yaml").unwrap_err()[0].to_string();
         assert!(
-            shown.starts_with("t.yaml:4: consent.postgres.url:") && shown.contains("TLS"),
+            shown.starts_with("t.yaml:4: consent.postgres.url:") && shown.contains("plain text"),
+            "{shown}"
+        );
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=require\n    sslmode: verify-full\n";
+        let shown = parse(text, "t.yaml").unwrap_err()[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:4: consent.postgres:") && shown.contains("keep one"),
+            "{shown}"
+        );
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c\n    sslmode: sometimes\n";
+        let shown = parse(text, "t.yaml").unwrap_err()[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:5: consent.postgres.sslmode:"),
             "{shown}"
         );
         let text =

@@ -164,14 +164,23 @@ impl ConsentSource {
     }
 }
 
+/// Whether the consent source may be written (`run`) or is only read (`explain`,
+/// which may run next to the proxy that owns the journal).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
 async fn start_consent_source(
     cfg: &crate::config::Config,
     store: Arc<ConsentStore>,
     metrics: &Metrics,
+    access: Access,
 ) -> Result<ConsentSource, String> {
     match cfg.consent.source {
         crate::config::SourceKind::File => {
-            let c = FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal);
+            let c = file_source_config(&cfg.consent, access == Access::ReadOnly)?;
             crate::consent::file_source::start(c, store)
                 .await
                 .map(ConsentSource::File)
@@ -186,6 +195,31 @@ async fn start_consent_source(
     }
 }
 
+/// The file source's config: snapshot, journal directory and journal keys
+/// (loaded here, so a missing or malformed key refuses to start, naming it).
+/// `read_only`: replay the journal without locking or writing it (`explain`).
+fn file_source_config(
+    consent: &crate::config::ConsentCfg,
+    read_only: bool,
+) -> Result<FileSourceConfig, String> {
+    use crate::consent::journal;
+    let mut c = FileSourceConfig::new(&consent.file, &consent.journal);
+    c.read_only = read_only;
+    c.journal_keys = journal::Keys {
+        current: consent
+            .journal_key_file
+            .as_deref()
+            .map(|p| journal::load_key(p, "consent.journal_key_file"))
+            .transpose()?,
+        previous: consent
+            .journal_previous_key_file
+            .as_deref()
+            .map(|p| journal::load_key(p, "consent.journal_previous_key_file"))
+            .transpose()?,
+    };
+    Ok(c)
+}
+
 /// `consentgate db migrate`: apply the shipped schema migrations to
 /// `consent.postgres.url`.
 pub fn db_migrate(explicit: Option<&Path>) -> i32 {
@@ -198,7 +232,7 @@ pub fn db_migrate(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    let pg = runtime.config.consent.postgres.clone();
+    let pg = PgSourceConfig::new(&runtime.config.consent.postgres);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,10 +243,7 @@ pub fn db_migrate(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(crate::consent::postgres::migrate(
-        &pg.url,
-        pg.password_file.as_deref(),
-    )) {
+    match rt.block_on(crate::consent::postgres::migrate(&pg)) {
         Ok(applied) if applied.is_empty() => {
             println!("ok: schema up to date");
             0
@@ -257,13 +288,14 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let consent_source = match start_consent_source(&cfg, consent.clone(), &metrics).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "consent source failed to start");
-            return 1;
-        }
-    };
+    let consent_source =
+        match start_consent_source(&cfg, consent.clone(), &metrics, Access::ReadWrite).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "consent source failed to start");
+                return 1;
+            }
+        };
     tracing::info!(records = consent.len(), "consent loaded");
     let api_ctx = Arc::new(
         ApiContext::new(consent.clone(), consent_source.writer(), tokens).with_on_change({
@@ -516,7 +548,12 @@ pub fn explain(config: Option<&Path>, request: &Path, show_body: bool) -> i32 {
     };
     let cfg = &rt.config;
     let metrics = Metrics::new();
-    let _source = match tokio_rt.block_on(start_consent_source(cfg, store.clone(), &metrics)) {
+    let _source = match tokio_rt.block_on(start_consent_source(
+        cfg,
+        store.clone(),
+        &metrics,
+        Access::ReadOnly,
+    )) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: consent: {e}");

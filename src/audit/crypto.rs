@@ -41,18 +41,19 @@ impl EncKey {
 
     /// The envelope line `{"v":1,"nonce":"<hex>","ct":"<hex>"}` for `plain`.
     pub(crate) fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+        self.seal_with(AAD, plain)
+    }
+
+    /// Like [`EncKey::seal`], with other associated data: each kind of file
+    /// (audit, consent journal) has its own, so a line of one never opens as
+    /// a line of the other.
+    pub(crate) fn seal_with(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, String> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plain,
-                    aad: AAD,
-                },
-            )
-            .map_err(|_| "audit encryption failed".to_string())?;
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
+            .map_err(|_| "encryption failed".to_string())?;
         let line = format!(
             "{{\"v\":1,\"nonce\":\"{}\",\"ct\":\"{}\"}}",
             hex::encode(nonce),
@@ -63,6 +64,15 @@ impl EncKey {
 
     /// Decrypt an envelope object.
     pub(crate) fn open(&self, env: &Map<String, Value>) -> Result<Vec<u8>, String> {
+        self.open_with(AAD, env)
+    }
+
+    /// Like [`EncKey::open`], with the associated data of [`EncKey::seal_with`].
+    pub(crate) fn open_with(
+        &self,
+        aad: &[u8],
+        env: &Map<String, Value>,
+    ) -> Result<Vec<u8>, String> {
         if env.get("v").and_then(Value::as_u64) != Some(1) {
             return Err("unsupported envelope version".into());
         }
@@ -78,7 +88,7 @@ impl EncKey {
             .and_then(|s| hex::decode(s).ok())
             .ok_or_else(|| "envelope ct is not hex".to_string())?;
         self.cipher
-            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ct, aad: AAD })
+            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ct, aad })
             .map_err(|_| "decryption failed (wrong key or altered ciphertext)".to_string())
     }
 }

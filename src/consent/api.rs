@@ -12,12 +12,26 @@
 //! - A write answers 200 with the stored record (emails and phones only as
 //!   `email_sha256` / `phone_sha256`) once durable, and the store is already
 //!   updated then. A write older than the stored record → 409 `superseded`.
+//! - Writes to one patient are serialised: the writer reads the current record,
+//!   checks `If-Match`, merges (PATCH) and makes the result durable as one step
+//!   ([`ConsentWriter::modify`]), so concurrent PATCHes never lose each other.
+//! - Every record carries a `version` (0: never written through this API), also
+//!   sent as a strong `ETag: "<version>"` on GET and on every write's answer.
+//!   `If-Match: "<version>"` (a list, or `*` for "exists") on PUT, PATCH and
+//!   DELETE that does not hold → 412 `precondition_failed` with the current
+//!   version, and nothing changes; a weak tag never matches (RFC 9110 strong
+//!   comparison). A `version` in a PUT or PATCH body is the same precondition
+//!   (so a GET body sent back cannot overwrite a newer record); it is never
+//!   stored as given.
 //! - Bad JSON, an unknown field or a bad value → 400
 //!   `{"error":"invalid_record","field":..,"detail":..}`; values are never echoed.
 //!   Body over 64 KiB → 413. Other methods → 405.
 
 use super::record::{ConsentRecord, FieldError};
-use super::source::{no_op_on_change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, WriteError};
+use super::source::{
+    no_op_on_change, Change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, Precondition,
+    WriteError, Written,
+};
 use super::store::ConsentStore;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -181,14 +195,103 @@ fn invalid(e: &FieldError) -> Resp {
     )
 }
 
+/// The strong entity tag of a record version.
+fn etag(version: u64) -> header::HeaderValue {
+    // Digits and quotes only: always a valid header value.
+    header::HeaderValue::from_str(&format!("\"{version}\""))
+        .unwrap_or(header::HeaderValue::from_static("\"0\""))
+}
+
 fn record_response(rec: &ConsentRecord) -> Resp {
     match serde_json::to_value(rec) {
-        Ok(v) => json_response(StatusCode::OK, &v),
+        Ok(v) => {
+            let mut r = json_response(StatusCode::OK, &v);
+            r.headers_mut().insert(header::ETAG, etag(rec.version));
+            r
+        }
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "record encoding failed",
         ),
+    }
+}
+
+/// `If-Match` (every field line of it) as a precondition. `Err` when it is not
+/// `*` or a list of entity tags. Weak tags and tags that are not a version can
+/// never match (strong comparison), so they add nothing to the list.
+fn if_match(headers: &http::HeaderMap) -> Result<Precondition, ()> {
+    let (mut any, mut star, mut tags) = (false, false, 0usize);
+    let mut versions = Vec::new();
+    for v in headers.get_all(header::IF_MATCH) {
+        let text = v.to_str().map_err(|_| ())?;
+        let mut rest = text.trim_start_matches([' ', '\t', ',']);
+        while !rest.is_empty() {
+            any = true;
+            if let Some(r) = rest.strip_prefix('*') {
+                star = true;
+                rest = r;
+            } else {
+                let (weak, r) = match rest.strip_prefix("W/") {
+                    Some(r) => (true, r),
+                    None => (false, rest),
+                };
+                let r = r.strip_prefix('"').ok_or(())?;
+                let end = r.find('"').ok_or(())?;
+                let tag = &r[..end];
+                tags += 1;
+                if tag.bytes().any(|b| b < 0x21 || b == 0x7f) {
+                    return Err(());
+                }
+                if !weak {
+                    if let Ok(n) = tag.parse::<u64>() {
+                        if tag.bytes().all(|b| b.is_ascii_digit()) {
+                            versions.push(n);
+                        }
+                    }
+                }
+                rest = &r[end + 1..];
+            }
+            let next = rest.trim_start_matches([' ', '\t']);
+            rest = match next.strip_prefix(',') {
+                Some(r) => r.trim_start_matches([' ', '\t', ',']),
+                None if next.is_empty() => next,
+                None => return Err(()),
+            };
+        }
+    }
+    Ok(match (any, star) {
+        (false, _) => Precondition::None,
+        // `*` is only meaningful alone; next to tags it is malformed.
+        (true, true) if tags == 0 && headers.get_all(header::IF_MATCH).iter().count() == 1 => {
+            Precondition::Exists
+        }
+        (true, true) => return Err(()),
+        (true, false) => Precondition::Versions(versions),
+    })
+}
+
+/// The precondition of `If-Match` and a `version` in the body together: both
+/// must hold.
+fn with_body_version(pre: Precondition, body: Option<u64>) -> Precondition {
+    match (pre, body) {
+        (pre, None) => pre,
+        (Precondition::None | Precondition::Exists, Some(v)) => Precondition::Versions(vec![v]),
+        (Precondition::Versions(vs), Some(v)) => {
+            // No version can be both: the write can never succeed.
+            Precondition::Versions(if vs.contains(&v) { vec![v] } else { Vec::new() })
+        }
+    }
+}
+
+/// Take `version` out of a write's body (it is a precondition, not data).
+fn take_version(obj: &mut Map<String, Value>) -> Result<Option<u64>, FieldError> {
+    match obj.remove("version") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| FieldError::new("version", "expected a non-negative integer")),
     }
 }
 
@@ -289,58 +392,83 @@ where
         }
     };
 
-    match method {
-        Method::GET => match ctx.store.get(&patient_id) {
+    if method == Method::GET {
+        return match ctx.store.get(&patient_id) {
             Some(rec) => record_response(&rec),
             None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
-        },
-        Method::DELETE => match ctx.writer.delete(&patient_id, &actor).await {
-            Ok(true) => {
-                tracing::info!(actor = %actor, op = "delete", "consent record deleted via admin API");
-                (ctx.on_change)(ChangeEvent {
-                    patient_id: patient_id.clone(),
-                    op: ChangeOp::Delete,
-                    actor,
-                });
-                json_response(StatusCode::OK, &json!({ "deleted": patient_id }))
-            }
-            Ok(false) => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
-            Err(e) => write_error(&e),
-        },
+        };
+    }
+    let pre = match if_match(req.headers()) {
+        Ok(p) => p,
+        Err(()) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_if_match",
+                "If-Match must be * or a list of entity tags such as \"3\"",
+            )
+        }
+    };
+
+    let (op, pre, merge): (ChangeOp, Precondition, super::source::Merge) = match method {
+        Method::DELETE => (ChangeOp::Delete, pre, Box::new(|_| Ok(Change::Delete))),
+        Method::PUT => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let (rec, version) = match build_put(&body, &patient_id) {
+                Ok(x) => x,
+                Err(e) => return invalid(&e),
+            };
+            (
+                ChangeOp::Put,
+                with_body_version(pre, version),
+                Box::new(move |_| Ok(Change::Put(Box::new(rec)))),
+            )
+        }
         _ => {
             let body = match read_body(req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            let op = if method == Method::PUT {
-                ChangeOp::Put
-            } else {
-                ChangeOp::Patch
-            };
-            let rec = match op {
-                ChangeOp::Put => build_put(&body, &patient_id),
-                _ => match ctx.store.get(&patient_id) {
-                    None => return error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
-                    Some(cur) => build_patch(&body, &patient_id, &cur),
-                },
-            };
-            let rec = match rec {
-                Ok(r) => r,
+            let (patch, version) = match parse_patch(&body, &patient_id) {
+                Ok(x) => x,
                 Err(e) => return invalid(&e),
             };
-            match ctx.writer.put(rec, &actor).await {
-                Ok(stored) => {
-                    tracing::info!(actor = %actor, op = op.as_str(), "consent record written via admin API");
-                    (ctx.on_change)(ChangeEvent {
-                        patient_id,
-                        op,
-                        actor,
-                    });
-                    record_response(&stored)
-                }
-                Err(e) => write_error(&e),
+            // The merge runs inside the writer, on the record as it is under
+            // the patient's write lock: never on a copy read before it.
+            (
+                ChangeOp::Patch,
+                with_body_version(pre, version),
+                Box::new(move |cur| {
+                    let cur = cur.ok_or(WriteError::NotFound)?;
+                    merge_patch(patch, cur)
+                        .map(|r| Change::Put(Box::new(r)))
+                        .map_err(|e| WriteError::Invalid {
+                            field: e.field,
+                            detail: e.detail,
+                        })
+                }),
+            )
+        }
+    };
+    match ctx.writer.modify(&patient_id, pre, merge, &actor).await {
+        Ok(written) => {
+            if written == Written::Absent {
+                return error(StatusCode::NOT_FOUND, "not_found", "no such patient");
+            }
+            tracing::info!(actor = %actor, op = op.as_str(), "consent record written via admin API");
+            (ctx.on_change)(ChangeEvent {
+                patient_id: patient_id.clone(),
+                op,
+                actor,
+            });
+            match written {
+                Written::Stored(stored) => record_response(&stored),
+                _ => json_response(StatusCode::OK, &json!({ "deleted": patient_id })),
             }
         }
+        Err(e) => write_error(&e),
     }
 }
 
@@ -352,6 +480,24 @@ fn write_error(e: &WriteError) -> Resp {
             "a record with a newer updated_at is stored",
         ),
         WriteError::Invalid { field, detail } => invalid(&FieldError::new(field, detail)),
+        WriteError::NotFound => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
+        WriteError::PreconditionFailed { current } => {
+            let mut r = json_response(
+                StatusCode::PRECONDITION_FAILED,
+                &json!({
+                    "error": "precondition_failed",
+                    "detail": match current {
+                        Some(_) => "If-Match (or the body's version) does not match the current version; nothing was changed",
+                        None => "If-Match (or the body's version) requires a record, and there is none; nothing was changed",
+                    },
+                    "current_version": current,
+                }),
+            );
+            if let Some(v) = current {
+                r.headers_mut().insert(header::ETAG, etag(*v));
+            }
+            r
+        }
         WriteError::Storage(msg) => {
             tracing::error!(error = %msg, "consent write not durable");
             error(
@@ -429,22 +575,35 @@ fn check_path_id(obj: &mut Map<String, Value>, patient_id: &str) -> Result<(), F
     }
 }
 
-/// A PUT body as a record: `patient_id` from the path when absent, `updated_at`
-/// now when absent.
-pub fn build_put(body: &[u8], patient_id: &str) -> Result<ConsentRecord, FieldError> {
+/// A PUT body as a record, and the body's `version` precondition:
+/// `patient_id` from the path when absent, `updated_at` now when absent.
+fn build_put(body: &[u8], patient_id: &str) -> Result<(ConsentRecord, Option<u64>), FieldError> {
     let mut obj = parse_object(body)?;
     check_path_id(&mut obj, patient_id)?;
-    ConsentRecord::from_value(&Value::Object(obj), Some(chrono::Utc::now()))
+    let version = take_version(&mut obj)?;
+    let rec = ConsentRecord::from_value(&Value::Object(obj), Some(chrono::Utc::now()))?;
+    Ok((rec, version))
 }
 
-/// A PATCH body merged into the current record (see the module docs).
-pub fn build_patch(
+/// A PATCH body, checked as far as it can be without the current record, and
+/// its `version` precondition.
+fn parse_patch(
     body: &[u8],
     patient_id: &str,
-    current: &ConsentRecord,
-) -> Result<ConsentRecord, FieldError> {
+) -> Result<(Map<String, Value>, Option<u64>), FieldError> {
     let mut patch = parse_object(body)?;
     check_path_id(&mut patch, patient_id)?;
+    let version = take_version(&mut patch)?;
+    Ok((patch, version))
+}
+
+/// A PATCH merged into the current record (see the module docs). `updated_at`
+/// is stamped here, under the write lock, so serialised PATCHes are stamped in
+/// the order they are applied.
+fn merge_patch(
+    patch: Map<String, Value>,
+    current: &ConsentRecord,
+) -> Result<ConsentRecord, FieldError> {
     let mut base = match serde_json::to_value(current) {
         Ok(Value::Object(m)) => m,
         _ => {
@@ -456,6 +615,7 @@ pub fn build_patch(
     };
     // A PATCH is a new write: it is stamped now unless it says otherwise.
     base.remove("updated_at");
+    base.remove("version");
     for (k, v) in patch {
         match k.as_str() {
             "categories" | "channels" => {
@@ -607,6 +767,34 @@ mod tests {
             let text = String::from_utf8(bytes.to_vec()).unwrap();
             let v = serde_json::from_str(&text).unwrap_or(Value::Null);
             (status, v, text)
+        }
+
+        /// A request with extra headers; returns the response headers too.
+        async fn call_h(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: &str,
+        ) -> (StatusCode, http::HeaderMap, Value) {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let mut b = Request::builder()
+                .method(method)
+                .uri(format!("http://{}{}", self.addr, path))
+                .header("authorization", "Bearer ops-secret-token-1");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let resp = client
+                .request(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+                .await
+                .unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (parts.status, parts.headers, v)
         }
 
         fn journal_lines(&self) -> usize {
@@ -839,5 +1027,138 @@ mod tests {
         assert_eq!(percent_decode("P%2D1%20x").unwrap(), "P-1 x");
         assert!(percent_decode("P%2").is_none());
         assert!(percent_decode("%FF").is_none());
+    }
+
+    fn if_match_of(values: &[&str]) -> Result<Precondition, ()> {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(header::IF_MATCH, header::HeaderValue::from_str(v).unwrap());
+        }
+        if_match(&h)
+    }
+
+    #[test]
+    fn if_match_parsing() {
+        assert_eq!(if_match_of(&[]), Ok(Precondition::None));
+        assert_eq!(if_match_of(&["*"]), Ok(Precondition::Exists));
+        assert_eq!(if_match_of(&["\"3\""]), Ok(Precondition::Versions(vec![3])));
+        assert_eq!(
+            if_match_of(&["\"3\", W/\"4\" ,\"x\"", "\"5\""]),
+            Ok(Precondition::Versions(vec![3, 5])),
+            "weak and foreign tags never match"
+        );
+        assert_eq!(
+            if_match_of(&["W/\"4\""]),
+            Ok(Precondition::Versions(vec![])),
+            "only a weak tag: can never hold"
+        );
+        for bad in [
+            "3",
+            "\"3",
+            "\"3\" \"4\"",
+            "*, \"3\"",
+            "*, W/\"3\"",
+            "**",
+            "\"+3\"x",
+        ] {
+            assert_eq!(if_match_of(&[bad]), Err(()), "{bad}");
+        }
+        assert_eq!(if_match_of(&["*", "*"]), Err(()));
+        // A tag that is not all digits is not a version.
+        assert_eq!(if_match_of(&["\"+3\""]), Ok(Precondition::Versions(vec![])));
+    }
+
+    #[tokio::test]
+    async fn versions_etags_and_if_match() {
+        let h = harness().await;
+        let p = "/v1/consent/P-1001";
+        let etag = |hm: &http::HeaderMap| {
+            hm.get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // Known only from the snapshot: version 0.
+        let (s, hm, v) = h.call_h("GET", p, &[], "").await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(0)));
+        assert_eq!(etag(&hm).as_deref(), Some("\"0\""));
+        let (s, hm, v) = h
+            .call_h("PATCH", p, &[("if-match", "\"0\"")], r#"{"gpc":true}"#)
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+        assert_eq!(etag(&hm).as_deref(), Some("\"1\""));
+        // Stale: 412, the current version named, nothing changed.
+        let (s, hm, v) = h
+            .call_h(
+                "PATCH",
+                p,
+                &[("if-match", "\"0\"")],
+                r#"{"limit_sensitive":true}"#,
+            )
+            .await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(v["error"], "precondition_failed");
+        assert_eq!(v["current_version"], 1);
+        assert_eq!(etag(&hm).as_deref(), Some("\"1\""));
+        assert!(!h.store.get("P-1001").unwrap().limit_sensitive);
+        assert_eq!(h.journal_lines(), 1);
+        let (s, _, v) = h
+            .call_h(
+                "PATCH",
+                p,
+                &[("if-match", "\"7\", \"1\"")],
+                r#"{"limit_sensitive":true}"#,
+            )
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(2)));
+        let (s, _, _) = h
+            .call_h("PATCH", p, &[("if-match", "W/\"2\"")], r#"{"gpc":false}"#)
+            .await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED, "weak tags never match");
+        // A version in the body is the same precondition, and is not stored.
+        let (s, _, v) = h.call_h("PUT", p, &[], r#"{"version":1}"#).await;
+        assert_eq!(
+            (s, v["current_version"].as_u64()),
+            (StatusCode::PRECONDITION_FAILED, Some(2))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[], r#"{"version":2,"gpc":true}"#).await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+        let (s, _, v) = h
+            .call_h("PUT", p, &[("if-match", "\"3\"")], r#"{"version":2}"#)
+            .await;
+        assert_eq!(
+            (s, v["current_version"].as_u64()),
+            (StatusCode::PRECONDITION_FAILED, Some(3))
+        );
+        let (s, _, v) = h.call_h("PATCH", p, &[], r#"{"version":"x"}"#).await;
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("version"))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[("if-match", "3")], "{}").await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_if_match"))
+        );
+        // DELETE too; a record created again never reuses a version.
+        let (s, _, _) = h.call_h("DELETE", p, &[("if-match", "\"2\"")], "").await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert!(h.store.get("P-1001").is_some());
+        let (s, _, _) = h.call_h("DELETE", p, &[("if-match", "\"3\"")], "").await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _, v) = h.call_h("PUT", p, &[("if-match", "*")], "{}").await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(v["current_version"], Value::Null);
+        let (s, _, v) = h.call_h("PATCH", p, &[], "{}").await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, _, v) = h.call_h("PUT", p, &[], "{}").await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(5)));
+        let (s, _, v) = h
+            .call_h("PATCH", p, &[("if-match", "*")], r#"{"gpc":true}"#)
+            .await;
+        assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(6)));
+        assert_eq!(h.store.get("P-1001").unwrap().version, 6);
     }
 }

@@ -6,8 +6,10 @@
 //! ```text
 //! u32 LE   bits: 7 categories x 2 bits, 4 channels x 2 bits (0 unset,
 //!          1 granted, 2 denied), sale_share_opt_out, limit_sensitive, gpc,
-//!          "nanos present", jurisdiction mode (2 bits), source mode (2 bits)
+//!          "nanos present", jurisdiction mode (2 bits), source mode (2 bits),
+//!          "version present"
 //! varint   updated_at seconds (zigzag)          [u32 LE nanos, when present]
+//! [varint  version, when not 0]
 //! jurisdiction, source: interned id (varint) or inline (varint len + UTF-8)
 //! varint len + patient_id
 //! varint n, n x (varint len + external id)
@@ -37,6 +39,8 @@ const GPC: u32 = 1 << 24;
 const HAS_NANOS: u32 = 1 << 25;
 const JUR_SHIFT: u32 = 26;
 const SRC_SHIFT: u32 = 28;
+/// A record never written through the admin API (version 0) spends no byte on it.
+const HAS_VERSION: u32 = 1 << 30;
 /// Modes of an optional string (2 bits).
 const STR_NONE: u32 = 0;
 const STR_INTERNED: u32 = 1;
@@ -301,6 +305,7 @@ pub(crate) struct Parsed<'a> {
     pub(crate) grants: Grants,
     secs: i64,
     nanos: u32,
+    version: u64,
     jurisdiction: StoredStr<'a>,
     source: StoredStr<'a>,
     pub(crate) patient_id: &'a [u8],
@@ -330,6 +335,7 @@ impl<'a> Parsed<'a> {
         let bits = c.u32()?;
         let secs = unzigzag(c.var()?);
         let nanos = if bits & HAS_NANOS != 0 { c.u32()? } else { 0 };
+        let version = if bits & HAS_VERSION != 0 { c.var()? } else { 0 };
         let jurisdiction = StoredStr::read(bits >> JUR_SHIFT, &mut c)?;
         let source = StoredStr::read(bits >> SRC_SHIFT, &mut c)?;
         let patient_id = c.len_prefixed()?;
@@ -337,6 +343,7 @@ impl<'a> Parsed<'a> {
             grants: Grants(bits & GRANTS_MASK),
             secs,
             nanos,
+            version,
             jurisdiction,
             source,
             patient_id,
@@ -442,6 +449,7 @@ impl<'a> Parsed<'a> {
             gpc: g.gpc(),
             updated_at: self.updated_at()?,
             source: self.source.resolve(interner).map(Arc::from),
+            version: self.version,
         })
     }
 }
@@ -477,10 +485,16 @@ pub(crate) fn encode(r: &ConsentRecord, interner: &Interner) -> Box<[u8]> {
     if nanos != 0 {
         bits |= HAS_NANOS;
     }
+    if r.version != 0 {
+        bits |= HAS_VERSION;
+    }
     out.extend_from_slice(&[0; 4]);
     put_var(&mut out, zigzag(secs));
     if nanos != 0 {
         out.extend_from_slice(&nanos.to_le_bytes());
+    }
+    if r.version != 0 {
+        put_var(&mut out, r.version);
     }
     put_str(
         &mut out,
@@ -580,6 +594,8 @@ mod tests {
                "updated_at":"1969-07-20T20:17:40.123456789+02:00"}"#,
             r#"{"patient_id":"P-3","updated_at":"9999-12-31T23:59:59.999999999Z","source":"x"}"#,
             r#"{"patient_id":"P-4","updated_at":"0001-01-01T00:00:00.000001Z"}"#,
+            r#"{"patient_id":"P-5","updated_at":"2026-11-20T10:00:00Z","version":1}"#,
+            r#"{"patient_id":"P-6","updated_at":"2026-11-20T10:00:00Z","version":18446744073709551615,"source":"s"}"#,
         ] {
             let r = rec(json);
             let blob = encode(&r, &i);

@@ -18,7 +18,9 @@
 
 use super::journal::{self, Entry, Journal};
 use super::record::ConsentRecord;
-use super::source::{BoxFuture, ConsentWriter, WriteError};
+use super::source::{
+    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, WriteError, Written,
+};
 use super::store::ConsentStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,11 @@ pub struct FileSourceConfig {
     /// `consent.journal`: the journal directory (created when missing).
     pub journal_dir: PathBuf,
     pub journal_limits: journal::Limits,
+    /// `consent.journal_key_file` / `consent.journal_previous_key_file`.
+    pub journal_keys: journal::Keys,
+    /// Replay the journal without locking or writing it (`consentgate explain`
+    /// next to a running proxy); writes through this source fail.
+    pub read_only: bool,
     /// Quiet time after a change before reloading.
     pub debounce: Duration,
     /// How often the store is marked good while healthy (and the file polled).
@@ -47,6 +54,8 @@ impl FileSourceConfig {
             file: file.into(),
             journal_dir: journal_dir.into(),
             journal_limits: journal::Limits::default(),
+            journal_keys: journal::Keys::default(),
+            read_only: false,
             debounce: Duration::from_millis(200),
             tick: Duration::from_secs(1),
         }
@@ -98,7 +107,10 @@ fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
 struct Inner {
     cfg: FileSourceConfig,
     store: Arc<ConsentStore>,
-    /// Held for every write and every apply, so they never interleave.
+    /// Held for every write (read, merge, append, apply) and every snapshot
+    /// apply, so they never interleave: the per-patient write lock of
+    /// [`ConsentWriter::modify`] (one lock for all patients: each write is one
+    /// fsync'd append anyway).
     journal: Mutex<Journal>,
     healthy: AtomicBool,
     seen: Mutex<Option<Fingerprint>>,
@@ -168,6 +180,11 @@ impl Inner {
                 }
             }
         }
+        // Versions count admin-API writes (journal); a record known only from
+        // the snapshot carries the patient's last journaled version (0: none).
+        for (id, rec) in winners.iter_mut() {
+            rec.version = journal.version_of(id);
+        }
         // Removals first, so the winners can then be moved into the store
         // (no copy of each record).
         let mut removed = 0usize;
@@ -235,6 +252,10 @@ impl Drop for FileSourceHandle {
         for t in &self.tasks {
             t.abort();
         }
+        // An aborted task lets go of the journal only when the runtime next
+        // polls it: release the directory lock now, so a source started
+        // right after this one (tests; an in-process restart) can take it.
+        lock(&self.inner.journal).close();
     }
 }
 
@@ -286,10 +307,16 @@ pub async fn start(
     store: Arc<ConsentStore>,
 ) -> Result<FileSourceHandle, String> {
     let jcfg = cfg.clone();
-    let journal =
-        tokio::task::spawn_blocking(move || Journal::open(&jcfg.journal_dir, jcfg.journal_limits))
-            .await
-            .map_err(|e| format!("consent journal task: {e}"))??;
+    let journal = tokio::task::spawn_blocking(move || {
+        let opts = journal::Options {
+            limits: jcfg.journal_limits,
+            keys: jcfg.journal_keys,
+            read_only: jcfg.read_only,
+        };
+        Journal::open(&jcfg.journal_dir, &opts)
+    })
+    .await
+    .map_err(|e| format!("consent journal task: {e}"))??;
     let inner = Arc::new(Inner {
         cfg,
         store,
@@ -375,70 +402,69 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<()>) {
     }
 }
 
-/// Admin-API writes for the file source: journal append + fsync, then the store.
+/// Admin-API writes for the file source: under the journal lock, read the
+/// current record, check, merge, append + fsync, then apply to the store.
 struct FileWriter {
     inner: Arc<Inner>,
 }
 
 impl FileWriter {
-    fn put_blocking(
+    fn modify_blocking(
         inner: &Inner,
-        rec: ConsentRecord,
+        patient_id: &str,
+        pre: Precondition,
+        merge: Merge,
         actor: &str,
-    ) -> Result<Arc<ConsentRecord>, WriteError> {
-        rec.check().map_err(|e| WriteError::Invalid {
-            field: e.field,
-            detail: e.detail,
-        })?;
+    ) -> Result<Written, WriteError> {
+        let id = patient_id.trim();
         let mut journal = lock(&inner.journal);
-        if let Some(cur) = inner.store.get(&rec.patient_id) {
-            if !rec.supersedes(&cur) {
-                return Err(WriteError::Superseded);
+        let current = inner.store.get(id);
+        pre.check(current.as_deref())?;
+        let change = merge(current.as_deref())?;
+        // Above every version this patient ever had, deleted ones included.
+        let next = journal
+            .version_of(id)
+            .max(current.as_ref().map_or(0, |c| c.version))
+            + 1;
+        match change {
+            Change::Put(rec) => {
+                let stored = prepare_put(rec, id, current.as_deref(), next)?;
+                journal
+                    .append_put(stored.clone(), actor)
+                    .map_err(WriteError::Storage)?;
+                Ok(Written::Stored(inner.store.put_arc(stored)))
+            }
+            Change::Delete => {
+                if current.is_none() {
+                    return Ok(Written::Absent);
+                }
+                journal
+                    .append_delete(id, next, actor)
+                    .map_err(WriteError::Storage)?;
+                inner.store.delete(id);
+                Ok(Written::Deleted)
             }
         }
-        let stored = rec.into_stored();
-        journal
-            .append_put(stored.clone(), actor)
-            .map_err(WriteError::Storage)?;
-        Ok(inner.store.put_arc(stored))
-    }
-
-    fn delete_blocking(inner: &Inner, patient_id: &str, actor: &str) -> Result<bool, WriteError> {
-        let mut journal = lock(&inner.journal);
-        if inner.store.get(patient_id).is_none() {
-            return Ok(false);
-        }
-        journal
-            .append_delete(patient_id.trim(), actor)
-            .map_err(WriteError::Storage)?;
-        inner.store.delete(patient_id);
-        Ok(true)
     }
 }
 
 impl ConsentWriter for FileWriter {
-    fn put(
+    fn modify(
         &self,
-        rec: ConsentRecord,
+        patient_id: &str,
+        pre: Precondition,
+        merge: Merge,
         actor: &str,
-    ) -> BoxFuture<'_, Result<Arc<ConsentRecord>, WriteError>> {
-        let inner = self.inner.clone();
-        let actor = actor.to_string();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::put_blocking(&inner, rec, &actor))
-                .await
-                .map_err(|e| WriteError::Storage(format!("write task: {e}")))?
-        })
-    }
-
-    fn delete(&self, patient_id: &str, actor: &str) -> BoxFuture<'_, Result<bool, WriteError>> {
+    ) -> BoxFuture<'_, Result<Written, WriteError>> {
         let inner = self.inner.clone();
         let actor = actor.to_string();
         let id = patient_id.to_string();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::delete_blocking(&inner, &id, &actor))
-                .await
-                .map_err(|e| WriteError::Storage(format!("write task: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                Self::modify_blocking(&inner, &id, pre, merge, &actor)
+            })
+            .await
+            .map_err(|e| WriteError::Storage(format!("write task: {e}")))?
         })
     }
 }
@@ -594,5 +620,42 @@ mod tests {
             "no longer in snapshot or journal"
         );
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn versions_survive_snapshot_reloads_restarts_and_deletes() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        {
+            let store = Arc::new(ConsentStore::new());
+            let h = start(c.clone(), store.clone()).await.unwrap();
+            assert_eq!(store.get("P-1").unwrap().version, 0, "snapshot only");
+            let mut r = rec(A);
+            r.updated_at = "2026-02-01T00:00:00Z".parse().unwrap();
+            assert_eq!(h.writer().put(r, "ops").await.unwrap().version, 1);
+            // A newer snapshot record wins, and shows the patient's version.
+            std::fs::write(
+                &c.file,
+                format!("{}\n{B}\n", A.replace("2026-01-01", "2026-03-01")),
+            )
+            .unwrap();
+            h.reload().await.unwrap();
+            let cur = store.get("P-1").unwrap();
+            assert_eq!(
+                (cur.updated_at.to_rfc3339().as_str(), cur.version),
+                ("2026-03-01T00:00:00+00:00", 1)
+            );
+            assert!(h.writer().delete("P-2", "ops").await.unwrap());
+        }
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store.clone()).await.unwrap();
+        assert_eq!(store.get("P-1").unwrap().version, 1);
+        let again = rec(r#"{"patient_id":"P-2","updated_at":"2026-05-01T00:00:00Z"}"#);
+        assert_eq!(
+            h.writer().put(again, "ops").await.unwrap().version,
+            2,
+            "above the delete's version"
+        );
     }
 }

@@ -19,6 +19,7 @@ pub mod api;
 pub mod compact;
 pub mod file_source;
 pub mod journal;
+pub mod pg_tls;
 pub mod postgres;
 pub mod record;
 pub mod source;
@@ -29,5 +30,7 @@ pub use compact::ConsentView;
 pub use file_source::{FileSourceConfig, FileSourceHandle};
 pub use postgres::{PgSourceConfig, PgSourceHandle};
 pub use record::{ConsentRecord, FieldError};
-pub use source::{ChangeEvent, ChangeOp, ConsentWriter, OnChange, WriteError};
+pub use source::{
+    Change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, Precondition, WriteError, Written,
+};
 pub use store::{ConsentStore, Upsert};

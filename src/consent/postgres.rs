@@ -19,21 +19,31 @@
 //!   ready. Reconnects back off from 100 ms doubling to 5 s; after reconnecting
 //!   everything with `version > last applied` is applied (tombstones included)
 //!   before the store is marked good again.
-//! - Admin-API writes ([`ConsentWriter`]) are committed with one statement
-//!   (INSERT .. ON CONFLICT DO UPDATE, last write wins by `updated_at`, a tie
-//!   to the more restrictive record), answered after COMMIT and applied to the
-//!   local store at once; other instances see them through the feed.
+//! - Admin-API writes ([`ConsentWriter::modify`]) are one transaction each on
+//!   a small pool of writer connections: the row is read `FOR UPDATE`, the
+//!   `If-Match` precondition checked and the merge run on it, the result
+//!   written (last write wins by `updated_at`, a tie to the more restrictive
+//!   record) and committed; the answer comes after COMMIT, and the write is
+//!   applied to the local store at once. Other instances see it through the
+//!   feed. The row lock makes concurrent writes to one patient, from any
+//!   number of instances, take turns: none merges into a stale record.
+//! - A record's `version` is the row's `version` column (the record JSON in
+//!   the table never carries one).
+//! - TLS (`consent.postgres.sslmode`, `ca_file`): see [`super::pg_tls`].
 //!
 //! Logs carry counts, versions and SQLSTATE codes only: never patient ids,
 //! never database error details (which can quote row values).
 
+use super::pg_tls::{PgSslMode, PgTls};
 use super::record::ConsentRecord;
-use super::source::{BoxFuture, ConsentWriter, WriteError};
+use super::source::{
+    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, WriteError, Written,
+};
 use super::store::ConsentStore;
 use crate::config::PostgresCfg;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,7 +51,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 /// The environment variable holding the database password (when no
 /// `consent.postgres.password_file` is configured).
@@ -64,6 +74,10 @@ pub struct PgSourceConfig {
     pub url: String,
     /// `consent.postgres.password_file`; else `CONSENTGATE_PG_PASSWORD`.
     pub password_file: Option<PathBuf>,
+    /// `consent.postgres.sslmode`; `None`: the URL's `sslmode=`, else disable.
+    pub ssl_mode: Option<PgSslMode>,
+    /// `consent.postgres.ca_file`; `None`: the URL's `sslrootcert=`, if any.
+    pub ca_file: Option<PathBuf>,
     /// Rows per portal fetch / page.
     pub batch: i32,
     /// Heartbeat: catch-up query and mark-good interval while connected.
@@ -72,6 +86,8 @@ pub struct PgSourceConfig {
     pub backoff_max: Duration,
     /// Bound on one query round trip (a dead peer without RST must not hang).
     pub query_timeout: Duration,
+    /// Connections for admin-API write transactions (beyond the feed's one).
+    pub writer_connections: usize,
 }
 
 impl PgSourceConfig {
@@ -79,19 +95,66 @@ impl PgSourceConfig {
         PgSourceConfig {
             url: pg.url.clone(),
             password_file: pg.password_file.clone(),
+            ssl_mode: pg.sslmode,
+            ca_file: pg.ca_file.clone(),
             batch: 10_000,
             tick: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             query_timeout: Duration::from_secs(10),
+            writer_connections: 4,
         }
     }
 }
 
+/// The TLS parameters of a connection string: the string without them, and
+/// the values of `sslmode` and `sslrootcert` (tokio-postgres parses neither
+/// `verify-full` nor `sslrootcert`, so consentgate reads them itself).
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut root) = (None, None);
+    if url.contains("://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_string(), None, None);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            match k {
+                "sslmode" => mode = Some(v),
+                "sslrootcert" => root = Some(v),
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (rest, mode, root)
+    } else {
+        let mut kept = Vec::new();
+        for tok in url.split_whitespace() {
+            if let Some(v) = tok.strip_prefix("sslmode=") {
+                mode = Some(v.to_string());
+            } else if let Some(v) = tok.strip_prefix("sslrootcert=") {
+                root = Some(v.to_string());
+            } else {
+                kept.push(tok);
+            }
+        }
+        (kept.join(" "), mode, root)
+    }
+}
+
 /// Validate a `consent.postgres.url` without connecting (config check): a
-/// parseable URL, no password in it, and no TLS requirement.
+/// parseable URL, no password in it, and a supported `sslmode` if it has one.
 pub fn check_url(url: &str) -> Result<(), String> {
-    let cfg: tokio_postgres::Config = url
+    let (rest, mode, _) = split_tls_params(url);
+    let cfg: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| e.to_string())?;
     if cfg.get_password().is_some() {
@@ -99,28 +162,63 @@ pub fn check_url(url: &str) -> Result<(), String> {
             "the password must not be in the URL; use {PASSWORD_ENV} or consent.postgres.password_file"
         ));
     }
-    match cfg.get_ssl_mode() {
-        SslMode::Disable | SslMode::Prefer => Ok(()),
-        _ => Err(
-            "TLS to the database is not supported yet; use sslmode=disable \
-                  (or a local TLS-terminating sidecar)"
-                .into(),
-        ),
+    if let Some(m) = mode {
+        PgSslMode::parse(&m)?;
     }
+    Ok(())
 }
 
-/// The connection config: URL, password from the file or the environment,
-/// TLS off, `application_name` defaulting to `consentgate`.
-pub fn connect_config(
+/// The TLS mode and CA file in force: `consent.postgres.sslmode` /
+/// `ca_file`, else the URL's `sslmode=` / `sslrootcert=`, else disable. The
+/// two disagreeing, or a CA file without `verify-full` (it would not be
+/// used, and the operator who set it expects verification), is an error.
+pub fn resolve_tls(
     url: &str,
-    password_file: Option<&std::path::Path>,
-) -> Result<tokio_postgres::Config, String> {
-    check_url(url).map_err(|e| format!("consent.postgres.url: {e}"))?;
-    let mut cfg: tokio_postgres::Config = url
+    mode: Option<PgSslMode>,
+    ca_file: Option<&Path>,
+) -> Result<(PgSslMode, Option<PathBuf>), String> {
+    let (_, url_mode, url_root) = split_tls_params(url);
+    let url_mode = url_mode.map(|m| PgSslMode::parse(&m)).transpose()?;
+    let mode = match (mode, url_mode) {
+        (Some(k), Some(u)) if k != u => {
+            return Err(format!(
+                "consent.postgres.sslmode is {} but the URL says sslmode={}; keep one",
+                k.as_str(),
+                u.as_str()
+            ))
+        }
+        (Some(m), _) | (None, Some(m)) => m,
+        (None, None) => PgSslMode::Disable,
+    };
+    let ca = ca_file
+        .map(Path::to_path_buf)
+        .or(url_root.map(PathBuf::from));
+    if ca.is_some() && mode != PgSslMode::VerifyFull {
+        return Err(format!(
+            "consent.postgres.ca_file (or sslrootcert) is only used with sslmode verify-full, \
+             and sslmode is {}",
+            mode.as_str()
+        ));
+    }
+    Ok((mode, ca))
+}
+
+/// The connection config and its TLS connector: URL, password from the file
+/// or the environment, TLS as [`resolve_tls`] says, `application_name`
+/// defaulting to `consentgate`.
+pub fn connect_config(cfg: &PgSourceConfig) -> Result<(tokio_postgres::Config, PgTls), String> {
+    check_url(&cfg.url).map_err(|e| format!("consent.postgres.url: {e}"))?;
+    let (mode, ca) = resolve_tls(&cfg.url, cfg.ssl_mode, cfg.ca_file.as_deref())?;
+    let (rest, _, _) = split_tls_params(&cfg.url);
+    let mut pg: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| format!("consent.postgres.url: {e}"))?;
-    cfg.ssl_mode(SslMode::Disable);
-    let password = match password_file {
+    pg.ssl_mode(match mode {
+        PgSslMode::Disable => SslMode::Disable,
+        PgSslMode::Require | PgSslMode::VerifyFull => SslMode::Require,
+    });
+    let tls = PgTls::new(mode, ca.as_deref())?;
+    let password = match &cfg.password_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
                 .map_err(|e| format!("consent.postgres.password_file {}: {e}", p.display()))?,
@@ -130,16 +228,16 @@ pub fn connect_config(
     if let Some(pw) = password {
         let pw = pw.trim_end_matches(['\r', '\n']);
         if !pw.is_empty() {
-            cfg.password(pw);
+            pg.password(pw);
         }
     }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("consentgate");
+    if pg.get_application_name().is_none() {
+        pg.application_name("consentgate");
     }
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(Duration::from_secs(5));
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(5));
     }
-    Ok(cfg)
+    Ok((pg, tls))
 }
 
 /// Why a round against the database failed.
@@ -187,7 +285,22 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        None => {
+            // Client-side errors (I/O, TLS, protocol): the cause is the useful
+            // part ("invalid peer certificate: UnknownIssuer"), and holds no
+            // row data.
+            let mut s = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !s.contains(&text) {
+                    s.push_str(": ");
+                    s.push_str(&text);
+                }
+                cause = c.source();
+            }
+            s
+        }
     }
 }
 
@@ -206,15 +319,15 @@ where
 struct Shared {
     cfg: PgSourceConfig,
     pg: tokio_postgres::Config,
+    tls: PgTls,
     store: Arc<ConsentStore>,
     observer: PropagationObserver,
-    /// The live connection, published once synced; `None` while down.
-    client: Mutex<Option<Arc<Client>>>,
     apply: Mutex<ApplyState>,
     connected: AtomicBool,
     reconnects: AtomicU64,
     /// Whether the initial full load has completed.
     loaded: AtomicBool,
+    writers: WriterPool,
 }
 
 #[derive(Default)]
@@ -291,8 +404,9 @@ impl Shared {
             } else {
                 match ConsentRecord::from_value(&row.record, None) {
                     Ok(mut rec) => {
-                        // The key column is authoritative.
+                        // The key and version columns are authoritative.
                         rec.patient_id = row.patient_id;
+                        rec.version = u64::try_from(row.version).unwrap_or(0);
                         if initial {
                             self.store.put(rec);
                             true
@@ -376,10 +490,6 @@ impl Shared {
             }
         }
     }
-
-    fn client(&self) -> Option<Arc<Client>> {
-        lock(&self.client).clone()
-    }
 }
 
 /// A connected, synced session: the client and the task driving the
@@ -394,7 +504,7 @@ struct Session {
 /// Connect, LISTEN, and bring the store up to date (a full load the first
 /// time, `version > last` after a reconnect).
 async fn connect_and_sync(sh: &Shared) -> Result<Session, PgError> {
-    let (mut client, mut conn) = timed(sh.cfg.query_timeout, sh.pg.connect(NoTls)).await?;
+    let (mut client, mut conn) = timed(sh.cfg.query_timeout, sh.pg.connect(sh.tls.clone())).await?;
     let (tx, wake) = mpsc::channel::<()>(1);
     let conn = tokio::spawn(async move {
         loop {
@@ -446,7 +556,7 @@ async fn connect_and_sync(sh: &Shared) -> Result<Session, PgError> {
     .await;
     match result {
         Ok(catch_up) => {
-            // Synced: current as of now (the session publishes the client next).
+            // Synced: current as of now.
             sh.store.mark_good();
             Ok(Session {
                 client,
@@ -470,8 +580,6 @@ async fn serve(sh: &Shared, s: Session) {
         mut conn,
         mut wake,
     } = s;
-    let client = Arc::new(client);
-    *lock(&sh.client) = Some(client.clone());
     sh.connected.store(true, Ordering::Relaxed);
     sh.store.mark_good();
     let mut tick = tokio::time::interval(sh.cfg.tick);
@@ -503,7 +611,6 @@ async fn serve(sh: &Shared, s: Session) {
             }
         }
     }
-    *lock(&sh.client) = None;
     sh.connected.store(false, Ordering::Relaxed);
     sh.store.mark_down();
     conn.abort();
@@ -554,7 +661,8 @@ pub struct PgSourceHandle {
 impl Drop for PgSourceHandle {
     fn drop(&mut self) {
         self.task.abort();
-        *lock(&self.shared.client) = None;
+        // Idle writer connections close now, not when the last writer goes.
+        lock(&self.shared.writers.idle).clear();
     }
 }
 
@@ -596,17 +704,19 @@ pub async fn start(
     store: Arc<ConsentStore>,
     observer: PropagationObserver,
 ) -> Result<PgSourceHandle, String> {
-    let pg = connect_config(&cfg.url, cfg.password_file.as_deref())?;
+    let (pg, tls) = connect_config(&cfg)?;
+    let writers = WriterPool::new(cfg.writer_connections);
     let shared = Arc::new(Shared {
         cfg,
         pg,
+        tls,
         store,
         observer,
-        client: Mutex::new(None),
         apply: Mutex::new(ApplyState::default()),
         connected: AtomicBool::new(false),
         reconnects: AtomicU64::new(0),
         loaded: AtomicBool::new(false),
+        writers,
     });
     let first = match connect_and_sync(&shared).await {
         Ok(s) => Some(s),
@@ -621,12 +731,38 @@ pub async fn start(
     Ok(PgSourceHandle { shared, task })
 }
 
-/// Admin-API writes: one committed statement, then the local store.
+/// Admin-API writes. Each is one transaction on a connection of the writer
+/// pool (not the feed's: a transaction needs a connection of its own): the
+/// row is read `FOR UPDATE`, the precondition checked and the merge run on it,
+/// the result written and committed; only then is it applied to the local
+/// store. The row lock serialises writers to one patient across every
+/// consentgate instance on the database, so none merges into a record another
+/// is replacing. A patient with no row yet is inserted with `ON CONFLICT`
+/// (last write wins), as a PUT without a precondition is the only write that
+/// can create one.
 struct PgWriter {
     shared: Arc<Shared>,
 }
 
-const PUT_SQL: &str = "INSERT INTO consentgate_consent AS c \
+/// Idle writer connections and the bound on how many exist.
+struct WriterPool {
+    idle: Mutex<Vec<Client>>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl WriterPool {
+    fn new(size: usize) -> WriterPool {
+        WriterPool {
+            idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(size.max(1)),
+        }
+    }
+}
+
+const SELECT_FOR_UPDATE_SQL: &str = "SELECT record, deleted, version FROM consentgate_consent \
+    WHERE patient_id = $1 FOR UPDATE";
+
+const INSERT_SQL: &str = "INSERT INTO consentgate_consent AS c \
     (patient_id, record, updated_at, restrictiveness, deleted) \
     VALUES ($1, $2, $3, $4, false) \
     ON CONFLICT (patient_id) DO UPDATE SET record = EXCLUDED.record, \
@@ -636,116 +772,215 @@ const PUT_SQL: &str = "INSERT INTO consentgate_consent AS c \
       OR (EXCLUDED.updated_at = c.updated_at AND EXCLUDED.restrictiveness >= c.restrictiveness) \
     RETURNING version, changed_at";
 
+const UPDATE_SQL: &str = "UPDATE consentgate_consent SET record = $2, updated_at = $3, \
+    restrictiveness = $4, deleted = false WHERE patient_id = $1 RETURNING version, changed_at";
+
 const DELETE_SQL: &str = "UPDATE consentgate_consent SET deleted = true, \
     record = '{}'::jsonb, updated_at = clock_timestamp(), restrictiveness = 0 \
-    WHERE patient_id = $1 AND NOT deleted RETURNING version, changed_at";
+    WHERE patient_id = $1 RETURNING version, changed_at";
 
 fn storage(e: PgError) -> WriteError {
     WriteError::Storage(format!("consent database: {e}"))
 }
 
-impl PgWriter {
-    fn client(&self) -> Result<Arc<Client>, WriteError> {
-        self.shared
-            .client()
-            .ok_or_else(|| WriteError::Storage("consent database not connected".into()))
-    }
+/// What a committed transaction did.
+enum Committed {
+    Put(Box<ConsentRecord>, i64, DateTime<Utc>),
+    Deleted(i64, DateTime<Utc>),
+    Absent,
+}
 
-    async fn put_async(&self, rec: ConsentRecord) -> Result<Arc<ConsentRecord>, WriteError> {
-        rec.check().map_err(|e| WriteError::Invalid {
-            field: e.field,
-            detail: e.detail,
-        })?;
-        let mut stored = rec.into_stored();
-        stored.patient_id = stored.patient_id.trim().to_string();
-        let json = serde_json::to_value(&stored)
-            .map_err(|e| WriteError::Storage(format!("encode record: {e}")))?;
-        let restrictiveness = i32::try_from(stored.restrictiveness()).unwrap_or(i32::MAX);
-        let client = self.client()?;
-        let rows = timed(
-            self.shared.cfg.query_timeout,
-            client.query(
-                PUT_SQL,
-                &[
-                    &stored.patient_id,
-                    &json,
-                    &stored.updated_at,
-                    &restrictiveness,
-                ],
-            ),
+impl PgWriter {
+    /// An idle pooled connection, or a new one.
+    async fn connection(&self) -> Result<Client, WriteError> {
+        let sh = &self.shared;
+        if let Some(c) = lock(&sh.writers.idle).pop().filter(|c| !c.is_closed()) {
+            return Ok(c);
+        }
+        let q = sh.cfg.query_timeout;
+        let (client, conn) = timed(q, sh.pg.connect(sh.tls.clone()))
+            .await
+            .map_err(storage)?;
+        // The connection task ends when the client is dropped.
+        tokio::spawn(async move { drop(conn.await) });
+        // A writer that vanishes mid-transaction must not hold a row lock for
+        // long, and a lock wait must not outlast the client's own timeout.
+        let ms = q.as_millis().max(1);
+        timed(
+            q,
+            client.batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {ms}; SET lock_timeout = {ms}"
+            )),
         )
         .await
         .map_err(storage)?;
-        let Some(row) = rows.first() else {
-            return Err(WriteError::Superseded);
-        };
-        let version: i64 = row.try_get(0).map_err(|e| storage(e.into()))?;
-        let changed_at: DateTime<Utc> = row.try_get(1).map_err(|e| storage(e.into()))?;
+        Ok(client)
+    }
+
+    async fn modify_async(
+        &self,
+        patient_id: String,
+        pre: Precondition,
+        merge: Merge,
+    ) -> Result<Written, WriteError> {
         let sh = &self.shared;
-        let mut st = lock(&sh.apply);
-        if st.last >= version {
-            // The feed already applied this version (or a later one).
-            drop(st);
-            return Ok(Arc::new(stored));
+        let _slot = sh
+            .writers
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| WriteError::Storage("consent database writer closed".into()))?;
+        let mut client = self.connection().await?;
+        let result = self.transaction(&mut client, &patient_id, pre, merge).await;
+        // A connection that failed mid-transaction is dropped (the server rolls
+        // back); one that answered, whatever the answer, is reused.
+        if !matches!(result, Err(WriteError::Storage(_))) && !client.is_closed() {
+            lock(&sh.writers.idle).push(client);
         }
-        st.ahead.insert(stored.patient_id.clone(), version);
-        let out = sh.store.put_arc(stored);
-        drop(st);
+        let (version, changed_at, out) = match result? {
+            Committed::Absent => return Ok(Written::Absent),
+            Committed::Put(mut stored, version, changed_at) => {
+                stored.version = u64::try_from(version).unwrap_or(0);
+                let mut st = lock(&sh.apply);
+                let out = if st.last >= version {
+                    // The feed already applied this version (or a later one).
+                    Arc::new(*stored)
+                } else {
+                    st.ahead.insert(patient_id.clone(), version);
+                    sh.store.put_arc(*stored)
+                };
+                (version, changed_at, Written::Stored(out))
+            }
+            Committed::Deleted(version, changed_at) => {
+                let mut st = lock(&sh.apply);
+                if st.last < version {
+                    st.ahead.insert(patient_id.clone(), version);
+                    sh.store.delete(&patient_id);
+                }
+                (version, changed_at, Written::Deleted)
+            }
+        };
+        tracing::debug!(version, "consent write committed");
         (sh.observer)(seconds_since(changed_at));
         Ok(out)
     }
 
-    async fn delete_async(&self, patient_id: &str) -> Result<bool, WriteError> {
-        let id = patient_id.trim().to_string();
-        let client = self.client()?;
-        let rows = timed(
-            self.shared.cfg.query_timeout,
-            client.query(DELETE_SQL, &[&id]),
-        )
-        .await
-        .map_err(storage)?;
-        let Some(row) = rows.first() else {
-            return Ok(false);
+    /// Read-check-merge-write-commit. A `Storage` error leaves the connection
+    /// unusable; any other error has rolled back.
+    async fn transaction(
+        &self,
+        client: &mut Client,
+        patient_id: &str,
+        pre: Precondition,
+        merge: Merge,
+    ) -> Result<Committed, WriteError> {
+        let q = self.shared.cfg.query_timeout;
+        let tx = timed(q, client.transaction()).await.map_err(storage)?;
+        let row = timed(q, tx.query_opt(SELECT_FOR_UPDATE_SQL, &[&patient_id]))
+            .await
+            .map_err(storage)?;
+        let (current, exists) = match &row {
+            None => (None, false),
+            Some(r) => {
+                let deleted: bool = r.try_get(1).map_err(|e| storage(e.into()))?;
+                let version: i64 = r.try_get(2).map_err(|e| storage(e.into()))?;
+                if deleted {
+                    (None, true)
+                } else {
+                    let json: serde_json::Value = r.try_get(0).map_err(|e| storage(e.into()))?;
+                    let mut rec = ConsentRecord::from_value(&json, None).map_err(|e| {
+                        WriteError::Storage(format!(
+                            "consent database: the stored record is invalid ({})",
+                            e.field
+                        ))
+                    })?;
+                    rec.patient_id = patient_id.to_string();
+                    rec.version = u64::try_from(version).unwrap_or(0);
+                    (Some(rec), true)
+                }
+            }
         };
-        let version: i64 = row.try_get(0).map_err(|e| storage(e.into()))?;
-        let changed_at: DateTime<Utc> = row.try_get(1).map_err(|e| storage(e.into()))?;
-        let sh = &self.shared;
-        let mut st = lock(&sh.apply);
-        if st.last < version {
-            st.ahead.insert(id.clone(), version);
-            sh.store.delete(&id);
-        }
-        drop(st);
-        (sh.observer)(seconds_since(changed_at));
-        Ok(true)
+        let decided = pre
+            .check(current.as_ref())
+            .and_then(|()| merge(current.as_ref()));
+        let change = match decided {
+            Ok(c) => c,
+            Err(e) => {
+                timed(q, tx.rollback()).await.map_err(storage)?;
+                return Err(e);
+            }
+        };
+        let done = match change {
+            Change::Put(rec) => {
+                let stored = match prepare_put(rec, patient_id, current.as_ref(), 0) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        timed(q, tx.rollback()).await.map_err(storage)?;
+                        return Err(e);
+                    }
+                };
+                let mut json = serde_json::to_value(&stored)
+                    .map_err(|e| WriteError::Storage(format!("encode record: {e}")))?;
+                // The column is the version; the JSON never carries a copy.
+                if let Some(m) = json.as_object_mut() {
+                    m.remove("version");
+                }
+                let restrictiveness = i32::try_from(stored.restrictiveness()).unwrap_or(i32::MAX);
+                let sql = if exists { UPDATE_SQL } else { INSERT_SQL };
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+                    &stored.patient_id,
+                    &json,
+                    &stored.updated_at,
+                    &restrictiveness,
+                ];
+                let rows = timed(q, tx.query(sql, &params)).await.map_err(storage)?;
+                let Some(row) = rows.first() else {
+                    // Inserted meanwhile by another writer, with a newer record.
+                    timed(q, tx.rollback()).await.map_err(storage)?;
+                    return Err(WriteError::Superseded);
+                };
+                let version: i64 = row.try_get(0).map_err(|e| storage(e.into()))?;
+                let changed_at: DateTime<Utc> = row.try_get(1).map_err(|e| storage(e.into()))?;
+                Committed::Put(Box::new(stored), version, changed_at)
+            }
+            Change::Delete => {
+                if current.is_none() {
+                    timed(q, tx.rollback()).await.map_err(storage)?;
+                    return Ok(Committed::Absent);
+                }
+                let row = timed(q, tx.query_one(DELETE_SQL, &[&patient_id]))
+                    .await
+                    .map_err(storage)?;
+                let version: i64 = row.try_get(0).map_err(|e| storage(e.into()))?;
+                let changed_at: DateTime<Utc> = row.try_get(1).map_err(|e| storage(e.into()))?;
+                Committed::Deleted(version, changed_at)
+            }
+        };
+        timed(q, tx.commit()).await.map_err(storage)?;
+        Ok(done)
     }
 }
 
 impl ConsentWriter for PgWriter {
-    fn put(
+    fn modify(
         &self,
-        rec: ConsentRecord,
+        patient_id: &str,
+        pre: Precondition,
+        merge: Merge,
         _actor: &str,
-    ) -> BoxFuture<'_, Result<Arc<ConsentRecord>, WriteError>> {
-        Box::pin(self.put_async(rec))
-    }
-
-    fn delete(&self, patient_id: &str, _actor: &str) -> BoxFuture<'_, Result<bool, WriteError>> {
-        let id = patient_id.to_string();
-        Box::pin(async move { self.delete_async(&id).await })
+    ) -> BoxFuture<'_, Result<Written, WriteError>> {
+        let id = patient_id.trim().to_string();
+        Box::pin(self.modify_async(id, pre, merge))
     }
 }
 
 /// `consentgate db migrate`: apply every shipped migration not yet recorded
 /// in `consentgate_schema_migrations`, each in its own transaction, under an
 /// advisory lock (concurrent runs wait). Returns the names applied now.
-pub async fn migrate(
-    url: &str,
-    password_file: Option<&std::path::Path>,
-) -> Result<Vec<&'static str>, String> {
-    let pg = connect_config(url, password_file)?;
+pub async fn migrate(cfg: &PgSourceConfig) -> Result<Vec<&'static str>, String> {
+    let (pg, tls) = connect_config(cfg)?;
     let (mut client, conn) = pg
-        .connect(NoTls)
+        .connect(tls)
         .await
         .map_err(|e| format!("connect: {}", describe(&e)))?;
     let driver = tokio::spawn(async move {
@@ -793,6 +1028,7 @@ pub async fn migrate(
 mod tests {
     use super::*;
     use crate::identify::Identifiers;
+    use tokio_postgres::NoTls;
 
     #[test]
     fn url_checks() {
@@ -800,9 +1036,60 @@ mod tests {
         assert!(check_url("postgres://u@127.0.0.1/db?sslmode=disable").is_ok());
         let e = check_url("postgres://u:secret@127.0.0.1/db").unwrap_err();
         assert!(e.contains(PASSWORD_ENV) && !e.contains("secret"), "{e}");
-        let e = check_url("postgres://u@127.0.0.1/db?sslmode=require").unwrap_err();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(check_url("postgres://u@127.0.0.1/db?sslmode=require").is_ok());
+        assert!(
+            check_url("postgres://u@127.0.0.1/db?sslmode=verify-full&sslrootcert=ca.pem").is_ok()
+        );
+        let e = check_url("postgres://u@127.0.0.1/db?sslmode=prefer").unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
         assert!(check_url("postgres://u@127.0.0.1/db?sslmode=bogus").is_err());
+    }
+
+    #[test]
+    fn tls_params_come_from_the_keys_or_the_url() {
+        let (rest, m, r) = split_tls_params(
+            "postgres://u@h/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        assert_eq!(rest, "postgres://u@h/db?application_name=x");
+        assert_eq!(m.as_deref(), Some("verify-full"));
+        assert_eq!(r.as_deref(), Some("/etc/ca.pem"));
+        let (rest, m, _) = split_tls_params("host=h user=u sslmode=require");
+        assert_eq!(
+            (rest.as_str(), m.as_deref()),
+            ("host=h user=u", Some("require"))
+        );
+        let url = "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem";
+        assert_eq!(
+            resolve_tls(url, None, None).unwrap(),
+            (PgSslMode::VerifyFull, Some(PathBuf::from("/ca.pem")))
+        );
+        assert_eq!(
+            resolve_tls("postgres://u@h/db", None, None).unwrap(),
+            (PgSslMode::Disable, None)
+        );
+        assert!(resolve_tls(url, Some(PgSslMode::Require), None)
+            .unwrap_err()
+            .contains("keep one"));
+        assert!(resolve_tls(
+            "postgres://u@h/db",
+            Some(PgSslMode::Require),
+            Some(Path::new("/ca"))
+        )
+        .unwrap_err()
+        .contains("verify-full"));
+        let mut c = pgcfg(url);
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = connect_config(&c).unwrap_err();
+        assert!(e.contains("consent.postgres.ca_file"), "{e}");
+    }
+
+    fn pgcfg(url: &str) -> PgSourceConfig {
+        PgSourceConfig::new(&PostgresCfg {
+            url: url.into(),
+            password_file: None,
+            sslmode: None,
+            ca_file: None,
+        })
     }
 
     #[test]
@@ -810,13 +1097,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let pw = d.path().join("pw");
         std::fs::write(&pw, "s3cret\n").unwrap();
-        let c = connect_config("postgres://u@127.0.0.1/db", Some(&pw)).unwrap();
+        let with_pw = |url: &str, pw: &Path| {
+            let mut c = pgcfg(url);
+            c.password_file = Some(pw.to_path_buf());
+            connect_config(&c)
+        };
+        let (c, tls) = with_pw("postgres://u@127.0.0.1/db", &pw).unwrap();
         assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
         assert_eq!(c.get_application_name(), Some("consentgate"));
         assert_eq!(c.get_ssl_mode(), SslMode::Disable);
-        let c = connect_config("postgres://u@127.0.0.1/db?application_name=x", Some(&pw)).unwrap();
+        assert!(!tls.enabled());
+        let (c, _) = with_pw("postgres://u@127.0.0.1/db?application_name=x", &pw).unwrap();
         assert_eq!(c.get_application_name(), Some("x"));
-        assert!(connect_config("postgres://u@127.0.0.1/db", Some(&d.path().join("no"))).is_err());
+        let (c, tls) = with_pw("postgres://u@127.0.0.1/db?sslmode=require", &pw).unwrap();
+        assert_eq!(c.get_ssl_mode(), SslMode::Require);
+        assert!(tls.enabled());
+        assert!(with_pw("postgres://u@127.0.0.1/db", &d.path().join("no")).is_err());
     }
 
     /// A schema of its own in database `test`, dropped at the end.
@@ -829,7 +1125,7 @@ mod tests {
             let name = format!("cgu_{tag}_{}_{}", std::process::id(), rand::random::<u32>());
             admin_exec(&format!("CREATE SCHEMA {name}")).await;
             let s = Schema { name };
-            migrate(&s.url("u"), None).await.unwrap();
+            migrate(&pgcfg(&s.url("u"))).await.unwrap();
             s
         }
         fn url(&self, app: &str) -> String {
@@ -860,13 +1156,12 @@ mod tests {
 
     fn cfg(s: &Schema, app: &str) -> PgSourceConfig {
         PgSourceConfig {
-            url: s.url(app),
-            password_file: None,
             batch: 1000,
             tick: Duration::from_millis(200),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(400),
             query_timeout: Duration::from_secs(5),
+            ..pgcfg(&s.url(app))
         }
     }
 
@@ -888,7 +1183,7 @@ mod tests {
     #[tokio::test]
     async fn migrate_is_idempotent() {
         let s = Schema::new("mig").await;
-        assert!(migrate(&s.url("u"), None).await.unwrap().is_empty());
+        assert!(migrate(&pgcfg(&s.url("u"))).await.unwrap().is_empty());
         s.drop_it().await;
     }
 
@@ -1030,6 +1325,8 @@ mod tests {
                 "postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{name}"
             ),
             password_file: None,
+            sslmode: None,
+            ca_file: None,
         });
         c.query_timeout = Duration::from_secs(5);
         let e = start(c, Arc::new(ConsentStore::new()), Arc::new(|_| {}))
@@ -1050,6 +1347,8 @@ mod tests {
         let mut c = PgSourceConfig::new(&PostgresCfg {
             url: format!("postgres://postgres@127.0.0.1:{port}/test"),
             password_file: None,
+            sslmode: None,
+            ca_file: None,
         });
         c.backoff_max = Duration::from_millis(200);
         let store = Arc::new(ConsentStore::new());

@@ -83,6 +83,11 @@ pub struct ConsentRecord {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Arc<str>>,
+    /// Assigned by the consent source, never by the writer of the record: it
+    /// changes on every admin-API write (SPEC §8) and is the API's `ETag`.
+    /// 0: never written through the API (a record only in `consent.file`).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A record that does not parse or validate: the field (a dotted path) and
@@ -143,6 +148,7 @@ impl ConsentRecord {
         let (mut sso, mut ls, mut gpc) = (false, false, false);
         let mut updated_at = None;
         let mut source = None;
+        let mut version = 0;
         for (k, val) in obj {
             match k.as_str() {
                 "patient_id" => patient_id = Some(req_str(k, val)?.to_string()),
@@ -164,6 +170,11 @@ impl ConsentRecord {
                     updated_at = Some(t.with_timezone(&Utc));
                 }
                 "source" => source = opt_str(k, val)?.map(Arc::from),
+                "version" => {
+                    version = val
+                        .as_u64()
+                        .ok_or_else(|| FieldError::new(k, "expected a non-negative integer"))?
+                }
                 other => return Err(FieldError::new(field_name(other), "unknown field")),
             }
         }
@@ -183,6 +194,7 @@ impl ConsentRecord {
             gpc,
             updated_at,
             source,
+            version,
         };
         rec.check()?;
         Ok(rec)

@@ -808,6 +808,7 @@ mod tests {
                             gpc,
                             updated_at: chrono::DateTime::from_timestamp(step, 0).unwrap(),
                             source: None,
+                            version: 0,
                         };
                         s.put(rec);
                         model.insert(pid.clone(), (e, m, p, gpc));

@@ -379,16 +379,18 @@ fn upstream_uri(host: &str, port: u16, pq: Option<&str>) -> Result<Uri, http::Er
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = new_request_id();
+    let trace = crate::audit::trace_id(req.headers());
     let rt = app.runtime.load_full();
     let (host, port) = match &via {
         Via::Intercepted { host, port } => (host.clone(), *port),
         Via::Plain => match plain_target(&req) {
             Some(t) => t,
             None => {
-                return blocked(
+                return blocked_traced(
                     &app,
                     "unknown",
                     &request_id,
+                    trace.as_deref(),
                     started,
                     error_response(
                         400,
@@ -396,6 +398,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
                         "bad_request",
                         "no destination host (absolute URI or Host header)",
                     ),
+                    Vec::new(),
                 )
             }
         },
@@ -421,10 +424,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
             )
             .await;
         }
-        return blocked(
+        return blocked_traced(
             &app,
             "unknown",
             &request_id,
+            trace.as_deref(),
             started,
             error_response(
                 403,
@@ -432,10 +436,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
                 "unknown_destination",
                 "destination host is not a configured destination",
             ),
+            Vec::new(),
         );
     };
     let name = route.name().to_string();
-    let refuse = |resp| blocked(&app, &name, &request_id, started, resp);
+    let refuse = |resp| {
+        let t = trace.as_deref();
+        blocked_traced(&app, &name, &request_id, t, started, resp, Vec::new())
+    };
     let hints = match RequestHints::from_headers(req.headers(), &route) {
         Ok(h) => h,
         Err(e) => return refuse(error_response(400, &request_id, "bad_request", e)),
@@ -578,7 +586,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response
         resp.extensions_mut()
             .insert(AuditReason("blocked_by_consent_policy".into()));
         let events = event_records(&app, &request_id, &name, &outcome, false);
-        return blocked_with(&app, &name, &request_id, started, resp, events);
+        return blocked_traced(
+            &app,
+            &name,
+            &request_id,
+            trace.as_deref(),
+            started,
+            resp,
+            events,
+        );
     }
     let changed = outcome.changed();
     let events = event_records(&app, &request_id, &name, &outcome, false);
@@ -706,7 +722,7 @@ pub fn blocked(
     started: Instant,
     resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
-    blocked_with(app, dest, request_id, started, resp, Vec::new())
+    blocked_traced(app, dest, request_id, None, started, resp, Vec::new())
 }
 
 /// Count, audit (with the per-event records, if any) and log a refusal.
@@ -714,6 +730,19 @@ pub fn blocked_with(
     app: &App,
     dest: &str,
     request_id: &str,
+    started: Instant,
+    resp: Response<ProxyBody>,
+    records: Vec<AuditRecord>,
+) -> Response<ProxyBody> {
+    blocked_traced(app, dest, request_id, None, started, resp, records)
+}
+
+/// [`blocked_with`], every record carrying the caller's `trace_id`.
+fn blocked_traced(
+    app: &App,
+    dest: &str,
+    request_id: &str,
+    trace: Option<&str>,
     started: Instant,
     resp: Response<ProxyBody>,
     mut records: Vec<AuditRecord>,
@@ -724,6 +753,9 @@ pub fn blocked_with(
         .map(|r| r.0.clone())
         .unwrap_or_else(|| "blocked".into());
     records.push(AuditRecord::decision(request_id, dest, "blocked", &reason));
+    records
+        .iter_mut()
+        .for_each(|r| r.trace_id = trace.map(str::to_string));
     // Already blocked: an unavailable audit changes nothing here (the writer counts it).
     let _ = app.audit.submit(records);
     let m = &app.metrics;
@@ -754,6 +786,7 @@ where
     B::Error: Into<BoxError>,
 {
     // Recorded before anything leaves: no audit, no egress (fail closed).
+    let trace = crate::audit::trace_id(req.headers());
     let mut records = audit.events;
     records.push(AuditRecord::decision(
         request_id,
@@ -761,11 +794,15 @@ where
         decision.as_str(),
         audit.reason,
     ));
+    records
+        .iter_mut()
+        .for_each(|r| r.trace_id.clone_from(&trace));
     if let Err(e) = app.audit.submit(records) {
-        return blocked(
+        return blocked_traced(
             app,
             dest,
             request_id,
+            trace.as_deref(),
             started,
             error_response(
                 503,
@@ -773,16 +810,18 @@ where
                 crate::audit::AuditUnavailable::REASON,
                 format!("audit trail unavailable ({}); nothing was sent", e.as_str()),
             ),
+            Vec::new(),
         );
     }
     let (mut parts, body) = req.into_parts();
     let uri = match upstream_uri(host, port, parts.uri.path_and_query().map(|p| p.as_str())) {
         Ok(u) => u,
         Err(_) => {
-            return blocked(
+            return blocked_traced(
                 app,
                 dest,
                 request_id,
+                trace.as_deref(),
                 started,
                 error_response(
                     400,
@@ -790,6 +829,7 @@ where
                     "bad_request",
                     "request target is not a valid URI",
                 ),
+                Vec::new(),
             )
         }
     };
@@ -805,6 +845,18 @@ where
         .with_label_values(&[dest])
         .observe(up_start.elapsed().as_secs_f64());
     let t_after = Instant::now();
+    // SPEC §10: what the upstream did, so a 502 never stands as a disclosure.
+    let outcome = match &result {
+        Ok(resp) => AuditRecord::outcome_status(request_id, dest, resp.status().as_u16()),
+        Err(e) => AuditRecord::outcome_error(request_id, dest, e.kind.as_str()),
+    };
+    if app
+        .audit
+        .submit(vec![outcome.with_trace(trace.as_deref())])
+        .is_err()
+    {
+        tracing::error!(request_id = %request_id, destination = %dest, "upstream outcome could not be audited");
+    }
     match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();

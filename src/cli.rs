@@ -78,6 +78,10 @@ pub enum AuditCommand {
         /// AES-256-GCM key file, when the audit is encrypted at rest.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The pseudonym key file (`audit.pseudonym_key_file`): checkpoints are
+        /// signed with a key derived from it; needed to verify a capped trail.
+        #[arg(long)]
+        pseudonym_key_file: Option<PathBuf>,
     },
     /// List one patient's records (matched by pseudonym).
     Find {

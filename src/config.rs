@@ -104,6 +104,8 @@ pub struct AuditCfg {
     pub fsync: AuditFsync,
     pub max_file_bytes: u64,
     pub encryption_key_file: Option<PathBuf>,
+    /// `audit.max_total_bytes`: cap on the audit directory (null: no cap).
+    pub max_total_bytes: Option<u64>,
 }
 
 /// When the audit writer fsyncs (`audit.fsync`).
@@ -649,6 +651,7 @@ impl Reader {
                     "fsync",
                     "max_file_bytes",
                     "encryption_key_file",
+                    "max_total_bytes",
                 ],
             );
             AuditCfg {
@@ -662,6 +665,17 @@ impl Reader {
                 }),
                 max_file_bytes: self.parsed(m, "audit", "max_file_bytes", 64 << 20, size),
                 encryption_key_file: self.input_file(m, "audit", "encryption_key_file"),
+                max_total_bytes: self.opt_parsed(m, "audit", "max_total_bytes", |v| {
+                    let n = size(v)?;
+                    // The audit writer's MIN_MAX_TOTAL_BYTES (config.rs depends on no subsystem).
+                    let min = 64 << 10;
+                    if n < min {
+                        return Err(format!(
+                            "must be at least 64KiB ({min} bytes): files rotate at 1/8 of it"
+                        ));
+                    }
+                    Ok(n)
+                }),
             }
         };
         let max_body_bytes = self.parsed(root, "", "max_body_bytes", 8 << 20, size);
@@ -1008,6 +1022,22 @@ mod tests {
         assert_eq!(
             parse(text, "t.yaml").unwrap().consent.source,
             SourceKind::Postgres
+        );
+    }
+
+    #[test]
+    fn audit_max_total_bytes_is_optional_with_a_minimum() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.audit.max_total_bytes, None);
+        let c = parse("audit:\n  max_total_bytes: 1GiB\n", "t.yaml").unwrap();
+        assert_eq!(c.audit.max_total_bytes, Some(1 << 30));
+        let c = parse("audit:\n  max_total_bytes: null\n", "t.yaml").unwrap();
+        assert_eq!(c.audit.max_total_bytes, None);
+        let errs = parse("audit:\n  max_total_bytes: 1KiB\n", "t.yaml").unwrap_err();
+        let text = format!("{errs:?}");
+        assert!(
+            text.contains("audit.max_total_bytes") && text.contains("64KiB"),
+            "{text}"
         );
     }
 

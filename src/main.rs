@@ -14,8 +14,17 @@ fn main() {
             show_body,
         } => consentgate::run::explain(config.as_deref(), &request, show_body),
         Command::Audit {
-            command: AuditCommand::Verify { paths, key_file },
-        } => consentgate::run::audit_verify(&paths, key_file.as_deref()),
+            command:
+                AuditCommand::Verify {
+                    paths,
+                    key_file,
+                    pseudonym_key_file,
+                },
+        } => consentgate::run::audit_verify(
+            &paths,
+            key_file.as_deref(),
+            pseudonym_key_file.as_deref(),
+        ),
         Command::Audit {
             command:
                 AuditCommand::Find {

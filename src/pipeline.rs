@@ -5,7 +5,7 @@
 //! included, goes through one [`Exchange::finish`] that audits, counts and logs it.
 
 use crate::app::{App, Runtime};
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, AuditUnavailable};
 use crate::body;
 use crate::enforce::{self, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Refusal};
 use crate::forward::{self, BoxError, ProxyBody, UpstreamError};
@@ -13,7 +13,7 @@ use crate::refusal::Shape;
 use crate::response;
 use crate::route::Via;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
@@ -26,7 +26,7 @@ pub(crate) use crate::enforce::RequestDecision;
 /// The pipeline entry point for every proxied request.
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
     let rt = app.runtime.load_full();
-    let mut x = Exchange::new(&app);
+    let mut x = Exchange::new(&app, req.headers());
     let has_body = has_body(&req);
     let (parts, body) = req.into_parts();
     let head = Head {
@@ -52,8 +52,8 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> R
 }
 
 /// Refuse a request before it is routed (e.g. a CONNECT inside a tunnel).
-pub(crate) fn refuse(app: &App, refusal: Refusal) -> Response<ProxyBody> {
-    Exchange::new(app).finish(End::Refused {
+pub(crate) fn refuse(app: &App, headers: &HeaderMap, refusal: Refusal) -> Response<ProxyBody> {
+    Exchange::new(app, headers).finish(End::Refused {
         dest: "unknown",
         refusal,
     })
@@ -101,6 +101,8 @@ pub(crate) struct Egress<'rt> {
 pub(crate) struct Exchange<'a> {
     app: &'a App,
     pub(crate) request_id: String,
+    /// The caller's W3C trace id (`traceparent`), on every record of the request.
+    trace_id: Option<String>,
     started: Instant,
     /// Time spent waiting on the upstream (not counted as the proxy's own).
     upstream: Duration,
@@ -109,10 +111,11 @@ pub(crate) struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    pub(crate) fn new(app: &'a App) -> Exchange<'a> {
+    pub(crate) fn new(app: &'a App, headers: &HeaderMap) -> Exchange<'a> {
         Exchange {
             app,
             request_id: response::new_request_id(),
+            trace_id: crate::audit::trace_id(headers),
             started: Instant::now(),
             upstream: Duration::ZERO,
             records: Vec::new(),
@@ -217,10 +220,28 @@ impl<'a> Exchange<'a> {
             decision,
             reason,
         ));
-        self.app
-            .audit
-            .submit(records)
+        self.submit(records)
             .map_err(|e| Refusal::audit_unavailable(e.as_str()))
+    }
+
+    /// Submit records, each carrying the request's trace id.
+    fn submit(&self, mut records: Vec<AuditRecord>) -> Result<(), AuditUnavailable> {
+        for r in &mut records {
+            r.trace_id.clone_from(&self.trace_id);
+        }
+        self.app.audit.submit(records)
+    }
+
+    /// The upstream's answer or failure, so the trail never leaves a 502 standing
+    /// as a disclosure that happened (SPEC §10).
+    fn audit_outcome(&self, dest: &str, outcome: Result<u16, &str>) {
+        let id = &self.request_id;
+        let rec = match outcome {
+            Ok(status) => AuditRecord::outcome_status(id, dest, status),
+            Err(kind) => AuditRecord::outcome_error(id, dest, kind),
+        };
+        // The request already left: an unavailable audit can only be counted (the writer does).
+        let _ = self.submit(vec![rec]);
     }
 
     /// The one exit: audit what is not yet audited, count, log, answer.
@@ -236,6 +257,7 @@ impl<'a> Exchange<'a> {
                 )
             }
             End::Answered { egress, resp } => {
+                self.audit_outcome(egress.dest, Ok(resp.status().as_u16()));
                 let (mut parts, body) = resp.into_parts();
                 forward::remove_hop_by_hop_and_own(&mut parts.headers);
                 response::stamp(&mut parts.headers, egress.decision, &self.request_id);
@@ -244,6 +266,7 @@ impl<'a> Exchange<'a> {
                 (egress.dest, egress.decision.as_str(), resp)
             }
             End::Failed { egress, error } => {
+                self.audit_outcome(egress.dest, Err(error.kind.as_str()));
                 self.app
                     .metrics
                     .upstream_errors_total

@@ -52,20 +52,21 @@ pub fn load_interception_ca(
     Ok(crate::tls::CertMinter::new(ca))
 }
 
-/// The pseudonym key (created 0600 on first run) and the audit writer.
-pub fn start_audit(
+/// Lock `audit.path`, load the pseudonym key (created 0600 on first run) and
+/// prepare the audit writer. Nothing is written to the audit trail until the
+/// returned starter runs: `run` starts it once every listener is bound.
+pub fn prepare_audit(
     a: &crate::config::AuditCfg,
     metrics: &crate::metrics::Metrics,
 ) -> Result<
     (
         Arc<crate::audit::AuditWriter>,
+        crate::audit::AuditStarter,
         Arc<crate::audit::PseudonymKey>,
     ),
     String,
 > {
-    use crate::audit::{AuditCounters, AuditOptions, FsyncPolicy};
-    let key_path = crate::audit::default_key_path(a.pseudonym_key_file.as_deref());
-    let key = crate::audit::load_or_create_key(&key_path)?;
+    use crate::audit::{AuditCounters, AuditOptions, CheckpointKey, FsyncPolicy};
     let mut opts = AuditOptions::new(&a.path);
     opts.fsync = match a.fsync {
         crate::config::AuditFsync::Always => FsyncPolicy::Always,
@@ -73,12 +74,18 @@ pub fn start_audit(
         crate::config::AuditFsync::Never => FsyncPolicy::Never,
     };
     opts.max_file_bytes = a.max_file_bytes;
+    opts.max_total_bytes = a.max_total_bytes;
     opts.counters = Some(AuditCounters::from_metrics(metrics));
     if let Some(k) = &a.encryption_key_file {
         opts.encryption = Some(crate::audit::load_enc_key(k)?);
     }
-    let writer = crate::audit::AuditWriter::start(opts)?;
-    Ok((Arc::new(writer), Arc::new(key)))
+    // The lock first: a second process sharing the directory stops here, before
+    // it creates or writes anything.
+    let (writer, starter) = crate::audit::AuditWriter::prepare(opts)?;
+    let key_path = crate::audit::default_key_path(a.pseudonym_key_file.as_deref());
+    let key = crate::audit::load_or_create_key(&key_path)?;
+    let starter = starter.with_checkpoint_key(CheckpointKey::from_pseudonym_key(&key));
+    Ok((Arc::new(writer), starter, Arc::new(key)))
 }
 
 /// `consentgate check`: every error in config, snapshot and CA; exit code.
@@ -273,14 +280,17 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
-    let (audit, pseudonyms) = match start_audit(&cfg.audit, &metrics) {
+    // Start order (SPEC §12): lock audit.path first, so a second process sharing
+    // it stops here; build everything; bind every listener; only then write the
+    // first audit record. A process that cannot bind leaves the trail untouched.
+    let (audit, audit_starter, pseudonyms) = match prepare_audit(&cfg.audit, &metrics) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(error = %e, "audit trail unusable");
+            eprintln!("error: {e}");
             return 1;
         }
     };
-    let _ = audit.submit(vec![crate::audit::AuditRecord::config("load", "success")]);
     let tokens = match crate::consent::api::load_tokens(&cfg.admin.tokens_file) {
         Ok(t) => t,
         Err(e) => {
@@ -347,15 +357,9 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let (tracker, drain) = crate::listen::tracker();
-    let gateway = match cfg.listen.gateway {
+    let gateway_listener = match cfg.listen.gateway {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(tokio::spawn(crate::listen::gateway::run_gateway(
-                app.clone(),
-                l,
-                shutdown_rx.clone(),
-                tracker.clone(),
-            ))),
+            Ok(l) => Some(l),
             Err(e) => {
                 tracing::error!(addr = %addr, error = %e, "cannot bind listen.gateway");
                 return 1;
@@ -363,6 +367,24 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         },
         None => None,
     };
+    // Every listener is bound: the trail starts (recovery, then `config load`,
+    // then whatever the admin API queued meanwhile).
+    if let Err(e) = audit_starter.start(vec![crate::audit::AuditRecord::config("load", "success")])
+    {
+        tracing::error!(error = %e, "audit trail unusable");
+        eprintln!("error: {e}");
+        let _ = shutdown_tx.send(true);
+        return 1;
+    }
+    let (tracker, drain) = crate::listen::tracker();
+    let gateway = gateway_listener.map(|l| {
+        tokio::spawn(crate::listen::gateway::run_gateway(
+            app.clone(),
+            l,
+            shutdown_rx.clone(),
+            tracker.clone(),
+        ))
+    });
     let proxy = tokio::spawn(crate::listen::run_proxy(
         app.clone(),
         listener,
@@ -428,18 +450,69 @@ fn load_enc(key_file: Option<&Path>) -> Result<Option<crate::audit::EncKey>, i32
 }
 
 /// `consentgate audit verify PATH...`: exit 0 with the record count, or 1
-/// naming the first broken record.
-pub fn audit_verify(paths: &[std::path::PathBuf], key_file: Option<&Path>) -> i32 {
+/// naming the first broken record (or saying why the trail cannot be verified).
+pub fn audit_verify(
+    paths: &[std::path::PathBuf],
+    key_file: Option<&Path>,
+    pseudonym_key_file: Option<&Path>,
+) -> i32 {
     let key = match load_enc(key_file) {
         Ok(k) => k,
         Err(c) => return c,
     };
-    match crate::audit::verify(paths, key.as_ref()) {
+    let checkpoint_key = match pseudonym_key_file {
+        None => None,
+        // Never created here: a verifier must hold the writer's key, not a new one.
+        Some(p) => match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| crate::audit::PseudonymKey::from_hex(&t))
+        {
+            Ok(k) => Some(crate::audit::CheckpointKey::from_pseudonym_key(&k)),
+            Err(e) => {
+                eprintln!("error: pseudonym key {}: {e}", p.display());
+                return 1;
+            }
+        },
+    };
+    match crate::audit::verify_trail(paths, key.as_ref(), checkpoint_key.as_ref()) {
         Ok(r) => {
-            println!(
-                "ok: {} records in {} files, chain intact",
-                r.records, r.files
-            );
+            let c = &r.chain;
+            match &r.capped {
+                None => println!(
+                    "ok: {} records in {} files, chain intact from the first record",
+                    c.records, c.files
+                ),
+                Some(cap) => {
+                    println!(
+                        "ok: {} records in {} files, chain intact from the anchor of the \
+                         authenticated checkpoint at {} line {} ({} earlier records in {} files \
+                         removed by audit.max_total_bytes)",
+                        c.records,
+                        c.files,
+                        cap.file.display(),
+                        cap.line,
+                        cap.removed_records,
+                        cap.removed_files
+                    );
+                    if cap.leftover_records > 0 {
+                        println!(
+                            "note: {} records in files that checkpoint names as removed are still \
+                             present (removal interrupted); they are chained but not counted",
+                            cap.leftover_records
+                        );
+                    }
+                }
+            }
+            if r.checkpoints_authenticated > 0 {
+                println!("checkpoints authenticated: {}", r.checkpoints_authenticated);
+            }
+            if r.checkpoints_unchecked > 0 {
+                println!(
+                    "note: {} checkpoint(s) not authenticated (no --pseudonym-key-file); the \
+                     chain from the first record covers them",
+                    r.checkpoints_unchecked
+                );
+            }
             0
         }
         Err(e) => {

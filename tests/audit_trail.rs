@@ -29,11 +29,16 @@ fn verify(paths: &[&Path], key: Option<&Path>) -> (bool, String) {
     )
 }
 
+/// The audit files of `dir` in chain order (not the `.lock` file beside them).
 fn audit_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("audit-") && name.ends_with(".jsonl")
+        })
         .collect();
     v.sort();
     v

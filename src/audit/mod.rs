@@ -3,13 +3,23 @@
 //!
 //! # Record format
 //!
-//! Each record is one line of JSON with the SPEC §10 fields, always present (null
+//! Each record is one line of JSON. The SPEC §10 fields are always present (null
 //! or `[]` when they do not apply), in this order: `ts`, `request_id`, `kind`,
 //! `destination`, `patient`, `category`, `decision`, `reason`, `rule`,
-//! `fields_stripped`, `flags_set`, `actor`, then an optional `detail` object
-//! (counts and file names only), then `prev_hash`.
+//! `fields_stripped`, `flags_set`, `actor`. Fields that only some records have are
+//! omitted when they do not apply (never null), so every other record keeps its
+//! shape: `trace_id` (right after `request_id`, only when the caller sent a valid
+//! W3C `traceparent`), `status` and `error` (on `outcome` records), and `detail`
+//! (counts and file names only). `prev_hash` comes last.
 //!
-//! * `kind` is `decision`, `consent_change`, `config` or `recovery`.
+//! * `kind` is `decision`, `consent_change`, `config` or `outcome`, or one the
+//!   writer writes itself: `recovery` and `checkpoint`.
+//! * `outcome`: what the upstream did with a forwarded request, with the same
+//!   `request_id` and `destination` as its `decision` record: `status` (the HTTP
+//!   status the upstream answered) or `error` (`connect`, `tls`, `timeout`,
+//!   `reset`, `protocol`: nothing or not all of it may have reached the vendor).
+//! * `trace_id`: the 32-hex trace id of the caller's `traceparent` (version 00,
+//!   validated strictly: see [`parse_traceparent`]), to join the audit with traces.
 //! * `patient` is a pseudonym ([`PseudonymKey::pseudonym`]): the first 32 lowercase
 //!   hex characters (128 bits) of HMAC-SHA256(key, patient_id). Never the raw id;
 //!   the writer refuses a record whose `patient` is not of that shape.
@@ -23,6 +33,27 @@
 //! the file was opened and a sequence number that only grows, so that the order of
 //! names is the order of the chain. A file is rotated when the next line would
 //! take it past `max_file_bytes` (default 64 MiB) and when the UTC day changes.
+//!
+//! One process owns the directory: the writer takes an exclusive lock on
+//! `audit.path/.lock` ([`crate::state::DirLock`]) before it reads or writes
+//! anything, and a second process fails at start naming the holder (two writers
+//! would fork the chain). The directory is 0700 and the files 0600; looser modes
+//! found on start are tightened, with a log line.
+//!
+//! # Cap and checkpoints
+//!
+//! With `max_total_bytes` the oldest files are removed so that the audit files
+//! never take more than the cap (see `writer.rs` for the arithmetic). Each removal
+//! first writes a `checkpoint` record into the chain (fsync'd before any file
+//! goes): `detail` names the files removed, how many records and bytes they held,
+//! the `anchor` (the `prev_hash` the first remaining record continues from, i.e.
+//! the hash of the last removed line), the first file kept, and a `mac`:
+//! HMAC-SHA256 under a key derived from the pseudonym key
+//! ([`CheckpointKey`]) over those facts, the record's `ts` and its own `prev_hash`.
+//! `verify` with that key starts the chain at an authenticated anchor instead of
+//! 64 zeros; without the key it refuses to call a capped trail intact. Someone
+//! who can write files but does not hold the key cannot remove records and cover
+//! it with a checkpoint.
 //!
 //! # Encryption at rest
 //!
@@ -46,7 +77,8 @@
 //! again.
 //!
 //! One writer per directory: start one [`AuditWriter`] per process and share its
-//! clones (a config reload keeps it); two writers on one directory fork the chain.
+//! clones (a config reload keeps it). The lock is released once the last clone is
+//! dropped and the writer thread has written what was queued.
 //!
 //! # Limits of a hash chain
 //!
@@ -57,20 +89,27 @@
 //! matters.
 
 mod chain;
+mod checkpoint;
 mod crypto;
 mod pseudonym;
+mod trace;
 mod verify;
 mod writer;
 
 pub use chain::{sha256_hex, ZERO_HASH};
+pub use checkpoint::CheckpointKey;
 pub use crypto::{load_enc_key, EncKey};
 pub use pseudonym::{
     default_key_path, is_pseudonym, load_or_create_key, PseudonymKey, PSEUDONYM_HEX_LEN,
 };
-pub use verify::{audit_files, find, verify, VerifyError, VerifyErrorKind, VerifyReport};
+pub use trace::{parse_traceparent, trace_id};
+pub use verify::{
+    audit_files, find, verify, verify_trail, CapReport, TrailReport, VerifyError, VerifyErrorKind,
+    VerifyReport,
+};
 pub use writer::{
-    AuditCounters, AuditOptions, AuditUnavailable, AuditWriter, FsyncPolicy,
-    DEFAULT_CHANNEL_CAPACITY, DEFAULT_MAX_FILE_BYTES,
+    AuditCounters, AuditOptions, AuditStarter, AuditUnavailable, AuditWriter, FsyncPolicy,
+    DEFAULT_CHANNEL_CAPACITY, DEFAULT_MAX_FILE_BYTES, MIN_MAX_TOTAL_BYTES,
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -87,8 +126,13 @@ pub enum AuditKind {
     ConsentChange,
     /// A config load or reload.
     Config,
+    /// What the upstream did with a forwarded request (`status` or `error`).
+    Outcome,
     /// Written by the writer itself after a torn tail or a write failure.
     Recovery,
+    /// Written by the writer itself before it removes the oldest files
+    /// (`max_total_bytes`): what went, and the keyed anchor the chain continues from.
+    Checkpoint,
 }
 
 impl AuditKind {
@@ -97,7 +141,9 @@ impl AuditKind {
             AuditKind::Decision => "decision",
             AuditKind::ConsentChange => "consent_change",
             AuditKind::Config => "config",
+            AuditKind::Outcome => "outcome",
             AuditKind::Recovery => "recovery",
+            AuditKind::Checkpoint => "checkpoint",
         }
     }
 }
@@ -109,6 +155,9 @@ pub struct AuditRecord {
     #[serde(serialize_with = "ser_ts")]
     pub ts: DateTime<Utc>,
     pub request_id: Option<String>,
+    /// The caller's W3C trace id ([`trace_id`]); omitted when it sent none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     pub kind: AuditKind,
     pub destination: Option<String>,
     /// A pseudonym from [`PseudonymKey::pseudonym`], never the raw id.
@@ -121,13 +170,24 @@ pub struct AuditRecord {
     pub flags_set: Vec<String>,
     /// The admin token's name, for consent changes.
     pub actor: Option<String>,
+    /// `outcome`: the HTTP status the upstream answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `outcome`: why the upstream exchange failed (`connect`, `timeout`, `reset`…).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Extra facts (counts, file names, config digests): never patient data.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
 }
 
 fn ser_ts<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&ts.to_rfc3339_opts(SecondsFormat::Micros, true))
+    s.serialize_str(&ts_text(ts))
+}
+
+/// `ts` as records carry it (RFC 3339, microseconds, `Z`).
+pub(crate) fn ts_text(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 impl AuditRecord {
@@ -136,6 +196,7 @@ impl AuditRecord {
         AuditRecord {
             ts: Utc::now(),
             request_id: None,
+            trace_id: None,
             kind,
             destination: None,
             patient: None,
@@ -146,6 +207,8 @@ impl AuditRecord {
             fields_stripped: Vec::new(),
             flags_set: Vec::new(),
             actor: None,
+            status: None,
+            error: None,
             detail: None,
         }
     }
@@ -183,6 +246,31 @@ impl AuditRecord {
         r.reason = Some(reason.to_string());
         r.decision = Some(decision.to_string());
         r
+    }
+
+    /// The upstream answered a forwarded request with `status`.
+    pub fn outcome_status(request_id: &str, destination: &str, status: u16) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::Outcome);
+        r.request_id = Some(request_id.to_string());
+        r.destination = Some(destination.to_string());
+        r.status = Some(status);
+        r
+    }
+
+    /// The upstream exchange of a forwarded request failed; `error` is the kind
+    /// (`consentgate_upstream_errors_total{kind}`), never a message with a URL.
+    pub fn outcome_error(request_id: &str, destination: &str, error: &str) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::Outcome);
+        r.request_id = Some(request_id.to_string());
+        r.destination = Some(destination.to_string());
+        r.error = Some(error.to_string());
+        r
+    }
+
+    /// Set `trace_id` (None leaves the record without one).
+    pub fn with_trace(mut self, trace_id: Option<&str>) -> AuditRecord {
+        self.trace_id = trace_id.map(str::to_string);
+        self
     }
 
     /// Set `patient` to the pseudonym of `patient_id` under `key`.

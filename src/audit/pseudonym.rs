@@ -54,6 +54,20 @@ impl PseudonymKey {
         Ok(PseudonymKey { mac })
     }
 
+    /// A 32-byte key for another purpose: HMAC-SHA256(key, label). `label` must
+    /// not be valid UTF-8 (start it with 0xFF): pseudonyms are HMACs of patient
+    /// ids, which are always UTF-8, so no patient id can ever equal a label and a
+    /// pseudonym can never disclose a derived key.
+    pub(crate) fn derive(&self, label: &[u8]) -> [u8; 32] {
+        debug_assert!(
+            std::str::from_utf8(label).is_err(),
+            "label must not be UTF-8"
+        );
+        let mut mac = self.mac.clone();
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// The pseudonym of `patient_id`: 32 lowercase hex characters.
     pub fn pseudonym(&self, patient_id: &str) -> String {
         let mut mac = self.mac.clone();

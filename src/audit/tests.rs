@@ -557,3 +557,433 @@ fn file_names_sort_in_chain_order() {
     assert_eq!(parse_file_name(Path::new("audit-20261120-7.jsonl")), None);
     assert_eq!(parse_file_name(Path::new("other.jsonl")), None);
 }
+
+// ---- Issue 14: lock, modes, outcome / trace_id fields, the cap and checkpoints.
+
+fn ckey() -> CheckpointKey {
+    CheckpointKey::from_pseudonym_key(&pkey())
+}
+
+fn capped(dir: &Path, cap: u64) -> AuditOptions {
+    let mut o = AuditOptions::new(dir);
+    o.max_total_bytes = Some(cap);
+    o.checkpoint_key = Some(ckey());
+    o.fsync = FsyncPolicy::Never;
+    o
+}
+
+/// Bytes of every file in `dir` (audit files and the lock file).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn verify_capped(dir: &Path) -> Result<TrailReport, VerifyError> {
+    verify_trail(&[dir.to_path_buf()], None, Some(&ckey()))
+}
+
+fn all_lines(dir: &Path) -> Vec<(PathBuf, usize, serde_json::Value)> {
+    let mut out = Vec::new();
+    for f in audit_files(dir).unwrap() {
+        for (i, l) in read_lines(&f).iter().enumerate() {
+            out.push((f.clone(), i, serde_json::from_str(l).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_second_writer_on_the_directory_fails_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    let w = write_n(AuditOptions::new(&audit), 3).await;
+    let before = std::fs::read(only_file(&audit)).unwrap();
+    let e = AuditWriter::start(AuditOptions::new(&audit)).unwrap_err();
+    assert!(
+        e.contains("audit.path") && e.contains("locked by pid"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    // The refused writer touched nothing: no recovery, no new file.
+    assert_eq!(std::fs::read(only_file(&audit)).unwrap(), before);
+    // Dropping the last handle waits for the thread, so the lock is free at once.
+    drop(w);
+    write_n(AuditOptions::new(&audit), 1).await;
+    assert_eq!(verify_dir(&audit).unwrap().records, 4);
+}
+
+#[tokio::test]
+async fn records_submitted_before_start_wait_behind_the_first_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, starter) = AuditWriter::prepare(AuditOptions::new(dir.path())).unwrap();
+    w.submit(vec![rec(0)]).unwrap();
+    assert!(
+        audit_files(dir.path()).unwrap().is_empty(),
+        "nothing written before start"
+    );
+    starter
+        .start(vec![AuditRecord::config("load", "success")])
+        .unwrap();
+    w.flush().await.unwrap();
+    let lines = read_lines(&only_file(dir.path()));
+    assert!(lines[0].contains("\"kind\":\"config\""), "{}", lines[0]);
+    assert!(lines[1].contains("req-0000"), "{}", lines[1]);
+}
+
+#[tokio::test]
+async fn files_are_0600_in_a_0700_directory_and_loose_ones_are_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit");
+    drop(write_n(AuditOptions::new(&audit), 2).await);
+    let file = only_file(&audit);
+    assert_eq!(mode(&audit), 0o700);
+    assert_eq!(mode(&file), 0o600);
+    std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(write_n(AuditOptions::new(&audit), 1).await);
+    assert_eq!(mode(&audit), 0o700);
+    assert_eq!(mode(&file), 0o600);
+}
+
+#[tokio::test]
+async fn outcome_and_trace_fields_appear_only_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = AuditWriter::start(AuditOptions::new(dir.path())).unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    w.submit(vec![
+        AuditRecord::outcome_status("req-1", "meta_capi", 200).with_trace(Some(trace)),
+        AuditRecord::outcome_error("req-2", "meta_capi", "connect"),
+        AuditRecord::config("load", "success"),
+    ])
+    .unwrap();
+    w.flush().await.unwrap();
+    let lines = read_lines(&only_file(dir.path()));
+    let keys = |l: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let ok: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(ok["kind"], "outcome");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["trace_id"], trace);
+    assert_eq!(ok["destination"], "meta_capi");
+    assert!(!keys(&lines[0]).contains(&"error".to_string()));
+    assert_eq!(
+        keys(&lines[0])[2],
+        "trace_id",
+        "trace_id follows request_id"
+    );
+    let failed: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(failed["error"], "connect");
+    for k in ["status", "trace_id"] {
+        assert!(!keys(&lines[1]).contains(&k.to_string()), "{k}");
+    }
+    for k in ["status", "error", "trace_id", "detail"] {
+        assert!(!keys(&lines[2]).contains(&k.to_string()), "{k}");
+    }
+    assert_eq!(verify_dir(dir.path()).unwrap().records, 3);
+}
+
+#[tokio::test]
+async fn the_cap_removes_the_oldest_files_and_stays_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 64 << 10;
+    let w = AuditWriter::start(capped(dir.path(), cap)).unwrap();
+    let mut peak = 0;
+    for i in 0..2000 {
+        w.submit(vec![rec(i)]).unwrap();
+        if i % 50 == 0 {
+            w.flush().await.unwrap();
+            peak = peak.max(dir_bytes(dir.path()));
+        }
+    }
+    w.flush().await.unwrap();
+    peak = peak.max(dir_bytes(dir.path()));
+    assert!(peak <= cap, "directory reached {peak} bytes, cap {cap}");
+    drop(w);
+    let files = audit_files(dir.path()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&read_lines(&files[0])[0]).unwrap();
+    assert_ne!(first["prev_hash"], ZERO_HASH, "the oldest records are gone");
+    let r = verify_capped(dir.path()).unwrap();
+    let cap_report = r.capped.clone().expect("a capped trail");
+    assert!(r.checkpoints_authenticated >= 1);
+    assert_eq!(cap_report.leftover_records, 0);
+    // Every record written is either still there or counted by a checkpoint.
+    let lines = all_lines(dir.path());
+    let checkpoints: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|(_, _, v)| v["kind"] == "checkpoint")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert!(!checkpoints.is_empty());
+    let kept_decisions = lines
+        .iter()
+        .filter(|(_, _, v)| v["kind"] == "decision")
+        .count();
+    assert!(kept_decisions > 0 && kept_decisions < 2000);
+    let anchor_cp = checkpoints
+        .iter()
+        .find(|c| c["detail"]["anchor"] == first["prev_hash"])
+        .expect("the anchoring checkpoint is kept");
+    assert_eq!(
+        anchor_cp["detail"]["first_kept"],
+        files[0].file_name().unwrap().to_str().unwrap()
+    );
+    assert_eq!(anchor_cp["reason"], "max_total_bytes");
+    // Without the key a capped trail is not passed.
+    let e = verify_dir(dir.path()).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::CheckpointKeyNeeded, "{e}");
+    assert!(e.to_string().contains("--pseudonym-key-file"), "{e}");
+    // With another key, every checkpoint is refused.
+    let other =
+        CheckpointKey::from_pseudonym_key(&PseudonymKey::from_hex(&"43".repeat(32)).unwrap());
+    let e = verify_trail(&[dir.path().to_path_buf()], None, Some(&other)).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::BadCheckpoint, "{e}");
+    // Restart continues the capped chain.
+    write_n(capped(dir.path(), cap), 300).await;
+    assert!(dir_bytes(dir.path()) <= cap);
+    verify_capped(dir.path()).unwrap();
+}
+
+#[tokio::test]
+async fn tampering_with_a_kept_file_is_still_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(capped(dir.path(), 64 << 10), 1500).await;
+    verify_capped(dir.path()).unwrap();
+    let files = audit_files(dir.path()).unwrap();
+    assert!(files.len() >= 3);
+    let target = &files[1];
+    let orig = read_lines(target);
+    let mut lines = orig.clone();
+    lines[3] = lines[3].replacen("meta_capi", "meta_capj", 1);
+    write_lines(target, &lines);
+    let e = verify_capped(dir.path()).unwrap_err();
+    assert_eq!((e.kind, e.line), (VerifyErrorKind::HashMismatch, 5), "{e}");
+    assert_eq!(&e.file, target);
+    // The first kept record altered: its successor no longer matches.
+    write_lines(target, &orig);
+    let first = files[0].clone();
+    let orig_first = read_lines(&first);
+    let mut lines = orig_first.clone();
+    // Under a steady cap every file opens with a checkpoint; its `reason` is
+    // outside the MAC, so only the chain can catch this.
+    lines[0] = lines[0].replacen("meta_capi", "meta_capj", 1).replacen(
+        "max_total_bytes",
+        "max_total_bytez",
+        1,
+    );
+    assert_ne!(lines[0], orig_first[0]);
+    write_lines(&first, &lines);
+    let e = verify_capped(dir.path()).unwrap_err();
+    assert_eq!((e.kind, e.line), (VerifyErrorKind::HashMismatch, 2), "{e}");
+    write_lines(&first, &orig_first);
+    // Removing the oldest kept file without a checkpoint is caught.
+    std::fs::remove_file(&first).unwrap();
+    let e = verify_capped(dir.path()).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::FirstNotZero, "{e}");
+    assert!(e.to_string().contains("authenticated checkpoint"), "{e}");
+}
+
+/// Append a checkpoint record at the end of the chain, as someone who can
+/// write files but lacks the key would.
+fn append_forged_checkpoint(dir: &Path, detail: serde_json::Value) {
+    let files = audit_files(dir).unwrap();
+    let last = files.last().unwrap();
+    let mut lines = read_lines(last);
+    let prev = sha256_hex(lines.last().unwrap().as_bytes());
+    let mut r = AuditRecord::new(AuditKind::Checkpoint);
+    r.reason = Some("max_total_bytes".into());
+    r.detail = Some(detail);
+    let line = String::from_utf8(super::chain::record_line(&r, &prev).unwrap()).unwrap();
+    lines.push(line);
+    write_lines(last, &lines);
+}
+
+#[tokio::test]
+async fn a_checkpoint_forged_without_the_key_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(capped(dir.path(), 64 << 10), 1500).await;
+    let files = audit_files(dir.path()).unwrap();
+    // Delete the two oldest kept files and cover it with a checkpoint whose MAC
+    // is made under a key of the attacker's own.
+    let removed: Vec<String> = files[..2]
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let new_first: serde_json::Value = serde_json::from_str(&read_lines(&files[2])[0]).unwrap();
+    for f in &files[..2] {
+        std::fs::remove_file(f).unwrap();
+    }
+    let attacker =
+        CheckpointKey::from_pseudonym_key(&PseudonymKey::from_hex(&"66".repeat(32)).unwrap());
+    let last = audit_files(dir.path()).unwrap().pop().unwrap();
+    let prev = sha256_hex(read_lines(&last).last().unwrap().as_bytes());
+    let ts = chrono::Utc::now();
+    let facts = super::checkpoint::CheckpointFacts {
+        ts: ts_text(&ts),
+        anchor: new_first["prev_hash"].as_str().unwrap().to_string(),
+        removed_files: removed,
+        removed_records: 10,
+        removed_bytes: 5000,
+        first_kept: files[2].file_name().unwrap().to_string_lossy().into_owned(),
+    };
+    let mac = attacker.sign(&facts, &prev);
+    {
+        let mut lines = read_lines(&last);
+        let mut r = AuditRecord::new(AuditKind::Checkpoint);
+        r.ts = ts;
+        r.reason = Some("max_total_bytes".into());
+        r.detail = Some(facts.detail(&mac));
+        lines.push(String::from_utf8(super::chain::record_line(&r, &prev).unwrap()).unwrap());
+        write_lines(&last, &lines);
+    }
+    let e = verify_capped(dir.path()).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::BadCheckpoint, "{e}");
+    assert_eq!(e.file, last);
+
+    // Replaying a genuine checkpoint's detail elsewhere in the chain fails too:
+    // the MAC covers the record's own prev_hash.
+    let dir = tempfile::tempdir().unwrap();
+    write_n(capped(dir.path(), 64 << 10), 1500).await;
+    let genuine = all_lines(dir.path())
+        .into_iter()
+        .find(|(_, _, v)| v["kind"] == "checkpoint")
+        .unwrap()
+        .2;
+    append_forged_checkpoint(dir.path(), genuine["detail"].clone());
+    let e = verify_capped(dir.path()).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::BadCheckpoint, "{e}");
+}
+
+#[tokio::test]
+async fn an_interrupted_removal_leaves_files_that_verify_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 64 << 10;
+    // Fill up to just before the first removal and keep a copy of every file.
+    let w = AuditWriter::start(capped(dir.path(), cap)).unwrap();
+    let snapshot = tempfile::tempdir().unwrap();
+    let mut i = 0;
+    loop {
+        for f in audit_files(dir.path()).unwrap() {
+            std::fs::copy(&f, snapshot.path().join(f.file_name().unwrap())).unwrap();
+        }
+        w.submit(vec![rec(i)]).unwrap();
+        w.flush().await.unwrap();
+        i += 1;
+        let text: String = audit_files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        if text.contains("\"kind\":\"checkpoint\"") {
+            break;
+        }
+        assert!(i < 5000, "no checkpoint written");
+    }
+    drop(w);
+    // A crash after the checkpoint but before the files went: put them back.
+    let mut restored = 0;
+    for f in std::fs::read_dir(snapshot.path()).unwrap().flatten() {
+        let target = dir.path().join(f.file_name());
+        if !target.exists() {
+            std::fs::copy(f.path(), &target).unwrap();
+            restored += 1;
+        }
+    }
+    assert!(restored >= 1);
+    // All files present: the chain runs from 64 zeros, the checkpoint checks out.
+    let r = verify_capped(dir.path()).unwrap();
+    assert!(
+        r.capped.is_none() && r.checkpoints_authenticated == 1,
+        "{r:?}"
+    );
+    // Without the key it passes too (nothing is missing), saying the checkpoint was not checked.
+    let r = verify_trail(&[dir.path().to_path_buf()], None, None).unwrap();
+    assert_eq!(r.checkpoints_unchecked, 1);
+    // Only the first of the removed files went: the rest are leftovers.
+    if restored >= 2 {
+        std::fs::remove_file(&audit_files(dir.path()).unwrap()[0]).unwrap();
+        let r = verify_capped(dir.path()).unwrap();
+        let c = r.capped.expect("capped");
+        assert!(c.leftover_records > 0, "{c:?}");
+    }
+    // The next start removes them and the trail verifies from the anchor.
+    write_n(capped(dir.path(), cap), 5).await;
+    assert!(dir_bytes(dir.path()) <= cap);
+    let r = verify_capped(dir.path()).unwrap();
+    assert_eq!(r.capped.unwrap().leftover_records, 0);
+}
+
+#[tokio::test]
+async fn a_smaller_cap_on_start_removes_at_once_but_never_the_current_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = capped(dir.path(), 1 << 20);
+    big.max_file_bytes = 8 << 10;
+    write_n(big, 1500).await;
+    assert!(dir_bytes(dir.path()) > 64 << 10);
+    let before = audit_files(dir.path()).unwrap();
+    let w = AuditWriter::start(capped(dir.path(), 64 << 10)).unwrap();
+    assert!(dir_bytes(dir.path()) <= 64 << 10);
+    let after = audit_files(dir.path()).unwrap();
+    // The new current file holds the checkpoint as its first line.
+    let current = after.last().unwrap();
+    assert!(!before.contains(current));
+    let first: serde_json::Value = serde_json::from_str(&read_lines(current)[0]).unwrap();
+    assert_eq!(first["kind"], "checkpoint");
+    w.submit(vec![rec(1)]).unwrap();
+    w.flush().await.unwrap();
+    drop(w);
+    verify_capped(dir.path()).unwrap();
+
+    // A checkpoint never names the file it is written into (the file being
+    // written), and never a file newer than it.
+    let dir = tempfile::tempdir().unwrap();
+    write_n(capped(dir.path(), 64 << 10), 3000).await;
+    let mut seen = 0;
+    for (f, line, v) in all_lines(dir.path()) {
+        if v["kind"] != "checkpoint" {
+            continue;
+        }
+        seen += 1;
+        assert_eq!(line, 0, "a checkpoint opens the file it is written into");
+        let own = f.file_name().unwrap().to_str().unwrap().to_string();
+        for r in v["detail"]["removed_files"].as_array().unwrap() {
+            assert!(r.as_str().unwrap() < own.as_str(), "{v}");
+        }
+        assert!(v["detail"]["first_kept"].as_str().unwrap() <= own.as_str());
+    }
+    assert!(seen >= 2, "{seen} checkpoints");
+    verify_capped(dir.path()).unwrap();
+}
+
+#[tokio::test]
+async fn an_encrypted_capped_trail_needs_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = EncKey::from_hex(&"5a".repeat(32)).unwrap();
+    let mut o = capped(dir.path(), 64 << 10);
+    o.encryption = Some(key.clone());
+    write_n(o, 800).await;
+    let paths = [dir.path().to_path_buf()];
+    let r = verify_trail(&paths, Some(&key), Some(&ckey())).unwrap();
+    assert!(r.capped.is_some());
+    let e = verify_trail(&paths, Some(&key), None).unwrap_err();
+    assert_eq!(e.kind, VerifyErrorKind::CheckpointKeyNeeded, "{e}");
+    assert!(verify_trail(&paths, None, Some(&ckey())).is_err());
+}
+
+#[test]
+fn a_cap_without_a_checkpoint_key_or_below_the_minimum_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = capped(dir.path(), 64 << 10);
+    o.checkpoint_key = None;
+    let e = AuditWriter::start(o).unwrap_err();
+    assert!(e.contains("checkpoint key"), "{e}");
+    let e = AuditWriter::start(capped(dir.path(), 1000)).unwrap_err();
+    assert!(e.contains("minimum"), "{e}");
+}

@@ -5,29 +5,60 @@
 //! log is unavailable, and the proxy then blocks the request (`audit_unavailable`).
 //! The writer thread runs its own single-threaded tokio runtime, so its blocking
 //! file I/O never stalls the proxy's workers.
+//!
+//! Start-up is two steps so that `consentgate run` can lock the directory first
+//! and write its first record only once every listener is bound:
+//! [`AuditWriter::prepare`] takes the directory lock and gives the handle (records
+//! submitted now wait in the queue); [`AuditStarter::start`] recovers the chain,
+//! writes the first records and starts the thread. [`AuditWriter::start`] does both.
+//!
+//! # The cap (`max_total_bytes`)
+//!
+//! With a cap, files rotate at `min(max_file_bytes, (cap - 512) / 8)` (512 bytes
+//! are kept for the lock file), and at every rotation the oldest closed files are
+//! removed until the closed files plus one full file fit under the cap. Since the
+//! file being written never passes that size, the audit files never take more
+//! than the cap at any moment, not even between two removals. (A single record
+//! line larger than a whole file would still be written: records are a few
+//! hundred bytes and the smallest cap gives 8 KiB files.) The file being written
+//! is never removed. The `checkpoint` record is written first, as the new file's
+//! first line, and fsync'd whatever the fsync policy; only then do files go, so a
+//! crash in between leaves files a checkpoint already names, which `verify`
+//! skips and the next removal takes.
 
 use super::chain::{
     decode_line, file_line, sha256_hex, sha256_hex_into, write_record_line, DecodeError, ZERO_HASH,
 };
+use super::checkpoint::{CheckpointFacts, CheckpointKey};
 use super::crypto::EncKey;
 use super::pseudonym::is_pseudonym;
 use super::verify::audit_files;
-use super::{day_of, file_name, parse_file_name, AuditKind, AuditRecord};
+use super::{day_of, file_name, parse_file_name, ts_text, AuditKind, AuditRecord};
 use crate::metrics::Metrics;
+use crate::state::{private_file_options, tighten_file, DirLock};
 use chrono::{DateTime, Utc};
 use prometheus::IntCounter;
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Rotate a file before it would pass 64 MiB.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
+/// The smallest `max_total_bytes`: files of at least 8 KiB, a few dozen records.
+pub const MIN_MAX_TOTAL_BYTES: u64 = 64 << 10;
+/// Bytes of the cap kept for the lock file (`pid N on HOST`, a host name is at
+/// most 64 bytes).
+const LOCK_RESERVE: u64 = 512;
+/// Under a cap, a file is at most 1/8 of it, so removals go a few files at a time.
+const FILES_PER_CAP: u64 = 8;
+/// How long dropping the last handle waits for the writer thread to finish.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Queued messages (one per submit) before `submit` reports the log unavailable.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8192;
 /// Records gathered into one write.
@@ -100,10 +131,14 @@ type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 /// How to run the writer. `AuditOptions::new(dir)` gives the defaults.
 #[derive(Clone)]
 pub struct AuditOptions {
-    /// `audit.path`: the directory of audit files (created, mode 0750, if missing).
+    /// `audit.path`: the directory of audit files (created, mode 0700, if missing).
     pub dir: PathBuf,
     pub fsync: FsyncPolicy,
     pub max_file_bytes: u64,
+    /// `audit.max_total_bytes`: remove the oldest files past it (needs `checkpoint_key`).
+    pub max_total_bytes: Option<u64>,
+    /// Signs the checkpoint written when files are removed.
+    pub checkpoint_key: Option<CheckpointKey>,
     pub channel_capacity: usize,
     /// Encrypt each line at rest (audit.encryption_key_file).
     pub encryption: Option<EncKey>,
@@ -118,6 +153,7 @@ impl fmt::Debug for AuditOptions {
             .field("dir", &self.dir)
             .field("fsync", &self.fsync)
             .field("max_file_bytes", &self.max_file_bytes)
+            .field("max_total_bytes", &self.max_total_bytes)
             .field("channel_capacity", &self.channel_capacity)
             .field("encryption", &self.encryption.is_some())
             .finish()
@@ -130,10 +166,23 @@ impl AuditOptions {
             dir: dir.into(),
             fsync: FsyncPolicy::default(),
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_total_bytes: None,
+            checkpoint_key: None,
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             encryption: None,
             counters: None,
             clock: None,
+        }
+    }
+
+    /// The size a file rotates at: `max_file_bytes`, or less under a cap.
+    fn file_limit(&self) -> u64 {
+        match self.max_total_bytes {
+            Some(cap) => self
+                .max_file_bytes
+                .min(cap.saturating_sub(LOCK_RESERVE) / FILES_PER_CAP)
+                .max(1),
+            None => self.max_file_bytes,
         }
     }
 }
@@ -198,11 +247,48 @@ impl Shared {
 }
 
 /// Handle to the writer; cheap to clone. When the last clone is dropped the
-/// writer writes what is queued, fsyncs (unless `never`) and stops.
+/// writer writes what is queued, fsyncs (unless `never`) and stops, and the drop
+/// waits (up to 10 s) for that, so the directory lock is free once it returns.
 #[derive(Clone)]
 pub struct AuditWriter {
+    // Field order matters: the sender goes first, so the thread sees the queue
+    // closed before the last handle waits for it in `Stopped::drop`.
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+    _stopped: Arc<Stopped>,
+}
+
+/// Dropped with the last handle: waits for the writer thread to finish.
+struct Stopped(Mutex<Option<std::sync::mpsc::Receiver<()>>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let rx = match self.0.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(rx) = rx {
+            // Disconnected (thread done, or never started) ends the wait at once.
+            let _ = rx.recv_timeout(STOP_WAIT);
+        }
+    }
+}
+
+/// The second half of start-up: see [`AuditWriter::prepare`].
+pub struct AuditStarter {
+    opts: AuditOptions,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Msg>,
+    lock: DirLock,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl fmt::Debug for AuditStarter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditStarter")
+            .field("dir", &self.opts.dir)
+            .finish()
+    }
 }
 
 impl fmt::Debug for AuditWriter {
@@ -214,25 +300,49 @@ impl fmt::Debug for AuditWriter {
 }
 
 impl AuditWriter {
-    /// Open (or create) the audit directory, continue the chain from the last
-    /// record (cutting a torn tail and recording that), and start the writer
-    /// thread. Synchronous; needs no runtime. Errors name the file.
-    pub fn start(opts: AuditOptions) -> Result<AuditWriter, String> {
+    /// Lock the audit directory (created 0700 if missing) and return the handle
+    /// plus the starter. Nothing in the directory is read or written yet besides
+    /// the lock file; records submitted before [`AuditStarter::start`] wait in the
+    /// queue. Fails, naming the holder, when another process has the directory.
+    pub fn prepare(opts: AuditOptions) -> Result<(AuditWriter, AuditStarter), String> {
+        if let Some(cap) = opts.max_total_bytes {
+            if cap < MIN_MAX_TOTAL_BYTES {
+                return Err(format!(
+                    "audit.max_total_bytes: {cap} bytes is below the minimum of {MIN_MAX_TOTAL_BYTES}"
+                ));
+            }
+        }
+        let lock = DirLock::acquire(&opts.dir, "audit.path")?;
         let shared = Arc::new(Shared {
             failed: AtomicBool::new(false),
             counters: opts.counters.clone(),
         });
-        let mut state = State::open(opts, shared.clone())?;
-        let (tx, rx) = mpsc::channel(state.opts.channel_capacity.max(1));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("audit writer runtime: {e}"))?;
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || rt.block_on(state.run(rx)))
-            .map_err(|e| format!("audit writer thread: {e}"))?;
-        Ok(AuditWriter { tx, shared })
+        let (tx, rx) = mpsc::channel(opts.channel_capacity.max(1));
+        let (done, done_rx) = std::sync::mpsc::channel();
+        let writer = AuditWriter {
+            tx,
+            shared: shared.clone(),
+            _stopped: Arc::new(Stopped(Mutex::new(Some(done_rx)))),
+        };
+        Ok((
+            writer,
+            AuditStarter {
+                opts,
+                shared,
+                rx,
+                lock,
+                done,
+            },
+        ))
+    }
+
+    /// Lock the directory, continue the chain from the last record (cutting a
+    /// torn tail and recording that), and start the writer thread. Synchronous;
+    /// needs no runtime. Errors name the file.
+    pub fn start(opts: AuditOptions) -> Result<AuditWriter, String> {
+        let (writer, starter) = AuditWriter::prepare(opts)?;
+        starter.start(Vec::new())?;
+        Ok(writer)
     }
 
     /// Queue `recs` (one request's records) without blocking. Either all are
@@ -290,7 +400,64 @@ impl AuditWriter {
             failed: AtomicBool::new(false),
             counters: None,
         });
-        (AuditWriter { tx, shared }, rx)
+        let stopped = Arc::new(Stopped(Mutex::new(None)));
+        (
+            AuditWriter {
+                tx,
+                shared,
+                _stopped: stopped,
+            },
+            rx,
+        )
+    }
+}
+
+impl AuditStarter {
+    /// Set the key checkpoints are signed with (needed under a cap), once the
+    /// key is loaded: the lock is taken before anything else, the key included.
+    pub fn with_checkpoint_key(mut self, key: CheckpointKey) -> AuditStarter {
+        self.opts.checkpoint_key = Some(key);
+        self
+    }
+
+    /// Recover the chain (cut a torn tail, write its `recovery` record), apply
+    /// the cap, write `first` (e.g. the `config load` record) ahead of anything
+    /// queued, and start the writer thread. On Err nothing was started and the
+    /// lock is released.
+    pub fn start(self, first: Vec<AuditRecord>) -> Result<(), String> {
+        let AuditStarter {
+            opts,
+            shared,
+            rx,
+            lock,
+            done,
+        } = self;
+        if opts.max_total_bytes.is_some() && opts.checkpoint_key.is_none() {
+            return Err(
+                "audit.max_total_bytes needs a checkpoint key to sign what it removes".into(),
+            );
+        }
+        let mut state = State::open(opts, shared, lock)?;
+        if !first.is_empty() {
+            state.write_records(&first);
+            if state.failed {
+                return Err("audit: cannot write the first records".into());
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("audit writer runtime: {e}"))?;
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                rt.block_on(state.run(rx));
+                // Releases the directory lock, then tells the last handle.
+                drop(state);
+                drop(done);
+            })
+            .map_err(|e| format!("audit writer thread: {e}"))?;
+        Ok(())
     }
 }
 
@@ -302,12 +469,19 @@ struct Current {
     seq: u64,
     /// Bytes known written (a failed write is cut back to this).
     len: u64,
+    /// Records in the file, when known (None for a file reopened on start).
+    records: Option<u64>,
 }
 
 struct State {
     opts: AuditOptions,
     shared: Arc<Shared>,
+    /// Held for as long as the writer runs.
+    _lock: DirLock,
     current: Option<Current>,
+    /// Record counts of the files this process closed, for checkpoints (files
+    /// from before the start are counted when they are removed).
+    known_records: HashMap<String, u64>,
     /// Last sequence number in the directory (for the next file's name).
     last_seq: Option<u64>,
     last_day: u32,
@@ -328,18 +502,14 @@ impl State {
         }
     }
 
-    fn open(opts: AuditOptions, shared: Arc<Shared>) -> Result<State, String> {
+    fn open(opts: AuditOptions, shared: Arc<Shared>, lock: DirLock) -> Result<State, String> {
+        // The directory exists (0700) since the lock was taken in it.
         let dir = opts.dir.clone();
-        if !dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(&dir)
-                .map_err(|e| format!("audit directory {}: {e}", dir.display()))?;
-            tracing::info!(path = %dir.display(), "created audit directory");
-        }
         let files =
             audit_files(&dir).map_err(|e| format!("audit directory {}: {e}", dir.display()))?;
+        for f in &files {
+            tighten_file(f).map_err(|e| format!("audit file {}: {e}", f.display()))?;
+        }
         let key = opts.encryption.clone();
         let mut prev_hash = ZERO_HASH.to_string();
         let mut last_encrypted = None;
@@ -360,7 +530,9 @@ impl State {
         let mut state = State {
             opts,
             shared,
+            _lock: lock,
             current: None,
+            known_records: HashMap::new(),
             last_seq: None,
             last_day: 0,
             prev_hash,
@@ -379,7 +551,7 @@ impl State {
                     .map_err(|e| format!("audit file {}: {e}", last.display()))?
                     .len();
                 let same_mode = len == 0 || last_encrypted == Some(state.opts.encryption.is_some());
-                if day >= today && len < state.opts.max_file_bytes && same_mode {
+                if day >= today && len < state.opts.file_limit() && same_mode {
                     let file = open_append(last)
                         .map_err(|e| format!("audit file {}: {e}", last.display()))?;
                     state.current = Some(Current {
@@ -388,6 +560,7 @@ impl State {
                         day,
                         seq,
                         len,
+                        records: None,
                     });
                 }
             }
@@ -406,6 +579,9 @@ impl State {
                 .map_err(|e| format!("audit: cannot write the recovery record: {e}"))?;
             state.shared.count_written(1);
         }
+        state
+            .cap_on_start()
+            .map_err(|e| format!("audit: cannot apply audit.max_total_bytes on start: {e}"))?;
         Ok(state)
     }
 
@@ -567,11 +743,30 @@ impl State {
         Ok(())
     }
 
-    /// Chain and write `recs`, rotating as needed. On Err nothing past the last
-    /// complete line stays in the file, the chain state is that of the last line
-    /// written, and the error carries how many of `recs` were written.
+    /// The plaintext line of `rec` after `prev` into `plain` and its hash into
+    /// `hash`; with encryption, the sealed line to write instead.
+    fn encode(
+        &self,
+        rec: &AuditRecord,
+        prev: &str,
+        plain: &mut Vec<u8>,
+        hash: &mut String,
+    ) -> Result<Option<Vec<u8>>, String> {
+        write_record_line(rec, prev, plain)?;
+        sha256_hex_into(plain, hash);
+        match self.opts.encryption.as_ref() {
+            None => Ok(None),
+            Some(k) => file_line(plain.clone(), Some(k)).map(Some),
+        }
+    }
+
+    /// Chain and write `recs`, rotating as needed (and, under a cap, removing the
+    /// oldest files at each rotation). On Err nothing past the last complete line
+    /// stays in the file, the chain state is that of the last line written, and
+    /// the error carries how many of `recs` were written.
     fn write_batch(&mut self, recs: &[AuditRecord]) -> Result<(), (usize, String)> {
         let today = day_of(self.now());
+        let limit = self.opts.file_limit();
         let mut buf: Vec<u8> = Vec::with_capacity(recs.len() * 512);
         let mut in_buf = 0usize;
         let mut done = 0usize;
@@ -580,43 +775,49 @@ impl State {
         let mut plain = Vec::with_capacity(512);
         let mut len = self.current.as_ref().map_or(0, |c| c.len);
         for rec in recs {
-            write_record_line(rec, &prev, &mut plain).map_err(|e| (done, e))?;
-            sha256_hex_into(&plain, &mut hash);
-            let sealed = match self.opts.encryption.as_ref() {
-                None => None,
-                Some(k) => Some(file_line(plain.clone(), Some(k)).map_err(|e| (done, e))?),
-            };
-            let line: &[u8] = sealed.as_deref().unwrap_or(&plain);
-            let need = line.len() as u64 + 1;
+            let mut sealed = self
+                .encode(rec, &prev, &mut plain, &mut hash)
+                .map_err(|e| (done, e))?;
+            let need = sealed.as_ref().map_or(plain.len(), Vec::len) as u64 + 1;
             let rotate = match &self.current {
                 None => true,
-                Some(c) => (len > 0 && len + need > self.opts.max_file_bytes) || today > c.day,
+                Some(c) => (len > 0 && len + need > limit) || today > c.day,
             };
             if rotate {
                 if !buf.is_empty() {
-                    self.append(&buf, &prev, len).map_err(|e| (done, e))?;
+                    self.append(&buf, in_buf, &prev, len)
+                        .map_err(|e| (done, e))?;
                     done += in_buf;
                     in_buf = 0;
                     buf.clear();
                 }
                 self.rotate(today).map_err(|e| (done, e))?;
-                len = 0;
+                if self.enforce_cap().map_err(|e| (done, e))? {
+                    // The checkpoint is now the chain's head: chain this record to it.
+                    prev.clone_from(&self.prev_hash);
+                    sealed = self
+                        .encode(rec, &prev, &mut plain, &mut hash)
+                        .map_err(|e| (done, e))?;
+                }
+                len = self.current.as_ref().map_or(0, |c| c.len);
             }
+            let line: &[u8] = sealed.as_deref().unwrap_or(&plain);
             buf.extend_from_slice(line);
             buf.push(b'\n');
             in_buf += 1;
+            len += line.len() as u64 + 1;
             std::mem::swap(&mut prev, &mut hash);
-            len += need;
         }
         if !buf.is_empty() {
-            self.append(&buf, &prev, len).map_err(|e| (done, e))?;
+            self.append(&buf, in_buf, &prev, len)
+                .map_err(|e| (done, e))?;
         }
         Ok(())
     }
 
-    /// Append `buf` (complete lines) to the current file and commit the chain
-    /// state; on error cut the file back to its last complete line.
-    fn append(&mut self, buf: &[u8], prev: &str, new_len: u64) -> Result<(), String> {
+    /// Append `buf` (`lines` complete lines) to the current file and commit the
+    /// chain state; on error cut the file back to its last complete line.
+    fn append(&mut self, buf: &[u8], lines: usize, prev: &str, new_len: u64) -> Result<(), String> {
         let Some(cur) = &mut self.current else {
             return Err("no audit file open".into());
         };
@@ -625,6 +826,9 @@ impl State {
             return Err(format!("write {}: {e}", display_name(&cur.path)));
         }
         cur.len = new_len;
+        if let Some(r) = &mut cur.records {
+            *r += lines as u64;
+        }
         self.prev_hash.clear();
         self.prev_hash.push_str(prev);
         Ok(())
@@ -640,22 +844,22 @@ impl State {
                     return Err(format!("fsync {name}: {e}"));
                 }
             }
+            if let Some(n) = cur.records {
+                self.known_records.insert(display_name(&cur.path), n);
+            }
             self.last_seq = Some(self.last_seq.map_or(cur.seq, |s| s.max(cur.seq)));
             self.last_day = self.last_day.max(cur.day);
         }
         let seq = self.last_seq.map_or(0, |s| s + 1);
         let day = today.max(self.last_day);
         let path = self.opts.dir.join(file_name(day, seq));
-        let file = OpenOptions::new()
+        let file = private_file_options()
             .append(true)
             .create_new(true)
-            .mode(0o640)
             .open(&path)
             .map_err(|e| format!("create {}: {e}", path.display()))?;
         if self.opts.fsync != FsyncPolicy::Never {
-            if let Ok(d) = File::open(&self.opts.dir) {
-                let _ = d.sync_all();
-            }
+            sync_dir(&self.opts.dir);
         }
         tracing::debug!(file = %display_name(&path), "audit file opened");
         self.last_seq = Some(seq);
@@ -666,9 +870,233 @@ impl State {
             day,
             seq,
             len: 0,
+            records: Some(0),
         });
         Ok(())
     }
+
+    /// A directory already past the cap on start (a smaller cap than before,
+    /// files copied in): open a fresh file and remove what must go, as at a
+    /// rotation, so the checkpoint is that file's first line.
+    fn cap_on_start(&mut self) -> Result<(), String> {
+        if self.opts.max_total_bytes.is_none() {
+            return Ok(());
+        }
+        let current = self.current.as_ref().map(|c| c.path.clone());
+        if self.cap_plan(current.as_deref())?.remove.is_empty() {
+            return Ok(());
+        }
+        if self.current.as_ref().is_none_or(|c| c.len > 0) {
+            let today = day_of(self.now());
+            self.rotate(today)?;
+        }
+        self.enforce_cap().map(|_| ())
+    }
+
+    /// Which closed files go so that they plus one full file fit under the cap.
+    fn cap_plan(&self, current: Option<&Path>) -> Result<CapPlan, String> {
+        let mut plan = CapPlan::default();
+        let Some(cap) = self.opts.max_total_bytes else {
+            return Ok(plan);
+        };
+        let budget = cap.saturating_sub(LOCK_RESERVE);
+        let limit = self.opts.file_limit();
+        let dir = &self.opts.dir;
+        let files =
+            audit_files(dir).map_err(|e| format!("audit directory {}: {e}", dir.display()))?;
+        let mut closed = Vec::new();
+        for f in files {
+            if Some(f.as_path()) == current {
+                continue;
+            }
+            // A file that vanished meanwhile (an operator archiving) takes no room.
+            if let Ok(m) = std::fs::metadata(&f) {
+                closed.push((f, m.len()));
+            }
+        }
+        let mut total: u64 = closed.iter().map(|(_, n)| n).sum();
+        for (f, n) in closed {
+            if total.saturating_add(limit) > budget {
+                total -= n;
+                plan.removed_bytes += n;
+                plan.remove.push(f);
+            } else {
+                plan.kept.push((f, n));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Under a cap, after a rotation: if the closed files plus one full file
+    /// pass the cap, write a signed checkpoint as the current (empty) file's
+    /// first line, fsync it, then remove the oldest files. True when a
+    /// checkpoint was written. An Err is a failure to write the checkpoint (the
+    /// writer fails closed); a file that cannot be removed is logged and left
+    /// for the next rotation.
+    fn enforce_cap(&mut self) -> Result<bool, String> {
+        let Some(ckey) = self.opts.checkpoint_key.clone() else {
+            return Ok(false);
+        };
+        let Some(cur_path) = self.current.as_ref().map(|c| c.path.clone()) else {
+            return Ok(false);
+        };
+        let plan = self.cap_plan(Some(&cur_path))?;
+        if plan.remove.is_empty() {
+            return Ok(false);
+        }
+        // The chain continues from the first record of the first kept file that
+        // has one, or (nothing kept but the new file) from the current head.
+        let key = self.opts.encryption.clone();
+        let mut anchor = None;
+        let mut first_kept = display_name(&cur_path);
+        for (f, n) in &plan.kept {
+            if *n == 0 {
+                continue;
+            }
+            match first_prev_hash(f, key.as_ref()) {
+                Ok(Some(h)) => {
+                    anchor = Some(h);
+                    first_kept = display_name(f);
+                    break;
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    // Without a trustworthy anchor a checkpoint would be a lie;
+                    // keep every file and say so (the disk may then fill and the
+                    // writer fail closed, which is the safe way round).
+                    tracing::error!(file = %display_name(f), error = %e, "audit cap: cannot read the first kept record; nothing removed");
+                    return Ok(false);
+                }
+            }
+        }
+        let anchor = match anchor {
+            Some(a) => a,
+            None => match self.current.as_ref().map(|c| c.len) {
+                Some(0) => self.prev_hash.clone(),
+                _ => match first_prev_hash(&cur_path, key.as_ref()) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => self.prev_hash.clone(),
+                    Err(e) => {
+                        tracing::error!(file = %display_name(&cur_path), error = %e, "audit cap: cannot read the first kept record; nothing removed");
+                        return Ok(false);
+                    }
+                },
+            },
+        };
+        let mut removed_records = 0u64;
+        for f in &plan.remove {
+            let name = display_name(f);
+            removed_records += match self.known_records.get(&name) {
+                Some(n) => *n,
+                None => count_lines(f).map_err(|e| format!("audit file {name}: {e}"))?,
+            };
+        }
+        let mut rec = AuditRecord::new(AuditKind::Checkpoint);
+        rec.ts = self.now();
+        rec.reason = Some("max_total_bytes".into());
+        let facts = CheckpointFacts {
+            ts: ts_text(&rec.ts),
+            anchor,
+            removed_files: plan.remove.iter().map(|f| display_name(f)).collect(),
+            removed_records,
+            removed_bytes: plan.removed_bytes,
+            first_kept,
+        };
+        let mac = ckey.sign(&facts, &self.prev_hash);
+        rec.detail = Some(facts.detail(&mac));
+        self.append_here(&rec)?;
+        self.shared.count_written(1);
+        // Durable before any file goes, whatever the fsync policy.
+        if let Some(cur) = &self.current {
+            cur.file
+                .sync_data()
+                .map_err(|e| format!("fsync {}: {e}", display_name(&cur.path)))?;
+        }
+        let mut gone = 0usize;
+        for f in &plan.remove {
+            match std::fs::remove_file(f) {
+                Ok(()) => {
+                    gone += 1;
+                    self.known_records.remove(&display_name(f));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone += 1,
+                Err(e) => {
+                    tracing::error!(file = %display_name(f), error = %e, "audit cap: cannot remove the file; the next rotation tries again")
+                }
+            }
+        }
+        sync_dir(&self.opts.dir);
+        tracing::info!(
+            files_removed = gone,
+            records_removed = facts.removed_records,
+            bytes_removed = facts.removed_bytes,
+            first_kept = %facts.first_kept,
+            "audit.max_total_bytes reached: oldest audit files removed; checkpoint written"
+        );
+        Ok(true)
+    }
+
+    /// Chain and append one record to the current file, without rotating.
+    fn append_here(&mut self, rec: &AuditRecord) -> Result<(), String> {
+        let mut plain = Vec::with_capacity(1024);
+        let mut hash = String::with_capacity(64);
+        let prev = self.prev_hash.clone();
+        let sealed = self.encode(rec, &prev, &mut plain, &mut hash)?;
+        let mut line = sealed.unwrap_or(plain);
+        line.push(b'\n');
+        let len = self.current.as_ref().map_or(0, |c| c.len) + line.len() as u64;
+        self.append(&line, 1, &hash, len)
+    }
+}
+
+/// What a cap enforcement removes and keeps (closed files, oldest first).
+#[derive(Default)]
+struct CapPlan {
+    remove: Vec<PathBuf>,
+    removed_bytes: u64,
+    kept: Vec<(PathBuf, u64)>,
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Lines (records) in a file: its newline count.
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let got = f.read(&mut buf)?;
+        if got == 0 {
+            return Ok(n);
+        }
+        n += buf[..got].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+}
+
+/// The `prev_hash` of the first record of `path` (None for an empty file).
+fn first_prev_hash(path: &Path, key: Option<&EncKey>) -> Result<Option<String>, String> {
+    // A record line is far below this; a longer first line is not a record.
+    const MAX_LINE: u64 = 1 << 20;
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    std::io::BufReader::new(f)
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| e.to_string())?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if line.pop() != Some(b'\n') {
+        return Err("the first line is incomplete or too long".into());
+    }
+    let d = decode_line(&line, key).map_err(|e| match e {
+        DecodeError::Unparseable(m) | DecodeError::Decrypt(m) => m,
+    })?;
+    Ok(Some(d.prev_hash().to_string()))
 }
 
 fn display_name(p: &Path) -> String {

@@ -18,7 +18,7 @@ pub(crate) async fn handle_connect(
     shutdown: watch::Receiver<bool>,
 ) -> Response<ProxyBody> {
     let rt = app.runtime.load_full();
-    let mut x = Exchange::new(&app);
+    let mut x = Exchange::new(&app, req.headers());
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let end = match enforce::gate_connect(&rt, authority.as_deref()) {
         ConnectGate::Refuse(refusal) => End::Refused {

@@ -76,7 +76,7 @@ pub async fn serve_connection<IO>(
                 if allow_connect {
                     connect::handle_connect(app, req, shutdown).await
                 } else {
-                    pipeline::refuse(&app, Refusal::connect_not_allowed())
+                    pipeline::refuse(&app, req.headers(), Refusal::connect_not_allowed())
                 }
             } else {
                 pipeline::handle(app, req, via).await

@@ -21,6 +21,19 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn build(config: Config, file: &str) -> Result<Runtime, Vec<ConfigError>> {
+        let pg = &config.consent.postgres;
+        if config.consent.source == crate::config::SourceKind::Postgres {
+            if let Err(message) =
+                crate::consent::postgres::resolve_tls(&pg.url, pg.sslmode, pg.ca_file.as_deref())
+            {
+                return Err(vec![ConfigError {
+                    file: file.to_string(),
+                    line: pg.line,
+                    key: "consent.postgres".into(),
+                    message,
+                }]);
+            }
+        }
         let registry = Registry::build(&config, file)?;
         let upstream = UpstreamClient::new(&config.upstream).map_err(|e| {
             vec![ConfigError {
@@ -154,6 +167,25 @@ impl App {
                 .staleness()
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(f64::INFINITY),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_url_and_sslmode_that_disagree_refuse_the_runtime_naming_the_line() {
+        let text = "consent:\n  source: postgres\n  postgres:\n    url: postgres://u@db/c?sslmode=require\n    sslmode: verify-full\n";
+        let cfg = crate::config::parse(text, "t.yaml").unwrap();
+        let Err(errs) = Runtime::build(cfg, "t.yaml") else {
+            panic!("a disagreeing sslmode must refuse the runtime");
+        };
+        let shown = errs[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:4: consent.postgres:") && shown.contains("keep one"),
+            "{shown}"
         );
     }
 }

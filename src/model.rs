@@ -151,3 +151,38 @@ impl DestKind {
         matches!(self, DestKind::AdPlatform | DestKind::Analytics)
     }
 }
+
+/// `consent.postgres.sslmode` (and a URL's `sslmode=`): how the consent
+/// database connection uses TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PgSslMode {
+    #[default]
+    Disable,
+    Require,
+    VerifyFull,
+}
+
+impl PgSslMode {
+    pub fn parse(v: &str) -> Result<PgSslMode, String> {
+        match v {
+            "disable" => Ok(PgSslMode::Disable),
+            "require" => Ok(PgSslMode::Require),
+            "verify-full" => Ok(PgSslMode::VerifyFull),
+            "prefer" | "allow" | "verify-ca" => Err(format!(
+                "sslmode {v} is not supported: use disable, require or verify-full \
+                 (prefer and allow fall back to plain text; verify-ca does not check the host)"
+            )),
+            _ => Err(format!(
+                "expected disable, require or verify-full, got {v:?}"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyFull => "verify-full",
+        }
+    }
+}

@@ -1,5 +1,7 @@
 //! Issue 9: every metric name the Grafana dashboard and the PrometheusRule use
-//! exists in /metrics of a running instance.
+//! exists in /metrics of a running instance (those still listed as waiting to
+//! land in scripts/k8s_validate.py's PENDING_METRICS aside; k8s-validate fails
+//! as soon as one of those exists, so it is then checked here).
 
 mod common;
 use common::*;
@@ -10,6 +12,7 @@ use std::process::Command;
 async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
     let out = Command::new("python3")
         .arg(repo().join("scripts/k8s-metric-names"))
+        .arg("--landed")
         .current_dir(repo())
         .output()
         .expect("python3 runs scripts/k8s-metric-names");

@@ -1086,6 +1086,7 @@ mod tests {
     fn pgcfg(url: &str) -> PgSourceConfig {
         PgSourceConfig::new(&PostgresCfg {
             url: url.into(),
+            line: 0,
             password_file: None,
             sslmode: None,
             ca_file: None,
@@ -1324,6 +1325,7 @@ mod tests {
             url: format!(
                 "postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{name}"
             ),
+            line: 0,
             password_file: None,
             sslmode: None,
             ca_file: None,
@@ -1346,6 +1348,7 @@ mod tests {
             .port();
         let mut c = PgSourceConfig::new(&PostgresCfg {
             url: format!("postgres://postgres@127.0.0.1:{port}/test"),
+            line: 0,
             password_file: None,
             sslmode: None,
             ca_file: None,

@@ -1,9 +1,24 @@
 //! Bodies: bounded reading, and Content-Encoding decode / re-encode
 //! (gzip, deflate, br, zstd). Decoded size is bounded too (no zip bombs).
+//!
+//! Every request body a listener hands on is a [`ClientBody`]: the client's
+//! body with the `limits.body_read_timeout` deadline, so a slow trickle or a
+//! body shorter than its Content-Length ends in time, whether the body is
+//! read here or streamed upstream. [`read_limited`] holds bodies in memory
+//! against the process-wide [`Budget`] (`limits.inflight_body_bytes`); the
+//! reservation lives inside the returned `Bytes`, so it is released exactly
+//! when the last copy of the body is freed, on every path (errors and
+//! cancellation included).
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::io::{Read, Write};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
@@ -22,6 +37,10 @@ pub enum BodyReadError {
     UnknownEncoding(String),
     /// Could not be read or decoded (422).
     Unreadable(String),
+    /// Not complete within `limits.body_read_timeout` (408), carrying it.
+    TimedOut(Duration),
+    /// Holding it would pass `limits.inflight_body_bytes` (503 `overloaded`).
+    Overloaded,
 }
 
 impl Encoding {
@@ -47,24 +66,276 @@ impl Encoding {
     }
 }
 
-/// Read a whole body, refusing more than `limit` bytes.
-pub async fn read_limited<B>(body: B, limit: u64) -> Result<Bytes, BodyReadError>
+/// The bytes of request bodies held in memory across all requests at once,
+/// bounded by `limits.inflight_body_bytes`. One per process, shared by every
+/// listener (the admin thread included).
+#[derive(Debug, Default)]
+pub struct Budget {
+    used: AtomicU64,
+}
+
+impl Budget {
+    pub fn new() -> Arc<Budget> {
+        Arc::new(Budget::default())
+    }
+
+    /// Bytes reserved right now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Reserve `n` bytes if that keeps the total within `cap`. The cap is
+    /// passed in (not stored) so a config reload applies to the next request.
+    pub fn try_reserve(self: &Arc<Self>, n: u64, cap: u64) -> Option<Reservation> {
+        self.take(n, cap).then(|| Reservation {
+            budget: self.clone(),
+            bytes: n,
+        })
+    }
+
+    fn take(&self, n: u64, cap: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= cap)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes held against the [`Budget`]; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Hold `total` bytes in all: more from the budget if it allows, or give the
+    /// surplus back (a Content-Length reserved up front, trued up at the end).
+    fn resize(&mut self, total: u64, cap: u64) -> bool {
+        if total > self.bytes {
+            if !self.budget.take(total - self.bytes, cap) {
+                return false;
+            }
+        } else {
+            self.budget
+                .used
+                .fetch_sub(self.bytes - total, Ordering::AcqRel);
+        }
+        self.bytes = total;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A body held in memory, with the budget it holds: freed together.
+struct Held {
+    data: Vec<u8>,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// What a listener applies to every request body (from `limits`).
+#[derive(Clone, Debug)]
+pub struct BodyLimits {
+    pub timeout: Duration,
+    pub budget: Arc<Budget>,
+    /// `limits.inflight_body_bytes` when the request arrived.
+    pub budget_cap: u64,
+}
+
+/// Why a [`ClientBody`] stopped.
+#[derive(Debug)]
+pub enum ClientBodyError {
+    /// `limits.body_read_timeout` passed before the body was complete.
+    TimedOut(Duration),
+    /// The connection failed or the body was malformed.
+    Read(hyper::Error),
+}
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientBodyError::TimedOut(t) => {
+                write!(
+                    f,
+                    "request body not complete within {}",
+                    humantime::format_duration(*t)
+                )
+            }
+            ClientBodyError::Read(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientBodyError::TimedOut(_) => None,
+            ClientBodyError::Read(e) => Some(e),
+        }
+    }
+}
+
+/// A request body as a listener received it, with its read deadline (counted
+/// from when the request head arrived) and the budget [`read_limited`] holds
+/// it against.
+pub struct ClientBody<B = hyper::body::Incoming> {
+    inner: B,
+    deadline: Instant,
+    /// Armed the first time the body has to wait for the client.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    limits: Option<BodyLimits>,
+    /// Set once the deadline has passed: the body stays failed.
+    expired: bool,
+}
+
+impl<B> ClientBody<B> {
+    pub fn new(inner: B, limits: BodyLimits) -> ClientBody<B> {
+        ClientBody {
+            inner,
+            deadline: Instant::now() + limits.timeout,
+            timer: None,
+            limits: Some(limits),
+            expired: false,
+        }
+    }
+
+    /// No deadline and no budget (unit tests and tools).
+    pub fn unlimited(inner: B) -> ClientBody<B> {
+        ClientBody {
+            inner,
+            deadline: Instant::now() + Duration::from_secs(u32::MAX.into()),
+            timer: None,
+            limits: None,
+            expired: false,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.limits.as_ref().map(|l| l.timeout).unwrap_or_default()
+    }
+}
+
+impl<B> Body for ClientBody<B>
 where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
 {
-    let limited = http_body_util::Limited::new(body, limit as usize);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Err(BodyReadError::TooLarge)
-            } else {
-                Err(BodyReadError::Unreadable(format!(
-                    "body could not be read: {e}"
-                )))
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(Some(Err(ClientBodyError::TimedOut(this.timeout()))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // A body that keeps arriving but not fast enough ends too.
+                if frame.is_data() && Instant::now() >= this.deadline {
+                    this.expired = true;
+                    return Poll::Ready(Some(Err(ClientBodyError::TimedOut(this.timeout()))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError::Read(e)))),
+            Poll::Ready(None) => {
+                this.timer = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::from_std(this.deadline);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.expired = true;
+                        Poll::Ready(Some(Err(ClientBodyError::TimedOut(this.timeout()))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.expired && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Read a whole client body, refusing more than `limit` bytes, more time than
+/// `limits.body_read_timeout`, or more memory than the budget has left. A
+/// declared length is reserved before the first byte is read (refused at once
+/// when the budget cannot take it), then trued up to what arrived.
+pub async fn read_limited<B>(mut body: ClientBody<B>, limit: u64) -> Result<Bytes, BodyReadError>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BodyReadError::TooLarge);
+    }
+    let expected = declared.unwrap_or(0);
+    let mut reservation = match &body.limits {
+        Some(l) => Some(
+            l.budget
+                .try_reserve(expected, l.budget_cap)
+                .ok_or(BodyReadError::Overloaded)?,
+        ),
+        None => None,
+    };
+    let cap = body.limits.as_ref().map(|l| l.budget_cap).unwrap_or(0);
+    // A declared length is allocated once, exactly; a chunked body grows.
+    let mut buf = Vec::with_capacity(expected as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match e {
+            ClientBodyError::TimedOut(t) => BodyReadError::TimedOut(t),
+            ClientBodyError::Read(e) => {
+                BodyReadError::Unreadable(format!("body could not be read: {e}"))
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing the body is judged by
+        };
+        let total = buf.len() as u64 + data.len() as u64;
+        if total > limit {
+            return Err(BodyReadError::TooLarge);
+        }
+        if let Some(r) = reservation.as_mut() {
+            if total > r.bytes && !r.resize(total, cap) {
+                return Err(BodyReadError::Overloaded);
+            }
+        }
+        buf.extend_from_slice(&data);
+    }
+    match reservation {
+        Some(mut r) => {
+            r.resize(buf.len() as u64, cap);
+            Ok(Bytes::from_owner(Held {
+                data: buf,
+                _reservation: r,
+            }))
+        }
+        None => Ok(Bytes::from(buf)),
     }
 }
 

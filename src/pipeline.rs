@@ -5,6 +5,7 @@
 
 use crate::app::{App, Runtime};
 use crate::audit::AuditRecord;
+use crate::body::ClientBody;
 use crate::body::{self, BodyReadError, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
@@ -18,7 +19,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -123,7 +123,7 @@ fn stamp(h: &mut HeaderMap, decision: RequestDecision, request_id: &str) {
 /// Where a plain request is going: absolute-form URI, else Host / :authority.
 /// Always upstream over TLS, to 443 unless the authority names a port and
 /// the scheme is https.
-pub fn plain_target(req: &Request<Incoming>) -> Option<(String, u16)> {
+pub fn plain_target<B>(req: &Request<B>) -> Option<(String, u16)> {
     let authority = match req.uri().authority() {
         Some(a) => a.as_str().to_string(),
         None => req.headers().get(header::HOST)?.to_str().ok()?.to_string(),
@@ -357,8 +357,7 @@ fn media_type(h: &HeaderMap) -> Option<String> {
         })
 }
 
-fn has_body(req: &Request<Incoming>) -> bool {
-    use hyper::body::Body;
+fn has_body<B: hyper::body::Body>(req: &Request<B>) -> bool {
     match req.headers().get(header::CONTENT_LENGTH) {
         Some(v) => v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) != Some(0),
         None => !req.body().is_end_stream(),
@@ -376,7 +375,7 @@ fn upstream_uri(host: &str, port: u16, pq: Option<&str>) -> Result<Uri, http::Er
 }
 
 /// The pipeline entry point for every proxied request.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
+pub async fn handle(app: Arc<App>, req: Request<ClientBody>, via: Via) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = new_request_id();
     let rt = app.runtime.load_full();
@@ -629,6 +628,21 @@ fn body_error_response(request_id: &str, e: BodyReadError, limit: u64) -> Respon
             format!("Content-Encoding {enc:?} is not supported"),
         ),
         BodyReadError::Unreadable(d) => error_response(422, request_id, "unreadable_body", d),
+        BodyReadError::TimedOut(t) => error_response(
+            408,
+            request_id,
+            "request_timeout",
+            format!(
+                "request body not complete within limits.body_read_timeout ({}); nothing was forwarded",
+                humantime::format_duration(t)
+            ),
+        ),
+        BodyReadError::Overloaded => error_response(
+            503,
+            request_id,
+            "overloaded",
+            "too many request bodies in memory (limits.inflight_body_bytes); nothing was forwarded, retry later",
+        ),
     }
 }
 

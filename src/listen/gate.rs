@@ -366,7 +366,7 @@ fn digits(v: &[u8]) -> Option<u64> {
     })
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 

@@ -248,6 +248,15 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
+    // Built before anything is written, so a bad file leaves no trace but the error.
+    let admin_tls = match cfg.admin.tls.as_ref().map(crate::tls::admin::server_config) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "admin.tls unusable");
+            return 1;
+        }
+    };
     let (audit, pseudonyms) = match start_audit(&cfg.audit, &metrics) {
         Ok(x) => x,
         Err(e) => {
@@ -306,14 +315,6 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(addr = %cfg.listen.proxy, error = %e, "cannot bind listen.proxy");
-            return 1;
-        }
-    };
-    let admin_tls = match cfg.admin.tls.as_ref().map(crate::tls::admin::server_config) {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "admin.tls unusable");
             return 1;
         }
     };

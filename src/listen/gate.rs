@@ -173,7 +173,10 @@ enum State {
 struct Answer {
     bytes: Bytes,
     phase: AnswerPhase,
-    until: Instant,
+    /// Set when the first byte is written: only once the connection is idle
+    /// (no response under way, hyper's output flushed), so the answer never
+    /// lands in the middle of another response.
+    until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +422,10 @@ pub(crate) struct Gate<IO> {
     eof: bool,
     /// Closing with a body unread: drain until this instant.
     linger: Option<(Instant, usize)>,
+    /// No head accepted yet (the HTTP/2 preface can only come first).
+    first: bool,
+    /// hyper wrote since its last completed flush.
+    dirty: bool,
 }
 
 enum Fire {
@@ -446,6 +453,8 @@ where
             timer_at: None,
             eof: false,
             linger: None,
+            first: true,
+            dirty: false,
         }
     }
 
@@ -462,15 +471,7 @@ where
     fn head_timers(&mut self, cx: &mut Context<'_>) -> Option<Fire> {
         if let Some(since) = self.head_since {
             let at = since + self.cfg.header_read_timeout;
-            if !self.poll_timer(cx, at) {
-                return None;
-            }
-            // A pipelined head ran out of time while the previous response is
-            // still being written: answer once that response is done.
-            if self.conn.busy() && self.conn.wake_when_idle(cx.waker()) {
-                return None;
-            }
-            return Some(Fire::Timeout);
+            return self.poll_timer(cx, at).then_some(Fire::Timeout);
         }
         if self.conn.busy() && self.conn.wake_when_idle(cx.waker()) {
             self.idle_since = None;
@@ -491,7 +492,7 @@ where
         self.state = State::Answer(Answer {
             bytes: answer_bytes(&r, &id),
             phase: AnswerPhase::Write,
-            until: Instant::now() + LINGER,
+            until: None,
         });
     }
 
@@ -534,6 +535,7 @@ where
         match classify(&self.pending[..end]) {
             Ok(next) => {
                 self.out = self.pending.split_to(end).freeze();
+                self.first = false;
                 self.state = next;
                 self.scanned = 0;
                 self.head_since = None;
@@ -571,6 +573,17 @@ where
         let State::Answer(mut a) = std::mem::replace(&mut self.state, State::Done) else {
             return Poll::Ready(());
         };
+        if a.until.is_none() {
+            // A pipelined request's response is still under way (woken when it
+            // ends), or hyper has not flushed it yet (woken by `poll_flush`).
+            let busy = self.conn.busy() && self.conn.wake_when_idle(cx.waker());
+            if busy || self.dirty {
+                self.state = State::Answer(a);
+                return Poll::Pending;
+            }
+            a.until = Some(Instant::now() + LINGER);
+        }
+        let until = a.until.unwrap_or_else(Instant::now);
         loop {
             let step = match a.phase {
                 AnswerPhase::Write => match Pin::new(&mut self.io).poll_write(cx, &a.bytes) {
@@ -613,7 +626,7 @@ where
                 Poll::Ready(true) => continue,
                 Poll::Ready(false) => return Poll::Ready(()),
                 Poll::Pending => {
-                    if self.poll_timer(cx, a.until) {
+                    if self.poll_timer(cx, until) {
                         return Poll::Ready(());
                     }
                     self.state = State::Answer(a);
@@ -639,6 +652,11 @@ where
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// The gate's own answer is being written: hyper must not write now.
+    fn answering(&self) -> bool {
+        matches!(&self.state, State::Answer(a) if a.until.is_some())
     }
 
     fn deliver(&mut self, buf: &mut ReadBuf<'_>) {
@@ -735,7 +753,8 @@ where
                 }
                 State::Head => {
                     let p = &this.pending[..];
-                    let preface_so_far = !p.is_empty()
+                    let preface_so_far = this.first
+                        && !p.is_empty()
                         && H2_PREFACE.starts_with(&p[..p.len().min(H2_PREFACE.len())]);
                     if preface_so_far && p.len() >= H2_PREFACE.len() {
                         this.state = State::Pass;
@@ -803,9 +822,10 @@ where
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if matches!(this.state, State::Answer(_)) {
+        if this.answering() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        this.dirty = true;
         Pin::new(&mut this.io).poll_write(cx, data)
     }
 
@@ -815,9 +835,10 @@ where
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if matches!(this.state, State::Answer(_)) {
+        if this.answering() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        this.dirty = true;
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
@@ -826,7 +847,16 @@ where
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            this.dirty = false;
+            if matches!(this.state, State::Answer(_)) {
+                // A refusal waits for this flush (same task: poll it again).
+                cx.waker().wake_by_ref();
+            }
+        }
+        r
     }
 
     /// hyper closing an HTTP/1 connection with a request body still unread
@@ -936,5 +966,148 @@ mod tests {
         assert_eq!(total, body.len() - 14);
         assert!(Chunked::new().consume(b"5\nhello").is_none());
         assert!(Chunked::new().consume(b"zz\r\n").is_none());
+    }
+}
+
+/// The gate in front of a real hyper server, over an in-memory connection.
+#[cfg(test)]
+mod with_hyper {
+    use super::*;
+    use crate::config::Limits;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A server behind the gate: `/slow` answers after 300 ms, every other
+    /// path with the length of the body it read.
+    fn server(header_timeout: Duration, idle: Duration, max_head: usize) -> DuplexStream {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let limits = Limits {
+            header_read_timeout: header_timeout,
+            max_header_bytes: max_head as u64,
+            ..Limits::default()
+        };
+        let mut cfg = crate::listen::gate_cfg(&limits, None);
+        cfg.idle_timeout = idle;
+        tokio::spawn(async move {
+            let handler = |req: hyper::Request<hyper::body::Incoming>| async move {
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let n = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                hyper::Response::new(Full::new(Bytes::from(format!("read {}", n.unwrap_or(0)))))
+            };
+            crate::listen::serve_http(server, &limits, cfg, None, handler).await;
+        });
+        client
+    }
+
+    async fn read_all(c: &mut DuplexStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        String::from_utf8_lossy(&out).to_string()
+    }
+
+    async fn read_some(c: &mut DuplexStream, until: &str) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1024];
+        while !String::from_utf8_lossy(&out).contains(until) {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&out).to_string()
+    }
+
+    #[tokio::test]
+    async fn keep_alive_idle_is_not_a_slow_head() {
+        let mut c = server(Duration::from_millis(200), IDLE_TIMEOUT, 8192);
+        c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_some(&mut c, "read 0")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        // Idle for longer than the head timeout, then a prompt head.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_some(&mut c, "read 0")
+            .await
+            .starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_closes_quietly() {
+        let mut c = server(Duration::from_secs(5), Duration::from_millis(200), 8192);
+        c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let first = read_all(&mut c).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert_eq!(
+            first.matches("HTTP/1.1").count(),
+            1,
+            "no 408 after: {first}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_under_way_is_never_cut_by_a_refusal() {
+        let mut c = server(Duration::from_secs(5), IDLE_TIMEOUT, 1024);
+        let mut req = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nX-Big: ".to_vec();
+        req.extend_from_slice(&[b'a'; 4000]);
+        c.write_all(&req).await.unwrap();
+        let all = read_all(&mut c).await;
+        let ok = all.find("HTTP/1.1 200").expect("the first response");
+        let refused = all.find("HTTP/1.1 431").expect("then the refusal");
+        assert!(ok < refused, "{all}");
+        assert!(all[ok..refused].contains("read 0"), "{all}");
+        assert!(all.contains("\"error\":\"headers_too_large\""), "{all}");
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_after_chunked_and_sized_bodies() {
+        let mut c = server(Duration::from_secs(5), IDLE_TIMEOUT, 8192);
+        c.write_all(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+              GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let all = read_all(&mut c).await;
+        assert_eq!(all.matches("HTTP/1.1 200").count(), 3, "{all}");
+        let order: Vec<usize> = ["read 5", "read 3", "read 0"]
+            .iter()
+            .map(|s| all.find(s).unwrap_or_else(|| panic!("{s} in {all}")))
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{all}");
+    }
+
+    #[tokio::test]
+    async fn slow_and_malformed_heads_get_json() {
+        let mut c = server(Duration::from_millis(200), IDLE_TIMEOUT, 8192);
+        c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.starts_with("HTTP/1.1 408 "), "{all}");
+        assert!(all.contains("x-consentgate-decision: blocked"), "{all}");
+        assert!(all.contains("\"error\":\"request_timeout\""), "{all}");
+        let mut c = server(Duration::from_secs(5), IDLE_TIMEOUT, 8192);
+        c.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.starts_with("HTTP/1.1 400 "), "{all}");
+        assert!(all.contains("\"error\":\"bad_request\""), "{all}");
     }
 }

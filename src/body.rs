@@ -160,7 +160,7 @@ pub enum ClientBodyError {
     /// `limits.body_read_timeout` passed before the body was complete.
     TimedOut(Duration),
     /// The connection failed or the body was malformed.
-    Read(hyper::Error),
+    Read(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl std::fmt::Display for ClientBodyError {
@@ -182,7 +182,7 @@ impl std::error::Error for ClientBodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientBodyError::TimedOut(_) => None,
-            ClientBodyError::Read(e) => Some(e),
+            ClientBodyError::Read(e) => Some(e.as_ref()),
         }
     }
 }
@@ -229,7 +229,8 @@ impl<B> ClientBody<B> {
 
 impl<B> Body for ClientBody<B>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
     type Error = ClientBodyError;
@@ -251,7 +252,7 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError::Read(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError::Read(e.into())))),
             Poll::Ready(None) => {
                 this.timer = None;
                 Poll::Ready(None)
@@ -287,7 +288,8 @@ where
 /// when the budget cannot take it), then trued up to what arrived.
 pub async fn read_limited<B>(mut body: ClientBody<B>, limit: u64) -> Result<Bytes, BodyReadError>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
     let declared = body.size_hint().exact();
@@ -400,6 +402,106 @@ pub fn encode(enc: Encoding, data: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body fed by the test, one chunk at a time; it ends when the sender goes.
+    struct Chan(tokio::sync::mpsc::Receiver<Bytes>, Option<u64>);
+
+    impl Body for Chan {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.get_mut()
+                .0
+                .poll_recv(cx)
+                .map(|o| o.map(|b| Ok(Frame::data(b))))
+        }
+        fn size_hint(&self) -> SizeHint {
+            self.1.map(SizeHint::with_exact).unwrap_or_default()
+        }
+    }
+
+    fn chan(len: Option<u64>) -> (tokio::sync::mpsc::Sender<Bytes>, Chan) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (tx, Chan(rx, len))
+    }
+
+    fn limits(budget: &Arc<Budget>, cap: u64, timeout: Duration) -> BodyLimits {
+        BodyLimits {
+            timeout,
+            budget: budget.clone(),
+            budget_cap: cap,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_held_by_the_bytes_and_given_back_on_every_path() {
+        let budget = Budget::new();
+        let long = Duration::from_secs(60);
+        // A declared length is reserved up front, then trued up to what came.
+        let (tx, body) = chan(Some(10));
+        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        drop(tx);
+        let held = read_limited(ClientBody::new(body, limits(&budget, 100, long)), 1000)
+            .await
+            .unwrap();
+        assert_eq!(&held[..], b"0123456789");
+        assert_eq!(budget.used(), 10);
+        let copy = held.clone();
+        drop(held);
+        assert_eq!(budget.used(), 10, "a copy still holds the memory");
+        drop(copy);
+        assert_eq!(budget.used(), 0);
+
+        // No room for a declared length: refused before reading.
+        let _hog = budget.try_reserve(95, 100).unwrap();
+        let (_tx, body) = chan(Some(10));
+        let r = read_limited(ClientBody::new(body, limits(&budget, 100, long)), 1000).await;
+        assert_eq!(r, Err(BodyReadError::Overloaded));
+        // A chunked body runs out of room as it arrives; its part is given back.
+        let (tx, body) = chan(None);
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        tx.send(Bytes::from_static(b"defgh")).await.unwrap();
+        let r = read_limited(ClientBody::new(body, limits(&budget, 100, long)), 1000).await;
+        assert_eq!(r, Err(BodyReadError::Overloaded));
+        assert_eq!(budget.used(), 95);
+        drop(_hog);
+        assert_eq!(budget.used(), 0);
+
+        // A read cancelled half-way (the client went away) gives it back too.
+        let (tx, body) = chan(Some(50));
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        let read = read_limited(ClientBody::new(body, limits(&budget, 100, long)), 1000);
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), read).await;
+        assert!(cancelled.is_err());
+        assert_eq!(budget.used(), 0);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_or_trickles_times_out() {
+        let budget = Budget::new();
+        let t = Duration::from_millis(100);
+        let (tx, body) = chan(Some(10));
+        tx.send(Bytes::from_static(b"01234")).await.unwrap();
+        let started = Instant::now();
+        let r = read_limited(ClientBody::new(body, limits(&budget, 100, t)), 1000).await;
+        assert_eq!(r, Err(BodyReadError::TimedOut(t)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(budget.used(), 0);
+        drop(tx);
+        // Arriving all the time, but not finished by the deadline.
+        let (tx, body) = chan(None);
+        tokio::spawn(async move {
+            while tx.send(Bytes::from_static(b"x")).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let r = read_limited(ClientBody::new(body, limits(&budget, 1 << 20, t)), 1 << 20).await;
+        assert_eq!(r, Err(BodyReadError::TimedOut(t)));
+    }
 
     #[test]
     fn round_trips_every_coding() {

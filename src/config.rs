@@ -1048,6 +1048,69 @@ mod tests {
     }
 
     #[test]
+    fn limits_admin_tls_and_metrics_port() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.listen.metrics, None);
+        assert_eq!(c.admin.tls, None);
+        let text = "listen:\n  metrics: 127.0.0.1:9090\nlimits:\n  header_read_timeout: 2s\n  \
+                    max_header_bytes: 16KiB\n  inflight_body_bytes: 1GiB\n";
+        let c = parse(text, "t.yaml").unwrap();
+        assert_eq!(c.listen.metrics, Some(([127, 0, 0, 1], 9090).into()));
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_header_bytes, 16 << 10);
+        assert_eq!(c.limits.inflight_body_bytes, 1 << 30);
+        let text = "max_body_bytes: 8MiB\nlimits:\n  header_read_timeout: 0s\n  \
+                    max_header_bytes: 100\n  inflight_body_bytes: 1MiB\n  colour: blue\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(shown.len(), 4, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("t.yaml:3: limits.header_read_timeout:"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[1].starts_with("t.yaml:4: limits.max_header_bytes:"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[2].starts_with("t.yaml:5: limits.inflight_body_bytes:")
+                && shown[2].contains("max_body_bytes"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[3].starts_with("t.yaml:6: limits.colour: unknown key"),
+            "{shown:#?}"
+        );
+        let text = "admin:\n  tls:\n    key: /nonexistent/key.pem\n    cafile: x\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            shown.iter().any(|e| e.contains("admin.tls.cert: missing")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("admin.tls.key: file not found")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("admin.tls.cafile: unknown key")),
+            "{shown:#?}"
+        );
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(size("8MiB").unwrap(), 8 << 20);
         assert_eq!(size("100").unwrap(), 100);

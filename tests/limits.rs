@@ -545,3 +545,25 @@ async fn duplicate_host_is_400_and_the_absolute_form_wins() {
     let audit = stop(env.p);
     assert_audited(&audit, &[(dup, "bad_request")]);
 }
+
+/// A streamed body (a destination in `mode: passthrough` is not inspected, so
+/// its body is not held) that stalls is cut at the body timeout too: the
+/// connection is not held, and the app is told the request failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_streamed_body_is_cut_at_the_body_timeout() {
+    let env = start(
+        "limits-stream",
+        "destinations:\n  - {name: meta_capi, mode: passthrough}\n",
+    )
+    .await;
+    let io: Box<dyn Io> = Box::new(tokio::net::TcpStream::connect(env.p.proxy).await.unwrap());
+    let mut first = head(Listener::Plain, 200);
+    first.extend_from_slice(b"{\"data\":[");
+    let a = exchange(io, first, None).await;
+    assert!(a.elapsed <= WITHIN, "took {:?}", a.elapsed);
+    assert_eq!(a.status, 502, "{a:?}");
+    // Whatever reached the upstream is an incomplete body it cannot act on.
+    for r in env.up.requests() {
+        assert!(r.body.len() < 200, "{r:?}");
+    }
+}

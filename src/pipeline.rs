@@ -5,8 +5,7 @@
 
 use crate::app::{App, Runtime};
 use crate::audit::AuditRecord;
-use crate::body::ClientBody;
-use crate::body::{self, BodyReadError, Encoding};
+use crate::body::{self, BodyReadError, ClientBody, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
 use crate::decide::{Context, Decision, EventVerdict};

@@ -1,15 +1,18 @@
-//! The admin listener: /metrics, /healthz, /readyz and the consent API. It runs
-//! on its own OS thread with its own runtime so probes and scrapes answer while
-//! the data plane is saturated.
+//! The admin listener (`listen.admin`): the consent API, and /metrics,
+//! /healthz, /readyz unless `listen.metrics` gives those their own plain-HTTP
+//! port (so probes and scrapes never share a port with the write API). Both
+//! run on their own OS thread with their own runtime so probes and scrapes
+//! answer while the data plane is saturated. With `admin.tls` the admin
+//! listener speaks TLS 1.2+ only (mutual TLS with `client_ca`). Every
+//! connection gets the same `limits` as the proxy's.
 
 use crate::app::App;
+use crate::body::{self, BodyReadError, ClientBody};
+use crate::listen::{self, gate};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -34,23 +37,46 @@ pub fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
     crate::response::json(status, &v).map(Full::new)
 }
 
-/// Extra routes mounted under /v1/ (the consent API).
+/// A refusal on the admin listener (a `limits` refusal, a bad head), in the
+/// same JSON and with the same decision headers as on the proxy's listeners.
+fn refused(r: &crate::enforce::Refusal) -> Response<AdminBody> {
+    let id = crate::response::new_request_id();
+    tracing::info!(listener = "admin", request_id = %id, status = r.status, error = r.code,
+        "admin request refused");
+    crate::response::plain(r, &id).map(Full::new)
+}
+
+/// Extra routes mounted under /v1/ (the consent API). The body is already read
+/// (bounded in size, time and memory) when the handler is called.
 pub type ApiHandler = Arc<
     dyn Fn(
-            Request<Incoming>,
+            Request<AdminBody>,
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<AdminBody>> + Send>>
         + Send
         + Sync,
 >;
 
-async fn route(
-    app: Arc<App>,
-    api: Option<ApiHandler>,
-    req: Request<Incoming>,
-) -> Response<AdminBody> {
-    let path = req.uri().path();
-    match (req.method(), path) {
+/// What one listener on the admin thread serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// `listen.admin`; `probes` unless `listen.metrics` is set.
+    Admin { probes: bool },
+    /// `listen.metrics`: /metrics, /healthz, /readyz only.
+    Metrics,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Admin { .. } => "admin",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
+fn probes(app: &App, req: &Request<Incoming>) -> Option<Response<AdminBody>> {
+    let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             app.refresh_gauges();
             text(
@@ -69,17 +95,65 @@ async fn route(
             };
             json(status, serde_json::json!({"ready": ready, "reason": why}))
         }
-        (_, p) if p.starts_with("/v1/") => match api {
-            Some(h) => h(req).await,
-            None => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not_found"}),
-            ),
-        },
         (_, "/metrics" | "/healthz" | "/readyz") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"error": "method_not_allowed"}),
         ),
+        _ => return None,
+    };
+    Some(resp)
+}
+
+async fn route(
+    app: Arc<App>,
+    api: Option<ApiHandler>,
+    role: Role,
+    req: Request<Incoming>,
+) -> Response<AdminBody> {
+    let path = req.uri().path().to_string();
+    let is_probe = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz");
+    match role {
+        Role::Metrics | Role::Admin { probes: true } => {
+            if let Some(r) = probes(&app, &req) {
+                return r;
+            }
+        }
+        Role::Admin { probes: false } if is_probe => {
+            return json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not_found", "path": path,
+                    "detail": "served on listen.metrics"}),
+            );
+        }
+        Role::Admin { probes: false } => {}
+    }
+    match (role, api) {
+        (Role::Admin { .. }, Some(api)) if path.starts_with("/v1/") => {
+            let limits = app.runtime.load().config.limits.clone();
+            if let Some(r) = crate::enforce::check_head(&req, limits.max_header_bytes) {
+                return refused(&r);
+            }
+            let (parts, incoming) = req.into_parts();
+            let body = ClientBody::new(incoming, listen::body_limits(&app, &limits));
+            match body::read_limited(body, crate::consent::api::MAX_BODY_BYTES as u64).await {
+                Ok(b) => api(Request::from_parts(parts, Full::new(b))).await,
+                // The consent API's own answers for these two.
+                Err(BodyReadError::TooLarge) => json(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    serde_json::json!({"error": "body_too_large",
+                        "detail": "request body over 64 KiB"}),
+                ),
+                Err(BodyReadError::Unreadable(_) | BodyReadError::UnknownEncoding(_)) => json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "unreadable_body",
+                        "detail": "request body could not be read"}),
+                ),
+                Err(e) => refused(&crate::enforce::Refusal::body(
+                    e,
+                    crate::consent::api::MAX_BODY_BYTES as u64,
+                )),
+            }
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found", "path": path}),
@@ -87,51 +161,133 @@ async fn route(
     }
 }
 
-/// Start the admin server on its own thread. Returns once the socket is bound.
-pub fn spawn(
+/// Serve one accepted admin-thread connection (after TLS, if any).
+async fn serve<IO>(app: Arc<App>, api: Option<ApiHandler>, role: Role, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = app.runtime.load().config.limits.clone();
+    let listener = role.name();
+    let on_refused: gate::OnRefused = Arc::new(move |r: &crate::enforce::Refusal, id: &str| {
+        tracing::info!(listener, request_id = %id, status = r.status, error = r.code,
+            "request head refused");
+    });
+    let gate = listen::gate_cfg(&limits, Some(on_refused));
+    let handler = move |req: Request<Incoming>| route(app.clone(), api.clone(), role, req);
+    listen::serve_http(io, &limits, gate, None, handler).await
+}
+
+async fn accept_loop(
     app: Arc<App>,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    role: Role,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     api: Option<ApiHandler>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
-    std_listener.set_nonblocking(true)?;
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
             Err(e) => {
-                tracing::error!(error = %e, "admin runtime failed to start");
-                return;
+                tracing::warn!(listener = role.name(), error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
             }
         };
-        rt.block_on(async move {
-            let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin listener failed");
-                    return;
-                }
+        let app = app.clone();
+        let api = api.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                return serve(app, api, role, stream).await;
             };
-            loop {
-                tokio::select! {
-                    acc = listener.accept() => {
-                        let Ok((stream, _)) = acc else { continue };
-                        let app = app.clone();
-                        let api = api.clone();
-                        tokio::spawn(async move {
-                            let svc = service_fn(move |req| {
-                                let app = app.clone();
-                                let api = api.clone();
-                                async move { Ok::<_, Infallible>(route(app, api, req).await) }
-                            });
-                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    _ = shutdown.changed() => break,
+            // The handshake counts against the head's time: a client that
+            // stalls in it is dropped like one that stalls in its head.
+            let limit = app.runtime.load().config.limits.header_read_timeout;
+            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve(app, api, role, tls).await,
+                Ok(Err(e)) => {
+                    tracing::info!(listener = role.name(), error = %e, "admin TLS handshake failed")
+                }
+                Err(_) => {
+                    tracing::info!(listener = role.name(), "admin TLS handshake timed out")
                 }
             }
         });
-    })
+    }
+}
+
+fn bind(key: &str, addr: SocketAddr) -> Result<std::net::TcpListener, String> {
+    let l =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind {key} {addr}: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("{key} {addr}: {e}"))?;
+    Ok(l)
+}
+
+/// Where the admin thread listens, and how.
+pub struct AdminListen {
+    pub admin: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    /// `admin.tls`, already loaded ([`crate::tls::admin::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Start the admin thread (admin listener, and the metrics listener when
+/// configured). Returns once the sockets are bound; the error names the key.
+pub fn spawn(
+    app: Arc<App>,
+    listen: AdminListen,
+    api: Option<ApiHandler>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let admin = bind("listen.admin", listen.admin)?;
+    let metrics = listen
+        .metrics
+        .map(|a| bind("listen.metrics", a))
+        .transpose()?;
+    let tls = listen.tls.map(tokio_rustls::TlsAcceptor::from);
+    let probes_on_admin = metrics.is_none();
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let admin = match tokio::net::TcpListener::from_std(admin) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener failed");
+                        return;
+                    }
+                };
+                let role = Role::Admin {
+                    probes: probes_on_admin,
+                };
+                let admin_loop = accept_loop(app.clone(), admin, role, tls, api);
+                let metrics_loop = async {
+                    match metrics.map(tokio::net::TcpListener::from_std) {
+                        Some(Ok(l)) => accept_loop(app.clone(), l, Role::Metrics, None, None).await,
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "metrics listener failed");
+                            std::future::pending().await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = admin_loop => {}
+                    _ = metrics_loop => {}
+                    _ = shutdown.changed() => {}
+                }
+            });
+        })
+        .map_err(|e| format!("cannot start the admin thread: {e}"))
 }

@@ -83,6 +83,8 @@ pub struct App {
     pub audit: Arc<crate::audit::AuditWriter>,
     /// Patient pseudonyms for the audit trail and `explain`.
     pub pseudonyms: Arc<crate::audit::PseudonymKey>,
+    /// Request-body bytes held in memory by every listener (`limits.inflight_body_bytes`).
+    pub body_budget: Arc<crate::body::Budget>,
 }
 
 impl App {
@@ -109,6 +111,7 @@ impl App {
             metrics,
             source,
             serving: AtomicBool::new(false),
+            body_budget: crate::body::Budget::new(),
         }
     }
 

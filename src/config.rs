@@ -28,6 +28,28 @@ pub struct Config {
     pub categories: BTreeMap<Category, CategoryCfg>,
     pub log: LogCfg,
     pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+/// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
+/// listener. Sizes are bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_header_bytes: u64,
+    pub inflight_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 << 10,
+            inflight_body_bytes: 256 << 20,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +57,9 @@ pub struct Listen {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub gateway: Option<SocketAddr>,
+    /// `/metrics`, `/healthz` and `/readyz` on their own plain-HTTP port, apart
+    /// from the consent write API; `None` keeps them on `admin`.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +122,17 @@ pub struct PostgresCfg {
 pub struct AdminCfg {
     pub tokens_file: PathBuf,
     pub ready_requires_fresh_consent: bool,
+    /// `admin.tls`: serve the admin API over TLS (mutual TLS with `client_ca`).
+    pub tls: Option<AdminTls>,
+}
+
+/// `admin.tls: {cert, key, client_ca}`: PEM files, checked to exist here and
+/// parsed when the listener is built (errors name these keys).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -443,11 +479,12 @@ impl Reader {
                 "categories",
                 "log",
                 "shutdown_grace",
+                "limits",
             ],
         );
         let listen = {
             let m = self.mapping(root, "", "listen").unwrap_or(&empty);
-            self.known(m, "listen", &["proxy", "admin", "gateway"]);
+            self.known(m, "listen", &["proxy", "admin", "gateway", "metrics"]);
             Listen {
                 proxy: self.parsed(
                     m,
@@ -464,6 +501,7 @@ impl Reader {
                     parse_addr,
                 ),
                 gateway: self.opt_parsed(m, "listen", "gateway", parse_addr),
+                metrics: self.opt_parsed(m, "listen", "metrics", parse_addr),
             }
         };
         let unknown_destinations = self.parsed(
@@ -611,8 +649,29 @@ impl Reader {
         };
         let admin = {
             let m = self.mapping(root, "", "admin").unwrap_or(&empty);
-            self.known(m, "admin", &["tokens_file", "ready_requires_fresh_consent"]);
+            self.known(
+                m,
+                "admin",
+                &["tokens_file", "ready_requires_fresh_consent", "tls"],
+            );
+            let tls = self.mapping(m, "admin", "tls").map(|t| {
+                let p = "admin.tls";
+                self.known(t, p, &["cert", "key", "client_ca"]);
+                let line = line_of(t.span());
+                let required = |r: &mut Reader, key: &str| {
+                    r.input_file(t, p, key).unwrap_or_else(|| {
+                        r.err_at(line, &join(p, key), "missing (a PEM file)");
+                        PathBuf::new()
+                    })
+                };
+                AdminTls {
+                    cert: required(self, "cert"),
+                    key: required(self, "key"),
+                    client_ca: self.input_file(t, p, "client_ca"),
+                }
+            });
             AdminCfg {
+                tls,
                 tokens_file: self
                     .input_file(m, "admin", "tokens_file")
                     .unwrap_or_else(|| "config/admin-tokens.example".into()),
@@ -685,7 +744,9 @@ impl Reader {
             Duration::from_secs(30),
             duration,
         );
+        let limits = self.limits(root, max_body_bytes);
         Config {
+            limits,
             listen,
             unknown_destinations,
             interception,
@@ -699,6 +760,74 @@ impl Reader {
             log,
             shutdown_grace,
         }
+    }
+
+    fn limits(&mut self, root: &Map, max_body_bytes: u64) -> Limits {
+        let p = "limits";
+        let d = Limits::default();
+        let empty = Map::new_empty(Span::new_blank());
+        let m = self.mapping(root, "", p).unwrap_or(&empty);
+        self.known(
+            m,
+            p,
+            &[
+                "header_read_timeout",
+                "body_read_timeout",
+                "max_header_bytes",
+                "inflight_body_bytes",
+            ],
+        );
+        let timeout = |v: &str| {
+            let t = duration(v)?;
+            if t.is_zero() {
+                Err("must be more than 0s".to_string())
+            } else {
+                Ok(t)
+            }
+        };
+        let limits = Limits {
+            header_read_timeout: self.parsed(
+                m,
+                p,
+                "header_read_timeout",
+                d.header_read_timeout,
+                timeout,
+            ),
+            body_read_timeout: self.parsed(m, p, "body_read_timeout", d.body_read_timeout, timeout),
+            // Below 1 KiB ordinary requests would not fit; above 16 MiB a head is
+            // no longer a head, and each slow client could pin that much.
+            max_header_bytes: self.parsed(m, p, "max_header_bytes", d.max_header_bytes, |v| {
+                let n = size(v)?;
+                if !(1 << 10..=16 << 20).contains(&n) {
+                    Err(format!("expected 1KiB to 16MiB, got {v:?}"))
+                } else {
+                    Ok(n)
+                }
+            }),
+            inflight_body_bytes: self.parsed(
+                m,
+                p,
+                "inflight_body_bytes",
+                d.inflight_body_bytes,
+                size,
+            ),
+        };
+        if limits.inflight_body_bytes < max_body_bytes {
+            let line = m
+                .get_node("inflight_body_bytes")
+                .or_else(|| root.get_node("max_body_bytes"))
+                .map(|n| line_of(n.span()))
+                .unwrap_or(0);
+            self.err_at(
+                line,
+                "limits.inflight_body_bytes",
+                format!(
+                    "must be at least max_body_bytes ({max_body_bytes}), or no body of the \
+                     largest allowed size could ever be read"
+                ),
+            );
+        }
+        limits
     }
 
     fn destinations(&mut self, root: &Map) -> Vec<DestinationCfg> {
@@ -1017,6 +1146,69 @@ mod tests {
         assert!(
             text.contains("audit.max_total_bytes") && text.contains("64KiB"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn limits_admin_tls_and_metrics_port() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.listen.metrics, None);
+        assert_eq!(c.admin.tls, None);
+        let text = "listen:\n  metrics: 127.0.0.1:9090\nlimits:\n  header_read_timeout: 2s\n  \
+                    max_header_bytes: 16KiB\n  inflight_body_bytes: 1GiB\n";
+        let c = parse(text, "t.yaml").unwrap();
+        assert_eq!(c.listen.metrics, Some(([127, 0, 0, 1], 9090).into()));
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_header_bytes, 16 << 10);
+        assert_eq!(c.limits.inflight_body_bytes, 1 << 30);
+        let text = "max_body_bytes: 8MiB\nlimits:\n  header_read_timeout: 0s\n  \
+                    max_header_bytes: 100\n  inflight_body_bytes: 1MiB\n  colour: blue\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(shown.len(), 4, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("t.yaml:3: limits.header_read_timeout:"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[1].starts_with("t.yaml:4: limits.max_header_bytes:"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[2].starts_with("t.yaml:5: limits.inflight_body_bytes:")
+                && shown[2].contains("max_body_bytes"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[3].starts_with("t.yaml:6: limits.colour: unknown key"),
+            "{shown:#?}"
+        );
+        let text = "admin:\n  tls:\n    key: /nonexistent/key.pem\n    cafile: x\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            shown.iter().any(|e| e.contains("admin.tls.cert: missing")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("admin.tls.key: file not found")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains("admin.tls.cafile: unknown key")),
+            "{shown:#?}"
         );
     }
 

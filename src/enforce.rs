@@ -129,6 +129,22 @@ impl Refusal {
             format!("Content-Encoding {name:?} is not supported (gzip, deflate, br, zstd)"),
         )
     }
+    /// A request head or body not complete within its `limits` timeout.
+    pub(crate) fn request_timeout(detail: impl Into<String>) -> Refusal {
+        Refusal::new(408, "request_timeout", detail)
+    }
+    /// A request head over `limits.max_header_bytes` (or too many fields).
+    pub(crate) fn headers_too_large(detail: impl Into<String>) -> Refusal {
+        Refusal::new(431, "headers_too_large", detail)
+    }
+    fn overloaded() -> Refusal {
+        Refusal::new(
+            503,
+            "overloaded",
+            "too many request bodies in memory (limits.inflight_body_bytes); nothing was \
+             sent, retry later",
+        )
+    }
     fn unreadable(detail: impl Into<String>) -> Refusal {
         Refusal::new(422, "unreadable_body", detail)
     }
@@ -175,6 +191,11 @@ impl Refusal {
             BodyReadError::TooLarge => Refusal::too_large(limit),
             BodyReadError::UnknownEncoding(name) => Refusal::unsupported_encoding(&name),
             BodyReadError::Unreadable(d) => Refusal::unreadable(d),
+            BodyReadError::TimedOut(t) => Refusal::request_timeout(format!(
+                "request body not complete within limits.body_read_timeout ({}); nothing was sent",
+                humantime::format_duration(t)
+            )),
+            BodyReadError::Overloaded => Refusal::overloaded(),
         }
     }
 }
@@ -186,6 +207,46 @@ pub(crate) struct Head<'a> {
     /// Whether a body follows (a declared non-zero length, or a stream that is not
     /// already at its end).
     pub has_body: bool,
+}
+
+/// What is wrong with a request head that got past the listener's gate (which
+/// sees HTTP/1 only): several Host headers (RFC 9110 §7.2: 400), and on HTTP/2 a
+/// Host that differs from `:authority` (RFC 9113 §8.3.1) or a header list over
+/// `limits.max_header_bytes` (counted as HTTP/2 does: name + value + 32 per field).
+/// On HTTP/1 an absolute-form target wins over the Host header (RFC 9112 §3.2.2).
+pub(crate) fn check_head<B>(req: &http::Request<B>, max_header_bytes: u64) -> Option<Refusal> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some(Refusal::bad_request("more than one Host header"));
+    }
+    if req.version() != http::Version::HTTP_2 {
+        return None;
+    }
+    if let (Some(h), Some(a)) = (host, req.uri().authority()) {
+        if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+            return Some(Refusal::bad_request(
+                "the Host header differs from :authority",
+            ));
+        }
+    }
+    let pseudo = [
+        req.method().as_str().len() + ":method".len(),
+        req.uri().path_and_query().map_or(0, |p| p.as_str().len()) + ":path".len(),
+        req.uri().scheme_str().map_or(0, str::len) + ":scheme".len(),
+        req.uri().authority().map_or(0, |a| a.as_str().len()) + ":authority".len(),
+    ];
+    let size: usize = pseudo.iter().map(|n| n + 32).sum::<usize>()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>();
+    (size as u64 > max_header_bytes).then(|| {
+        Refusal::headers_too_large(format!(
+            "request header list over limits.max_header_bytes ({max_header_bytes} bytes)"
+        ))
+    })
 }
 
 /// The request-level inputs to enforcement that come from headers.

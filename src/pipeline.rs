@@ -6,7 +6,7 @@
 
 use crate::app::{App, Runtime};
 use crate::audit::{AuditRecord, AuditUnavailable};
-use crate::body;
+use crate::body::{self, ClientBody};
 use crate::enforce::{self, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Refusal};
 use crate::forward::{self, BoxError, ProxyBody, UpstreamError};
 use crate::refusal::Shape;
@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 pub(crate) use crate::enforce::RequestDecision;
 
 /// The pipeline entry point for every proxied request.
-pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
+pub(crate) async fn handle(
+    app: Arc<App>,
+    req: Request<ClientBody>,
+    via: Via,
+) -> Response<ProxyBody> {
     let rt = app.runtime.load_full();
     let mut x = Exchange::new(&app, req.headers());
     let has_body = has_body(&req);
@@ -59,7 +63,7 @@ pub(crate) fn refuse(app: &App, headers: &HeaderMap, refusal: Refusal) -> Respon
     })
 }
 
-fn has_body(req: &Request<Incoming>) -> bool {
+fn has_body(req: &Request<ClientBody>) -> bool {
     use hyper::body::Body;
     match enforce::declared_length(req.headers()) {
         Some(n) => n != 0,
@@ -128,7 +132,7 @@ impl<'a> Exchange<'a> {
         rt: &'rt Runtime,
         i: &Inspect<'rt>,
         mut parts: Parts,
-        body: Incoming,
+        body: ClientBody,
     ) -> End<'rt> {
         let dest = i.route.name();
         let raw = match body::read_limited(body, i.limit).await {

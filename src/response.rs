@@ -4,7 +4,7 @@
 
 use crate::enforce::{Answer, Detail, Refusal, RequestDecision};
 use crate::forward::ProxyBody;
-use crate::refusal::{self, Explanation, Notice};
+use crate::refusal::{self, Explanation, Notice, Shape};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -58,6 +58,34 @@ pub(crate) fn json(status: StatusCode, body: &Value) -> Response<Bytes> {
     r
 }
 
+/// The plain JSON answer to a refusal, with the decision headers (listeners
+/// whose refusals have no destination: the admin API, a refused request head).
+pub(crate) fn plain(r: &Refusal, request_id: &str) -> Response<Bytes> {
+    let out = render(r, Shape::Plain, request_id);
+    let mut resp = Response::new(Bytes::from(out.body));
+    *resp.status_mut() = StatusCode::from_u16(out.status).unwrap_or(StatusCode::BAD_REQUEST);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(out.content_type),
+    );
+    stamp(resp.headers_mut(), RequestDecision::Blocked, request_id);
+    resp
+}
+
+fn render(r: &Refusal, shape: Shape, request_id: &str) -> refusal::Rendered {
+    let explanation = match &r.detail {
+        Detail::Text(d) => Explanation::Detail(d),
+        Detail::Reasons(v) => Explanation::Reasons(v),
+    };
+    let notice = Notice {
+        status: r.status,
+        error: r.code,
+        request_id,
+        explanation,
+    };
+    refusal::render(shape, &notice)
+}
+
 /// The app's answer to a refusal, with the decision headers.
 pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -74,17 +102,7 @@ pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
             resp
         }
         Answer::Json(shape) => {
-            let explanation = match &r.detail {
-                Detail::Text(d) => Explanation::Detail(d),
-                Detail::Reasons(v) => Explanation::Reasons(v),
-            };
-            let notice = Notice {
-                status: r.status,
-                error: r.code,
-                request_id,
-                explanation,
-            };
-            let out = refusal::render(shape, &notice);
+            let out = render(r, shape, request_id);
             let mut resp = Response::new(full_body(out.body));
             *resp.status_mut() = StatusCode::from_u16(out.status).unwrap_or(status);
             resp.headers_mut().insert(

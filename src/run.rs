@@ -117,6 +117,12 @@ pub fn check(explicit: Option<&Path>) -> i32 {
                 eprintln!("error: admin.tokens_file: {e}");
                 failed = true;
             }
+            if let Some(t) = &rt.config.admin.tls {
+                if let Err(e) = crate::tls::admin::server_config(t) {
+                    eprintln!("error: {e}");
+                    failed = true;
+                }
+            }
         }
     }
     if failed {
@@ -280,6 +286,15 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .inc_by(0);
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
+    // Built before anything is written, so a bad file leaves no trace but the error.
+    let admin_tls = match cfg.admin.tls.as_ref().map(crate::tls::admin::server_config) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "admin.tls unusable");
+            return 1;
+        }
+    };
     // Start order (SPEC §12): lock audit.path first, so a second process sharing
     // it stops here; build everything; bind every listener; only then write the
     // first audit record. A process that cannot bind leaves the trail untouched.
@@ -345,15 +360,16 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
-    let admin = match crate::admin::spawn(
-        app.clone(),
-        cfg.listen.admin,
-        Some(api),
-        shutdown_rx.clone(),
-    ) {
+    let admin_listen = crate::admin::AdminListen {
+        admin: cfg.listen.admin,
+        metrics: cfg.listen.metrics,
+        tls: admin_tls,
+    };
+    let admin = match crate::admin::spawn(app.clone(), admin_listen, Some(api), shutdown_rx.clone())
+    {
         Ok(h) => h,
         Err(e) => {
-            tracing::error!(addr = %cfg.listen.admin, error = %e, "cannot bind listen.admin");
+            tracing::error!(error = %e, "admin listener not started");
             return 1;
         }
     };
@@ -392,7 +408,10 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         tracker.clone(),
     ));
     app.serving.store(true, Ordering::Relaxed);
-    tracing::info!(proxy = %cfg.listen.proxy, admin = %cfg.listen.admin, "consentgate serving");
+    tracing::info!(proxy = %cfg.listen.proxy, admin = %cfg.listen.admin,
+        admin_tls = cfg.admin.tls.is_some(),
+        metrics = %cfg.listen.metrics.map(|a| a.to_string()).unwrap_or_else(|| "on admin".into()),
+        "consentgate serving");
 
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),

@@ -1,13 +1,20 @@
 //! Listen: the proxy listener (HTTP/1.1 and h2c with prior knowledge on one
-//! port; CONNECT hands off to interception) and graceful draining.
+//! port; CONNECT hands off to interception), graceful draining, and the
+//! `limits` every listener applies: request heads through the gate
+//! ([`gate`]), bodies through [`ClientBody`].
 
 pub mod connect;
+pub(crate) mod gate;
 pub mod gateway;
 
 use crate::app::App;
-use crate::enforce::Refusal;
+use crate::body::{BodyLimits, ClientBody};
+use crate::config::Limits;
+use crate::enforce::{self, Refusal};
+use crate::forward::ProxyBody;
 use crate::pipeline;
 use crate::route::Via;
+use gate::{ConnState, Gate, GateCfg, OnRefused, Tracked};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -43,50 +50,103 @@ impl Drain {
     }
 }
 
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+/// hyper's default HTTP/1 buffer (8 KiB + 100 × 4 KiB); raised when a head may be bigger.
+const H1_DEFAULT_BUF: usize = 8192 + 4096 * 100;
+
+/// hyper's server settings for one connection under `limits`.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        // The gate times heads (and answers 408); hyper's own timer would close
+        // the connection without a word.
+        .header_read_timeout(None)
+        // A head the gate let through always fits.
+        .max_buf_size(head.saturating_add(16 << 10).max(H1_DEFAULT_BUF));
     b.http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        // Twice the limit, so a header list between the two gets the JSON 431
+        // from `head_refusal` and only a far bigger one the HTTP/2 layer's bare 431.
+        .max_header_list_size(u32::try_from(head.saturating_mul(2)).unwrap_or(u32::MAX));
     b
 }
 
-/// Serve HTTP (h1 or h2 by preface) on one connection until it ends or shutdown
-/// is signalled, in which case in-flight requests finish first.
-pub async fn serve_connection<IO>(
-    app: Arc<App>,
+/// The gate settings for a new connection, from the current config.
+pub(crate) fn gate_cfg(limits: &Limits, on_refused: Option<OnRefused>) -> GateCfg {
+    GateCfg {
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX),
+        idle_timeout: gate::IDLE_TIMEOUT,
+        on_refused,
+    }
+}
+
+/// Count and log a head the gate refused on a data-plane listener.
+fn count_refusals(app: &Arc<App>, listener: &'static str) -> OnRefused {
+    let metrics = app.metrics.clone();
+    Arc::new(move |r: &Refusal, request_id: &str| {
+        metrics
+            .requests_total
+            .with_label_values(&["unknown", "blocked"])
+            .inc();
+        tracing::info!(listener, request_id = %request_id, status = r.status, error = r.code,
+            decision = "blocked", "request head refused");
+    })
+}
+
+/// The body limits for a request arriving now.
+pub(crate) fn body_limits(app: &App, limits: &Limits) -> BodyLimits {
+    BodyLimits {
+        timeout: limits.body_read_timeout,
+        budget: app.body_budget.clone(),
+        budget_cap: limits.inflight_body_bytes,
+    }
+}
+
+/// Serve HTTP (h1 or h2 by preface) on one connection, through the head gate,
+/// until it ends or `shutdown` is signalled, in which case in-flight requests
+/// finish first.
+pub(crate) async fn serve_http<IO, H, Fut, B>(
     io: IO,
-    via: Via,
-    mut shutdown: watch::Receiver<bool>,
-    allow_connect: bool,
+    limits: &Limits,
+    gate: GateCfg,
+    shutdown: Option<watch::Receiver<bool>>,
+    handler: H,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let svc_app = app.clone();
-    let svc_shutdown = shutdown.clone();
+    let conn_state = Arc::new(ConnState::default());
+    let io = Gate::new(io, conn_state.clone(), gate);
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
-        let app = svc_app.clone();
-        let via = via.clone();
-        let shutdown = svc_shutdown.clone();
+        // Taken before the handler runs, released when hyper drops the response
+        // body: the gate's idle timer never runs while a response is under way.
+        let in_flight = conn_state.begin();
+        let connect = req.method() == hyper::Method::CONNECT;
+        let conn_state = conn_state.clone();
+        let answer = handler(req);
         async move {
-            let resp = if req.method() == hyper::Method::CONNECT {
-                if allow_connect {
-                    connect::handle_connect(app, req, shutdown).await
-                } else {
-                    pipeline::refuse(&app, req.headers(), Refusal::connect_not_allowed())
-                }
-            } else {
-                pipeline::handle(app, req, via).await
-            };
-            Ok::<_, Infallible>(resp)
+            let resp = answer.await;
+            if connect {
+                conn_state.connect_answered(resp.status().is_success());
+            }
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, in_flight)))
         }
     });
-    let builder = http_builder();
+    let builder = http_builder(limits);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let Some(mut shutdown) = shutdown else {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        return;
+    };
     let mut draining = *shutdown.borrow();
     if draining {
         conn.as_mut().graceful_shutdown();
@@ -107,6 +167,59 @@ pub async fn serve_connection<IO>(
             }
         }
     }
+}
+
+/// Serve the proxy's HTTP on one connection (the proxy port, or the TLS inside
+/// an intercepted CONNECT or on the gateway listener).
+pub async fn serve_connection<IO>(
+    app: Arc<App>,
+    io: IO,
+    via: Via,
+    shutdown: watch::Receiver<bool>,
+    allow_connect: bool,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = app.runtime.load().config.limits.clone();
+    let listener = match via {
+        Via::Plain => "proxy",
+        Via::Intercepted { .. } => "tls",
+    };
+    let gate = gate_cfg(&limits, Some(count_refusals(&app, listener)));
+    let svc_shutdown = shutdown.clone();
+    let handler = move |req: hyper::Request<Incoming>| {
+        proxy_request(
+            app.clone(),
+            req,
+            via.clone(),
+            svc_shutdown.clone(),
+            allow_connect,
+        )
+    };
+    serve_http(io, &limits, gate, Some(shutdown), handler).await
+}
+
+/// One request on a proxy connection: CONNECT, a refusal of its head, or the pipeline.
+async fn proxy_request(
+    app: Arc<App>,
+    req: hyper::Request<Incoming>,
+    via: Via,
+    shutdown: watch::Receiver<bool>,
+    allow_connect: bool,
+) -> hyper::Response<ProxyBody> {
+    let limits = app.runtime.load().config.limits.clone();
+    if let Some(r) = enforce::check_head(&req, limits.max_header_bytes) {
+        return pipeline::refuse(&app, req.headers(), r);
+    }
+    if req.method() == hyper::Method::CONNECT {
+        if allow_connect {
+            return connect::handle_connect(app, req, shutdown).await;
+        }
+        return pipeline::refuse(&app, req.headers(), Refusal::connect_not_allowed());
+    }
+    let body_limits = body_limits(&app, &limits);
+    let req = req.map(|b| ClientBody::new(b, body_limits));
+    pipeline::handle(app, req, via).await
 }
 
 /// Accept on `listener` until shutdown, then stop accepting at once; each

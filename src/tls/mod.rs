@@ -2,8 +2,10 @@
 //! first `run`) and the on-the-fly leaf certificates presented to apps inside
 //! an intercepted `CONNECT` (SPEC §2, §3, §4 `interception`).
 //!
-//! The upstream (client) side lives elsewhere.
+//! The admin listener's own TLS (`admin.tls`) is in [`admin`]. The upstream
+//! (client) side lives elsewhere.
 
+pub mod admin;
 pub mod ca;
 pub mod mint;
 

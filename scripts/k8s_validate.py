@@ -52,8 +52,7 @@ PENDING_METRICS = {
 }
 # consentgate.yaml keys the chart renders that src/config.rs does not know yet (SPEC §4, §8,
 # §12): the binary refuses unknown keys, so these must have landed before a release.
-PENDING_CONFIG_KEYS = {"listen.metrics", "admin.tls", "limits", "audit.max_total_bytes",
-                       "consent.journal_key_file"}
+PENDING_CONFIG_KEYS: set[str] = set()
 
 helm.disable_logging()
 

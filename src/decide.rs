@@ -18,6 +18,8 @@ pub enum Reason {
     Gpc,
     LimitSensitive,
     Granted,
+    /// The egress guard found an identifier of someone the request may not send for.
+    ForeignIdentifier,
 }
 
 impl Reason {
@@ -30,6 +32,7 @@ impl Reason {
             Reason::SaleShareOptOut | Reason::Gpc => "policy.3_sale_share",
             Reason::LimitSensitive => "policy.4_limit_sensitive",
             Reason::Granted => "policy.5_forward",
+            Reason::ForeignIdentifier => "guard.foreign_identifier",
         }
     }
 
@@ -43,6 +46,7 @@ impl Reason {
             Reason::Gpc => "gpc",
             Reason::LimitSensitive => "limit_sensitive",
             Reason::Granted => "granted",
+            Reason::ForeignIdentifier => "foreign_identifier",
         }
     }
 }

@@ -19,8 +19,9 @@ use crate::body::{self, BodyReadError, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
 use crate::decide::{Context, Decision, EventVerdict};
-use crate::destinations::{BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use crate::destinations::{BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::forward::{self, UpstreamErrorKind};
+use crate::guard::{self, Guard, Intervention, Reason as GuardReason, Scan};
 use crate::identify::Identifiers;
 use crate::model::{Category, H_CATEGORY, H_PATIENT};
 use crate::refusal::Shape;
@@ -28,6 +29,7 @@ use crate::route::{self, Route, Target, Via};
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::Uri;
+use std::borrow::Cow;
 
 /// The request-level decision, as in `x-consentgate-decision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +152,15 @@ impl Refusal {
     }
     fn forbidden(code: &'static str, detail: String) -> Refusal {
         Refusal::new(451, code, detail)
+    }
+    /// The guard found someone this request may not send for outside every event.
+    fn foreign_identifier() -> Refusal {
+        Refusal::new(
+            451,
+            "foreign_identifier",
+            "the request names a patient it may not send for outside its events \
+             (in the body, the query or a header); nothing was sent",
+        )
     }
     fn encode_failed(detail: String) -> Refusal {
         Refusal::new(500, "encode_failed", detail)
@@ -445,8 +456,9 @@ pub(crate) struct Planned {
     pub enforcement: Option<Enforcement>,
 }
 
-/// Decode, enforce and re-encode an inspected body. With `trace`, each decision
-/// keeps the identifiers and policy steps it was reached by (for `explain`).
+/// Decode, enforce and re-encode an inspected body, then the guard's last
+/// pass over everything that leaves. With `trace`, each decision keeps the
+/// identifiers and policy steps it was reached by (for `explain`).
 pub(crate) fn plan(
     rt: &Runtime,
     consent: &ConsentStore,
@@ -456,13 +468,13 @@ pub(crate) fn plan(
     trace: bool,
 ) -> Planned {
     let shape = inspect.route.refusal_shape;
-    let refused = |r: Refusal| Planned {
+    let refused = |r: Refusal, enforcement| Planned {
         plan: Plan::Refuse(r.in_shape(shape)),
-        enforcement: None,
+        enforcement,
     };
     let plain = match body::decode(inspect.encoding, raw, inspect.limit) {
         Ok(p) => p,
-        Err(e) => return refused(Refusal::body(e, inspect.limit)),
+        Err(e) => return refused(Refusal::body(e, inspect.limit), None),
     };
     let view = RequestView {
         method: &parts.method,
@@ -471,41 +483,96 @@ pub(crate) fn plan(
         query: parts.uri.query(),
         content_type: inspect.content_type.as_deref(),
     };
-    let e = match enforce(rt, consent, inspect, &view, &plain, trace) {
-        Ok(e) => e,
-        Err(BodyError::Unreadable(d)) => return refused(Refusal::unreadable(d)),
+    let (mut e, mut guard) = match enforce(rt, consent, inspect, &view, &plain, trace) {
+        Ok(x) => x,
+        Err(BodyError::Unreadable(d)) => return refused(Refusal::unreadable(d), None),
         Err(BodyError::Forbidden { code, detail }) => {
-            return refused(Refusal::forbidden(code, detail))
+            return refused(Refusal::forbidden(code, detail), None)
         }
     };
     let route = inspect.route;
-    let plan = if route.mode == Mode::Shadow {
-        Plan::Forward(Forward {
-            body: Outgoing::Original,
+    // When every event is dropped nothing leaves: no last pass is needed.
+    let foreign = !e.all_dropped() && {
+        let out_plain = e.enforced.body.as_deref().unwrap_or(&plain);
+        last_pass(&mut guard, inspect, parts, out_plain)
+    };
+    e.interventions = guard.interventions;
+    if route.mode == Mode::Shadow {
+        let shadow = Forward {
+            body: reencoded(inspect, &plain, raw),
             decision: RequestDecision::Allowed,
             reason: "shadow",
-        })
-    } else if e.all_dropped() {
-        Plan::Refuse(Refusal::blocked_by_policy(route, e.drop_reasons()))
-    } else {
-        let (body, decision) = match &e.enforced.body {
-            Some(new_plain) => match body::encode(inspect.encoding, new_plain) {
-                Ok(b) => (Outgoing::Rewritten(b), RequestDecision::Modified),
-                Err(d) => return refused(Refusal::encode_failed(d)),
-            },
-            None if e.changed() => (Outgoing::Original, RequestDecision::Modified),
-            None => (Outgoing::Original, RequestDecision::Allowed),
         };
-        Plan::Forward(Forward {
-            body,
-            decision,
-            reason: "enforced",
-        })
+        return Planned {
+            plan: Plan::Forward(shadow),
+            enforcement: Some(e),
+        };
+    }
+    if e.all_dropped() {
+        let r = Refusal::blocked_by_policy(route, e.drop_reasons());
+        return refused(r, Some(e));
+    }
+    if foreign {
+        return refused(Refusal::foreign_identifier(), Some(e));
+    }
+    let decision = match e.changed() {
+        true => RequestDecision::Modified,
+        false => RequestDecision::Allowed,
+    };
+    let body = match &e.enforced.body {
+        Some(new_plain) => match body::encode(inspect.encoding, new_plain) {
+            Ok(b) => Outgoing::Rewritten(b),
+            Err(d) => return refused(Refusal::encode_failed(d), Some(e)),
+        },
+        None => reencoded(inspect, &plain, raw),
+    };
+    let forward = Forward {
+        body,
+        decision,
+        reason: "enforced",
     };
     Planned {
-        plan,
+        plan: Plan::Forward(forward),
         enforcement: Some(e),
     }
+}
+
+/// The body as it leaves when its content is unchanged: the original bytes when
+/// they were not encoded; otherwise the decoded content encoded again, so no
+/// gzip header field, trailing member or zstd skippable frame passes unread.
+fn reencoded(inspect: &Inspect<'_>, plain: &[u8], raw: &[u8]) -> Outgoing {
+    if inspect.encoding == Encoding::Identity {
+        return Outgoing::Original;
+    }
+    match body::encode(inspect.encoding, plain) {
+        Ok(b) if b == raw => Outgoing::Original,
+        Ok(b) => Outgoing::Rewritten(b),
+        // Encoding what was just decoded does not fail; if it did, nothing unread leaves.
+        Err(_) => Outgoing::Rewritten(plain.to_vec()),
+    }
+}
+
+/// The guard's last pass: every string the vendor would receive outside the
+/// events already guarded (the whole body again, the query, the header values
+/// but authentication). True: someone this request may not send for is named.
+fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8]) -> bool {
+    let mut strings = Vec::new();
+    guard::body_strings(body, inspect.content_type.as_deref(), &mut strings);
+    let mut foreign = g.outside("body", &strings);
+    if let Some(q) = parts.uri.query() {
+        let pairs: Vec<Cow<'_, str>> = form_urlencoded::parse(q.as_bytes())
+            .flat_map(|(k, v)| [k, v])
+            .collect();
+        foreign |= g.outside("query", &pairs);
+    }
+    for (name, value) in &parts.headers {
+        if guard::SKIPPED_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let v = String::from_utf8_lossy(value.as_bytes());
+        foreign |= g.outside(&format!("header:{name}"), &[v]);
+    }
+    foreign
 }
 
 /// What enforcement concluded for one body.
@@ -513,6 +580,8 @@ pub(crate) struct Enforcement {
     pub enforced: Enforced,
     pub decisions: Vec<Decision>,
     pub context: Context,
+    /// What the egress guard did, in order.
+    pub interventions: Vec<Intervention>,
     /// The destination was in `mode: shadow`: the events' outcomes are what
     /// would have happened.
     pub shadow: bool,
@@ -584,29 +653,60 @@ impl Enforcement {
     }
 }
 
-/// Run the adapter over a decoded body with the policy, one decision per event.
-fn enforce(
-    rt: &Runtime,
-    consent: &ConsentStore,
-    inspect: &Inspect<'_>,
+/// Run the adapter over a decoded body with the policy, one decision per
+/// event, and the guard on each kept event.
+fn enforce<'a>(
+    rt: &'a Runtime,
+    consent: &'a ConsentStore,
+    inspect: &'a Inspect<'_>,
     view: &RequestView<'_>,
     body: &[u8],
     trace: bool,
-) -> Result<Enforcement, BodyError> {
+) -> Result<(Enforcement, Guard<'a>), BodyError> {
     let route = inspect.route;
-    let hints = &inspect.hints;
     let context = Context {
-        category: hints.category,
+        category: inspect.hints.category,
         channel: route.adapter.channel(),
         kind: route.adapter.kind(),
-        header_gpc: hints.header_gpc,
+        header_gpc: inspect.hints.header_gpc,
         stale: consent.is_stale(rt.config.consent.max_staleness),
     };
-    let mut decisions = Vec::new();
-    let mut decide = |ids: &Identifiers| {
-        // An event that names nobody is decided for the patient the app named.
+    let mut judging = Judging {
+        rt,
+        consent,
+        context,
+        patient: inspect.hints.patient.as_deref(),
+        trace,
+        decisions: Vec::new(),
+        guard: Guard::new(consent, context.kind.is_ads_or_analytics()),
+    };
+    let enforced = route.adapter.enforce(view, body, &mut judging)?;
+    let e = Enforcement {
+        enforced,
+        decisions: judging.decisions,
+        context,
+        shadow: route.mode == Mode::Shadow,
+        interventions: Vec::new(),
+    };
+    Ok((e, judging.guard))
+}
+
+/// The policy and the guard, as the adapters ask them.
+struct Judging<'a> {
+    rt: &'a Runtime,
+    consent: &'a ConsentStore,
+    context: Context,
+    /// The patient the app named (`X-Patient-Id`), for events that name nobody.
+    patient: Option<&'a str>,
+    trace: bool,
+    decisions: Vec<Decision>,
+    guard: Guard<'a>,
+}
+
+impl Judge for Judging<'_> {
+    fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
         let from_header;
-        let ids = match (&hints.patient, ids.is_empty()) {
+        let ids = match (self.patient, ids.is_empty()) {
             (Some(p), true) => {
                 let mut h = Identifiers::new();
                 h.add_patient(p);
@@ -615,24 +715,36 @@ fn enforce(
             }
             _ => ids,
         };
-        let d = if trace {
-            let mut d = rt.policy.decide_traced(&context, consent.lookup(ids));
+        let records = self.consent.lookup(ids);
+        let d = if self.trace {
+            let mut d = self.rt.policy.decide_traced(&self.context, records);
             d.identifiers = ids.keys.clone();
             d
         } else {
-            rt.policy.decide(&context, consent.lookup(ids))
+            self.rt.policy.decide(&self.context, records)
         };
+        // Whom the request may send for: kept events whose identity leaves.
+        if let EventVerdict::Keep(k) = d.verdict {
+            if !k.strip_identity {
+                for r in &d.records {
+                    self.guard.allow(&r.patient_id);
+                }
+            }
+        }
         let v = d.verdict;
-        decisions.push(d);
+        self.decisions.push(d);
         v
-    };
-    let enforced = route.adapter.enforce(view, body, &mut decide)?;
-    Ok(Enforcement {
-        enforced,
-        decisions,
-        context,
-        shadow: route.mode == Mode::Shadow,
-    })
+    }
+    fn guard(
+        &mut self,
+        index: usize,
+        ev: &mut serde_json::Value,
+    ) -> Result<Vec<String>, GuardReason> {
+        self.guard.event(index, ev)
+    }
+    fn guard_text(&mut self, index: usize, json: &[u8]) -> Scan {
+        self.guard.event_text(index, json)
+    }
 }
 
 /// What a CONNECT decides.

@@ -134,6 +134,11 @@ impl Explainer<'_> {
         if let Some(e) = &planned.enforcement {
             out["consent_stale"] = json!(e.context.stale);
             out["events"] = events(e, self.pseudonym);
+            out["guard"] = e
+                .interventions
+                .iter()
+                .map(|i| json!({"reason": i.reason.as_str(), "place": i.place, "event": i.event}))
+                .collect();
         }
         let f = match planned.plan {
             Plan::Refuse(r) => return refused(out, &r),

@@ -18,6 +18,7 @@ pub mod destinations;
 pub(crate) mod enforce;
 pub mod explain;
 pub mod forward;
+pub(crate) mod guard;
 pub mod identify;
 pub mod listen;
 pub mod metrics;

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub tls_mint_duration: Histogram,
     pub tls_cert_cache_size: IntGauge,
     pub tunnels_total: IntCounter,
+    pub guard_interventions_total: IntCounterVec,
     pub connections_open: IntGauge,
 }
 
@@ -128,6 +129,13 @@ impl Metrics {
             tls_cert_cache_size: reg!(int_gauge(
                 "consentgate_tls_certificate_cache_size",
                 "Minted certificates held in the cache."
+            )),
+            guard_interventions_total: reg!(counter_vec(
+                "consentgate_guard_interventions_total",
+                "What the egress guard did, by destination and reason (foreign_identifier: an \
+                 event dropped; foreign_identifier_outside_events: a request refused; \
+                 unknown_contact_removed: a field removed).",
+                &["destination", "reason"]
             )),
             tunnels_total: reg!(counter(
                 "consentgate_tunnels_total",

@@ -167,14 +167,19 @@ impl<'a> Exchange<'a> {
             .await
     }
 
-    /// Count the events and keep their audit records for the request's record.
+    /// Count the events and the guard's interventions, and keep the events'
+    /// audit records for the request's record.
     fn note(&mut self, dest: &str, e: &Enforcement) {
+        let m = &self.app.metrics;
         for (ev, d) in e.events() {
             let reason = ev.verdict.reason(d.gpc_trigger).as_str();
-            self.app
-                .metrics
-                .events_total
+            m.events_total
                 .with_label_values(&[dest, e.event_decision(ev), reason])
+                .inc();
+        }
+        for i in &e.interventions {
+            m.guard_interventions_total
+                .with_label_values(&[dest, i.reason.as_str()])
                 .inc();
         }
         self.records = e.audit_records(&self.request_id, dest, &self.app.pseudonyms);

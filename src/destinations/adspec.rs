@@ -9,8 +9,8 @@
 //! Adding an ad platform: docs/ADAPTERS.md.
 
 use super::common::{self, Hasher};
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep, Ldu};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
+use crate::decide::{Keep, Ldu};
 use crate::identify::Identifiers;
 use crate::model::{Category, DestKind};
 use crate::refusal::Shape;
@@ -172,7 +172,7 @@ impl Adapter for AdPlatform {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         let Some(e) = self.0.endpoint(req.method, req.path) else {
             return Err(BodyError::Unreadable("not an inspected endpoint".into()));
@@ -181,8 +181,8 @@ impl Adapter for AdPlatform {
         let identify = |ev: &Value| f.identify(ev);
         let apply = |ev: &mut Value, k: &Keep, a: &mut EventApplied| f.apply(ev, k, a);
         match e.events {
-            Events::Array(key) => common::enforce_json_batch(body, key, decide, &identify, &apply),
-            Events::Single => common::enforce_json_single(body, decide, &identify, &apply),
+            Events::Array(key) => common::enforce_json_batch(body, key, judge, &identify, &apply),
+            Events::Single => common::enforce_json_single(body, judge, &identify, &apply),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

@@ -17,8 +17,7 @@
 //! names `X-Consent-Category: marketing_sms` per request.
 
 use super::common::{self, enforce_array, keep_as_is};
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::identify::Identifiers;
 use crate::model::{Category, DestKind};
 use http::Method;
@@ -46,10 +45,7 @@ fn recipient_ids(v: &Value) -> Identifiers {
     ids
 }
 
-fn enforce_track(
-    body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn enforce_track(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let mut root = common::parse_json(body)?;
     let Value::Object(obj) = &mut root else {
         return Err(BodyError::Unreadable("body is not a JSON object".into()));
@@ -70,7 +66,7 @@ fn enforce_track(
             )));
         }
         any = true;
-        let (c, applied) = enforce_array(list, decide, &user_ids, &keep_as_is);
+        let (c, applied) = enforce_array(list, judge, &user_ids, &keep_as_is);
         if c && list.is_empty() {
             obj.shift_remove(key);
         }
@@ -88,10 +84,7 @@ fn enforce_track(
     })
 }
 
-fn enforce_send(
-    body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn enforce_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let mut root = common::parse_json(body)?;
     let Value::Object(obj) = &mut root else {
         return Err(BodyError::Unreadable("body is not a JSON object".into()));
@@ -125,7 +118,7 @@ fn enforce_send(
             ));
         }
         any = true;
-        let (c, applied) = enforce_array(list, decide, &recipient_ids, &keep_as_is);
+        let (c, applied) = enforce_array(list, judge, &recipient_ids, &keep_as_is);
         if c && list.is_empty() {
             obj.shift_remove(key);
         }
@@ -172,11 +165,11 @@ impl Adapter for Braze {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match common::path_segments(req.path).as_slice() {
-            ["messages", "send"] => enforce_send(body, decide),
-            _ => enforce_track(body, decide),
+            ["messages", "send"] => enforce_send(body, judge),
+            _ => enforce_track(body, judge),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

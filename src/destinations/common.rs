@@ -5,7 +5,7 @@
 //! so `user.email` reaches `user.email[0..]` and `contents.item_name` reaches
 //! every content's `item_name`.
 
-use super::{BodyError, EventApplied};
+use super::{BodyError, EventApplied, Judge};
 use crate::decide::EventVerdict;
 use crate::identify::{self, Identifiers};
 use serde_json::{Map, Value};
@@ -292,12 +292,14 @@ pub fn collect(v: &Value, paths: &[&str], ids: &mut Identifiers, add: fn(&mut Id
     }
 }
 
-/// The events of a batch at `key` of a top-level object, one verdict each.
-/// Dropped events are removed; kept ones are passed to `apply`. Returns whether
-/// anything changed, and what was done per event (payload order).
+/// The events of a batch, one verdict each. Kept ones are passed to `apply`;
+/// once every event is decided, the guard reads each kept event as it will
+/// leave (it may drop it, or remove unknown contacts from it). Dropped events
+/// are removed. Returns whether anything changed, and what was done per event
+/// (payload order).
 pub fn enforce_array(
     events: &mut Vec<Value>,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> (bool, Vec<EventApplied>) {
@@ -305,7 +307,7 @@ pub fn enforce_array(
     let mut keep_mask = Vec::with_capacity(events.len());
     for ev in events.iter_mut() {
         let ids = identify(ev);
-        let verdict = decide(&ids);
+        let verdict = judge.decide(&ids);
         let mut a = EventApplied::new(verdict);
         match verdict {
             EventVerdict::Drop(_) => keep_mask.push(false),
@@ -315,6 +317,18 @@ pub fn enforce_array(
             }
         }
         applied.push(a);
+    }
+    for (i, ev) in events.iter_mut().enumerate() {
+        if !keep_mask[i] {
+            continue;
+        }
+        match judge.guard(i, ev) {
+            Ok(removed) => applied[i].fields_stripped.extend(removed),
+            Err(_) => {
+                applied[i].verdict = EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
+                keep_mask[i] = false;
+            }
+        }
     }
     let changed = applied.iter().any(EventApplied::changed);
     let mut i = 0;
@@ -331,7 +345,7 @@ pub fn enforce_array(
 pub fn enforce_json_batch(
     body: &[u8],
     key: &str,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> Result<super::Enforced, BodyError> {
@@ -341,7 +355,7 @@ pub fn enforce_json_batch(
             "`{key}` is missing or not an array"
         )));
     };
-    let (changed, applied) = enforce_array(events, decide, identify, apply);
+    let (changed, applied) = enforce_array(events, judge, identify, apply);
     Ok(super::Enforced {
         body: changed.then(|| to_json(&root)),
         events: applied,
@@ -353,7 +367,7 @@ pub fn enforce_json_batch(
 pub fn enforce_json_batch_at(
     body: &[u8],
     path: &str,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> Result<super::Enforced, BodyError> {
@@ -365,7 +379,7 @@ pub fn enforce_json_batch_at(
             format!("`{path}` is missing or not an array")
         }));
     };
-    let (changed, applied) = enforce_array(events, decide, identify, apply);
+    let (changed, applied) = enforce_array(events, judge, identify, apply);
     Ok(super::Enforced {
         body: changed.then(|| to_json(&root)),
         events: applied,
@@ -378,17 +392,17 @@ pub fn enforce_json_batch_at(
 /// and nothing of the original survives in it).
 pub fn enforce_json_single(
     body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> Result<super::Enforced, BodyError> {
-    enforce_single_value(parse_json(body)?, decide, identify, apply)
+    enforce_single_value(parse_json(body)?, judge, identify, apply)
 }
 
 /// [`enforce_json_single`] on a body already parsed.
 pub fn enforce_single_value(
     root: Value,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
 ) -> Result<super::Enforced, BodyError> {
@@ -398,7 +412,7 @@ pub fn enforce_single_value(
         ));
     }
     let mut one = vec![root];
-    let (changed, applied) = enforce_array(&mut one, decide, identify, apply);
+    let (changed, applied) = enforce_array(&mut one, judge, identify, apply);
     let body = match one.first() {
         Some(v) => changed.then(|| to_json(v)),
         None => Some(b"{}".to_vec()),
@@ -521,13 +535,10 @@ pub fn percent_decode(s: &str) -> String {
 
 /// Enforce a request that carries exactly one event: one decision, and the
 /// original bytes unchanged (a dropped single event blocks the request).
-pub fn enforce_single(
-    ids: &Identifiers,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> super::Enforced {
+pub fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super::Enforced {
     super::Enforced {
         body: None,
-        events: vec![EventApplied::new(decide(ids))],
+        events: vec![EventApplied::new(judge.decide(ids))],
     }
 }
 

@@ -7,8 +7,8 @@
 //! random value and sets both `consent` signals to `DENIED`.
 
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
+use crate::decide::Keep;
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, DestKind};
 use http::Method;
@@ -142,9 +142,9 @@ impl Adapter for Ga4Mp {
         &self,
         _req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
-        common::enforce_json_single(body, decide, &identify_body, &apply)
+        common::enforce_json_single(body, judge, &identify_body, &apply)
     }
     fn synthetic_ok(&self) -> SyntheticOk {
         SyntheticOk {

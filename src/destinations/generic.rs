@@ -3,7 +3,7 @@
 //! by path in the config (`destinations:` entries with `type: generic`).
 
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView};
 use crate::decide::{EventVerdict, Keep};
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
@@ -202,18 +202,14 @@ impl GenericAdapter {
         }
     }
 
-    fn enforce_json(
-        &self,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
+    fn enforce_json(&self, body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
         let identify = |v: &Value| self.json_ids(v);
         let apply = |v: &mut Value, k: &Keep, a: &mut EventApplied| self.json_apply(v, k, a);
         if let Some(path) = &self.spec.events {
-            return common::enforce_json_batch_at(body, path, decide, &identify, &apply);
+            return common::enforce_json_batch_at(body, path, judge, &identify, &apply);
         }
         let mut root = common::parse_json(body)?;
-        let verdict = decide(&identify(&root));
+        let verdict = judge.decide(&identify(&root));
         let mut a = EventApplied::new(verdict);
         if let EventVerdict::Keep(k) = verdict {
             apply(&mut root, &k, &mut a);
@@ -225,11 +221,7 @@ impl GenericAdapter {
         })
     }
 
-    fn enforce_form(
-        &self,
-        body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-    ) -> Result<Enforced, BodyError> {
+    fn enforce_form(&self, body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
         if std::str::from_utf8(body).is_err() {
             return Err(BodyError::Unreadable("form body is not valid UTF-8".into()));
         }
@@ -250,7 +242,7 @@ impl GenericAdapter {
                 ids.add_phone(v);
             }
         }
-        let verdict = decide(&ids);
+        let verdict = judge.decide(&ids);
         let mut a = EventApplied::new(verdict);
         let EventVerdict::Keep(k) = verdict else {
             return Ok(Enforced {
@@ -321,11 +313,11 @@ impl Adapter for GenericAdapter {
         &self,
         _req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match self.spec.format {
-            BodyFormat::Json => self.enforce_json(body, decide),
-            BodyFormat::Form => self.enforce_form(body, decide),
+            BodyFormat::Json => self.enforce_json(body, judge),
+            BodyFormat::Form => self.enforce_form(body, judge),
         }
     }
     fn identifier_fields(&self) -> &str {

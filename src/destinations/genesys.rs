@@ -9,8 +9,7 @@
 //! external id.
 
 use super::common::{self, keep_as_is};
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
 use http::Method;
@@ -75,7 +74,7 @@ impl Adapter for GenesysOutbound {
         &self,
         _req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         let root = common::parse_json(body)?;
         if let Some(items) = root.as_array() {
@@ -85,7 +84,7 @@ impl Adapter for GenesysOutbound {
                 ));
             }
         }
-        common::enforce_json_batch_at(body, "$", decide, &contact_ids, &keep_as_is)
+        common::enforce_json_batch_at(body, "$", judge, &contact_ids, &keep_as_is)
     }
     fn synthetic_ok(&self) -> SyntheticOk {
         SyntheticOk {

@@ -5,8 +5,8 @@
 //! `partialFailure: true` is mandatory, so dropping single conversions is safe.
 
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
+use crate::decide::Keep;
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, DestKind};
 use http::Method;
@@ -139,17 +139,17 @@ impl Adapter for GoogleAds {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match upload_method(req.path) {
             Some("uploadConversionAdjustments") => common::enforce_json_batch(
                 body,
                 "conversionAdjustments",
-                decide,
+                judge,
                 &identify_event,
                 &apply_adjustment,
             ),
-            _ => common::enforce_json_batch(body, "conversions", decide, &identify_event, &apply),
+            _ => common::enforce_json_batch(body, "conversions", judge, &identify_event, &apply),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

@@ -10,8 +10,7 @@
 //! (the `idProperty=email` form), otherwise an external id.
 
 use super::common::{self, keep_as_is};
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::Identifiers;
 use crate::model::{Category, DestKind};
 use http::Method;
@@ -99,11 +98,11 @@ impl Adapter for HubSpot {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match route(req.method, req.path) {
             Some(Route::Batch) => {
-                common::enforce_json_batch(body, "inputs", decide, &contact_ids, &keep_as_is)
+                common::enforce_json_batch(body, "inputs", judge, &contact_ids, &keep_as_is)
             }
             Some(Route::Single(path_id)) => {
                 let root = common::parse_json(body)?;
@@ -116,7 +115,7 @@ impl Adapter for HubSpot {
                 if let Some(id) = path_id {
                     add_id(&mut ids, &common::percent_decode(id));
                 }
-                Ok(common::enforce_single(&ids, decide))
+                Ok(common::enforce_single(&ids, judge))
             }
             None => Err(BodyError::Unreadable(
                 "not a HubSpot contacts write this destination inspects".into(),

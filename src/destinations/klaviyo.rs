@@ -14,8 +14,7 @@
 //! does not hash). Klaviyo's own profile ids are not consent identifiers.
 
 use super::common::{self, keep_as_is};
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
 use http::Method;
@@ -66,21 +65,14 @@ fn route(method: &Method, path: &str) -> Option<Route> {
     }
 }
 
-fn single(
-    body: &[u8],
-    prefixes: &[&str],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn single(body: &[u8], prefixes: &[&str], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let root = common::parse_json(body)?;
     if !root.get("data").is_some_and(Value::is_object) {
         return Err(BodyError::Unreadable(
             "`data` is missing or not an object".into(),
         ));
     }
-    Ok(common::enforce_single(
-        &profile_ids(&root, prefixes),
-        decide,
-    ))
+    Ok(common::enforce_single(&profile_ids(&root, prefixes), judge))
 }
 
 impl Adapter for Klaviyo {
@@ -109,7 +101,7 @@ impl Adapter for Klaviyo {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match route(req.method, req.path).unwrap_or(Route::Event) {
             Route::Event => single(
@@ -118,20 +110,20 @@ impl Adapter for Klaviyo {
                     "data.attributes.profile.data.attributes",
                     "data.attributes.profile",
                 ],
-                decide,
+                judge,
             ),
-            Route::Profile => single(body, &["data.attributes"], decide),
+            Route::Profile => single(body, &["data.attributes"], judge),
             Route::EventBulk => common::enforce_json_batch_at(
                 body,
                 "data.attributes.events-bulk-create.data",
-                decide,
+                judge,
                 &|e: &Value| profile_ids(e, &["attributes.profile.data.attributes"]),
                 &keep_as_is,
             ),
             Route::ProfileBulk => common::enforce_json_batch_at(
                 body,
                 "data.attributes.profiles.data",
-                decide,
+                judge,
                 &|p: &Value| profile_ids(p, &["attributes"]),
                 &keep_as_is,
             ),

@@ -7,8 +7,8 @@
 //! identity (`userIds` emptied, being required; `userInfo`, `externalIds` gone).
 
 use super::common;
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
-use crate::decide::{EventVerdict, Keep};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
+use crate::decide::Keep;
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, DestKind};
 use http::Method;
@@ -108,20 +108,20 @@ impl Adapter for LinkedinCapi {
         &self,
         _req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         let mut root = common::parse_json(body)?;
         match root.get_mut("elements") {
             Some(Value::Array(events)) => {
                 let (changed, applied) =
-                    common::enforce_array(events, decide, &identify_event, &apply);
+                    common::enforce_array(events, judge, &identify_event, &apply);
                 Ok(Enforced {
                     body: changed.then(|| common::to_json(&root)),
                     events: applied,
                 })
             }
             Some(_) => Err(BodyError::Unreadable("`elements` is not an array".into())),
-            None => common::enforce_single_value(root, decide, &identify_event, &apply),
+            None => common::enforce_single_value(root, judge, &identify_event, &apply),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

@@ -13,8 +13,7 @@
 //! an unknown patient and is dropped.
 
 use super::common::{self, keep_as_is};
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
 use http::Method;
@@ -127,11 +126,11 @@ impl Adapter for Mailchimp {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match route(req.method, req.path) {
             Some(Route::ListBatch) => {
-                common::enforce_json_batch(body, "members", decide, &single_ids, &keep_as_is)
+                common::enforce_json_batch(body, "members", judge, &single_ids, &keep_as_is)
             }
             Some(Route::Batches) => {
                 let root = common::parse_json(body)?;
@@ -145,7 +144,7 @@ impl Adapter for Mailchimp {
                 }
                 // Every operation parsed above; the closure cannot fail now.
                 let ids = |op: &Value| operation_ids(0, op).unwrap_or_default();
-                common::enforce_json_batch(body, "operations", decide, &ids, &keep_as_is)
+                common::enforce_json_batch(body, "operations", judge, &ids, &keep_as_is)
             }
             // A single member (and anything else routed here by the proxy).
             _ => {
@@ -155,7 +154,7 @@ impl Adapter for Mailchimp {
                 }
                 let mut ids = single_ids(&root);
                 path_ids(&common::path_segments(req.path), &mut ids);
-                Ok(common::enforce_single(&ids, decide))
+                Ok(common::enforce_single(&ids, judge))
             }
         }
     }

@@ -9,8 +9,7 @@
 //! with it, so no per-recipient data of a dropped patient leaves.
 
 use super::common::{self, enforce_array, keep_as_is};
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, Channel, DestKind};
 use http::Method;
@@ -65,7 +64,7 @@ impl Adapter for Mandrill {
         &self,
         _req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         let mut root = common::parse_json(body)?;
         let Some(Value::Object(msg)) = root.get_mut("message") else {
@@ -84,7 +83,7 @@ impl Adapter for Mandrill {
             ));
         }
         let before: Vec<Option<String>> = to.iter().map(|r| rcpt_key(&r["email"])).collect();
-        let (changed, applied) = enforce_array(to, decide, &recipient_ids, &keep_as_is);
+        let (changed, applied) = enforce_array(to, judge, &recipient_ids, &keep_as_is);
         if changed {
             let kept: Vec<Option<String>> = to.iter().map(|r| rcpt_key(&r["email"])).collect();
             let dropped: Vec<String> = before

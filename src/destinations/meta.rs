@@ -8,7 +8,7 @@
 use super::adspec::{Fields, Sensitive};
 use super::common;
 use super::rawjson::{self, Node, Object, Shape};
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::decide::{EventVerdict, Keep, Ldu};
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, DestKind};
@@ -229,14 +229,14 @@ fn apply_lazy<'a>(
 /// Identify, decide and apply one event. `Ok(None)`: dropped.
 fn enforce_event<'a>(
     mut ev: Object<'a>,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
 ) -> Result<(EventApplied, Option<Object<'a>>), BodyError> {
     let ud_at = ev.position("user_data");
     if let Some(i) = ud_at {
         if ev.entries[i].1.lead() != b'{' {
             // Unusual shape (user_data an array, a string…): the generic walk.
             let mut v = ev.to_value().map_err(|e| invalid_json(&e))?;
-            let verdict = decide(&identify_event(&v));
+            let verdict = judge.decide(&identify_event(&v));
             let mut a = EventApplied::new(verdict);
             return Ok(match verdict {
                 EventVerdict::Drop(_) => (a, None),
@@ -261,7 +261,7 @@ fn enforce_event<'a>(
         Some(u) => identify_user_data(u)?,
         None => Identifiers::new(),
     };
-    let verdict = decide(&ids);
+    let verdict = judge.decide(&ids);
     let mut a = EventApplied::new(verdict);
     let EventVerdict::Keep(k) = verdict else {
         return Ok((a, None));
@@ -279,7 +279,7 @@ fn enforce_event<'a>(
 /// JSON text.
 fn enforce_data(
     data: Vec<Shape<'_>>,
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
 ) -> Result<(bool, Vec<EventApplied>, Vec<u8>), BodyError> {
     // Every element is checked before any decision, first error first.
     let mut objects = Vec::with_capacity(data.len());
@@ -325,24 +325,49 @@ fn enforce_data(
         )));
     }
     let mut applied = Vec::with_capacity(events.len());
+    let mut kept = Vec::with_capacity(events.len());
+    for (ev, encoded) in events {
+        let (a, ev) = enforce_event(ev, judge)?;
+        applied.push(a);
+        kept.push(ev.map(|ev| (ev, encoded)));
+    }
+    // Every event is decided: the guard reads each kept one as it will leave.
     let mut out = Vec::with_capacity(4096);
     out.push(b'[');
-    let mut first = true;
     let mut buf = Vec::new();
-    for (ev, encoded) in events {
-        let (a, kept) = enforce_event(ev, decide)?;
-        applied.push(a);
-        let Some(ev) = kept else { continue };
-        if !first {
+    for (i, k) in kept.into_iter().enumerate() {
+        let Some((ev, encoded)) = k else { continue };
+        let start = out.len();
+        if start > 1 {
             out.push(b',');
         }
-        first = false;
-        if encoded {
+        let at = out.len();
+        let written = if encoded {
             buf.clear();
             ev.write(&mut buf);
-            rawjson::write_str(&mut out, &String::from_utf8_lossy(&buf));
+            &buf
         } else {
             ev.write(&mut out);
+            &out[at..]
+        };
+        let replaced = match guard_event(judge, i, written, &mut applied[i])? {
+            Guarded::Keep => None,
+            Guarded::Replace(v) => Some(v),
+            Guarded::Drop => {
+                out.truncate(start);
+                continue;
+            }
+        };
+        let event = match (&replaced, encoded) {
+            (Some(v), _) => v.as_slice(),
+            (None, true) => buf.as_slice(),
+            (None, false) => continue,
+        };
+        out.truncate(at);
+        if encoded {
+            rawjson::write_str(&mut out, &String::from_utf8_lossy(event));
+        } else {
+            out.extend_from_slice(event);
         }
     }
     out.push(b']');
@@ -350,24 +375,60 @@ fn enforce_data(
     Ok((changed, applied, out))
 }
 
+/// What the guard made of one kept event.
+enum Guarded {
+    Keep,
+    /// Unknown contacts removed: these bytes leave instead.
+    Replace(Vec<u8>),
+    /// It names someone this request may not send for.
+    Drop,
+}
+
+/// The guard on one kept event as written; it is rewalked as a value tree only
+/// when an unknown contact must be removed.
+fn guard_event(
+    judge: &mut dyn Judge,
+    index: usize,
+    written: &[u8],
+    a: &mut EventApplied,
+) -> Result<Guarded, BodyError> {
+    let scan = judge.guard_text(index, written);
+    let foreign = || EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
+    if scan.foreign {
+        a.verdict = foreign();
+        return Ok(Guarded::Drop);
+    }
+    if !scan.unknown_contact {
+        return Ok(Guarded::Keep);
+    }
+    let mut v: Value = serde_json::from_slice(written).map_err(|e| invalid_json(&e))?;
+    match judge.guard(index, &mut v) {
+        Ok(removed) => {
+            a.fields_stripped.extend(removed);
+            Ok(Guarded::Replace(common::to_json(&v)))
+        }
+        Err(_) => {
+            a.verdict = foreign();
+            Ok(Guarded::Drop)
+        }
+    }
+}
+
 fn missing_data() -> BodyError {
     BodyError::Unreadable("`data` is missing or not an array".into())
 }
 
-fn enforce_json(
-    body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn enforce_json(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let doc = rawjson::Doc::parse(body, "data").map_err(|e| invalid_json(&e))?;
     let Shape::Object(root) = doc.root else {
         return Err(missing_data());
     };
     let (changed, applied, data) = match doc.special {
-        Some(Shape::Array(data)) => enforce_data(data, decide)?,
+        Some(Shape::Array(data)) => enforce_data(data, judge)?,
         // `data` itself JSON-encoded inside the JSON body.
         Some(Shape::Str(s)) => {
             let inner = parse_data_string(&s)?;
-            let (changed, applied, text) = enforce_data(inner, decide)?;
+            let (changed, applied, text) = enforce_data(inner, judge)?;
             let mut quoted = Vec::with_capacity(text.len() + 16);
             rawjson::write_str(&mut quoted, &String::from_utf8_lossy(&text));
             (changed, applied, quoted)
@@ -400,10 +461,7 @@ fn parse_data_string(s: &str) -> Result<Vec<Shape<'_>>, BodyError> {
     }
 }
 
-fn enforce_form(
-    body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn enforce_form(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     if std::str::from_utf8(body).is_err() {
         return Err(BodyError::Unreadable("form body is not UTF-8".into()));
     }
@@ -419,7 +477,7 @@ fn enforce_form(
         }
     };
     let data = parse_data_string(&pairs[i].1)?;
-    let (changed, applied, text) = enforce_data(data, decide)?;
+    let (changed, applied, text) = enforce_data(data, judge)?;
     if !changed {
         return Ok(Enforced {
             body: None,
@@ -460,19 +518,19 @@ impl Adapter for MetaCapi {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match req.content_type {
-            Some("application/json") => enforce_json(body, decide),
-            Some("application/x-www-form-urlencoded") => enforce_form(body, decide),
+            Some("application/json") => enforce_json(body, judge),
+            Some("application/x-www-form-urlencoded") => enforce_form(body, judge),
             Some("multipart/form-data") => Err(BodyError::Unreadable(
                 "multipart bodies are not supported for Meta; send JSON or form-encoded".into(),
             )),
             _ => {
                 // No or another content type: sniff.
                 match body.iter().find(|b| !b.is_ascii_whitespace()) {
-                    Some(b'{') => enforce_json(body, decide),
-                    _ => enforce_form(body, decide),
+                    Some(b'{') => enforce_json(body, judge),
+                    _ => enforce_form(body, judge),
                 }
             }
         }
@@ -504,7 +562,7 @@ mod reference {
     /// event strings; each kept event leaves in the form it came in.
     fn enforce_data(
         data: &mut Vec<Value>,
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        mut decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
     ) -> Result<(bool, Vec<EventApplied>), BodyError> {
         let mut encoded = Vec::with_capacity(data.len());
         let mut events = Vec::with_capacity(data.len());
@@ -533,7 +591,7 @@ mod reference {
             }
         }
         let (changed, applied) =
-            common::enforce_array(&mut events, decide, &identify_event, &apply);
+            common::enforce_array(&mut events, &mut decide, &identify_event, &apply);
         let kept_encoded = encoded
             .iter()
             .zip(&applied)
@@ -895,7 +953,7 @@ mod tests {
     fn compare(label: &str, ct: &'static str, body: &[u8], mk: &MakeDecider) {
         let mut d1 = mk();
         let mut d2 = mk();
-        let new = MetaCapi.enforce(&view(ct), body, &mut *d1);
+        let new = MetaCapi.enforce(&view(ct), body, &mut d1);
         let old = reference::enforce(ct, body, &mut *d2);
         assert_eq!(new, old, "{label}: {}", String::from_utf8_lossy(body));
     }

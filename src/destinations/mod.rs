@@ -96,6 +96,42 @@ pub struct SyntheticOk {
     pub body: &'static str,
 }
 
+/// What an adapter asks while it enforces a body: the policy's verdict for
+/// each event or recipient, then (after every event is decided, so whom the
+/// request may send for is known) the egress guard's word on each kept event as
+/// it will leave. `crate::enforce` implements it; a plain closure is a judge
+/// with no guard (adapter unit tests).
+pub trait Judge {
+    /// The verdict for one event or recipient, in payload order.
+    fn decide(&mut self, ids: &Identifiers) -> EventVerdict;
+    /// A kept event (its payload index) as a value tree, as it will leave.
+    /// `Err`: drop it, it names someone this request may not send for; `Ok`:
+    /// the paths of unknown contacts removed from it (ad platforms and analytics).
+    fn guard(
+        &mut self,
+        index: usize,
+        event: &mut serde_json::Value,
+    ) -> Result<Vec<String>, crate::guard::Reason>;
+    /// A kept event as JSON text (a lazy adapter path), read without a tree.
+    fn guard_text(&mut self, index: usize, json: &[u8]) -> crate::guard::Scan;
+}
+
+impl<F: FnMut(&Identifiers) -> EventVerdict> Judge for F {
+    fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
+        self(ids)
+    }
+    fn guard(
+        &mut self,
+        _: usize,
+        _: &mut serde_json::Value,
+    ) -> Result<Vec<String>, crate::guard::Reason> {
+        Ok(Vec::new())
+    }
+    fn guard_text(&mut self, _: usize, _: &[u8]) -> crate::guard::Scan {
+        crate::guard::Scan::default()
+    }
+}
+
 /// One destination: how to recognise its traffic and enforce consent on it.
 pub trait Adapter: Send + Sync + 'static {
     /// Config name, e.g. `meta_capi` (used in `destinations:` and metric labels).
@@ -121,7 +157,7 @@ pub trait Adapter: Send + Sync + 'static {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError>;
     fn synthetic_ok(&self) -> SyntheticOk {
         SyntheticOk {

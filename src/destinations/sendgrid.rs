@@ -12,7 +12,7 @@
 //! suppressions) is refused outright: it would defeat opt-outs.
 
 use super::common::{self, enforce_array, enforce_json_batch, keep_as_is};
-use super::{Adapter, BodyError, Enforced, EventApplied, RequestView, SyntheticOk};
+use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
 use crate::model::{Category, Channel, DestKind};
@@ -61,10 +61,7 @@ fn check_bypass(root: &Value) -> Result<(), BodyError> {
     Ok(())
 }
 
-fn enforce_mail_send(
-    body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
-) -> Result<Enforced, BodyError> {
+fn enforce_mail_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let mut root = common::parse_json(body)?;
     if !root.is_object() {
         return Err(BodyError::Unreadable("body is not a JSON object".into()));
@@ -104,7 +101,7 @@ fn enforce_mail_send(
                     "personalizations[{i}].{key} holds a non-object recipient"
                 )));
             }
-            let (c, applied) = enforce_array(list, decide, &recipient_ids, &keep_as_is);
+            let (c, applied) = enforce_array(list, judge, &recipient_ids, &keep_as_is);
             changed |= c;
             if key == "to" {
                 to_drop_reason = applied.iter().find_map(|a| match a.verdict {
@@ -172,13 +169,13 @@ impl Adapter for SendGrid {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
         match common::path_segments(req.path).as_slice() {
             ["v3", "marketing", "contacts"] => {
-                enforce_json_batch(body, "contacts", decide, &contact_ids, &keep_as_is)
+                enforce_json_batch(body, "contacts", judge, &contact_ids, &keep_as_is)
             }
-            _ => enforce_mail_send(body, decide),
+            _ => enforce_mail_send(body, judge),
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

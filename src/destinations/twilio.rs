@@ -15,8 +15,7 @@
 //! (host alone is ambiguous).
 
 use super::common;
-use super::{Adapter, BodyError, Enforced, RequestView, SyntheticOk};
-use crate::decide::EventVerdict;
+use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, Channel, DestKind};
 use http::Method;
@@ -35,7 +34,7 @@ fn is_resource(path: &str, resource: &str) -> bool {
 fn enforce_to(
     req: &RequestView<'_>,
     body: &[u8],
-    decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+    judge: &mut dyn Judge,
 ) -> Result<Enforced, BodyError> {
     if let Some(ct) = req.content_type {
         if ct != "application/x-www-form-urlencoded" {
@@ -56,7 +55,7 @@ fn enforce_to(
     }
     let mut ids = Identifiers::new();
     ids.add_phone(first);
-    Ok(common::enforce_single(&ids, decide))
+    Ok(common::enforce_single(&ids, judge))
 }
 
 const SYNTHETIC: SyntheticOk = SyntheticOk {
@@ -121,9 +120,9 @@ impl Adapter for Twilio {
         &self,
         req: &RequestView<'_>,
         body: &[u8],
-        decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,
+        judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
-        enforce_to(req, body, decide)
+        enforce_to(req, body, judge)
     }
     fn synthetic_ok(&self) -> SyntheticOk {
         SYNTHETIC
@@ -142,7 +141,7 @@ impl Adapter for Twilio {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::Reason;
+    use crate::decide::{EventVerdict, Reason};
     use crate::destinations::common::testkit::*;
 
     const SMS_PATH: &str = "/2010-04-01/Accounts/AC0123456789abcdef/Messages.json";

@@ -1,0 +1,596 @@
+//! The egress guard (SPEC §6, "Everything that leaves is inspected"): consent is
+//! decided on what the vendor will read, not on the fields an adapter expects.
+//!
+//! After the adapter has decided and rewritten every event, the guard reads every
+//! string the vendor would receive and looks for identifiers: email addresses,
+//! phone numbers, 64- and 32-hex digests, and tokens that are patient or external
+//! ids of the consent index. Each is looked up:
+//!
+//! - A kept event carrying an identifier of a patient other than one this request
+//!   may send for (a dropped, denied, stale or tagged patient; on a messaging
+//!   destination anyone but the kept recipients) is dropped (`foreign_identifier`).
+//! - A match outside every event (the rest of the body, the query, a header)
+//!   refuses the request (451 `foreign_identifier`).
+//! - On ad platforms and analytics an email or phone that names no patient and
+//!   stands outside the identity fields is removed (`fields_stripped`).
+//!
+//! The scan is pure: it reads strings, and the store is only asked who an
+//! identifier names. What it finds is recorded as [`Intervention`]s for the audit,
+//! the metric and `explain`.
+
+use crate::consent::ConsentStore;
+use crate::identify::{self, Identifiers};
+use serde_json::Value;
+use std::borrow::Cow;
+
+/// One identifier found in a string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// A normalised email address.
+    Email(String),
+    /// A phone number; `formatted` when written with a `+` or separators (a bare
+    /// digit run could as well be an id or a timestamp).
+    Phone { digits: String, formatted: bool },
+    /// 64 hex digits: a SHA-256 of an email or phone.
+    Sha256([u8; 32]),
+    /// 32 hex digits: an MD5 of an email (Mailchimp's subscriber hash).
+    Md5(String),
+    /// A token that may be a patient or external id.
+    Token(String),
+}
+
+impl Found {
+    /// An email or phone, the kinds that are removed when they name nobody.
+    fn is_contact(&self) -> bool {
+        matches!(
+            self,
+            Found::Email(_)
+                | Found::Phone {
+                    formatted: true,
+                    ..
+                }
+        )
+    }
+
+    fn identifiers(&self) -> Identifiers {
+        let mut ids = Identifiers::new();
+        match self {
+            Found::Email(e) => ids.add_email(e),
+            Found::Phone { digits, .. } => ids.add_phone(digits),
+            Found::Sha256(h) => {
+                let hex = hex::encode(h);
+                ids.add_email(&hex);
+                ids.add_phone(&hex);
+            }
+            Found::Md5(h) => ids.add_email(h),
+            Found::Token(t) => {
+                ids.add_patient(t);
+                ids.add_external(t);
+            }
+        }
+        ids
+    }
+}
+
+/// Shortest token looked up as a patient or external id: shorter ones are
+/// words and numbers, and an index id that short would match everything.
+const MIN_TOKEN: usize = 4;
+/// Longest token looked up (an id is short; a long run is text or a digest).
+const MAX_TOKEN: usize = 128;
+/// Most tokens looked up in one string (a long text is still bounded).
+const MAX_TOKENS: usize = 4096;
+
+/// Every identifier in `s`, in order. A string with percent escapes is also
+/// read decoded (an address hidden as `jane%40example.com` in a URL).
+pub(crate) fn scan_text(s: &str, out: &mut Vec<Found>) {
+    scan_plain(s, out);
+    if s.contains('%') {
+        let decoded = crate::destinations::common::percent_decode(s);
+        if decoded != s {
+            scan_plain(&decoded, out);
+        }
+    }
+}
+
+fn scan_plain(s: &str, out: &mut Vec<Found>) {
+    emails(s, out);
+    phones(s, out);
+    hex_runs(s, out);
+    tokens(s, out);
+}
+
+/// The local part's characters as addresses are written in practice (RFC 5322
+/// allows more, but `=`, `?`, `&`, `/` and `#` around an `@` are URL syntax).
+fn is_local(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"._%+-'".contains(&c)
+}
+
+fn is_domain(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'.' || c == b'-'
+}
+
+/// `local@domain.tld` around every `@`.
+fn emails(s: &str, out: &mut Vec<Found>) {
+    let b = s.as_bytes();
+    for (at, _) in s.match_indices('@') {
+        let mut start = at;
+        while start > 0 && is_local(b[start - 1]) {
+            start -= 1;
+        }
+        let mut end = at + 1;
+        while end < b.len() && is_domain(b[end]) {
+            end += 1;
+        }
+        let local = &s[start..at];
+        let domain = s[at + 1..end].trim_end_matches(['.', '-']);
+        let tld_ok = domain
+            .rsplit_once('.')
+            .is_some_and(|(_, tld)| tld.len() >= 2 && tld.bytes().all(|c| c.is_ascii_alphabetic()));
+        if !local.is_empty() && tld_ok {
+            out.push(Found::Email(format!("{local}@{domain}").to_lowercase()));
+        }
+    }
+}
+
+/// Runs of digits with phone punctuation holding 7 to 15 digits.
+fn phones(s: &str, out: &mut Vec<Found>) {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let starts = b[i].is_ascii_digit() || b[i] == b'+' || b[i] == b'(';
+        let after_word = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'.');
+        if !starts || after_word {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        let (mut digits, mut separators) = (String::new(), false);
+        while j < b.len() {
+            match b[j] {
+                c if c.is_ascii_digit() => digits.push(c as char),
+                b' ' | b'-' | b'.' | b'(' | b')' | b'/' => separators = true,
+                b'+' if j == i => {}
+                _ => break,
+            }
+            j += 1;
+        }
+        let ends_in_word = j < b.len() && (b[j].is_ascii_alphabetic() || b[j] == b':');
+        if (7..=15).contains(&digits.len()) && !ends_in_word {
+            let formatted = b[i] == b'+' || (separators && looks_national(&s[i..j]));
+            if let Some(d) = identify::normalize_phone(&s[i..j]) {
+                // A national number names the same person as its international
+                // form (read in the default region; TODO(issue 17): libphonenumber).
+                if b[i] != b'+' && d.len() == 10 {
+                    out.push(Found::Phone {
+                        digits: format!("1{d}"),
+                        formatted,
+                    });
+                }
+                out.push(Found::Phone {
+                    digits: d,
+                    formatted,
+                });
+            }
+        }
+        i = j.max(i + 1);
+    }
+}
+
+/// Whether a run of digits and separators is written like a national phone
+/// number (`(415) 555-0100`, `415.555.0100`, `020 7946 0958`) rather than a
+/// date, a time or a version: at least ten digits, in groups of two to four
+/// digits with the last of three or more, and not an ISO date (a four-digit
+/// group first).
+fn looks_national(run: &str) -> bool {
+    let groups: Vec<&str> = run
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let digits: usize = groups.iter().map(|g| g.len()).sum();
+    let (Some(first), Some(last)) = (groups.first(), groups.last()) else {
+        return false;
+    };
+    digits >= 10
+        && groups.len() >= 2
+        && last.len() >= 3
+        && groups.iter().all(|g| g.len() <= 4)
+        && !(first.len() == 4 && groups.get(1).is_some_and(|g| g.len() <= 2))
+}
+
+/// Runs of exactly 64 or 32 hex digits.
+fn hex_runs(s: &str, out: &mut Vec<Found>) {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_hexdigit() {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < b.len() && b[j].is_ascii_hexdigit() {
+            j += 1;
+        }
+        let run = &s[i..j];
+        match run.len() {
+            64 => {
+                if let Some(h) = identify::parse_sha256_hex(run) {
+                    out.push(Found::Sha256(h));
+                }
+            }
+            32 => out.push(Found::Md5(run.to_ascii_lowercase())),
+            _ => {}
+        }
+        i = j;
+    }
+}
+
+/// The whole string and its separator-delimited tokens, as possible patient
+/// or external ids. Only tokens with a digit: ids are numbered, words are not,
+/// and a lookup per word would cost more than the rest of the scan. Digests are
+/// looked up as digests.
+fn tokens(s: &str, out: &mut Vec<Found>) {
+    let id_like = |t: &str| {
+        (MIN_TOKEN..=MAX_TOKEN).contains(&t.len())
+            && t.bytes().any(|b| b.is_ascii_digit())
+            && !(matches!(t.len(), 32 | 64) && t.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let whole = s.trim();
+    if id_like(whole) {
+        out.push(Found::Token(whole.to_string()));
+    }
+    let seps = |c: char| c.is_whitespace() || ",;&=?/#\"'()<>|[]{}".contains(c);
+    let parts = s.split(seps).filter(|t| *t != whole && id_like(t));
+    for t in parts.take(MAX_TOKENS) {
+        out.push(Found::Token(t.to_string()));
+    }
+}
+
+/// Every string in a JSON document (keys too), decoded, without building a
+/// value tree. `None` when the text is not JSON the scanner can walk.
+pub(crate) fn json_strings<'a>(text: &'a [u8], f: &mut dyn FnMut(Cow<'a, str>)) -> Option<()> {
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut escaped = false;
+        i += 1;
+        while i < text.len() && text[i] != b'"' {
+            if text[i] == b'\\' {
+                escaped = true;
+                i += 1;
+            }
+            i += 1;
+        }
+        let lit = text.get(start..=i)?;
+        i += 1;
+        if escaped {
+            f(Cow::Owned(serde_json::from_slice::<String>(lit).ok()?));
+        } else {
+            f(Cow::Borrowed(
+                std::str::from_utf8(&lit[1..lit.len() - 1]).ok()?,
+            ));
+        }
+    }
+    Some(())
+}
+
+/// Headers the last pass does not read: authentication (a secret, not about
+/// a person), the framing, and the host.
+pub(crate) const SKIPPED_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+];
+
+/// Every string of a body as the vendor reads it: JSON strings (keys too),
+/// form keys and values (a value holding JSON is read as JSON too), or the
+/// whole text. Text that cannot be walked as its type is read as one string.
+pub(crate) fn body_strings<'a>(body: &'a [u8], ct: Option<&str>, out: &mut Vec<Cow<'a, str>>) {
+    if body.is_empty() {
+        return;
+    }
+    let json = ct == Some("application/json")
+        || body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'{' || *b == b'[');
+    if json {
+        let mut strings = Vec::new();
+        if json_strings(body, &mut |s| strings.push(s)).is_some() {
+            out.extend(strings);
+            return;
+        }
+    } else if ct == Some("application/x-www-form-urlencoded") {
+        for (k, v) in form_urlencoded::parse(body) {
+            let looks_json = v.trim_start().starts_with(['[', '{']);
+            if looks_json {
+                let mut inner = Vec::new();
+                if json_strings(v.as_bytes(), &mut |s| inner.push(s.into_owned())).is_some() {
+                    out.extend(inner.into_iter().map(Cow::Owned));
+                }
+            }
+            out.push(Cow::Owned(k.into_owned()));
+            out.push(Cow::Owned(v.into_owned()));
+        }
+        return;
+    }
+    out.push(String::from_utf8_lossy(body));
+}
+
+/// Why the guard stepped in (`consentgate_guard_interventions_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A kept event named someone this request may not send for: dropped.
+    ForeignIdentifier,
+    /// Someone this request may not send for, outside every event: refused.
+    ForeignOutsideEvents,
+    /// An email or phone naming nobody, outside the identity fields: removed.
+    UnknownContactRemoved,
+}
+
+impl Reason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Reason::ForeignIdentifier => "foreign_identifier",
+            Reason::ForeignOutsideEvents => "foreign_identifier_outside_events",
+            Reason::UnknownContactRemoved => "unknown_contact_removed",
+        }
+    }
+}
+
+/// One thing the guard did: the reason, where (a field path or a place such
+/// as `query` or `header:referer`, never a value), and the event if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Intervention {
+    pub reason: Reason,
+    pub place: String,
+    pub event: Option<usize>,
+}
+
+/// The guard for one request: whom it may send for, and what it found.
+pub(crate) struct Guard<'a> {
+    store: &'a ConsentStore,
+    /// Patient ids of the kept, untagged events (messaging: the kept recipients).
+    allowed: Vec<Box<str>>,
+    /// Ad platforms and analytics: unknown contacts outside identity fields go.
+    remove_unknown: bool,
+    pub(crate) interventions: Vec<Intervention>,
+}
+
+/// What scanning one place concluded.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Someone this request may not send for is named here.
+    pub foreign: bool,
+    /// An email or phone naming nobody is here.
+    pub unknown_contact: bool,
+}
+
+impl<'a> Guard<'a> {
+    pub(crate) fn new(store: &'a ConsentStore, remove_unknown: bool) -> Guard<'a> {
+        Guard {
+            store,
+            allowed: Vec::new(),
+            remove_unknown,
+            interventions: Vec::new(),
+        }
+    }
+
+    /// Add the patients of a kept, untagged event to those the request may send for.
+    pub(crate) fn allow(&mut self, patient_id: &str) {
+        if !self.allowed.iter().any(|p| &**p == patient_id) {
+            self.allowed.push(patient_id.into());
+        }
+    }
+
+    /// Look up what a string holds.
+    pub(crate) fn scan_str(&self, s: &str) -> Scan {
+        let mut found = Vec::new();
+        scan_text(s, &mut found);
+        let mut scan = Scan::default();
+        for f in &found {
+            let records = self.store.lookup(&f.identifiers());
+            if records.is_empty() {
+                scan.unknown_contact |= f.is_contact();
+            } else if records
+                .iter()
+                .any(|r| !self.allowed.iter().any(|p| **p == *r.patient_id))
+            {
+                scan.foreign = true;
+            }
+        }
+        scan
+    }
+
+    /// A kept event as a value tree, after the adapter rewrote it: `Err` when it
+    /// must be dropped; otherwise unknown contacts are removed (on ad platforms
+    /// and analytics) and their paths returned. The identity fields of a kept
+    /// event are hashed by then, so a plaintext address still in it stands
+    /// outside them.
+    pub(crate) fn event(&mut self, index: usize, ev: &mut Value) -> Result<Vec<String>, Reason> {
+        let mut removed = Vec::new();
+        let mut foreign = None;
+        self.walk(ev, &mut String::new(), &mut foreign, &mut removed);
+        if let Some(place) = foreign {
+            self.note(Reason::ForeignIdentifier, place, Some(index));
+            return Err(Reason::ForeignIdentifier);
+        }
+        for p in &removed {
+            self.note(Reason::UnknownContactRemoved, p.clone(), Some(index));
+        }
+        Ok(removed)
+    }
+
+    fn walk(
+        &self,
+        v: &mut Value,
+        path: &mut String,
+        foreign: &mut Option<String>,
+        removed: &mut Vec<String>,
+    ) {
+        match v {
+            Value::Object(m) => {
+                let mut drop_keys = Vec::new();
+                for (k, x) in m.iter_mut() {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                    let key_scan = self.scan_str(k);
+                    if key_scan.foreign && foreign.is_none() {
+                        *foreign = Some(path.clone());
+                    }
+                    if let Value::String(s) = x {
+                        let scan = self.scan_str(s);
+                        if scan.foreign && foreign.is_none() {
+                            *foreign = Some(path.clone());
+                        }
+                        if scan.unknown_contact && self.remove_unknown {
+                            drop_keys.push(k.clone());
+                            removed.push(path.clone());
+                        }
+                    } else {
+                        self.walk(x, path, foreign, removed);
+                    }
+                    path.truncate(len);
+                }
+                for k in drop_keys {
+                    m.shift_remove(&k);
+                }
+            }
+            Value::Array(a) => {
+                let mut keep = Vec::with_capacity(a.len());
+                for x in a.iter_mut() {
+                    if let Value::String(s) = x {
+                        let scan = self.scan_str(s);
+                        if scan.foreign && foreign.is_none() {
+                            *foreign = Some(path.clone());
+                        }
+                        let go = scan.unknown_contact && self.remove_unknown;
+                        if go {
+                            removed.push(format!("{path}[]"));
+                        }
+                        keep.push(!go);
+                    } else {
+                        self.walk(x, path, foreign, removed);
+                        keep.push(true);
+                    }
+                }
+                let mut i = 0;
+                a.retain(|_| {
+                    i += 1;
+                    keep[i - 1]
+                });
+            }
+            Value::String(s) if foreign.is_none() && self.scan_str(s).foreign => {
+                *foreign = Some(path.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// A kept event as JSON text (an adapter's lazy path): whether it names
+    /// someone this request may not send for, and whether an unknown contact is
+    /// in it (the caller then rewalks it as a value tree to remove it).
+    pub(crate) fn event_text(&mut self, index: usize, json: &[u8]) -> Scan {
+        let mut scan = Scan::default();
+        let walked = json_strings(json, &mut |s| {
+            let one = self.scan_str(&s);
+            scan.foreign |= one.foreign;
+            scan.unknown_contact |= one.unknown_contact;
+        });
+        // Text the scanner cannot walk is no proof of absence.
+        scan.foreign |= walked.is_none();
+        if scan.foreign {
+            self.note(Reason::ForeignIdentifier, "event".into(), Some(index));
+        }
+        scan
+    }
+
+    /// The last pass over what leaves, outside the events: `place` names it for
+    /// the audit (`body`, `query`, `header:<name>`). True: refuse the request.
+    pub(crate) fn outside(&mut self, place: &str, strings: &[Cow<'_, str>]) -> bool {
+        let foreign = strings.iter().any(|s| self.scan_str(s).foreign);
+        if foreign {
+            self.note(Reason::ForeignOutsideEvents, place.to_string(), None);
+        }
+        foreign
+    }
+
+    fn note(&mut self, reason: Reason, place: String, event: Option<usize>) {
+        self.interventions.push(Intervention {
+            reason,
+            place,
+            event,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(s: &str) -> Vec<Found> {
+        let mut v = Vec::new();
+        scan_text(s, &mut v);
+        v
+    }
+
+    #[test]
+    fn finds_emails_phones_digests_and_tokens() {
+        let f = found("Contact Jane.Roe@Example.com or (415) 555-0100, ref crm:0031x00000abc");
+        assert!(f.contains(&Found::Email("jane.roe@example.com".into())));
+        assert!(f.contains(&Found::Phone {
+            digits: "4155550100".into(),
+            formatted: true
+        }));
+        assert!(f.contains(&Found::Token("crm:0031x00000abc".into())));
+        let h = identify::sha256_hex(b"jane.roe@example.com");
+        assert!(found(&h).contains(&Found::Sha256(identify::sha256(b"jane.roe@example.com"))));
+        let md5 = "0123456789abcdef0123456789ABCDEF";
+        assert!(found(md5).contains(&Found::Md5(md5.to_lowercase())));
+        assert!(found("https://h.example/?e=jane%40example.com")
+            .contains(&Found::Email("jane@example.com".into())));
+    }
+
+    #[test]
+    fn bare_numbers_are_looked_up_but_not_contacts() {
+        let f = found("1763600000");
+        assert!(f.iter().any(|x| matches!(
+            x,
+            Found::Phone {
+                formatted: false,
+                ..
+            }
+        )));
+        assert!(!f.iter().any(Found::is_contact));
+        assert!(found("+14155550100").iter().any(Found::is_contact));
+        assert!(found("v19.0")
+            .iter()
+            .all(|x| !matches!(x, Found::Phone { .. })));
+    }
+
+    #[test]
+    fn json_strings_are_decoded_keys_included() {
+        let mut got = Vec::new();
+        let text = br#"{"a\u0040b":"x\u0040example.com","n":[1,"y"]}"#;
+        json_strings(text, &mut |s| got.push(s.into_owned())).unwrap();
+        assert_eq!(
+            got,
+            ["a@b", "x@example.com", "n", "y"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        );
+        assert!(json_strings(br#"{"open"#, &mut |_| {}).is_none());
+    }
+}

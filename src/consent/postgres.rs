@@ -59,10 +59,17 @@ pub const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
 /// The NOTIFY channel the triggers announce changes on.
 pub const CHANNEL: &str = "consentgate_consent";
 /// Migrations shipped in the repository, applied in order by `db migrate`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_consent",
-    include_str!("../../migrations/0001_consent.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_consent",
+        include_str!("../../migrations/0001_consent.sql"),
+    ),
+    // The sync outbox (SPEC §13; src/sync/pg.rs).
+    (
+        "0002_sync_outbox",
+        include_str!("../../migrations/0002_sync_outbox.sql"),
+    ),
+];
 
 /// Called with the seconds from a row's commit (`changed_at`) to its
 /// application in the cache (`consentgate_consent_propagation_seconds`).

@@ -32,3 +32,4 @@ pub mod run;
 pub mod state;
 pub(crate) mod sync;
 pub mod tls;
+pub(crate) mod webhooks;

@@ -1315,9 +1315,8 @@ impl Reader {
                 max_age: self.parsed(vm, &vp, "max_age", Duration::from_secs(300), duration),
                 mapping,
                 scopes,
-                external_id_prefix: self.opt_parsed(vm, &vp, "external_id_prefix", |v| {
-                    Ok(v.to_string())
-                }),
+                external_id_prefix: self
+                    .opt_parsed(vm, &vp, "external_id_prefix", |v| Ok(v.to_string())),
             });
         }
         let needs_url = vendors.iter().any(|v| {
@@ -1572,7 +1571,11 @@ impl Reader {
         let host = text(self, "host").or_else(|| kind.default_host().map(str::to_string));
         let host = match host {
             Some(h) if h.contains(['/', ' ', '@', '?', '#']) || h.is_empty() => {
-                self.err_at(line, &format!("{p}.host"), "expected a host name (no scheme, no path)");
+                self.err_at(
+                    line,
+                    &format!("{p}.host"),
+                    "expected a host name (no scheme, no path)",
+                );
                 h
             }
             Some(h) => h.to_ascii_lowercase(),
@@ -1590,11 +1593,17 @@ impl Reader {
         let list_id = text(self, "list_id");
         let need = |r: &mut Reader, ok: bool, key: &str| {
             if !ok {
-                r.err_at(line, &format!("{p}.{key}"), format!("required for type {}", kind.as_str()));
+                r.err_at(
+                    line,
+                    &format!("{p}.{key}"),
+                    format!("required for type {}", kind.as_str()),
+                );
             }
         };
         match kind {
-            SyncKind::SendgridGroup | SyncKind::Hubspot => need(self, group_id.is_some(), "group_id"),
+            SyncKind::SendgridGroup | SyncKind::Hubspot => {
+                need(self, group_id.is_some(), "group_id")
+            }
             SyncKind::Mailchimp => need(self, list_id.is_some(), "list_id"),
             _ => {}
         }
@@ -1645,7 +1654,9 @@ impl Reader {
                         out.push(v);
                     }
                 }
-                Some(Err(e)) => self.err_at(line_of(item.span()), &format!("{prefix}.{key}[{i}]"), e),
+                Some(Err(e)) => {
+                    self.err_at(line_of(item.span()), &format!("{prefix}.{key}[{i}]"), e)
+                }
                 None => self.err_at(
                     line_of(item.span()),
                     &format!("{prefix}.{key}[{i}]"),
@@ -1661,7 +1672,8 @@ impl Reader {
 fn is_label(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 64
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

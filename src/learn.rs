@@ -73,7 +73,15 @@ impl Learner {
         for pid in named {
             match self
                 .optouts
-                .apply(rule.vendor, rule.kind, &pid, &change, &[], &[], Some(&request_id))
+                .apply(
+                    rule.vendor,
+                    rule.kind,
+                    &pid,
+                    &change,
+                    &[],
+                    &[],
+                    Some(&request_id),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -115,8 +123,8 @@ pub(crate) fn watch(
             .iter()
             .find(|r| r.destination == dest && r.status == parts.status.as_u16())
     });
-    let small = crate::enforce::declared_length(&parts.headers)
-        .is_none_or(|n| n <= MAX_PEEK as u64);
+    let small =
+        crate::enforce::declared_length(&parts.headers).is_none_or(|n| n <= MAX_PEEK as u64);
     let json = parts
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -127,14 +135,12 @@ pub(crate) fn watch(
         .get(http::header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
     match (learner, rule) {
-        (Some(l), Some(rule)) if !named.is_empty() && small && json && plain => {
-            LearnBody {
-                inner: body,
-                state: State::Collecting(BytesMut::new()),
-                learn: Some((l.clone(), rule, named.to_vec(), request_id.to_string())),
-            }
-            .boxed_unsync()
+        (Some(l), Some(rule)) if !named.is_empty() && small && json && plain => LearnBody {
+            inner: body,
+            state: State::Collecting(BytesMut::new()),
+            learn: Some((l.clone(), rule, named.to_vec(), request_id.to_string())),
         }
+        .boxed_unsync(),
         _ => body.map_err(BoxError::from).boxed_unsync(),
     }
 }
@@ -266,7 +272,9 @@ mod tests {
     #[test]
     fn the_21610_answer_and_nothing_else() {
         let r = &RULES[0];
-        assert!((r.matches)(&serde_json::json!({"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400})));
+        assert!((r.matches)(
+            &serde_json::json!({"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400})
+        ));
         assert!((r.matches)(&serde_json::json!({"code": "21610"})));
         assert!(!(r.matches)(&serde_json::json!({"code": 21211})));
         assert!(!(r.matches)(&serde_json::json!([21610])));

@@ -271,7 +271,14 @@ impl<'a> Exchange<'a> {
                 response::stamp(&mut parts.headers, egress.decision, &self.request_id);
                 // Learn: a vendor answer meaning "opted out" (SPEC §13; crate::learn).
                 let learner = self.app.learner.get();
-                let body = crate::learn::watch(learner, egress.dest, &self.named, &self.request_id, &parts, body);
+                let body = crate::learn::watch(
+                    learner,
+                    egress.dest,
+                    &self.named,
+                    &self.request_id,
+                    &parts,
+                    body,
+                );
                 let resp = Response::from_parts(parts, body);
                 (egress.dest, egress.decision.as_str(), resp)
             }

@@ -695,6 +695,13 @@ impl PgSourceHandle {
         lock(&self.shared.apply).last
     }
 
+    /// [`PgSourceHandle::applied_version`] for someone who outlives no handle
+    /// (the sync outbox's cursor, SPEC §13).
+    pub fn applied_version_source(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || lock(&shared.apply).last)
+    }
+
     /// Reconnections since start.
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)

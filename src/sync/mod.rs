@@ -35,7 +35,9 @@ pub(crate) mod target;
 use crate::audit::{AuditRecord, AuditWriter, EncKey, PseudonymKey};
 use crate::config::{Config, SourceKind, SyncCfg};
 use crate::consent::source::BoxFuture;
-use crate::consent::{ConsentRecord, ConsentStore, PgSourceConfig, PlaintextCarrier, StoreObserver};
+use crate::consent::{
+    ConsentRecord, ConsentStore, PgSourceConfig, PlaintextCarrier, StoreObserver,
+};
 use crate::forward::UpstreamClient;
 use crate::metrics::Metrics;
 use deliver::{Outcome, RateLimit};
@@ -130,7 +132,8 @@ fn now_ms() -> i64 {
 fn load_key(path: &std::path::Path) -> Result<(EncKey, [u8; 32]), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("sync.key_file {}: {e}", path.display()))?;
-    let seal = EncKey::from_hex(&text).map_err(|e| format!("sync.key_file {}: {e}", path.display()))?;
+    let seal =
+        EncKey::from_hex(&text).map_err(|e| format!("sync.key_file {}: {e}", path.display()))?;
     let mut raw = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut raw)
         .map_err(|_| format!("sync.key_file {}: not hex", path.display()))?;
@@ -169,14 +172,20 @@ impl SyncOutbox {
                     .await
                     .map_err(|e| format!("sync outbox task: {e}"))??;
                 let known: Vec<&str> = targets.iter().map(Target::name).collect();
-                let orphans = ob.entries.values().filter(|e| !known.contains(&e.target.as_str())).count();
+                let orphans = ob
+                    .entries
+                    .values()
+                    .filter(|e| !known.contains(&e.target.as_str()))
+                    .count();
                 let b = FileBackend {
                     ledger: Mutex::new(ledger),
                     outbox: Mutex::new(ob),
                 };
                 if orphans > 0 {
-                    tracing::warn!(entries = orphans,
-                        "sync outbox entries of targets no longer configured are dropped");
+                    tracing::warn!(
+                        entries = orphans,
+                        "sync outbox entries of targets no longer configured are dropped"
+                    );
                 }
                 Backend::File(b)
             }
@@ -214,7 +223,14 @@ impl SyncOutbox {
         });
         inner.drop_orphans();
         for t in &inner.targets {
-            for r in ["delivered", "retry", "rejected", "parked", "no_address", "superseded"] {
+            for r in [
+                "delivered",
+                "retry",
+                "rejected",
+                "parked",
+                "no_address",
+                "superseded",
+            ] {
                 inner
                     .metrics
                     .sync_deliveries_total
@@ -426,7 +442,12 @@ impl Inner {
             .sync_deliveries_total
             .with_label_values(&[name, "no_address"])
             .inc();
-        self.audit(AuditRecord::sync(name, patient, "no_address", "no_plaintext_address"));
+        self.audit(AuditRecord::sync(
+            name,
+            patient,
+            "no_address",
+            "no_plaintext_address",
+        ));
         tracing::warn!(target = name,
             "a denial for a sync target came without an address or id the vendor accepts; not queued");
     }
@@ -447,7 +468,12 @@ impl Inner {
             if let Err(e) = ob.record_done(id) {
                 tracing::error!(error = %e, "sync outbox");
             }
-            self.audit(AuditRecord::sync(&target, patient, "dropped", "target_removed"));
+            self.audit(AuditRecord::sync(
+                &target,
+                patient,
+                "dropped",
+                "target_removed",
+            ));
         }
     }
 
@@ -659,7 +685,9 @@ impl Inner {
         }
         rate.acquire().await;
         let update = self
-            .attempt(i, &e.patient, &e.sealed, e.created, e.attempts, e.parked, e.id)
+            .attempt(
+                i, &e.patient, &e.sealed, e.created, e.attempts, e.parked, e.id,
+            )
             .await;
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -703,8 +731,16 @@ impl Inner {
         rate.acquire().await;
         let me = self.clone();
         let r = pg::take_one(c, &name, |t| async move {
-            me.attempt(i, &t.patient, &t.sealed, t.created_ms, t.attempts, t.parked, t.id as u64)
-                .await
+            me.attempt(
+                i,
+                &t.patient,
+                &t.sealed,
+                t.created_ms,
+                t.attempts,
+                t.parked,
+                t.id as u64,
+            )
+            .await
         })
         .await;
         match r {
@@ -780,13 +816,21 @@ impl Inner {
             let mut rec = AuditRecord::sync(t.name(), patient.to_string(), "parked", "max_age");
             rec.detail = Some(serde_json::json!({"entry": entry, "attempt": attempts}));
             self.audit(rec);
-            tracing::error!(target = t.name(), attempts,
-                "sync entry parked: older than sync.max_age; retried every sync.parked_retry");
+            tracing::error!(
+                target = t.name(),
+                attempts,
+                "sync entry parked: older than sync.max_age; retried every sync.parked_retry"
+            );
         }
         let delay = if parked {
             self.cfg.parked_retry.max(retry_after.unwrap_or_default())
         } else {
-            deliver::backoff(attempts, self.cfg.retry_initial, self.cfg.retry_max, retry_after)
+            deliver::backoff(
+                attempts,
+                self.cfg.retry_initial,
+                self.cfg.retry_max,
+                retry_after,
+            )
         };
         tracing::info!(target = t.name(), result, attempts, delay_ms = delay.as_millis() as u64,
             reason = %outcome.reason(), "sync attempt not delivered; retrying");
@@ -903,7 +947,14 @@ pub async fn status(cfg: &Config) -> Result<serde_json::Value, String> {
             for s in pg::summary(&c).await? {
                 by.insert(
                     s.target.clone(),
-                    summary_json(&s.target, s.pending, s.parked, s.oldest_age, s.next_in, s.last_error),
+                    summary_json(
+                        &s.target,
+                        s.pending,
+                        s.parked,
+                        s.oldest_age,
+                        s.next_in,
+                        s.last_error,
+                    ),
                 );
             }
             targets.extend(by.into_values());

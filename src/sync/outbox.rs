@@ -126,14 +126,12 @@ pub(crate) fn replay(path: &Path) -> Result<(Replayed, Option<u64>), String> {
                 }
             }
             _ if i + 1 == n => torn = Some(good_len),
-            _ => {
-                return Err(format!(
-                    "{} line {}: not an outbox record (the file was altered; move it aside to start \
+            _ => return Err(format!(
+                "{} line {}: not an outbox record (the file was altered; move it aside to start \
                      with an empty outbox)",
-                    path.display(),
-                    i + 1
-                ))
-            }
+                path.display(),
+                i + 1
+            )),
         }
     }
     Ok((out, torn))
@@ -227,7 +225,8 @@ impl FileOutbox {
     fn write_line(f: &mut File, line: &Line) -> Result<(), String> {
         let mut text = serde_json::to_vec(line).map_err(|e| e.to_string())?;
         text.push(b'\n');
-        f.write_all(&text).map_err(|e| format!("sync outbox write: {e}"))
+        f.write_all(&text)
+            .map_err(|e| format!("sync outbox write: {e}"))
     }
 
     /// Queue a new entry (durable after [`FileOutbox::sync`]).
@@ -378,11 +377,16 @@ mod tests {
         {
             let (mut ob, ledger) = FileOutbox::open(&dir).unwrap();
             assert!(ledger.is_empty());
-            let a = ob.add("t", "p1".into(), 1, serde_json::json!({"ct": "aa"})).unwrap();
-            let b = ob.add("t", "p2".into(), 2, serde_json::json!({"ct": "bb"})).unwrap();
+            let a = ob
+                .add("t", "p1".into(), 1, serde_json::json!({"ct": "aa"}))
+                .unwrap();
+            let b = ob
+                .add("t", "p2".into(), 2, serde_json::json!({"ct": "bb"}))
+                .unwrap();
             ob.ledger_set(&"a".repeat(32), &"b".repeat(32)).unwrap();
             ob.sync().unwrap();
-            ob.record_try(a, 1, 99, false, Some("http 503".into())).unwrap();
+            ob.record_try(a, 1, 99, false, Some("http 503".into()))
+                .unwrap();
             ob.record_done(b).unwrap();
         }
         {
@@ -390,13 +394,20 @@ mod tests {
             assert_eq!(ledger.get(&"a".repeat(32)).unwrap(), &"b".repeat(32));
             assert_eq!(ob.entries.len(), 1);
             let e = ob.entries.values().next().unwrap().clone();
-            assert_eq!((e.attempts, e.next, e.error.as_deref()), (1, 99, Some("http 503")));
+            assert_eq!(
+                (e.attempts, e.next, e.error.as_deref()),
+                (1, 99, Some("http 503"))
+            );
             ob.record_done(e.id).unwrap();
             assert!(ob.entries.is_empty());
         }
         assert_eq!(std::fs::read(dir.join(LOG_FILE)).unwrap(), b"");
         // A torn tail is cut, not fatal.
-        std::fs::write(dir.join(LOG_FILE), b"{\"op\":\"done\",\"id\":1}\n{\"op\":\"ad").unwrap();
+        std::fs::write(
+            dir.join(LOG_FILE),
+            b"{\"op\":\"done\",\"id\":1}\n{\"op\":\"ad",
+        )
+        .unwrap();
         let (ob, _) = FileOutbox::open(&dir).unwrap();
         assert!(ob.entries.is_empty());
         drop(ob);

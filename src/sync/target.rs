@@ -77,7 +77,10 @@ impl Target {
         self.denied_categories(rec).next().is_some() || self.denied_channels(rec).next().is_some()
     }
 
-    fn denied_categories<'a>(&'a self, rec: &'a ConsentRecord) -> impl Iterator<Item = Category> + 'a {
+    fn denied_categories<'a>(
+        &'a self,
+        rec: &'a ConsentRecord,
+    ) -> impl Iterator<Item = Category> + 'a {
         self.cfg
             .categories
             .iter()
@@ -137,7 +140,10 @@ impl Target {
                 if e.is_empty() {
                     return Vec::new();
                 }
-                vec![Payload { emails: e, ..base() }]
+                vec![Payload {
+                    emails: e,
+                    ..base()
+                }]
             }
             SyncKind::Hubspot => emails()
                 .into_iter()
@@ -252,7 +258,9 @@ impl Target {
                         ("authorization", format!("Klaviyo-API-Key {credential}")),
                         (
                             "revision",
-                            c.revision.clone().unwrap_or_else(|| KLAVIYO_REVISION.into()),
+                            c.revision
+                                .clone()
+                                .unwrap_or_else(|| KLAVIYO_REVISION.into()),
                         ),
                         ("accept", "application/vnd.api+json".into()),
                         ("content-type", "application/vnd.api+json".into()),
@@ -399,13 +407,17 @@ mod tests {
     }
 
     fn rec(json: &str) -> ConsentRecord {
-        ConsentRecord::from_json(json.as_bytes()).unwrap().into_stored()
+        ConsentRecord::from_json(json.as_bytes())
+            .unwrap()
+            .into_stored()
     }
 
     #[test]
     fn only_explicit_denials_of_carried_keys_deny() {
         let t = target(SyncKind::SendgridGlobal, |_| {});
-        assert!(!t.denies(&rec(r#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z"}"#)));
+        assert!(!t.denies(&rec(
+            r#"{"patient_id":"P","updated_at":"2026-01-01T00:00:00Z"}"#
+        )));
         assert!(!t.denies(&rec(
             r#"{"patient_id":"P","categories":{"advertising":"denied"},"updated_at":"2026-01-01T00:00:00Z"}"#
         )));
@@ -423,7 +435,9 @@ mod tests {
 
     #[test]
     fn calls_per_vendor() {
-        let r = rec(r#"{"patient_id":"P","identifiers":{"external_ids":["braze:u-1"]},"updated_at":"2026-01-01T00:00:00Z"}"#);
+        let r = rec(
+            r#"{"patient_id":"P","identifiers":{"external_ids":["braze:u-1"]},"updated_at":"2026-01-01T00:00:00Z"}"#,
+        );
         let addrs = Addresses {
             emails: vec![" Jane@Example.com ".into()],
             phones: vec!["+1 415 555 0100".into()],
@@ -436,7 +450,10 @@ mod tests {
         assert_eq!(call.method, http::Method::PATCH);
         assert_eq!(
             call.path,
-            format!("/3.0/lists/L1/members/{}", hex::encode(Md5::digest(b"jane@example.com")))
+            format!(
+                "/3.0/lists/L1/members/{}",
+                hex::encode(Md5::digest(b"jane@example.com"))
+            )
         );
         let braze = target(SyncKind::Braze, |c| c.group_id = Some("g-1".into()));
         let p = braze.payloads(&r, &Addresses::default());

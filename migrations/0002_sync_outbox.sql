@@ -8,6 +8,9 @@
 -- denial queued (a digest of what the push says). An instance queues an entry
 -- only when its upsert changes the stamp, so N instances seeing the same change
 -- on the feed queue it once. `key` is a keyed HMAC of target and patient id.
+-- `queued` is false when the change came without an address the target needs
+-- (only the instance that took the admin write holds the plaintext): an offer
+-- with the address still wins over such a row.
 --
 -- consentgate_sync_outbox: undelivered entries. `sealed` is the AES-256-GCM
 -- envelope (sync.key_file) of what the vendor call needs; it may hold a
@@ -23,6 +26,7 @@
 CREATE TABLE IF NOT EXISTS consentgate_sync_ledger (
     key         text        PRIMARY KEY,
     stamp       text        NOT NULL,
+    queued      boolean     NOT NULL DEFAULT true,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 

@@ -55,6 +55,11 @@ use tokio::sync::{watch, Notify};
 const AAD: &[u8] = b"consentgate-sync-v1";
 /// How long an admin write waits for its outbox entries to be durable.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// PostgreSQL: how long an offer without an address waits before it is
+/// judged, so that the instance that took the write (and holds the address)
+/// queues the entry first, and `no_address` is not counted for a change that
+/// another instance could deliver.
+const ADDRESSLESS_DELAY: Duration = Duration::from_secs(2);
 
 /// Gets the current upstream client (it changes with config reloads).
 pub(crate) type UpstreamSource = Arc<dyn Fn() -> UpstreamClient + Send + Sync>;
@@ -104,6 +109,8 @@ struct Inner {
     held: Mutex<HashMap<String, Vec<(u64, Addresses)>>>,
     held_seq: AtomicU64,
     offers: Mutex<VecDeque<Offer>>,
+    /// PostgreSQL: address-less offers waiting for [`ADDRESSLESS_DELAY`].
+    deferred: Mutex<VecDeque<(tokio::time::Instant, Offer)>>,
     /// Offers counted so far, and how many of them are durable.
     queued: AtomicU64,
     done: watch::Sender<u64>,
@@ -214,6 +221,7 @@ impl SyncOutbox {
             held: Mutex::new(HashMap::new()),
             held_seq: AtomicU64::new(0),
             offers: Mutex::new(VecDeque::new()),
+            deferred: Mutex::new(VecDeque::new()),
             queued: AtomicU64::new(0),
             done,
             intake_wake: Notify::new(),
@@ -488,7 +496,10 @@ impl Inner {
             loop {
                 let upto = self.queued.load(Ordering::SeqCst);
                 let applied = self.applied.get().map(|f| f());
-                let batch: Vec<Offer> = lock(&self.offers).drain(..).collect();
+                let mut batch: Vec<Offer> = lock(&self.offers).drain(..).collect();
+                if let Backend::Pg(_) = &self.backend {
+                    batch = self.defer_addressless(batch);
+                }
                 let empty = batch.is_empty();
                 let result = match &self.backend {
                     Backend::File(_) if empty => Ok(()),
@@ -514,13 +525,35 @@ impl Inner {
                     }
                 }
                 if empty {
-                    if let (Backend::Pg(p), Some(v)) = (&self.backend, applied) {
+                    let settled = lock(&self.deferred).is_empty();
+                    if let (Backend::Pg(p), Some(v), true) = (&self.backend, applied, settled) {
                         self.advance_cursor(p, &mut conn, v).await;
                     }
                     break;
                 }
             }
         }
+    }
+
+    /// PostgreSQL: hold back offers without an address for
+    /// [`ADDRESSLESS_DELAY`]; return the rest with those now due.
+    fn defer_addressless(&self, batch: Vec<Offer>) -> Vec<Offer> {
+        let now = tokio::time::Instant::now();
+        let mut deferred = lock(&self.deferred);
+        let mut out = Vec::with_capacity(batch.len());
+        for o in batch {
+            if o.payloads.is_empty() && !o.forget {
+                deferred.push_back((now + ADDRESSLESS_DELAY, o));
+            } else {
+                out.push(o);
+            }
+        }
+        while deferred.front().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, o)) = deferred.pop_front() {
+                out.push(o);
+            }
+        }
+        out
     }
 
     fn intake_file(&self, batch: Vec<Offer>) -> Result<(), Vec<Offer>> {

@@ -126,12 +126,14 @@ pub(crate) fn replay(path: &Path) -> Result<(Replayed, Option<u64>), String> {
                 }
             }
             _ if i + 1 == n => torn = Some(good_len),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{} line {}: not an outbox record (the file was altered; move it aside to start \
                      with an empty outbox)",
                 path.display(),
                 i + 1
-            )),
+            ))
+            }
         }
     }
     Ok((out, torn))

@@ -105,7 +105,9 @@ pub(crate) struct NewRow {
 
 /// Queue an offer: `Ok(true)` when this instance's ledger upsert won and the
 /// rows were inserted (or there were none: no address), `Ok(false)` when the
-/// same stamp was queued before.
+/// same stamp was queued before. An offer with rows also wins over a row of
+/// the same stamp recorded without any (another instance saw the change on its
+/// feed, without the plaintext address the writing instance holds).
 pub(crate) async fn offer(
     c: &mut Conn,
     target: &str,
@@ -114,11 +116,14 @@ pub(crate) async fn offer(
     rows: &[NewRow],
 ) -> Result<bool, String> {
     let tx = timed(c.client.transaction()).await?;
+    let queued = !rows.is_empty();
     let won = timed(tx.query_opt(
-        "INSERT INTO consentgate_sync_ledger (key, stamp) VALUES ($1, $2) \
-         ON CONFLICT (key) DO UPDATE SET stamp = EXCLUDED.stamp, updated_at = now() \
-         WHERE consentgate_sync_ledger.stamp IS DISTINCT FROM EXCLUDED.stamp RETURNING 1",
-        &[&key, &stamp],
+        "INSERT INTO consentgate_sync_ledger (key, stamp, queued) VALUES ($1, $2, $3) \
+         ON CONFLICT (key) DO UPDATE SET stamp = EXCLUDED.stamp, queued = EXCLUDED.queued, \
+           updated_at = now() \
+         WHERE consentgate_sync_ledger.stamp IS DISTINCT FROM EXCLUDED.stamp \
+            OR (NOT consentgate_sync_ledger.queued AND EXCLUDED.queued) RETURNING 1",
+        &[&key, &stamp, &queued],
     ))
     .await?
     .is_some();

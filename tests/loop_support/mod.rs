@@ -243,3 +243,86 @@ pub fn now_s() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+// ---- PostgreSQL: a schema of the test's own in database `test` ----
+
+pub const PG: &str = "127.0.0.1:5432";
+
+pub struct Db {
+    pub schema: String,
+}
+
+impl Db {
+    pub fn new(tag: &str) -> Db {
+        let schema = format!(
+            "cgl_{tag}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        sql_blocking(&format!("CREATE SCHEMA {schema}"));
+        Db { schema }
+    }
+
+    pub fn url(&self, app: &str) -> String {
+        format!(
+            "postgres://postgres@{PG}/test?application_name={app}&options=-c%20search_path%3D{}",
+            self.schema
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.url("cgl-check"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        sql_blocking(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
+    }
+}
+
+/// Run SQL on database `test` from a thread of its own (usable in Drop).
+pub fn sql_blocking(sql: &str) {
+    let sql = sql.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(
+                &format!("postgres://postgres@{PG}/test"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(&sql).await.unwrap();
+        })
+    })
+    .join()
+    .unwrap();
+}
+
+/// `consentgate <args> --config CONFIG`: (success, stdout, stderr).
+pub fn cli(dir: &Path, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_consentgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

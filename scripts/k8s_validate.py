@@ -48,7 +48,6 @@ PENDING_METRICS = {
     "process_cpu_seconds_total": "issue 20 item 4 (process_*)",
     "process_resident_memory_bytes": "issue 20 item 4 (process_*)",
     "consentgate_guard_interventions_total": "issue 16 (SPEC §6, §9)",
-    "consentgate_sync_lag_seconds": "issue 18 (SPEC §9, §13)",
 }
 # consentgate.yaml keys the chart renders that src/config.rs does not know yet (SPEC §4, §8,
 # §12): the binary refuses unknown keys, so these must have landed before a release.

@@ -1830,6 +1830,61 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_and_sync_keys_name_key_and_line() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.listen.webhooks, None);
+        assert!(c.sync.targets.is_empty() && c.webhooks.vendors.is_empty());
+        assert_eq!(
+            c.webhooks.replay_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        let text = "listen:\n  webhooks: 127.0.0.1:8444\nwebhooks:\n  twilio:\n    secret_file: /nonexistent\n    \
+                    mapping:\n      stop: {channels: {sms: maybe}}\nsync:\n  targets:\n    - name: bad name\n      \
+                    type: sendgrid_global\n      credentials_file: /nonexistent\n    - name: mc\n      type: mailchimp\n      \
+                    channels: [email]\n      credentials_file: Cargo.toml\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let has = |s: &str| shown.iter().any(|e| e.contains(s));
+        assert!(
+            has("t.yaml:5: webhooks.twilio.secret_file: file not found"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("webhooks.twilio.mapping.stop.channels.sms: expected denied"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("webhooks.public_url: required with twilio"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("t.yaml:10: sync.targets[0].name: letters"),
+            "{shown:#?}"
+        );
+        assert!(has("sync.targets[1].host: missing"), "{shown:#?}");
+        assert!(
+            has("sync.targets[1].list_id: required for type mailchimp"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("sync.key_file: required with sync targets"),
+            "{shown:#?}"
+        );
+        let text = "sync:\n  key_file: Cargo.toml\n  targets:\n    - {name: sg, type: sendgrid_group, group_id: \"12\", \
+                    categories: [marketing_email], credentials_file: Cargo.toml, rate: 2.5}\n";
+        let c = parse(text, "t.yaml").unwrap();
+        let t = &c.sync.targets[0];
+        assert_eq!(
+            (t.kind, t.host.as_str(), t.rate),
+            (SyncKind::SendgridGroup, "api.sendgrid.com", 2.5)
+        );
+        assert_eq!(t.categories, [Category::MarketingEmail]);
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(size("8MiB").unwrap(), 8 << 20);
         assert_eq!(size("100").unwrap(), 100);

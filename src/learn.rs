@@ -138,7 +138,12 @@ pub(crate) fn watch(
         (Some(l), Some(rule)) if !named.is_empty() && small && json && plain => LearnBody {
             inner: body,
             state: State::Collecting(BytesMut::new()),
-            learn: Some((l.clone(), rule, named.to_vec(), request_id.to_string())),
+            learn: Some(Pending {
+                learner: l.clone(),
+                rule,
+                named: named.to_vec(),
+                request_id: request_id.to_string(),
+            }),
         }
         .boxed_unsync(),
         _ => body.map_err(BoxError::from).boxed_unsync(),
@@ -155,10 +160,18 @@ enum State {
     Done,
 }
 
+/// What to learn once the whole answer is in.
+struct Pending {
+    learner: Arc<Learner>,
+    rule: &'static Rule,
+    named: Vec<Arc<str>>,
+    request_id: String,
+}
+
 struct LearnBody {
     inner: Incoming,
     state: State,
-    learn: Option<(Arc<Learner>, &'static Rule, Vec<Arc<str>>, String)>,
+    learn: Option<Pending>,
 }
 
 impl Body for LearnBody {
@@ -198,14 +211,15 @@ impl Body for LearnBody {
                     }
                     Poll::Ready(None) => {
                         let all = std::mem::take(buf).freeze();
-                        let hit = this.learn.as_ref().is_some_and(|(_, rule, _, _)| {
+                        let hit = this.learn.as_ref().is_some_and(|p| {
                             serde_json::from_slice::<serde_json::Value>(&all)
-                                .is_ok_and(|v| (rule.matches)(&v))
+                                .is_ok_and(|v| (p.rule.matches)(&v))
                         });
                         this.state = match (hit, this.learn.take()) {
-                            (true, Some((l, rule, named, id))) => {
+                            (true, Some(p)) => {
                                 let task = tokio::spawn(async move {
-                                    let work = l.learn(rule, named, id.clone());
+                                    let id = p.request_id.clone();
+                                    let work = p.learner.learn(p.rule, p.named, p.request_id);
                                     if tokio::time::timeout(LEARN_TIMEOUT, work).await.is_err() {
                                         tracing::error!(request_id = %id,
                                             "learned opt-out not durable within the time allowed");

@@ -28,6 +28,8 @@ enum Sign {
 
 /// A webhook request: path, headers, body.
 type Built = (String, Vec<(String, String)>, Vec<u8>);
+/// Builds a vendor's request for (event id, who, signing).
+type Builder = Box<dyn Fn(&str, &str, Sign) -> Built>;
 
 struct Vendor {
     name: &'static str,
@@ -41,7 +43,7 @@ struct Vendor {
     undo: &'static str,
     /// The `kind` label the event is counted under.
     kind: &'static str,
-    build: Box<dyn Fn(&str, &str, Sign) -> Built>,
+    build: Builder,
 }
 
 fn header(name: &str, v: String) -> (String, String) {

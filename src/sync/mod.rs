@@ -386,21 +386,24 @@ impl Inner {
     /// Called by the store, under its writer lock: quick, no I/O.
     fn observe(&self, rec: &ConsentRecord) {
         let mut new = Vec::new();
+        let version = i64::try_from(rec.version).unwrap_or(i64::MAX);
         for (i, t) in self.targets.iter().enumerate() {
             if !t.denies(rec) {
                 continue;
             }
+            // PostgreSQL: a change at or below the cursor was offered before (the
+            // cheap test first: a start loads the whole table through here).
+            if let Backend::Pg(p) = &self.backend {
+                if version <= p.cursors.get(t.name()).copied().unwrap_or(0) {
+                    continue;
+                }
+            }
             let key = self.key_of(i, &rec.patient_id);
             let stamp = t.stamp(rec);
-            let fresh = match &self.backend {
-                Backend::File(f) => lock(&f.ledger).get(&key) != Some(&stamp),
-                Backend::Pg(p) => {
-                    let v = i64::try_from(rec.version).unwrap_or(i64::MAX);
-                    v > p.cursors.get(t.name()).copied().unwrap_or(0)
+            if let Backend::File(f) = &self.backend {
+                if lock(&f.ledger).get(&key) == Some(&stamp) {
+                    continue;
                 }
-            };
-            if !fresh {
-                continue;
             }
             let addrs = self.held_for(&rec.patient_id);
             new.push(Offer {
@@ -488,6 +491,8 @@ impl Inner {
     /// Make offers durable, forever.
     async fn intake(self: Arc<Self>) {
         let mut conn: Option<pg::Conn> = None;
+        // The cursor is written only when it moves (not on every idle round).
+        let mut advanced = i64::MIN;
         loop {
             tokio::select! {
                 _ = self.intake_wake.notified() => {}
@@ -527,7 +532,9 @@ impl Inner {
                 if empty {
                     let settled = lock(&self.deferred).is_empty();
                     if let (Backend::Pg(p), Some(v), true) = (&self.backend, applied, settled) {
-                        self.advance_cursor(p, &mut conn, v).await;
+                        if v > advanced && self.advance_cursor(p, &mut conn, v).await {
+                            advanced = v;
+                        }
                     }
                     break;
                 }
@@ -666,15 +673,25 @@ impl Inner {
         Ok(())
     }
 
-    async fn advance_cursor(&self, p: &PgBackend, conn: &mut Option<pg::Conn>, version: i64) {
+    /// `true` once written.
+    async fn advance_cursor(
+        &self,
+        p: &PgBackend,
+        conn: &mut Option<pg::Conn>,
+        version: i64,
+    ) -> bool {
         let names: Vec<String> = self.targets.iter().map(|t| t.name().to_string()).collect();
         let result = match self.pg_conn(p, conn).await {
             Ok(c) => pg::advance(c, &names, version).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "sync cursor not advanced");
-            *conn = None;
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "sync cursor not advanced");
+                *conn = None;
+                false
+            }
         }
     }
 

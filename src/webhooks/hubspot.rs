@@ -21,7 +21,7 @@ use crate::model::Channel;
 use crate::optout::ConsentChange;
 use base64::Engine as _;
 
-pub(super) const KINDS: &[(&str, fn() -> ConsentChange)] = &[
+pub(super) const KINDS: super::Kinds = &[
     ("email_optout", || {
         ConsentChange::deny_channel(Channel::Email)
     }),

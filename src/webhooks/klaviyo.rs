@@ -22,7 +22,7 @@ use super::{hmac_sha256, Inbound, Secret, Signal};
 use crate::model::{Category, Channel};
 use crate::optout::ConsentChange;
 
-pub(super) const KINDS: &[(&str, fn() -> ConsentChange)] = &[
+pub(super) const KINDS: super::Kinds = &[
     ("unsubscribed_from_email_marketing", || {
         ConsentChange::deny_categories(&[Category::MarketingEmail, Category::PatientSurveys])
     }),

@@ -18,7 +18,7 @@ use super::{form_pairs, Inbound, Secret, Signal};
 use crate::model::Category;
 use crate::optout::ConsentChange;
 
-pub(super) const KINDS: &[(&str, fn() -> ConsentChange)] = &[
+pub(super) const KINDS: super::Kinds = &[
     ("unsubscribe", || {
         ConsentChange::deny_categories(&[Category::MarketingEmail, Category::PatientSurveys])
     }),

@@ -18,7 +18,7 @@ use super::{form_pairs, hmac_sha1_b64, Inbound, Secret, Signal};
 use crate::model::Channel;
 use crate::optout::ConsentChange;
 
-pub(super) const KINDS: &[(&str, fn() -> ConsentChange)] = &[
+pub(super) const KINDS: super::Kinds = &[
     ("unsub", || ConsentChange::deny_channel(Channel::Email)),
     ("spam", || ConsentChange::deny_channel(Channel::Email)),
     ("reject", || ConsentChange::deny_channel(Channel::Email)),

@@ -89,7 +89,7 @@ pub(super) struct Signal {
     pub external_ids: Vec<String>,
 }
 
-type Kinds = &'static [(&'static str, fn() -> ConsentChange)];
+pub(super) type Kinds = &'static [(&'static str, fn() -> ConsentChange)];
 type Verify = fn(&Inbound<'_>, &Secret) -> Result<(), &'static str>;
 type Parse = fn(&Inbound<'_>, &Secret) -> Result<Vec<Signal>, String>;
 

@@ -20,7 +20,7 @@ use super::{form_pairs, hmac_sha1_b64, Inbound, Secret, Signal};
 use crate::model::Channel;
 use crate::optout::ConsentChange;
 
-pub(super) const KINDS: &[(&str, fn() -> ConsentChange)] = &[
+pub(super) const KINDS: super::Kinds = &[
     ("stop", || ConsentChange::deny_channel(Channel::Sms)),
     ("start", ConsentChange::default),
     ("help", ConsentChange::default),

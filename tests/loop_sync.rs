@@ -120,13 +120,27 @@ fn config(
     target_yaml: &str,
     consent: Option<String>,
 ) -> (String, PathBuf) {
+    config_with(dir, up, ca, target_yaml, consent, "")
+}
+
+/// `config` with extra `sync:` keys (two-space indented lines).
+fn config_with(
+    dir: &Path,
+    up: &Upstream,
+    ca: &TestCa,
+    target_yaml: &str,
+    consent: Option<String>,
+    sync_extra: &str,
+) -> (String, PathBuf) {
     let creds = write(dir, "vendor.key", KEY);
     let key = write_key(dir, "sync.key", 0x5a);
     let extra = format!(
         concat!(
             "sync:\n  outbox: {outbox}\n  key_file: {key}\n  retry_initial: 200ms\n  retry_max: 2s\n",
+            "{sync_extra}",
             "  targets:\n    - {target}, credentials_file: {creds}}}\n",
         ),
+        sync_extra = sync_extra,
         outbox = dir.join("sync-outbox").display(),
         key = key.display(),
         target = target_yaml,
@@ -409,6 +423,68 @@ async fn no_address_and_superseded() {
     })
     .await;
     assert_eq!(up.count(), 1);
+}
+
+/// Past `sync.max_age` an entry is parked: counted, audited, still in the lag
+/// (so the alerts fire), and retried every `parked_retry` until it goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_past_max_age_then_delivered() {
+    let dir = test_dir("loop-sync-parked");
+    let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
+    let up = start_upstream(&ca).await;
+    up.set(Behavior::Respond {
+        status: 503,
+        body: "{}",
+    });
+    let (yaml, _) = config_with(
+        &dir,
+        &up,
+        &ca,
+        &target("sendgrid_global").0,
+        None,
+        "  max_age: 1s\n  parked_retry: 2s\n",
+    );
+    let p = start_with(&dir, &yaml);
+    assert_eq!(
+        admin(
+            &p,
+            "PUT",
+            "/v1/consent/P-PARK",
+            &denial("park.me@example.com")
+        )
+        .await
+        .0,
+        200
+    );
+    let pp = &p;
+    let parked = r#"consentgate_sync_deliveries_total{result="parked",target="sg-global"}"#;
+    eventually("parked", 15, || async { metric(pp, parked).await == 1.0 }).await;
+    eventually("the parked gauge", 5, || async {
+        metric(pp, r#"consentgate_sync_parked{target="sg-global"}"#).await == 1.0
+    })
+    .await;
+    assert!(metric(&p, r#"consentgate_sync_lag_seconds{target="sg-global"}"#).await >= 1.0);
+    eventually("parked audited", 10, || async {
+        audit(&dir)
+            .iter()
+            .any(|r| r["kind"] == "sync" && r["decision"] == "parked")
+    })
+    .await;
+    // The vendor is back: the parked entry goes through on its next try.
+    up.set(Behavior::Respond {
+        status: 201,
+        body: "{}",
+    });
+    let delivered = r#"consentgate_sync_deliveries_total{result="delivered",target="sg-global"}"#;
+    eventually("delivered after parking", 15, || async {
+        metric(pp, delivered).await == 1.0
+    })
+    .await;
+    eventually("lag back to 0", 5, || async {
+        metric(pp, r#"consentgate_sync_lag_seconds{target="sg-global"}"#).await == 0.0
+    })
+    .await;
+    assert_eq!(metric(&p, parked).await, 1.0, "parked counted once");
 }
 
 /// Two instances on one PostgreSQL: each entry delivered once, whoever sees the

@@ -558,3 +558,116 @@ async fn stale_timestamps_wrong_methods_and_replays_across_a_restart() {
         1.0
     );
 }
+
+/// `webhooks.tls` (the `admin.tls` shape) and the `limits:` of every listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_and_limits_on_the_webhooks_listener() {
+    let dir = test_dir("loop-webhooks-tls");
+    let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
+    let up = start_upstream(&ca).await;
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["hooks.example.org".to_string()]).unwrap();
+    let cert_pem = write(&dir, "hooks.pem", &cert.pem());
+    let key_pem = write(&dir, "hooks-key.pem", &signing_key.serialize_pem());
+    let token = write(&dir, "twilio.token", TWILIO_TOKEN);
+    let wp = free_port();
+    let extra = format!(
+        "limits:\n  header_read_timeout: 1s\nwebhooks:\n  public_url: {BASE}\n  state_dir: {}\n  \
+         tls: {{cert: {}, key: {}}}\n  twilio: {{secret_file: {}}}\n",
+        dir.join("webhooks").display(),
+        cert_pem.display(),
+        key_pem.display(),
+        token.display()
+    );
+    let opts = ProxyOpts {
+        consent_file: Some(snapshot(&dir, &patients())),
+        extra_yaml: extra,
+        ..Default::default()
+    };
+    let (pp, ap) = (free_port(), free_port());
+    let yaml = config_yaml(&dir, up.addr, &ca, &opts, pp, ap).replacen(
+        "listen:\n",
+        &format!("listen:\n  webhooks: 127.0.0.1:{wp}\n"),
+        1,
+    );
+    let config = dir.join("consentgate.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let p = spawn_proxy(&dir, &config, pp, ap);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], wp).into();
+
+    // A signed STOP over TLS.
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .resolve("hooks.example.org", addr)
+        .build()
+        .unwrap();
+    let fields = [
+        ("From", "+14155550181"),
+        ("Body", "STOP"),
+        ("MessageSid", "SM-tls-1"),
+    ];
+    let sig =
+        url_and_sorted_fields_sig(TWILIO_TOKEN, &format!("{BASE}/v1/webhooks/twilio"), &fields);
+    let resp = client
+        .post(format!("https://hooks.example.org:{wp}/v1/webhooks/twilio"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", sig)
+        .body(form(&fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/xml");
+    assert_eq!(record(&p, "P-WH-TW").await["channels"]["sms"], "denied");
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (mut r, mut w) = plain.into_split();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    w.write_all(b"POST /v1/webhooks/twilio HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_to_end(&mut buf)).await;
+    assert!(
+        !String::from_utf8_lossy(&buf).starts_with("HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // A head that never completes: 408 within the header timeout (+1 s), over TLS.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new({
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    }));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("hooks.example.org").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let t0 = std::time::Instant::now();
+    tls.write_all(b"POST /v1/webhooks/twilio HTTP/1.1\r\nHost: hooks.example.org\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+}

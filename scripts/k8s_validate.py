@@ -47,7 +47,6 @@ PENDING_METRICS = {
     "consentgate_build_info": "issue 20 item 4 (SPEC §9)",
     "process_cpu_seconds_total": "issue 20 item 4 (process_*)",
     "process_resident_memory_bytes": "issue 20 item 4 (process_*)",
-    "consentgate_sync_lag_seconds": "issue 18 (SPEC §9, §13)",
 }
 # consentgate.yaml keys the chart renders that src/config.rs does not know yet (SPEC §4, §8,
 # §12): the binary refuses unknown keys, so these must have landed before a release.

@@ -85,6 +85,9 @@ pub struct App {
     pub pseudonyms: Arc<crate::audit::PseudonymKey>,
     /// Request-body bytes held in memory by every listener (`limits.inflight_body_bytes`).
     pub body_budget: Arc<crate::body::Budget>,
+    /// Opt-outs learned from vendor answers (SPEC §13); set by `run` once the
+    /// consent writer exists.
+    pub(crate) learner: std::sync::OnceLock<Arc<crate::learn::Learner>>,
 }
 
 impl App {
@@ -112,6 +115,7 @@ impl App {
             source,
             serving: AtomicBool::new(false),
             body_budget: crate::body::Budget::new(),
+            learner: std::sync::OnceLock::new(),
         }
     }
 

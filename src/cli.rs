@@ -49,6 +49,11 @@ pub enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// The sync outbox (SPEC §13).
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
     /// Interception CA management.
     Ca {
         #[command(subcommand)]
@@ -97,6 +102,17 @@ pub enum AuditCommand {
         key_file: Option<PathBuf>,
         /// Audit files or directories (default: audit.path).
         paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SyncCommand {
+    /// Per target: entries waiting, parked, the oldest one's age, the next
+    /// attempt and the last error (JSON). Reads the outbox of the configured
+    /// consent source; safe next to a running proxy.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 

@@ -2,7 +2,7 @@
 //! read key by key so that `check` can report every error at once, each naming
 //! its key and line. Unknown keys are errors.
 
-use crate::model::{Category, Grant, PgSslMode};
+use crate::model::{Category, Channel, Grant, PgSslMode};
 use marked_yaml::{Node, Span};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -29,6 +29,10 @@ pub struct Config {
     pub log: LogCfg,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// `webhooks:` (SPEC §13): vendor opt-out webhooks on `listen.webhooks`.
+    pub webhooks: WebhooksCfg,
+    /// `sync:` (SPEC §13): vendor suppression targets and the outbox.
+    pub sync: SyncCfg,
 }
 
 /// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
@@ -60,6 +64,8 @@ pub struct Listen {
     /// `/metrics`, `/healthz` and `/readyz` on their own plain-HTTP port, apart
     /// from the consent write API; `None` keeps them on `admin`.
     pub metrics: Option<SocketAddr>,
+    /// Vendor webhooks (`POST /v1/webhooks/{vendor}`); `None`: not served.
+    pub webhooks: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +202,173 @@ pub struct DestinationCfg {
 pub struct CategoryCfg {
     pub default: Grant,
     pub fail_closed_when_stale: bool,
+}
+
+/// `webhooks:` (SPEC §13): where vendors send opt-out events (`listen.webhooks`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhooksCfg {
+    /// `webhooks.tls`: the same shape as `admin.tls`.
+    pub tls: Option<AdminTls>,
+    /// The external base URL vendors call (`https://hooks.example.org`): Twilio,
+    /// Mandrill and HubSpot sign the URL they called, which a proxy or ingress in
+    /// front of consentgate changes.
+    pub public_url: Option<String>,
+    /// The replay cache's directory (one process; 0700).
+    pub state_dir: PathBuf,
+    /// How long an event id is remembered.
+    pub replay_retention: Duration,
+    /// Most event ids remembered (the oldest go first past it).
+    pub replay_max_entries: usize,
+    /// Largest webhook body read.
+    pub max_body_bytes: u64,
+    pub vendors: Vec<WebhookVendorCfg>,
+}
+
+/// The vendors that can send webhooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WebhookVendor {
+    Twilio,
+    Sendgrid,
+    Mailchimp,
+    Mandrill,
+    Klaviyo,
+    Hubspot,
+}
+
+impl WebhookVendor {
+    pub const ALL: [WebhookVendor; 6] = [
+        WebhookVendor::Twilio,
+        WebhookVendor::Sendgrid,
+        WebhookVendor::Mailchimp,
+        WebhookVendor::Mandrill,
+        WebhookVendor::Klaviyo,
+        WebhookVendor::Hubspot,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookVendor::Twilio => "twilio",
+            WebhookVendor::Sendgrid => "sendgrid",
+            WebhookVendor::Mailchimp => "mailchimp",
+            WebhookVendor::Mandrill => "mandrill",
+            WebhookVendor::Klaviyo => "klaviyo",
+            WebhookVendor::Hubspot => "hubspot",
+        }
+    }
+    pub fn parse(s: &str) -> Option<WebhookVendor> {
+        WebhookVendor::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// `webhooks.<vendor>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookVendorCfg {
+    pub vendor: WebhookVendor,
+    pub line: usize,
+    /// The shared secret (Twilio auth token, Mandrill webhook key, Klaviyo
+    /// secret, HubSpot client secret, Mailchimp path token) or SendGrid's
+    /// verification public key.
+    pub secret_file: PathBuf,
+    /// Timestamp window of the vendors that sign one (SendGrid, Klaviyo, HubSpot).
+    pub max_age: Duration,
+    /// Signal kind → consent change, over the vendor's defaults.
+    pub mapping: Vec<(String, ConsentChangeCfg)>,
+    /// A narrower scope (SendGrid ASM group id, Mailchimp audience id, Twilio
+    /// Messaging Service SID) → consent change, over `mapping`.
+    pub scopes: Vec<(String, ConsentChangeCfg)>,
+    /// External-id prefix of the vendor's own person ids (Klaviyo, HubSpot).
+    pub external_id_prefix: Option<String>,
+}
+
+/// A consent change by a vendor signal: `denied`, `granted` or null (back to
+/// the default) per category and channel.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConsentChangeCfg {
+    pub line: usize,
+    pub categories: BTreeMap<Category, Option<Grant>>,
+    pub channels: BTreeMap<Channel, Option<Grant>>,
+}
+
+/// `sync:` (SPEC §13): vendor suppression targets and their durable outbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncCfg {
+    /// The file outbox directory (`consent.source: file`; one process; 0700).
+    pub outbox: PathBuf,
+    /// AES-256-GCM key (64 hex) sealing what an entry carries; required with targets.
+    pub key_file: Option<PathBuf>,
+    /// Past this age an undelivered entry is parked (counted, alerted, retried slowly).
+    pub max_age: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// How often a parked entry is tried again.
+    pub parked_retry: Duration,
+    pub targets: Vec<SyncTargetCfg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    SendgridGlobal,
+    SendgridGroup,
+    Mailchimp,
+    Klaviyo,
+    Braze,
+    Hubspot,
+}
+
+impl SyncKind {
+    pub const ALL: [SyncKind; 6] = [
+        SyncKind::SendgridGlobal,
+        SyncKind::SendgridGroup,
+        SyncKind::Mailchimp,
+        SyncKind::Klaviyo,
+        SyncKind::Braze,
+        SyncKind::Hubspot,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::SendgridGlobal => "sendgrid_global",
+            SyncKind::SendgridGroup => "sendgrid_group",
+            SyncKind::Mailchimp => "mailchimp",
+            SyncKind::Klaviyo => "klaviyo",
+            SyncKind::Braze => "braze",
+            SyncKind::Hubspot => "hubspot",
+        }
+    }
+    /// The API host when the target names none (Mailchimp and Braze hosts are per account).
+    pub fn default_host(self) -> Option<&'static str> {
+        match self {
+            SyncKind::SendgridGlobal | SyncKind::SendgridGroup => Some("api.sendgrid.com"),
+            SyncKind::Klaviyo => Some("a.klaviyo.com"),
+            SyncKind::Hubspot => Some("api.hubapi.com"),
+            SyncKind::Mailchimp | SyncKind::Braze => None,
+        }
+    }
+}
+
+/// `sync.targets[i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncTargetCfg {
+    pub name: String,
+    pub line: usize,
+    pub kind: SyncKind,
+    /// A denial of any of these categories or channels is pushed to the target.
+    pub categories: Vec<Category>,
+    pub channels: Vec<Channel>,
+    pub credentials_file: PathBuf,
+    /// Requests per second to this target (a token bucket, per instance).
+    pub rate: f64,
+    pub host: String,
+    /// SendGrid suppression group, Braze subscription group, HubSpot subscription id.
+    pub group_id: Option<String>,
+    /// Mailchimp audience.
+    pub list_id: Option<String>,
+    /// SendGrid subuser (`on-behalf-of`).
+    pub on_behalf_of: Option<String>,
+    /// Braze: the external-id prefix naming Braze users (`braze:`).
+    pub external_id_prefix: Option<String>,
+    /// Klaviyo API revision header.
+    pub revision: Option<String>,
+    /// HubSpot `legalBasis`.
+    pub legal_basis: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -480,11 +653,17 @@ impl Reader {
                 "log",
                 "shutdown_grace",
                 "limits",
+                "webhooks",
+                "sync",
             ],
         );
         let listen = {
             let m = self.mapping(root, "", "listen").unwrap_or(&empty);
-            self.known(m, "listen", &["proxy", "admin", "gateway", "metrics"]);
+            self.known(
+                m,
+                "listen",
+                &["proxy", "admin", "gateway", "metrics", "webhooks"],
+            );
             Listen {
                 proxy: self.parsed(
                     m,
@@ -502,6 +681,7 @@ impl Reader {
                 ),
                 gateway: self.opt_parsed(m, "listen", "gateway", parse_addr),
                 metrics: self.opt_parsed(m, "listen", "metrics", parse_addr),
+                webhooks: self.opt_parsed(m, "listen", "webhooks", parse_addr),
             }
         };
         let unknown_destinations = self.parsed(
@@ -745,7 +925,11 @@ impl Reader {
             duration,
         );
         let limits = self.limits(root, max_body_bytes);
+        let webhooks = self.webhooks(root);
+        let sync = self.sync(root);
         Config {
+            webhooks,
+            sync,
             limits,
             listen,
             unknown_destinations,
@@ -1059,6 +1243,439 @@ pub fn size(v: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size out of range: {v:?}"))
 }
 
+/// `webhooks:` and `sync:` (SPEC §13).
+impl Reader {
+    fn webhooks(&mut self, root: &Map) -> WebhooksCfg {
+        let p = "webhooks";
+        let empty = Map::new_empty(Span::new_blank());
+        let m = self.mapping(root, "", p).unwrap_or(&empty);
+        let mut allowed = vec![
+            "tls",
+            "public_url",
+            "state_dir",
+            "replay_retention",
+            "replay_max_entries",
+            "max_body_bytes",
+        ];
+        allowed.extend(WebhookVendor::ALL.iter().map(|v| v.as_str()));
+        self.known(m, p, &allowed);
+        let tls = self.mapping(m, p, "tls").map(|t| {
+            let p = "webhooks.tls";
+            self.known(t, p, &["cert", "key", "client_ca"]);
+            let line = line_of(t.span());
+            let required = |r: &mut Reader, key: &str| {
+                r.input_file(t, p, key).unwrap_or_else(|| {
+                    r.err_at(line, &join(p, key), "missing (a PEM file)");
+                    PathBuf::new()
+                })
+            };
+            AdminTls {
+                cert: required(self, "cert"),
+                key: required(self, "key"),
+                client_ca: self.input_file(t, p, "client_ca"),
+            }
+        });
+        let public_url = self.opt_parsed(m, p, "public_url", |v| {
+            let u = url::Url::parse(v).map_err(|e| format!("not a valid URL: {e}"))?;
+            if !matches!(u.scheme(), "https" | "http") || u.host_str().is_none() {
+                return Err("expected an https:// URL with a host".into());
+            }
+            if u.query().is_some() || u.fragment().is_some() {
+                return Err("expected a base URL without query or fragment".into());
+            }
+            Ok(v.trim_end_matches('/').to_string())
+        });
+        let mut vendors = Vec::new();
+        for v in WebhookVendor::ALL {
+            let Some(vm) = self.mapping(m, p, v.as_str()) else {
+                continue;
+            };
+            let vp = format!("webhooks.{}", v.as_str());
+            let key = if v == WebhookVendor::Sendgrid {
+                "public_key_file"
+            } else {
+                "secret_file"
+            };
+            self.known(
+                vm,
+                &vp,
+                &[key, "max_age", "mapping", "scopes", "external_id_prefix"],
+            );
+            let line = line_of(vm.span());
+            let secret_file = self.input_file(vm, &vp, key).unwrap_or_else(|| {
+                self.err_at(line, &join(&vp, key), "missing (a file)");
+                PathBuf::new()
+            });
+            let mapping = self.changes(vm, &vp, "mapping");
+            let scopes = self.changes(vm, &vp, "scopes");
+            vendors.push(WebhookVendorCfg {
+                vendor: v,
+                line,
+                secret_file,
+                max_age: self.parsed(vm, &vp, "max_age", Duration::from_secs(300), duration),
+                mapping,
+                scopes,
+                external_id_prefix: self
+                    .opt_parsed(vm, &vp, "external_id_prefix", |v| Ok(v.to_string())),
+            });
+        }
+        let needs_url = vendors.iter().any(|v| {
+            matches!(
+                v.vendor,
+                WebhookVendor::Twilio | WebhookVendor::Mandrill | WebhookVendor::Hubspot
+            )
+        });
+        if needs_url && public_url.is_none() {
+            self.err_at(
+                line_of(m.span()),
+                "webhooks.public_url",
+                "required with twilio, mandrill or hubspot: they sign the URL they call",
+            );
+        }
+        WebhooksCfg {
+            tls,
+            public_url,
+            state_dir: self.parsed(m, p, "state_dir", "var/webhooks".into(), path),
+            replay_retention: self.parsed(
+                m,
+                p,
+                "replay_retention",
+                Duration::from_secs(7 * 24 * 3600),
+                duration,
+            ),
+            replay_max_entries: self.parsed(m, p, "replay_max_entries", 1_000_000, |v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1_000..=100_000_000).contains(n))
+                    .ok_or_else(|| format!("expected 1000 to 100000000, got {v:?}"))
+            }),
+            max_body_bytes: self.parsed(m, p, "max_body_bytes", 1 << 20, size),
+            vendors,
+        }
+    }
+
+    /// `KEY: {kind: {categories: {...}, channels: {...}}}`.
+    fn changes(&mut self, m: &Map, prefix: &str, key: &str) -> Vec<(String, ConsentChangeCfg)> {
+        let mut out = Vec::new();
+        let Some(cm) = self.mapping(m, prefix, key) else {
+            return out;
+        };
+        for (k, v) in cm.iter() {
+            let kp = format!("{prefix}.{key}.{}", k.as_str());
+            let mut change = ConsentChangeCfg {
+                line: line_of(k.span()),
+                ..Default::default()
+            };
+            if is_null(v) {
+                out.push((k.as_str().to_string(), change));
+                continue;
+            }
+            let Some(vm) = v.as_mapping() else {
+                self.err_at(line_of(v.span()), &kp, "expected a mapping");
+                continue;
+            };
+            self.known(vm, &kp, &["categories", "channels"]);
+            let grant = |v: &str| match v {
+                "denied" => Ok(Some(Grant::Denied)),
+                "granted" => Ok(Some(Grant::Granted)),
+                "null" | "~" | "" => Ok(None),
+                _ => Err(format!("expected denied, granted or null, got {v:?}")),
+            };
+            if let Some(c) = self.mapping(vm, &kp, "categories") {
+                for (ck, cv) in c.iter() {
+                    let ckp = format!("{kp}.categories.{}", ck.as_str());
+                    let Some(cat) = Category::parse(ck.as_str()) else {
+                        self.err_at(line_of(ck.span()), &ckp, "unknown category");
+                        continue;
+                    };
+                    let text = if is_null(cv) {
+                        ""
+                    } else {
+                        cv.as_scalar().map_or("?", |s| s.as_str())
+                    };
+                    match grant(text) {
+                        Ok(g) => {
+                            change.categories.insert(cat, g);
+                        }
+                        Err(e) => self.err_at(line_of(cv.span()), &ckp, e),
+                    }
+                }
+            }
+            if let Some(c) = self.mapping(vm, &kp, "channels") {
+                for (ck, cv) in c.iter() {
+                    let ckp = format!("{kp}.channels.{}", ck.as_str());
+                    let Some(ch) = Channel::parse(ck.as_str()) else {
+                        self.err_at(line_of(ck.span()), &ckp, "unknown channel");
+                        continue;
+                    };
+                    let text = if is_null(cv) {
+                        ""
+                    } else {
+                        cv.as_scalar().map_or("?", |s| s.as_str())
+                    };
+                    match grant(text) {
+                        Ok(g) => {
+                            change.channels.insert(ch, g);
+                        }
+                        Err(e) => self.err_at(line_of(cv.span()), &ckp, e),
+                    }
+                }
+            }
+            out.push((k.as_str().to_string(), change));
+        }
+        out
+    }
+
+    fn sync(&mut self, root: &Map) -> SyncCfg {
+        let p = "sync";
+        let empty = Map::new_empty(Span::new_blank());
+        let m = self.mapping(root, "", p).unwrap_or(&empty);
+        self.known(
+            m,
+            p,
+            &[
+                "outbox",
+                "key_file",
+                "max_age",
+                "retry_initial",
+                "retry_max",
+                "parked_retry",
+                "targets",
+            ],
+        );
+        let positive = |v: &str| {
+            let t = duration(v)?;
+            if t.is_zero() {
+                Err("must be more than 0s".to_string())
+            } else {
+                Ok(t)
+            }
+        };
+        let mut targets = Vec::new();
+        if let Some(n) = m.get_node("targets").filter(|n| !is_null(n)) {
+            match n.as_sequence() {
+                None => self.err_at(line_of(n.span()), "sync.targets", "expected a list"),
+                Some(seq) => {
+                    for (i, item) in seq.iter().enumerate() {
+                        if let Some(t) = self.sync_target(i, item) {
+                            if targets.iter().any(|x: &SyncTargetCfg| x.name == t.name) {
+                                self.err_at(
+                                    t.line,
+                                    &format!("sync.targets[{i}].name"),
+                                    "duplicate target name",
+                                );
+                            }
+                            targets.push(t);
+                        }
+                    }
+                }
+            }
+        }
+        let key_file = self.input_file(m, p, "key_file");
+        if !targets.is_empty() && key_file.is_none() {
+            self.err_at(
+                line_of(m.span()),
+                "sync.key_file",
+                "required with sync targets (64 hex characters: openssl rand -hex 32); \
+                 outbox entries are sealed with it",
+            );
+        }
+        SyncCfg {
+            outbox: self.parsed(m, p, "outbox", "var/sync-outbox".into(), path),
+            key_file,
+            max_age: self.parsed(m, p, "max_age", Duration::from_secs(24 * 3600), positive),
+            retry_initial: self.parsed(m, p, "retry_initial", Duration::from_secs(1), positive),
+            retry_max: self.parsed(m, p, "retry_max", Duration::from_secs(600), positive),
+            parked_retry: self.parsed(m, p, "parked_retry", Duration::from_secs(3600), positive),
+            targets,
+        }
+    }
+
+    fn sync_target(&mut self, i: usize, item: &Node) -> Option<SyncTargetCfg> {
+        let p = format!("sync.targets[{i}]");
+        let Some(m) = item.as_mapping() else {
+            self.err_at(line_of(item.span()), &p, "expected a mapping");
+            return None;
+        };
+        let line = line_of(m.span());
+        self.known(
+            m,
+            &p,
+            &[
+                "name",
+                "type",
+                "categories",
+                "channels",
+                "credentials_file",
+                "rate",
+                "host",
+                "group_id",
+                "list_id",
+                "on_behalf_of",
+                "external_id_prefix",
+                "revision",
+                "legal_basis",
+            ],
+        );
+        let name = match self.scalar(m, &p, "name") {
+            Some((n, _)) if is_label(&n) => n,
+            Some((_, l)) => {
+                self.err_at(
+                    l,
+                    &format!("{p}.name"),
+                    "letters, digits, '-' and '_' only (it is a metric label)",
+                );
+                return None;
+            }
+            None => {
+                self.err_at(line, &format!("{p}.name"), "missing");
+                return None;
+            }
+        };
+        let kinds: Vec<&str> = SyncKind::ALL.iter().map(|k| k.as_str()).collect();
+        let kind = match self.scalar(m, &p, "type") {
+            Some((t, l)) => match SyncKind::ALL.into_iter().find(|k| k.as_str() == t) {
+                Some(k) => k,
+                None => {
+                    self.err_at(
+                        l,
+                        &format!("{p}.type"),
+                        format!("expected one of: {}", kinds.join(", ")),
+                    );
+                    return None;
+                }
+            },
+            None => {
+                self.err_at(line, &format!("{p}.type"), "missing");
+                return None;
+            }
+        };
+        let categories = self.list(m, &p, "categories", category);
+        let channels = self.list(m, &p, "channels", |v| {
+            Channel::parse(v).ok_or_else(|| format!("unknown channel {v:?}"))
+        });
+        if categories.is_empty() && channels.is_empty() {
+            self.err_at(
+                line,
+                &format!("{p}.categories"),
+                "a target carries at least one category or channel",
+            );
+        }
+        let credentials_file = self
+            .input_file(m, &p, "credentials_file")
+            .unwrap_or_else(|| {
+                self.err_at(line, &format!("{p}.credentials_file"), "missing (a file)");
+                PathBuf::new()
+            });
+        let text = |r: &mut Reader, key: &str| r.opt_parsed(m, &p, key, |v| Ok(v.to_string()));
+        let host = text(self, "host").or_else(|| kind.default_host().map(str::to_string));
+        let host = match host {
+            Some(h) if h.contains(['/', ' ', '@', '?', '#']) || h.is_empty() => {
+                self.err_at(
+                    line,
+                    &format!("{p}.host"),
+                    "expected a host name (no scheme, no path)",
+                );
+                h
+            }
+            Some(h) => h.to_ascii_lowercase(),
+            None => {
+                self.err_at(
+                    line,
+                    &format!("{p}.host"),
+                    "missing (the account's API host, e.g. us21.api.mailchimp.com or \
+                     rest.iad-01.braze.com)",
+                );
+                String::new()
+            }
+        };
+        let group_id = text(self, "group_id");
+        let list_id = text(self, "list_id");
+        let need = |r: &mut Reader, ok: bool, key: &str| {
+            if !ok {
+                r.err_at(
+                    line,
+                    &format!("{p}.{key}"),
+                    format!("required for type {}", kind.as_str()),
+                );
+            }
+        };
+        match kind {
+            SyncKind::SendgridGroup | SyncKind::Hubspot => {
+                need(self, group_id.is_some(), "group_id")
+            }
+            SyncKind::Mailchimp => need(self, list_id.is_some(), "list_id"),
+            _ => {}
+        }
+        let rate = self.parsed(m, &p, "rate", 10.0, |v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0 && *r <= 10_000.0)
+                .ok_or_else(|| format!("expected requests per second (0 to 10000), got {v:?}"))
+        });
+        Some(SyncTargetCfg {
+            name,
+            line,
+            kind,
+            categories,
+            channels,
+            credentials_file,
+            rate,
+            host,
+            group_id,
+            list_id,
+            on_behalf_of: text(self, "on_behalf_of"),
+            external_id_prefix: text(self, "external_id_prefix"),
+            revision: text(self, "revision"),
+            legal_basis: text(self, "legal_basis"),
+        })
+    }
+
+    /// A list of scalars, each parsed.
+    fn list<T: PartialEq>(
+        &mut self,
+        m: &Map,
+        prefix: &str,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        let Some(n) = m.get_node(key).filter(|n| !is_null(n)) else {
+            return out;
+        };
+        let Some(seq) = n.as_sequence() else {
+            self.err_at(line_of(n.span()), &join(prefix, key), "expected a list");
+            return out;
+        };
+        for (i, item) in seq.iter().enumerate() {
+            match item.as_scalar().map(|s| parse(s.as_str())) {
+                Some(Ok(v)) => {
+                    if !out.contains(&v) {
+                        out.push(v);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.err_at(line_of(item.span()), &format!("{prefix}.{key}[{i}]"), e)
+                }
+                None => self.err_at(
+                    line_of(item.span()),
+                    &format!("{prefix}.{key}[{i}]"),
+                    "expected a single value",
+                ),
+            }
+        }
+        out
+    }
+}
+
+/// A name that can be a metric label value and a file-safe word.
+fn is_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1210,6 +1827,61 @@ mod tests {
                 .any(|e| e.contains("admin.tls.cafile: unknown key")),
             "{shown:#?}"
         );
+    }
+
+    #[test]
+    fn webhooks_and_sync_keys_name_key_and_line() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.listen.webhooks, None);
+        assert!(c.sync.targets.is_empty() && c.webhooks.vendors.is_empty());
+        assert_eq!(
+            c.webhooks.replay_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        let text = "listen:\n  webhooks: 127.0.0.1:8444\nwebhooks:\n  twilio:\n    secret_file: /nonexistent\n    \
+                    mapping:\n      stop: {channels: {sms: maybe}}\nsync:\n  targets:\n    - name: bad name\n      \
+                    type: sendgrid_global\n      credentials_file: /nonexistent\n    - name: mc\n      type: mailchimp\n      \
+                    channels: [email]\n      credentials_file: Cargo.toml\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let has = |s: &str| shown.iter().any(|e| e.contains(s));
+        assert!(
+            has("t.yaml:5: webhooks.twilio.secret_file: file not found"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("webhooks.twilio.mapping.stop.channels.sms: expected denied"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("webhooks.public_url: required with twilio"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("t.yaml:10: sync.targets[0].name: letters"),
+            "{shown:#?}"
+        );
+        assert!(has("sync.targets[1].host: missing"), "{shown:#?}");
+        assert!(
+            has("sync.targets[1].list_id: required for type mailchimp"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("sync.key_file: required with sync targets"),
+            "{shown:#?}"
+        );
+        let text = "sync:\n  key_file: Cargo.toml\n  targets:\n    - {name: sg, type: sendgrid_group, group_id: \"12\", \
+                    categories: [marketing_email], credentials_file: Cargo.toml, rate: 2.5}\n";
+        let c = parse(text, "t.yaml").unwrap();
+        let t = &c.sync.targets[0];
+        assert_eq!(
+            (t.kind, t.host.as_str(), t.rate),
+            (SyncKind::SendgridGroup, "api.sendgrid.com", 2.5)
+        );
+        assert_eq!(t.categories, [Category::MarketingEmail]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use consentgate::cli::{AuditCommand, CaCommand, Cli, Command, DbCommand};
+use consentgate::cli::{AuditCommand, CaCommand, Cli, Command, DbCommand, SyncCommand};
 
 fn main() {
     let cli = Cli::parse();
@@ -44,6 +44,9 @@ fn main() {
         Command::Db {
             command: DbCommand::Migrate { config },
         } => consentgate::run::db_migrate(config.as_deref()),
+        Command::Sync {
+            command: SyncCommand::Status { config },
+        } => consentgate::run::sync_status(config.as_deref()),
         Command::Ca {
             command: CaCommand::Init { out, force },
         } => match consentgate::tls::init_ca(&out, force) {

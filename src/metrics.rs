@@ -2,8 +2,8 @@
 //! destination names, decisions, reasons and error kinds: never patient data.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,6 +26,16 @@ pub struct Metrics {
     pub tunnels_total: IntCounter,
     pub guard_interventions_total: IntCounterVec,
     pub connections_open: IntGauge,
+    /// SPEC §13: opt-outs learned from vendors (egress answers and webhooks).
+    pub optouts_learned_total: IntCounterVec,
+    /// Webhook requests by vendor and result (`ok`, `bad_signature`, ...).
+    pub webhook_requests_total: IntCounterVec,
+    /// Webhook events by vendor, signal kind and result (`applied`, `duplicate`, ...).
+    pub webhook_events_total: IntCounterVec,
+    pub sync_deliveries_total: IntCounterVec,
+    pub sync_pending: IntGaugeVec,
+    pub sync_parked: IntGaugeVec,
+    pub sync_lag_seconds: GaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -145,6 +155,50 @@ impl Metrics {
                 "consentgate_connections_open",
                 "Client connections currently open on the proxy listeners."
             )),
+            optouts_learned_total: reg!(counter_vec(
+                "consentgate_optouts_learned_total",
+                "Opt-outs learned from vendors (egress answers such as Twilio 21610, and webhooks), by vendor and kind.",
+                &["vendor", "kind"]
+            )),
+            webhook_requests_total: reg!(counter_vec(
+                "consentgate_webhook_requests_total",
+                "Webhook requests by vendor and result (ok, bad_signature, bad_request, not_found, error).",
+                &["vendor", "result"]
+            )),
+            webhook_events_total: reg!(counter_vec(
+                "consentgate_webhook_events_total",
+                "Webhook events by vendor, signal kind and result (applied, unchanged, duplicate, unknown_person, ignored).",
+                &["vendor", "kind", "result"]
+            )),
+            sync_deliveries_total: reg!(counter_vec(
+                "consentgate_sync_deliveries_total",
+                "Sync outbox delivery attempts by target and result (delivered, retry, rejected, parked, no_address, superseded).",
+                &["target", "result"]
+            )),
+            sync_pending: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "consentgate_sync_pending",
+                    "Entries in the sync outbox not yet delivered (parked ones included), by target."
+                ),
+                &["target"]
+            )
+            .unwrap_or_else(|e| panic!("sync_pending: {e}"))),
+            sync_parked: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "consentgate_sync_parked",
+                    "Sync outbox entries past sync.max_age (parked: retried every sync.parked_retry), by target."
+                ),
+                &["target"]
+            )
+            .unwrap_or_else(|e| panic!("sync_parked: {e}"))),
+            sync_lag_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "consentgate_sync_lag_seconds",
+                    "Age of the oldest undelivered entry in the sync outbox, by target (0: none)."
+                ),
+                &["target"]
+            )
+            .unwrap_or_else(|e| panic!("sync_lag: {e}"))),
             registry,
         }
     }

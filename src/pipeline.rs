@@ -112,6 +112,8 @@ pub(crate) struct Exchange<'a> {
     upstream: Duration,
     /// Per-event audit records, written with the request-level record.
     records: Vec<AuditRecord>,
+    /// The patients the request named (kept events), for the Learn step.
+    named: Vec<Arc<str>>,
 }
 
 impl<'a> Exchange<'a> {
@@ -123,6 +125,7 @@ impl<'a> Exchange<'a> {
             started: Instant::now(),
             upstream: Duration::ZERO,
             records: Vec::new(),
+            named: Vec::new(),
         }
     }
 
@@ -183,6 +186,7 @@ impl<'a> Exchange<'a> {
                 .inc();
         }
         self.records = e.audit_records(&self.request_id, dest, &self.app.pseudonyms);
+        self.named = crate::learn::named(e);
     }
 
     /// Record the decision (before anything leaves: no audit, no egress), then
@@ -270,7 +274,16 @@ impl<'a> Exchange<'a> {
                 let (mut parts, body) = resp.into_parts();
                 forward::remove_hop_by_hop_and_own(&mut parts.headers);
                 response::stamp(&mut parts.headers, egress.decision, &self.request_id);
-                let body = body.map_err(BoxError::from).boxed_unsync();
+                // Learn: a vendor answer meaning "opted out" (SPEC §13; crate::learn).
+                let learner = self.app.learner.get();
+                let body = crate::learn::watch(
+                    learner,
+                    egress.dest,
+                    &self.named,
+                    &self.request_id,
+                    &parts,
+                    body,
+                );
                 let resp = Response::from_parts(parts, body);
                 (egress.dest, egress.decision.as_str(), resp)
             }

@@ -123,6 +123,10 @@ pub fn check(explicit: Option<&Path>) -> i32 {
                     failed = true;
                 }
             }
+            for e in loop_check(&rt.config) {
+                eprintln!("error: {e}");
+                failed = true;
+            }
         }
     }
     if failed {
@@ -131,6 +135,21 @@ pub fn check(explicit: Option<&Path>) -> i32 {
         println!("ok: {}", source.label());
         0
     }
+}
+
+/// What `check` and `run` verify of the loop (SPEC §13): webhook secrets,
+/// mappings and TLS, and the sync key.
+fn loop_check(cfg: &crate::config::Config) -> Vec<String> {
+    let mut errs = Vec::new();
+    if cfg.listen.webhooks.is_some() {
+        errs.extend(crate::webhooks::check(&cfg.webhooks));
+    }
+    if let Some(k) = &cfg.sync.key_file {
+        if let Err(e) = crate::audit::load_enc_key(k) {
+            errs.push(format!("sync.key_file: {e}"));
+        }
+    }
+    errs
 }
 
 /// `consentgate run`.
@@ -173,6 +192,14 @@ impl ConsentSource {
         match self {
             ConsentSource::File(s) => s.writer(),
             ConsentSource::Postgres(s) => s.writer(),
+        }
+    }
+
+    /// The consent version applied so far (PostgreSQL only): the sync cursor.
+    fn applied_version(&self) -> Option<crate::sync::AppliedVersion> {
+        match self {
+            ConsentSource::File(_) => None,
+            ConsentSource::Postgres(s) => Some(s.applied_version_source()),
         }
     }
 }
@@ -313,6 +340,47 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             return 1;
         }
     };
+    let loop_errors = loop_check(&cfg);
+    if !loop_errors.is_empty() {
+        for e in &loop_errors {
+            tracing::error!(error = %e, "webhooks/sync configuration unusable");
+            eprintln!("error: {e}");
+        }
+        return 1;
+    }
+    let webhooks_tls = match cfg
+        .webhooks
+        .tls
+        .as_ref()
+        .filter(|_| cfg.listen.webhooks.is_some())
+    {
+        None => None,
+        Some(t) => match crate::webhooks::tls_config(t) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "webhooks.tls unusable");
+                return 1;
+            }
+        },
+    };
+    // The sync outbox observes the consent store from its first load (SPEC §13).
+    let sync = match crate::sync::SyncOutbox::open(
+        &cfg,
+        consent.clone(),
+        metrics.clone(),
+        audit.clone(),
+        pseudonyms.clone(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "sync outbox unusable");
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let carrier = sync.as_ref().map(crate::sync::SyncOutbox::carrier);
     let consent_source =
         match start_consent_source(&cfg, consent.clone(), &metrics, Access::ReadWrite).await {
             Ok(s) => s,
@@ -322,22 +390,24 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             }
         };
     tracing::info!(records = consent.len(), "consent loaded");
-    let api_ctx = Arc::new(
-        ApiContext::new(consent.clone(), consent_source.writer(), tokens).with_on_change({
-            let audit = audit.clone();
-            let pseudonyms = pseudonyms.clone();
-            Arc::new(move |ev: crate::consent::ChangeEvent| {
-                let rec = crate::audit::AuditRecord::consent_change(
-                    &ev.actor,
-                    pseudonyms.pseudonym(&ev.patient_id),
-                    ev.op.as_str(),
-                );
-                if audit.submit(vec![rec]).is_err() {
-                    tracing::error!("consent change could not be audited");
-                }
-            })
-        }),
-    );
+    let mut api_ctx = ApiContext::new(consent.clone(), consent_source.writer(), tokens);
+    if let Some(c) = &carrier {
+        api_ctx = api_ctx.with_carrier(c.clone());
+    }
+    let api_ctx = Arc::new(api_ctx.with_on_change({
+        let audit = audit.clone();
+        let pseudonyms = pseudonyms.clone();
+        Arc::new(move |ev: crate::consent::ChangeEvent| {
+            let rec = crate::audit::AuditRecord::consent_change(
+                &ev.actor,
+                pseudonyms.pseudonym(&ev.patient_id),
+                ev.op.as_str(),
+            );
+            if audit.submit(vec![rec]).is_err() {
+                tracing::error!("consent change could not be audited");
+            }
+        })
+    }));
     let api: crate::admin::ApiHandler = Arc::new(move |req| {
         let ctx = api_ctx.clone();
         Box::pin(async move { crate::consent::api::handle(req, &ctx).await })
@@ -352,6 +422,38 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     let app = Arc::new(App::new(
         runtime, consent, metrics, source, minter, audit, pseudonyms,
     ));
+    // Opt-outs learned from vendors: on the egress path, and by webhook (SPEC §13).
+    let optouts = || crate::optout::OptOuts {
+        writer: consent_source.writer(),
+        store: app.consent.clone(),
+        audit: app.audit.clone(),
+        pseudonyms: app.pseudonyms.clone(),
+        metrics: app.metrics.clone(),
+        carrier: carrier.clone(),
+    };
+    let _ = app
+        .learner
+        .set(Arc::new(crate::learn::Learner { optouts: optouts() }));
+    let webhooks = match cfg.listen.webhooks {
+        None => None,
+        Some(addr) => {
+            let w = match crate::webhooks::Webhooks::new(app.clone(), &cfg.webhooks, optouts()) {
+                Ok(w) => Arc::new(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "webhooks unusable");
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            };
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some((w, l)),
+                Err(e) => {
+                    tracing::error!(addr = %addr, error = %e, "cannot bind listen.webhooks");
+                    return 1;
+                }
+            }
+        }
+    };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let listener = match tokio::net::TcpListener::bind(cfg.listen.proxy).await {
         Ok(l) => l,
@@ -407,9 +509,26 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         shutdown_rx.clone(),
         tracker.clone(),
     ));
+    let webhooks = webhooks.map(|(w, l)| {
+        tokio::spawn(crate::webhooks::serve(
+            w,
+            l,
+            webhooks_tls,
+            shutdown_rx.clone(),
+        ))
+    });
+    if let Some(s) = &sync {
+        let a = app.clone();
+        s.start(
+            Arc::new(move || a.runtime.load().upstream.clone()),
+            consent_source.applied_version(),
+        );
+    }
     app.serving.store(true, Ordering::Relaxed);
     tracing::info!(proxy = %cfg.listen.proxy, admin = %cfg.listen.admin,
         admin_tls = cfg.admin.tls.is_some(),
+        webhooks = %cfg.listen.webhooks.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        sync_targets = cfg.sync.targets.len(),
         metrics = %cfg.listen.metrics.map(|a| a.to_string()).unwrap_or_else(|| "on admin".into()),
         "consentgate serving");
 
@@ -440,6 +559,9 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     let _ = proxy.await;
     if let Some(g) = gateway {
         let _ = g.await;
+    }
+    if let Some(w) = webhooks {
+        let _ = w.await;
     }
     let grace = app.runtime.load().config.shutdown_grace;
     let drained = drain.wait(tracker, grace).await;
@@ -591,6 +713,39 @@ pub fn audit_find(
                 println!("{r}");
             }
             eprintln!("{} record(s)", recs.len());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `consentgate sync status`: what waits in the sync outbox, per target (JSON).
+pub fn sync_status(explicit: Option<&Path>) -> i32 {
+    install_crypto();
+    let source = ConfigSource::resolve(explicit);
+    let cfg = match source.load() {
+        Ok(c) => c,
+        Err(errs) => {
+            print_errors(&errs);
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::sync::status(&cfg)) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             0
         }
         Err(e) => {

@@ -33,8 +33,20 @@ async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
     let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
     let up = start_upstream(&ca).await;
     let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // A sync target, so the per-target sync families have series (SPEC §13).
+    let key = dir.join("sync.key");
+    std::fs::write(&key, "5a".repeat(32)).unwrap();
+    let creds = dir.join("sendgrid.key");
+    std::fs::write(&creds, "k").unwrap();
     let opts = ProxyOpts {
         resolve_override: vec![("api.hubapi.com", closed)],
+        extra_yaml: format!(
+            "sync:\n  outbox: {}\n  key_file: {}\n  targets:\n    - {{name: sg, type: sendgrid_global, \
+             channels: [email], credentials_file: {}}}\n",
+            dir.join("sync-outbox").display(),
+            key.display(),
+            creds.display()
+        ),
         ..Default::default()
     };
     let p = start_proxy(&dir, &up, &ca, opts);

@@ -12,7 +12,7 @@
 //! W3C `traceparent`), `status` and `error` (on `outcome` records), and `detail`
 //! (counts and file names only). `prev_hash` comes last.
 //!
-//! * `kind` is `decision`, `consent_change`, `config` or `outcome`, or one the
+//! * `kind` is `decision`, `consent_change`, `config`, `outcome` or `sync`, or one the
 //!   writer writes itself: `recovery` and `checkpoint`.
 //! * `outcome`: what the upstream did with a forwarded request, with the same
 //!   `request_id` and `destination` as its `decision` record: `status` (the HTTP
@@ -128,6 +128,8 @@ pub enum AuditKind {
     Config,
     /// What the upstream did with a forwarded request (`status` or `error`).
     Outcome,
+    /// A delivery attempt of the sync outbox to a vendor target (SPEC §13).
+    Sync,
     /// Written by the writer itself after a torn tail or a write failure.
     Recovery,
     /// Written by the writer itself before it removes the oldest files
@@ -142,6 +144,7 @@ impl AuditKind {
             AuditKind::ConsentChange => "consent_change",
             AuditKind::Config => "config",
             AuditKind::Outcome => "outcome",
+            AuditKind::Sync => "sync",
             AuditKind::Recovery => "recovery",
             AuditKind::Checkpoint => "checkpoint",
         }
@@ -264,6 +267,18 @@ impl AuditRecord {
         r.request_id = Some(request_id.to_string());
         r.destination = Some(destination.to_string());
         r.error = Some(error.to_string());
+        r
+    }
+
+    /// A sync outbox delivery attempt: `destination` is the target's name,
+    /// `decision` the result (`delivered`, `retry`, `rejected`, `parked`,
+    /// `no_address`), `reason` why, `status` the vendor's HTTP status.
+    pub fn sync(target: &str, patient: String, result: &str, reason: &str) -> AuditRecord {
+        let mut r = AuditRecord::new(AuditKind::Sync);
+        r.destination = Some(target.to_string());
+        r.patient = Some(patient);
+        r.decision = Some(result.to_string());
+        r.reason = Some(reason.to_string());
         r
     }
 

@@ -140,6 +140,22 @@ pub fn load_tokens(path: &Path) -> Result<Tokens, String> {
     Tokens::parse(&text).map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))
 }
 
+/// Carries the plaintext emails and phones a write names past the hashing, to
+/// the sync outbox only (SPEC §13: most suppression APIs need the address):
+/// held while the write runs (the outbox's store observer takes them when the
+/// write denies a target), dropped with the returned guard. Never stored,
+/// journaled or audited.
+pub trait PlaintextCarrier: Send + Sync {
+    fn hold(
+        &self,
+        patient_id: &str,
+        emails: Vec<String>,
+        phones: Vec<String>,
+    ) -> Box<dyn std::any::Any + Send>;
+    /// Resolves once what the write queued for the outbox is durable.
+    fn flush(&self) -> super::source::BoxFuture<'_, ()>;
+}
+
 /// What the API needs: the store (reads), the writer (durable writes), the
 /// tokens, and a hook told of every acknowledged write (for the audit trail).
 #[derive(Clone)]
@@ -148,6 +164,8 @@ pub struct ApiContext {
     pub writer: Arc<dyn ConsentWriter>,
     pub tokens: Arc<Tokens>,
     pub on_change: OnChange,
+    /// The sync outbox's plaintext carrier, when `sync:` has targets.
+    pub carrier: Option<Arc<dyn PlaintextCarrier>>,
 }
 
 impl ApiContext {
@@ -157,7 +175,13 @@ impl ApiContext {
             writer,
             tokens: Arc::new(tokens),
             on_change: no_op_on_change(),
+            carrier: None,
         }
+    }
+
+    pub fn with_carrier(mut self, c: Arc<dyn PlaintextCarrier>) -> Self {
+        self.carrier = Some(c);
+        self
     }
 
     pub fn with_on_change(mut self, f: OnChange) -> Self {
@@ -409,6 +433,8 @@ where
         }
     };
 
+    // Plaintext addresses of this write, for the sync outbox only.
+    let mut plain: (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
     let (op, pre, merge): (ChangeOp, Precondition, super::source::Merge) = match method {
         Method::DELETE => (ChangeOp::Delete, pre, Box::new(|_| Ok(Change::Delete))),
         Method::PUT => {
@@ -420,6 +446,12 @@ where
                 Ok(x) => x,
                 Err(e) => return invalid(&e),
             };
+            if ctx.carrier.is_some() {
+                plain = (
+                    rec.identifiers.emails.clone(),
+                    rec.identifiers.phones.clone(),
+                );
+            }
             (
                 ChangeOp::Put,
                 with_body_version(pre, version),
@@ -435,6 +467,12 @@ where
                 Ok(x) => x,
                 Err(e) => return invalid(&e),
             };
+            if ctx.carrier.is_some() {
+                plain = (
+                    patch_strings(&patch, "emails"),
+                    patch_strings(&patch, "phones"),
+                );
+            }
             // The merge runs inside the writer, on the record as it is under
             // the patient's write lock: never on a copy read before it.
             (
@@ -452,10 +490,22 @@ where
             )
         }
     };
-    match ctx.writer.modify(&patient_id, pre, merge, &actor).await {
+    let held = match &ctx.carrier {
+        Some(c) if !plain.0.is_empty() || !plain.1.is_empty() => {
+            Some(c.hold(&patient_id, plain.0, plain.1))
+        }
+        _ => None,
+    };
+    let result = ctx.writer.modify(&patient_id, pre, merge, &actor).await;
+    drop(held);
+    match result {
         Ok(written) => {
             if written == Written::Absent {
                 return error(StatusCode::NOT_FOUND, "not_found", "no such patient");
+            }
+            // A denial queued for a vendor target is durable before the answer.
+            if let Some(c) = &ctx.carrier {
+                c.flush().await;
             }
             tracing::info!(actor = %actor, op = op.as_str(), "consent record written via admin API");
             (ctx.on_change)(ChangeEvent {
@@ -583,6 +633,21 @@ fn build_put(body: &[u8], patient_id: &str) -> Result<(ConsentRecord, Option<u64
     let version = take_version(&mut obj)?;
     let rec = ConsentRecord::from_value(&Value::Object(obj), Some(chrono::Utc::now()))?;
     Ok((rec, version))
+}
+
+/// The strings of a PATCH's `identifiers.<key>` list (plaintext for the outbox).
+fn patch_strings(patch: &Map<String, Value>, key: &str) -> Vec<String> {
+    patch
+        .get("identifiers")
+        .and_then(|i| i.get(key))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A PATCH body, checked as far as it can be without the current record, and

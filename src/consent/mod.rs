@@ -25,7 +25,7 @@ pub mod record;
 pub mod source;
 pub mod store;
 
-pub use api::{ApiContext, Tokens};
+pub use api::{ApiContext, PlaintextCarrier, Tokens};
 pub use compact::ConsentView;
 pub use file_source::{FileSourceConfig, FileSourceHandle};
 pub use postgres::{PgSourceConfig, PgSourceHandle};
@@ -33,4 +33,4 @@ pub use record::{ConsentRecord, FieldError};
 pub use source::{
     Change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, Precondition, WriteError, Written,
 };
-pub use store::{ConsentStore, Upsert};
+pub use store::{ConsentStore, StoreObserver, Upsert};

@@ -59,10 +59,17 @@ pub const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
 /// The NOTIFY channel the triggers announce changes on.
 pub const CHANNEL: &str = "consentgate_consent";
 /// Migrations shipped in the repository, applied in order by `db migrate`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_consent",
-    include_str!("../../migrations/0001_consent.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_consent",
+        include_str!("../../migrations/0001_consent.sql"),
+    ),
+    // The sync outbox (SPEC §13; src/sync/pg.rs).
+    (
+        "0002_sync_outbox",
+        include_str!("../../migrations/0002_sync_outbox.sql"),
+    ),
+];
 
 /// Called with the seconds from a row's commit (`changed_at`) to its
 /// application in the cache (`consentgate_consent_propagation_seconds`).
@@ -686,6 +693,13 @@ impl PgSourceHandle {
     /// Every version up to this one is in the cache.
     pub fn applied_version(&self) -> i64 {
         lock(&self.shared.apply).last
+    }
+
+    /// [`PgSourceHandle::applied_version`] for someone who outlives no handle
+    /// (the sync outbox's cursor, SPEC §13).
+    pub fn applied_version_source(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || lock(&shared.apply).last)
     }
 
     /// Reconnections since start.

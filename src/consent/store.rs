@@ -249,6 +249,18 @@ impl Cands {
     }
 }
 
+/// Told of every change applied to the store, whatever its source (snapshot,
+/// journal, admin API, PostgreSQL feed, vendor opt-outs): the sync outbox
+/// watches for denials here (SPEC §13). Called with the store's writer lock
+/// held, after the change is visible to readers: it must be quick, must not
+/// block and must not call back into the store.
+pub trait StoreObserver: Send + Sync {
+    /// `rec` (stored form) is now the patient's record.
+    fn stored(&self, rec: &ConsentRecord);
+    /// The patient's record is gone.
+    fn deleted(&self, patient_id: &str);
+}
+
 /// Outcome of an upsert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upsert {
@@ -270,6 +282,8 @@ pub struct ConsentStore {
     /// Unix ms of the last moment the source was known good.
     last_good_ms: AtomicU64,
     source_up: AtomicBool,
+    /// The sync outbox's observer (set once, before the source loads).
+    sync_observer: std::sync::OnceLock<Arc<dyn StoreObserver>>,
     /// Tests: every identifier hashes to one slot, so every lookup has to be
     /// decided by verification alone.
     #[cfg(test)]
@@ -287,6 +301,7 @@ impl Default for ConsentStore {
             entries: AtomicUsize::new(0),
             last_good_ms: AtomicU64::new(0),
             source_up: AtomicBool::new(false),
+            sync_observer: std::sync::OnceLock::new(),
             #[cfg(test)]
             collide: false,
         }
@@ -365,6 +380,19 @@ impl ConsentStore {
         v
     }
 
+    /// Install the sync outbox's observer (once; later calls are ignored).
+    /// Install it before the source loads, so the initial load is observed too.
+    pub fn set_sync_observer(&self, o: Arc<dyn StoreObserver>) {
+        let _ = self.sync_observer.set(o);
+    }
+
+    /// Caller holds the writer lock.
+    fn observe_stored(&self, rec: &ConsentRecord) {
+        if let Some(o) = self.sync_observer.get() {
+            o.stored(rec);
+        }
+    }
+
     /// Run `f` on the stored blob of `patient_id`, under its shard's read lock.
     fn with_blob<T>(&self, patient_id: &str, f: impl FnOnce(&Parsed<'_>) -> T) -> Option<T> {
         let pid = patient_id.trim().as_bytes();
@@ -395,6 +423,7 @@ impl ConsentStore {
             return Upsert::Superseded;
         }
         self.put_locked(blob);
+        self.observe_stored(&rec);
         Upsert::Applied
     }
 
@@ -404,6 +433,7 @@ impl ConsentStore {
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
         self.put_locked(blob);
+        self.observe_stored(&rec);
     }
 
     /// Like `put`, returning the record as stored.
@@ -412,6 +442,7 @@ impl ConsentStore {
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
         self.put_locked(blob);
+        self.observe_stored(&rec);
         Arc::new(rec)
     }
 
@@ -432,6 +463,7 @@ impl ConsentStore {
             return false;
         }
         self.put_locked(blob);
+        self.observe_stored(&rec);
         true
     }
 
@@ -535,6 +567,9 @@ impl ConsentStore {
             for k in self.slots_of(&p) {
                 self.unindex(k, r);
             }
+        }
+        if let Some(o) = self.sync_observer.get() {
+            o.deleted(patient_id.trim());
         }
         true
     }

@@ -123,11 +123,21 @@ pub enum Behavior {
     Delay(Duration),
 }
 
+/// One scripted answer (status, body, extra headers), used once before `behavior`.
+#[derive(Clone, Debug)]
+pub struct Scripted {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<Recorded>>>,
     pub behavior: Arc<Mutex<Behavior>>,
+    /// Answers given in order, one per request, before `behavior` applies again.
+    pub script: Arc<Mutex<std::collections::VecDeque<Scripted>>>,
 }
 
 impl Upstream {
@@ -151,6 +161,17 @@ impl Upstream {
     pub fn set(&self, b: Behavior) {
         *self.behavior.lock().unwrap() = b;
     }
+    /// Queue one answer for the next request (after those already queued).
+    pub fn push(&self, status: u16, body: &str, headers: &[(&str, &str)]) {
+        self.script.lock().unwrap().push_back(Scripted {
+            status,
+            body: body.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+    }
 }
 
 /// A TLS upstream on 127.0.0.1 that records every request and answers per `behavior`.
@@ -164,6 +185,7 @@ pub async fn start_upstream(ca: &TestCa) -> Upstream {
             status: 200,
             body: r#"{"upstream":"ok"}"#,
         })),
+        script: Arc::new(Mutex::new(std::collections::VecDeque::new())),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(ca.server.clone());
     let u = up.clone();
@@ -205,6 +227,20 @@ pub async fn start_upstream(ca: &TestCa) -> Upstream {
                                 .collect(),
                             body: body.to_vec(),
                         });
+                        let scripted = u.script.lock().unwrap().pop_front();
+                        if let Some(sc) = scripted {
+                            let mut r = hyper::Response::new(Full::new(Bytes::from(sc.body)));
+                            *r.status_mut() = hyper::StatusCode::from_u16(sc.status).unwrap();
+                            r.headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            for (k, v) in sc.headers {
+                                r.headers_mut().insert(
+                                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                    v.parse().unwrap(),
+                                );
+                            }
+                            return Ok::<_, std::convert::Infallible>(r);
+                        }
                         let b = u.behavior.lock().unwrap().clone();
                         let (status, text) = match b {
                             Behavior::Respond { status, body } => (status, body),

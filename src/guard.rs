@@ -337,6 +337,12 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub(crate) const ALL: [Reason; 3] = [
+        Reason::ForeignIdentifier,
+        Reason::ForeignOutsideEvents,
+        Reason::UnknownContactRemoved,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::ForeignIdentifier => "foreign_identifier",

@@ -203,6 +203,18 @@ impl Metrics {
         }
     }
 
+    /// Series that must exist before their first event, so alerts and
+    /// dashboards see a zero rather than nothing: per destination.
+    pub(crate) fn init_destinations<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            for reason in crate::guard::Reason::ALL {
+                self.guard_interventions_total
+                    .with_label_values(&[name, reason.as_str()])
+                    .inc_by(0);
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = TextEncoder::new();

@@ -311,6 +311,7 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .config_reloads_total
         .with_label_values(&["failure"])
         .inc_by(0);
+    metrics.init_destinations(runtime.registry.routes().iter().map(|r| r.name()));
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
     // Built before anything is written, so a bad file leaves no trace but the error.

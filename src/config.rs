@@ -29,6 +29,17 @@ pub struct Config {
     pub log: LogCfg,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    pub identify: IdentifyCfg,
+}
+
+/// `identify:` (SPEC §5): how identifiers are read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentifyCfg {
+    /// `identify.default_region`: two letters, upper-cased here; whether
+    /// libphonenumber has numbering metadata for it is checked where the
+    /// runtime is built (with this line).
+    pub default_region: String,
+    pub line: usize,
 }
 
 /// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
@@ -480,6 +491,7 @@ impl Reader {
                 "log",
                 "shutdown_grace",
                 "limits",
+                "identify",
             ],
         );
         let listen = {
@@ -745,7 +757,20 @@ impl Reader {
             duration,
         );
         let limits = self.limits(root, max_body_bytes);
+        let identify = {
+            let p = "identify";
+            let m = self.mapping(root, "", p).unwrap_or(&empty);
+            self.known(m, p, &["default_region"]);
+            let line = self
+                .scalar(m, p, "default_region")
+                .map_or_else(|| line_of(m.span()), |(_, l)| l);
+            IdentifyCfg {
+                default_region: self.parsed(m, p, "default_region", "US".into(), region_code),
+                line,
+            }
+        };
         Config {
+            identify,
             limits,
             listen,
             unknown_destinations,
@@ -1010,6 +1035,17 @@ fn boolean(v: &str) -> Result<bool, String> {
     }
 }
 
+/// An ISO 3166 alpha-2 code as written (either case).
+fn region_code(v: &str) -> Result<String, String> {
+    if v.len() == 2 && v.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(v.to_ascii_uppercase())
+    } else {
+        Err(format!(
+            "expected an ISO 3166 alpha-2 region code such as US, GB or DE, got {v:?}"
+        ))
+    }
+}
+
 fn category(v: &str) -> Result<Category, String> {
     Category::parse(v).ok_or_else(|| format!("unknown category {v:?}"))
 }
@@ -1070,6 +1106,28 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.consent.max_staleness, Duration::from_secs(300));
         assert!(!c.upstream.http2);
+        assert_eq!(c.identify.default_region, "US");
+    }
+
+    #[test]
+    fn identify_default_region_is_two_letters() {
+        let c = parse("identify:\n  default_region: gb\n", "t.yaml").unwrap();
+        assert_eq!(c.identify.default_region, "GB");
+        assert_eq!(c.identify.line, 2);
+        assert_eq!(parse("{}", "t.yaml").unwrap().identify.default_region, "US");
+        for bad in ["USA", "1", "U1", "U.S."] {
+            let errs =
+                parse(&format!("identify:\n  default_region: {bad}\n"), "t.yaml").expect_err(bad);
+            assert!(
+                errs[0]
+                    .to_string()
+                    .starts_with("t.yaml:2: identify.default_region:"),
+                "{}",
+                errs[0]
+            );
+        }
+        let errs = parse("identify:\n  region: US\n", "t.yaml").unwrap_err();
+        assert!(errs[0].to_string().contains("identify.region: unknown key"));
     }
 
     #[test]

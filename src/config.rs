@@ -1303,7 +1303,7 @@ mod tests {
             ("url: https://proxy:3128", "TLS to the proxy itself"),
             ("url: http://user:secret@proxy:3128", "credentials_file"),
             (
-                "url: 'http://user:sec ret@proxy:3128'",
+                "url: 'http://user:secret@[bad:3128'",
                 "a URL with credentials",
             ),
             ("url: http://proxy", "with the port"),

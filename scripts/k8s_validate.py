@@ -15,6 +15,7 @@ metrics stay out of templates/prometheusrule.yaml until they exist. Each list fa
 run as soon as an entry has landed, saying what to switch on, so none of them goes stale.
 """
 import copy
+import fnmatch
 import importlib.machinery
 import importlib.util
 import json
@@ -427,8 +428,27 @@ def check_app_container(scenario, c, pod, proxy_port):
         if sec:
             items = sec.get("items")
             keys = [i["key"] for i in items] if items is not None else None
-            if keys is None or any("key" in k.lower() and k != "ca.pem" for k in keys):
-                fail(scenario, f"app {c['name']}: mounts secret {sec['secretName']} beyond ca.pem (the CA key must never reach the app)")
+            if keys is None or any(k not in ("ca.pem", "truststore.p12") for k in keys):
+                fail(scenario, f"app {c['name']}: mounts secret {sec['secretName']} beyond ca.pem and truststore.p12 "
+                               "(the CA key must never reach the app)")
+    # Apps that ignore HTTPS_PROXY: Node's switch, and the JVM's system properties.
+    if "NODE_USE_ENV_PROXY" in env and env["NODE_USE_ENV_PROXY"] != "1":
+        fail(scenario, f"app {c['name']}: NODE_USE_ENV_PROXY must be 1, got {env['NODE_USE_ENV_PROXY']}")
+    jto = env.get("JAVA_TOOL_OPTIONS")
+    if jto is not None:
+        props = dict(o[2:].split("=", 1) for o in jto.split() if o.startswith("-D") and "=" in o)
+        for scheme in ("https", "http"):
+            if props.get(f"{scheme}.proxyHost") != "127.0.0.1" or props.get(f"{scheme}.proxyPort") != str(proxy_port):
+                fail(scenario, f"app {c['name']}: JAVA_TOOL_OPTIONS must set {scheme}.proxyHost=127.0.0.1 and "
+                               f"{scheme}.proxyPort={proxy_port}: {jto}")
+        nph = [x for x in (props.get("http.nonProxyHosts") or "").split("|") if x]
+        java_form = {("*" + x) if x.startswith(".") else x for x in NO_PROXY_REQUIRED}
+        missing = sorted(x for x in java_form if not any(fnmatch.fnmatchcase(x, p) for p in nph))
+        if missing:
+            fail(scenario, f"app {c['name']}: http.nonProxyHosts lacks {missing}")
+        ts = props.get("javax.net.ssl.trustStore")
+        if ts is not None and (mount_for(ts, mounts) is None or props.get("javax.net.ssl.trustStoreType") != "PKCS12"):
+            fail(scenario, f"app {c['name']}: javax.net.ssl.trustStore={ts} is not a PKCS12 file under a mount of the app container")
 
 
 def check_iptables(scenario, c):
@@ -827,6 +847,20 @@ BAD_VALUES = [
                                         "metrics": {"serviceMonitor": {"enabled": True}}},
      "metrics.serviceMonitor is for the gateway"),
     ("PodMonitor in gateway mode", {"metrics": {"podMonitor": {"enabled": True}}}, "metrics.podMonitor is for sidecars"),
+    # apps that ignore HTTPS_PROXY (sidecar.node, sidecar.jvm)
+    ("sidecar.node.useEnvProxy: \"yes\"", {"sidecar": {"node": {"useEnvProxy": "yes"}}}, "/sidecar/node/useEnvProxy"),
+    ("sidecar.jvm.enabled: 1", {"sidecar": {"jvm": {"enabled": 1}}}, "/sidecar/jvm/enabled"),
+    ("sidecar.jvm.nonProxyHosts with a space", {"sidecar": {"jvm": {"nonProxyHosts": ["a b"]}}},
+     "/sidecar/jvm/nonProxyHosts/0"),
+    ("sidecar.jvm.nonProxyHosts with a CIDR", {"sidecar": {"jvm": {"nonProxyHosts": ["10.0.0.0/8"]}}},
+     "/sidecar/jvm/nonProxyHosts/0"),
+    ("sidecar.jvm.trustStorePassword with a space", {"sidecar": {"jvm": {"trustStorePassword": "change it"}}},
+     "/sidecar/jvm/trustStorePassword"),
+    ("typo sidecar.jvm.truststore", {"sidecar": {"jvm": {"truststore": True}}}, "additional properties 'truststore'"),
+    ("sidecar.jvm truststore without its Secret key",
+     {"mode": "sidecar", "config": {"consent": {"source": "file", "file": {"inline": "{}"}}},
+      "sidecar": {"jvm": {"enabled": True}, "exampleApp": {"enabled": True}}, "secrets": {"ca": {"truststoreKey": ""}}},
+     "/secrets/ca/truststoreKey"),
 ]
 
 

@@ -34,6 +34,19 @@ impl Runtime {
                 }]);
             }
         }
+        let id = &config.identify;
+        let region = crate::identify::Region::parse(&id.default_region).map_err(|message| {
+            vec![ConfigError {
+                file: file.to_string(),
+                line: id.line,
+                key: "identify.default_region".into(),
+                message,
+            }]
+        })?;
+        if let Err(current) = crate::identify::install_default_region(region) {
+            tracing::warn!(%current, configured = %region,
+                "identify.default_region changed; it takes effect on restart only (stored records are hashed in the current one)");
+        }
         let registry = Registry::build(&config, file)?;
         let upstream = UpstreamClient::new(&config.upstream).map_err(|e| {
             vec![ConfigError {
@@ -181,6 +194,19 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_without_numbering_metadata_refuses_the_runtime_naming_the_line() {
+        let cfg = crate::config::parse("identify:\n  default_region: ZZ\n", "t.yaml").unwrap();
+        let Err(errs) = Runtime::build(cfg, "t.yaml") else {
+            panic!("ZZ must refuse the runtime");
+        };
+        let shown = errs[0].to_string();
+        assert!(
+            shown.starts_with("t.yaml:2: identify.default_region:") && shown.contains("ZZ"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_database_url_and_sslmode_that_disagree_refuse_the_runtime_naming_the_line() {

@@ -33,6 +33,17 @@ pub struct Config {
     pub webhooks: WebhooksCfg,
     /// `sync:` (SPEC §13): vendor suppression targets and the outbox.
     pub sync: SyncCfg,
+    pub identify: IdentifyCfg,
+}
+
+/// `identify:` (SPEC §5): how identifiers are read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentifyCfg {
+    /// `identify.default_region`: two letters, upper-cased here; whether
+    /// libphonenumber has numbering metadata for it is checked where the
+    /// runtime is built (with this line).
+    pub default_region: String,
+    pub line: usize,
 }
 
 /// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
@@ -90,6 +101,24 @@ pub struct Upstream {
     /// Offer h2 to upstreams by ALPN (default `false`: HTTP/1.1 keep-alive pool,
     /// measured ~15 % more passthrough throughput than one h2 connection).
     pub http2: bool,
+    /// `upstream.proxy`: reach the vendors through a parent HTTP proxy (CONNECT).
+    pub proxy: Option<ParentProxy>,
+}
+
+/// `upstream.proxy: {url, credentials_file, no_proxy}`: a parent HTTP proxy
+/// every upstream connection is tunnelled through with CONNECT, except to the
+/// hosts of `no_proxy`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentProxy {
+    /// The proxy's host (a name, or an IP address without brackets) and port.
+    pub host: String,
+    pub port: u16,
+    /// `user:password` for `Proxy-Authorization: Basic` (read where the
+    /// upstream client is built, so a reload picks up a rotated secret).
+    pub credentials_file: Option<PathBuf>,
+    /// Hosts connected to directly: `name` (exactly) or `*.suffix` (any name
+    /// under it), lower-cased.
+    pub no_proxy: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -655,6 +684,7 @@ impl Reader {
                 "limits",
                 "webhooks",
                 "sync",
+                "identify",
             ],
         );
         let listen = {
@@ -716,6 +746,7 @@ impl Reader {
                     "response_timeout",
                     "pool_idle_timeout",
                     "http2",
+                    "proxy",
                 ],
             );
             let mut resolve = HashMap::new();
@@ -760,6 +791,7 @@ impl Reader {
                     duration,
                 ),
                 http2: self.parsed(m, p, "http2", false, boolean),
+                proxy: self.parent_proxy(m),
             }
         };
         let consent = {
@@ -927,9 +959,22 @@ impl Reader {
         let limits = self.limits(root, max_body_bytes);
         let webhooks = self.webhooks(root);
         let sync = self.sync(root);
+        let identify = {
+            let p = "identify";
+            let m = self.mapping(root, "", p).unwrap_or(&empty);
+            self.known(m, p, &["default_region"]);
+            let line = self
+                .scalar(m, p, "default_region")
+                .map_or_else(|| line_of(m.span()), |(_, l)| l);
+            IdentifyCfg {
+                default_region: self.parsed(m, p, "default_region", "US".into(), region_code),
+                line,
+            }
+        };
         Config {
             webhooks,
             sync,
+            identify,
             limits,
             listen,
             unknown_destinations,
@@ -943,6 +988,56 @@ impl Reader {
             categories,
             log,
             shutdown_grace,
+        }
+    }
+
+    /// `upstream.proxy` (null or absent: connect directly).
+    fn parent_proxy(&mut self, upstream: &Map) -> Option<ParentProxy> {
+        let p = "upstream.proxy";
+        let m = self.mapping(upstream, "upstream", "proxy")?;
+        self.known(m, p, &["url", "credentials_file", "no_proxy"]);
+        let Some((url, line)) = self.scalar(m, p, "url") else {
+            self.err_at(
+                line_of(m.span()),
+                &join(p, "url"),
+                "missing (http://host:port of the parent proxy)",
+            );
+            return None;
+        };
+        let credentials_file = self.input_file(m, p, "credentials_file");
+        let mut no_proxy = Vec::new();
+        if let Some(n) = m.get_node("no_proxy").filter(|n| !is_null(n)) {
+            let key = join(p, "no_proxy");
+            match n.as_sequence() {
+                None => self.err_at(line_of(n.span()), &key, "expected a list of hosts"),
+                Some(seq) => {
+                    for (i, e) in seq.iter().enumerate() {
+                        match e.as_scalar().map(|s| no_proxy_entry(s.as_str())) {
+                            Some(Ok(h)) => no_proxy.push(h),
+                            Some(Err(msg)) => {
+                                self.err_at(line_of(e.span()), &format!("{key}[{i}]"), msg)
+                            }
+                            None => self.err_at(
+                                line_of(e.span()),
+                                &format!("{key}[{i}]"),
+                                "expected a host name or *.suffix",
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        match proxy_url(&url) {
+            Ok((host, port)) => Some(ParentProxy {
+                host,
+                port,
+                credentials_file,
+                no_proxy,
+            }),
+            Err(e) => {
+                self.err_at(line, &join(p, "url"), e);
+                None
+            }
         }
     }
 
@@ -1194,6 +1289,17 @@ fn boolean(v: &str) -> Result<bool, String> {
     }
 }
 
+/// An ISO 3166 alpha-2 code as written (either case).
+fn region_code(v: &str) -> Result<String, String> {
+    if v.len() == 2 && v.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(v.to_ascii_uppercase())
+    } else {
+        Err(format!(
+            "expected an ISO 3166 alpha-2 region code such as US, GB or DE, got {v:?}"
+        ))
+    }
+}
+
 fn category(v: &str) -> Result<Category, String> {
     Category::parse(v).ok_or_else(|| format!("unknown category {v:?}"))
 }
@@ -1201,6 +1307,73 @@ fn category(v: &str) -> Result<Category, String> {
 pub fn parse_addr(v: &str) -> Result<SocketAddr, String> {
     v.parse::<SocketAddr>()
         .map_err(|_| format!("expected ip:port, got {v:?}"))
+}
+
+/// `http://host:port` of a parent proxy: host and port. The port is required
+/// (proxies have no one conventional port), credentials are refused (they go in
+/// `credentials_file`, never in this file), and so is TLS to the proxy itself.
+fn proxy_url(v: &str) -> Result<(String, u16), String> {
+    // A value with userinfo is never repeated: it may hold a password.
+    let shown = if v.contains('@') {
+        "a URL with credentials".to_string()
+    } else {
+        format!("{v:?}")
+    };
+    let u = url::Url::parse(v).map_err(|_| format!("expected http://host:port, got {shown}"))?;
+    if u.scheme() != "http" {
+        return Err(format!(
+            "expected http://host:port (the tunnel to the vendor is TLS end to end; TLS to the proxy itself is not supported), got scheme {:?}",
+            u.scheme()
+        ));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(
+            "credentials do not belong in the URL: put user:password in upstream.proxy.credentials_file"
+                .into(),
+        );
+    }
+    if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+        return Err(format!(
+            "expected http://host:port with nothing after it, got {shown}"
+        ));
+    }
+    let host = match u.host() {
+        Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        None => return Err(format!("expected http://host:port, got {shown}")),
+    };
+    // `Url` drops a port equal to the scheme's default: ask the text instead.
+    let port = u.port().or_else(|| {
+        let after_host = v.rsplit_once(']').map_or(v, |(_, r)| r);
+        after_host
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+    });
+    match port {
+        Some(p) if p != 0 => Ok((host, p)),
+        _ => Err(format!(
+            "expected http://host:port with the port, got {shown}"
+        )),
+    }
+}
+
+/// A `no_proxy` entry: a host name or address, or `*.suffix`.
+fn no_proxy_entry(v: &str) -> Result<String, String> {
+    let h = v.trim().to_ascii_lowercase();
+    let name = h.strip_prefix("*.").unwrap_or(&h);
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    if ok {
+        Ok(h)
+    } else {
+        Err(format!("expected a host name or *.suffix, got {v:?}"))
+    }
 }
 
 fn parse_host_port(v: &str) -> Result<(), String> {
@@ -1687,6 +1860,28 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.consent.max_staleness, Duration::from_secs(300));
         assert!(!c.upstream.http2);
+        assert_eq!(c.identify.default_region, "US");
+    }
+
+    #[test]
+    fn identify_default_region_is_two_letters() {
+        let c = parse("identify:\n  default_region: gb\n", "t.yaml").unwrap();
+        assert_eq!(c.identify.default_region, "GB");
+        assert_eq!(c.identify.line, 2);
+        assert_eq!(parse("{}", "t.yaml").unwrap().identify.default_region, "US");
+        for bad in ["USA", "1", "U1", "U.S."] {
+            let errs =
+                parse(&format!("identify:\n  default_region: {bad}\n"), "t.yaml").expect_err(bad);
+            assert!(
+                errs[0]
+                    .to_string()
+                    .starts_with("t.yaml:2: identify.default_region:"),
+                "{}",
+                errs[0]
+            );
+        }
+        let errs = parse("identify:\n  region: US\n", "t.yaml").unwrap_err();
+        assert!(errs[0].to_string().contains("identify.region: unknown key"));
     }
 
     #[test]
@@ -1699,6 +1894,59 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn upstream_proxy_url_credentials_and_exceptions() {
+        assert_eq!(parse("{}", "t.yaml").unwrap().upstream.proxy, None);
+        let c = parse(
+            "upstream:\n  proxy:\n    url: http://Proxy.Corp:3128\n    no_proxy: [API.Internal, '*.svc.cluster.local']\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let p = c.upstream.proxy.unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 3128));
+        assert_eq!(p.no_proxy, ["api.internal", "*.svc.cluster.local"]);
+        assert_eq!(p.credentials_file, None);
+        for (url, port) in [("http://10.0.0.1:80", 80), ("http://[::1]:8080/", 8080)] {
+            let c = parse(
+                &format!("upstream:\n  proxy: {{url: \"{url}\"}}\n"),
+                "t.yaml",
+            )
+            .unwrap();
+            assert_eq!(c.upstream.proxy.unwrap().port, port, "{url}");
+        }
+        for (yaml, want) in [
+            ("url: https://proxy:3128", "TLS to the proxy itself"),
+            ("url: http://user:secret@proxy:3128", "credentials_file"),
+            (
+                "url: 'http://user:secret@[bad:3128'",
+                "a URL with credentials",
+            ),
+            ("url: http://proxy", "with the port"),
+            ("url: http://proxy:3128/path", "nothing after it"),
+            ("url: proxy:3128", "http://host:port"),
+            ("no_proxy: [x]", "upstream.proxy.url: missing"),
+            (
+                "url: http://p:1\n    no_proxy: ['a b']",
+                "upstream.proxy.no_proxy[0]",
+            ),
+            ("url: http://p:1\n    no_proxy: x", "expected a list"),
+            (
+                "url: http://p:1\n    credentials_file: /nonexistent/creds",
+                "file not found",
+            ),
+            (
+                "url: http://p:1\n    colour: red",
+                "upstream.proxy.colour: unknown key",
+            ),
+        ] {
+            let errs =
+                parse(&format!("upstream:\n  proxy:\n    {yaml}\n"), "t.yaml").expect_err(yaml);
+            let shown = errs[0].to_string();
+            assert!(shown.contains(want), "{yaml}: {shown}");
+            assert!(!shown.contains("secret"), "{shown}");
+        }
     }
 
     #[test]

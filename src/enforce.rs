@@ -64,6 +64,9 @@ pub(crate) enum Answer {
     Json(Shape),
     /// The vendor's empty success (`on_blocked: synthetic_ok`).
     Synthetic(SyntheticOk),
+    /// A gRPC trailers-only answer with this `grpc-status` (a gRPC client shows
+    /// `grpc-message`, and would show only "HTTP status 415" of a JSON body).
+    Grpc(u8),
 }
 
 /// Why nothing (more) goes upstream: the status, the JSON `error` code (also the
@@ -116,6 +119,23 @@ impl Refusal {
             "this destination endpoint is not inspected; requests with a body are refused \
              (set the destination's mode to passthrough to allow)",
         )
+    }
+    /// gRPC to a destination whose REST/JSON interface is the one inspected
+    /// (Google Ads' libraries default to gRPC): refused, naming the fix.
+    /// `grpc-status` 12 UNIMPLEMENTED: this transport is not supported here.
+    fn grpc_not_inspected() -> Refusal {
+        Refusal {
+            answer: Answer::Grpc(12),
+            ..Refusal::new(
+                415,
+                "grpc_not_inspected",
+                "gRPC requests are not inspected, so they are refused: send this call over the \
+                 destination's REST/JSON interface (Google Ads: POST \
+                 https://googleads.googleapis.com/vNN/customers/{id}:uploadClickConversions and \
+                 the other REST endpoints, e.g. the PHP library's transport=rest, or HTTP/JSON \
+                 from any client; docs/SDKS.md)",
+            )
+        }
     }
     fn too_large(limit: u64) -> Refusal {
         Refusal::new(
@@ -380,6 +400,9 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
                 shape: route.refusal_shape,
                 reason: "not_inspected",
             });
+        }
+        if media_type(&parts.headers).is_some_and(|t| t.starts_with("application/grpc")) {
+            return refuse(dest, Refusal::grpc_not_inspected());
         }
         return refuse(dest, Refusal::uninspected_endpoint());
     }

@@ -2,8 +2,16 @@
 //! headers removed) and the pooled upstream client. Always TLS (rustls, TLS
 //! 1.2+), verified against the web PKI roots plus `upstream.extra_ca`;
 //! `upstream.resolve` overrides where a host:port connects; HTTP/1.1 or h2 by ALPN.
+//!
+//! With `upstream.proxy`, every upstream connection (blind tunnels too) is a
+//! CONNECT tunnel through the parent proxy, except to the hosts of its
+//! `no_proxy`: the parent sees `CONNECT vendor:443` and then only TLS, which is
+//! negotiated with the vendor end to end and verified as above. Like curl's
+//! `--resolve`, `upstream.resolve` applies to the address actually dialled: the
+//! parent proxy's `host:port` when tunnelling (the CONNECT authority stays the
+//! vendor's name, resolved by the parent), the vendor's when connecting directly.
 
-use crate::config::Upstream as UpstreamCfg;
+use crate::config::{ParentProxy as ParentProxyCfg, Upstream as UpstreamCfg};
 use crate::model::{H_CATEGORY, H_PATIENT, OWN_HEADER_PREFIX};
 use crate::route::Target;
 use bytes::Bytes;
@@ -21,6 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -123,12 +132,236 @@ pub struct UpstreamError {
     pub detail: String,
 }
 
-/// TCP connector that honours `upstream.resolve` and the connect timeout.
+/// TCP connector that honours `upstream.resolve`, `upstream.proxy` and the
+/// connect timeout (which bounds the whole CONNECT exchange with a parent proxy).
 #[derive(Clone)]
 pub struct ResolvingConnector {
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
+    parent: Option<Arc<Parent>>,
 }
+
+/// The parent proxy, ready to dial.
+pub(crate) struct Parent {
+    host: String,
+    port: u16,
+    /// The `Proxy-Authorization` value (`Basic …`), when credentials are set.
+    authorization: Option<String>,
+    no_proxy: Vec<String>,
+}
+
+/// Longest CONNECT answer head read from a parent proxy.
+const MAX_PARENT_HEAD: usize = 16 << 10;
+/// Largest `upstream.proxy.credentials_file` read.
+const MAX_CREDENTIALS_BYTES: u64 = 4 << 10;
+
+impl Parent {
+    fn new(cfg: &ParentProxyCfg) -> Result<Parent, String> {
+        let authorization = cfg
+            .credentials_file
+            .as_deref()
+            .map(load_credentials)
+            .transpose()?;
+        Ok(Parent {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            authorization,
+            no_proxy: cfg.no_proxy.clone(),
+        })
+    }
+
+    /// Whether `host` is connected to directly (`no_proxy`: a name exactly, or
+    /// `*.suffix` for the names under it).
+    pub(crate) fn bypasses(&self, host: &str) -> bool {
+        self.no_proxy.iter().any(|e| match e.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            None => e == host,
+        })
+    }
+
+    /// Dial the parent proxy (through `resolve` when it names its `host:port`)
+    /// and open a tunnel to `host:port`.
+    async fn tunnel(
+        &self,
+        resolve: &HashMap<String, SocketAddr>,
+        host: &str,
+        port: u16,
+    ) -> Result<TcpStream, ParentProxyError> {
+        let key = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let dialled = match resolve.get(&key) {
+            Some(addr) => TcpStream::connect(*addr).await,
+            None => TcpStream::connect((self.host.as_str(), self.port)).await,
+        };
+        let mut s = dialled.map_err(|e| ParentProxyError::io("connecting to", &e))?;
+        let _ = s.set_nodelay(true);
+        let authority = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some(a) = &self.authorization {
+            head.push_str("Proxy-Authorization: ");
+            head.push_str(a);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| ParentProxyError::io("writing CONNECT to", &e))?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = s
+                .read(&mut chunk)
+                .await
+                .map_err(|e| ParentProxyError::io("reading the CONNECT answer of", &e))?;
+            if n == 0 {
+                return Err(ParentProxyError::new(
+                    UpstreamErrorKind::Reset,
+                    "the parent proxy (upstream.proxy) closed the connection before answering CONNECT",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let code = resp.code.unwrap_or(0);
+                    if !(200..300).contains(&code) {
+                        return Err(self.refused(code, &authority));
+                    }
+                    // A TLS client speaks first: nothing may follow the answer.
+                    if len != buf.len() {
+                        return Err(ParentProxyError::new(
+                            UpstreamErrorKind::Protocol,
+                            "the parent proxy (upstream.proxy) sent data after its CONNECT answer",
+                        ));
+                    }
+                    return Ok(s);
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_PARENT_HEAD => {}
+                _ => {
+                    return Err(ParentProxyError::new(
+                        UpstreamErrorKind::Protocol,
+                        "the parent proxy (upstream.proxy) did not answer CONNECT with HTTP",
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A non-2xx answer to CONNECT, in words the operator can act on.
+    fn refused(&self, code: u16, authority: &str) -> ParentProxyError {
+        let status = http::StatusCode::from_u16(code)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| code.to_string());
+        let (kind, detail) = match code {
+            407 if self.authorization.is_some() => (
+                UpstreamErrorKind::Connect,
+                format!("the parent proxy (upstream.proxy) refused the credentials of upstream.proxy.credentials_file ({status})"),
+            ),
+            407 => (
+                UpstreamErrorKind::Connect,
+                format!("the parent proxy (upstream.proxy) requires credentials: set upstream.proxy.credentials_file ({status})"),
+            ),
+            504 => (
+                UpstreamErrorKind::Timeout,
+                format!("the parent proxy (upstream.proxy) timed out reaching {authority} ({status})"),
+            ),
+            _ => (
+                UpstreamErrorKind::Connect,
+                format!("the parent proxy (upstream.proxy) refused CONNECT {authority} ({status})"),
+            ),
+        };
+        ParentProxyError::new(kind, detail)
+    }
+}
+
+/// `user:password` (one line) as a `Basic` credential. The error names the file,
+/// never its content.
+fn load_credentials(path: &std::path::Path) -> Result<String, String> {
+    let what = format!("upstream.proxy.credentials_file: {}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what}: {e}"))?;
+    if meta.len() > MAX_CREDENTIALS_BYTES {
+        return Err(format!("{what}: larger than {MAX_CREDENTIALS_BYTES} bytes"));
+    }
+    let raw = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+    let line = raw.strip_suffix(b"\n").unwrap_or(&raw);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let well_formed = line.iter().all(|b| !b.is_ascii_control())
+        && line.iter().position(|b| *b == b':').is_some_and(|i| i > 0);
+    if !well_formed {
+        return Err(format!(
+            "{what}: expected one line user:password (a non-empty user, no control characters)"
+        ));
+    }
+    Ok(format!("Basic {}", base64(line)))
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for `Proxy-Authorization`.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A failure on the way through the parent proxy: its kind and what the app
+/// is told (no credentials, no URL query).
+#[derive(Debug)]
+struct ParentProxyError {
+    kind: UpstreamErrorKind,
+    detail: String,
+}
+
+impl ParentProxyError {
+    fn new(kind: UpstreamErrorKind, detail: impl Into<String>) -> ParentProxyError {
+        ParentProxyError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+    fn io(doing: &str, e: &std::io::Error) -> ParentProxyError {
+        let kind = match e.kind() {
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof => UpstreamErrorKind::Reset,
+            _ => UpstreamErrorKind::Connect,
+        };
+        ParentProxyError::new(
+            kind,
+            format!("{doing} the parent proxy (upstream.proxy): {e}"),
+        )
+    }
+}
+
+impl std::fmt::Display for ParentProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+impl std::error::Error for ParentProxyError {}
 
 impl tower::Service<Uri> for ResolvingConnector {
     type Response = TokioIo<TcpStream>;
@@ -142,12 +375,20 @@ impl tower::Service<Uri> for ResolvingConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let resolve = self.resolve.clone();
         let timeout = self.connect_timeout;
+        let parent = self.parent.clone();
         Box::pin(async move {
             let host = uri
                 .host()
                 .ok_or("request URI has no host")?
                 .to_ascii_lowercase();
             let port = uri.port_u16().unwrap_or(443);
+            if let Some(p) = parent.filter(|p| !p.bypasses(&host)) {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let stream = tokio::time::timeout(timeout, p.tunnel(&resolve, host, port))
+                    .await
+                    .map_err(|_| -> BoxError { Box::new(ConnectTimeout) })??;
+                return Ok(TokioIo::new(stream));
+            }
             let key = format!("{host}:{port}");
             let fut = async {
                 match resolve.get(&key) {
@@ -182,6 +423,7 @@ pub struct UpstreamClient {
     response_timeout: Duration,
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
+    parent: Option<Arc<Parent>>,
 }
 
 /// Root store: the web PKI plus `extra_ca`.
@@ -222,9 +464,16 @@ impl UpstreamClient {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let resolve = Arc::new(cfg.resolve.clone());
+        let parent = cfg
+            .proxy
+            .as_ref()
+            .map(Parent::new)
+            .transpose()?
+            .map(Arc::new);
         let inner = ResolvingConnector {
             resolve: resolve.clone(),
             connect_timeout: cfg.connect_timeout,
+            parent: parent.clone(),
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -244,6 +493,7 @@ impl UpstreamClient {
             response_timeout: cfg.response_timeout,
             resolve,
             connect_timeout: cfg.connect_timeout,
+            parent,
         })
     }
 
@@ -265,6 +515,7 @@ impl UpstreamClient {
         let mut c = ResolvingConnector {
             resolve: self.resolve.clone(),
             connect_timeout: self.connect_timeout,
+            parent: self.parent.clone(),
         };
         let uri: Uri = format!("https://{host}:{port}/")
             .parse()
@@ -275,6 +526,13 @@ impl UpstreamClient {
         use tower::Service;
         match c.call(uri).await {
             Ok(io) => Ok(io.into_inner()),
+            Err(e) if e.is::<ParentProxyError>() => {
+                let p = e.downcast_ref::<ParentProxyError>();
+                Err(UpstreamError {
+                    kind: p.map_or(UpstreamErrorKind::Connect, |p| p.kind),
+                    detail: e.to_string(),
+                })
+            }
             Err(e) => Err(UpstreamError {
                 kind: if e.is::<ConnectTimeout>() {
                     UpstreamErrorKind::Timeout
@@ -318,6 +576,12 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     };
     let mut detail = e.to_string();
     while let Some(s) = src {
+        if let Some(p) = s.downcast_ref::<ParentProxyError>() {
+            return UpstreamError {
+                kind: p.kind,
+                detail: p.detail.clone(),
+            };
+        }
         if s.downcast_ref::<ConnectTimeout>().is_some() {
             kind = UpstreamErrorKind::Timeout;
             detail = "connect timed out".into();
@@ -347,4 +611,84 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
         src = s.source();
     }
     UpstreamError { kind, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(no_proxy: &[&str]) -> Parent {
+        Parent {
+            host: "proxy.corp".into(),
+            port: 3128,
+            authorization: None,
+            no_proxy: no_proxy.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+            ("Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), enc, "{plain}");
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
+    fn no_proxy_names_and_suffixes() {
+        let p = parent(&["api.twilio.com", "*.internal.example"]);
+        assert!(p.bypasses("api.twilio.com"));
+        assert!(!p.bypasses("xapi.twilio.com"));
+        assert!(!p.bypasses("graph.facebook.com"));
+        assert!(p.bypasses("a.internal.example"));
+        assert!(p.bypasses("a.b.internal.example"));
+        assert!(
+            !p.bypasses("internal.example"),
+            "the suffix form is names under it"
+        );
+        assert!(!p.bypasses("xinternal.example"));
+        assert!(!parent(&[]).bypasses("api.twilio.com"));
+    }
+
+    #[test]
+    fn credentials_file_is_one_line_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("creds");
+        for (content, ok) in [
+            ("svc-egress:s3cr3t:with:colons\n", true),
+            ("svc-egress:s3cr3t\r\n", true),
+            ("svc-egress:", true),
+            (":s3cr3t", false),
+            ("no-colon-s3cr3t", false),
+            ("svc:s3cr3t\nsecond:line", false),
+            ("", false),
+        ] {
+            std::fs::write(&f, content).unwrap();
+            match load_credentials(&f) {
+                Ok(v) => {
+                    assert!(ok, "{content:?} accepted");
+                    let line = content.trim_end_matches(['\r', '\n']);
+                    assert_eq!(v, format!("Basic {}", base64(line.as_bytes())));
+                }
+                Err(e) => {
+                    assert!(!ok, "{content:?}: {e}");
+                    assert!(e.starts_with("upstream.proxy.credentials_file: "), "{e}");
+                    assert!(!e.contains("s3cr3t"), "{e}");
+                }
+            }
+        }
+        std::fs::write(&f, vec![b'a'; 5000]).unwrap();
+        assert!(load_credentials(&f).unwrap_err().contains("larger than"));
+        let e = load_credentials(&dir.path().join("missing")).unwrap_err();
+        assert!(e.contains("upstream.proxy.credentials_file"), "{e}");
+    }
 }

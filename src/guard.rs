@@ -157,15 +157,9 @@ fn phones(s: &str, out: &mut Vec<Found>) {
         let ends_in_word = j < b.len() && (b[j].is_ascii_alphabetic() || b[j] == b':');
         if (7..=15).contains(&digits.len()) && !ends_in_word {
             let formatted = b[i] == b'+' || (separators && looks_national(&s[i..j]));
+            // A national number is read in `identify.default_region`
+            // (libphonenumber rules), so it names the same person as its E.164 form.
             if let Some(d) = identify::normalize_phone(&s[i..j]) {
-                // A national number names the same person as its international
-                // form (read in the default region; TODO(issue 17): libphonenumber).
-                if b[i] != b'+' && d.len() == 10 {
-                    out.push(Found::Phone {
-                        digits: format!("1{d}"),
-                        formatted,
-                    });
-                }
                 out.push(Found::Phone {
                     digits: d,
                     formatted,
@@ -556,7 +550,7 @@ mod tests {
         let f = found("Contact Jane.Roe@Example.com or (415) 555-0100, ref crm:0031x00000abc");
         assert!(f.contains(&Found::Email("jane.roe@example.com".into())));
         assert!(f.contains(&Found::Phone {
-            digits: "4155550100".into(),
+            digits: "14155550100".into(),
             formatted: true
         }));
         assert!(f.contains(&Found::Token("crm:0031x00000abc".into())));

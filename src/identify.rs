@@ -1,8 +1,17 @@
 //! Identify: the identifiers found in one event, normalised and hashed the way the
 //! consent index and the vendors expect (SPEC §5). Plaintext email and phone never
 //! leave this module unhashed.
+//!
+//! Phones are read with libphonenumber's rules (the `phonenumber` crate): a number
+//! without a country code is read in `identify.default_region`, so `(415) 555-0100`,
+//! `415.555.0100` and `+1 415 555 0100` are one number, +14155550100, on records and
+//! in payloads alike.
 
+use phonenumber::country;
+use phonenumber::metadata::DATABASE;
 use sha2::{Digest, Sha256};
+use std::str::FromStr;
+use std::sync::OnceLock;
 
 /// One identity key, ready for an index lookup.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -53,12 +62,17 @@ impl Identifiers {
             self.push(IdKey::EmailHash(sha256(n.as_bytes())));
         }
     }
-    /// A plaintext phone (any punctuation, optional `+`), or a 64-hex SHA-256.
+    /// A plaintext phone (international, or national in the default region),
+    /// or a 64-hex SHA-256.
     pub fn add_phone(&mut self, v: &str) {
+        self.add_phone_in(v, default_region());
+    }
+    /// [`Identifiers::add_phone`] with the region named.
+    pub fn add_phone_in(&mut self, v: &str, region: Region) {
         if let Some(h) = parse_sha256_hex(v) {
             self.push(IdKey::PhoneHash(h));
-        } else if let Some(n) = normalize_phone(v) {
-            self.push(IdKey::PhoneHash(sha256(n.as_bytes())));
+        } else if let Some(e) = parse_phone(v, region) {
+            self.push(IdKey::PhoneHash(sha256(e.digits().as_bytes())));
         }
     }
 }
@@ -108,19 +122,284 @@ pub fn gmail_variant(normalized: &str) -> Option<String> {
     }
 }
 
-/// Phone normalisation: digits only, country code included, no `+`, no `00`
-/// international prefix. `None` when fewer than 7 digits remain.
+/// Phone normalisation: the E.164 digits (country code and national number, no
+/// `+`), read in the process's default region. `None` when it is not a phone.
 pub fn normalize_phone(v: &str) -> Option<String> {
-    let v = v.trim();
-    let v = v.strip_prefix("whatsapp:").unwrap_or(v);
-    let mut digits: String = v.chars().filter(|c| c.is_ascii_digit()).collect();
-    if !v.starts_with('+') && digits.starts_with("00") {
-        digits.drain(..2);
+    parse_phone(v, default_region()).map(|e| e.digits().to_string())
+}
+
+/// A region whose national phone numbers libphonenumber knows how to read
+/// (ISO 3166 alpha-2, `identify.default_region`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region(country::Id);
+
+impl Region {
+    /// The shipped default (SPEC §4).
+    pub const US: Region = Region(country::Id::US);
+
+    /// Two letters naming a region with phone metadata (case-insensitive).
+    pub fn parse(v: &str) -> Result<Region, String> {
+        let up = v.trim().to_ascii_uppercase();
+        if up.len() != 2 || !up.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!(
+                "expected an ISO 3166 alpha-2 region code such as US, GB or DE, got {v:?}"
+            ));
+        }
+        match country::Id::from_str(&up) {
+            Ok(id) if DATABASE.by_id(up.as_str()).is_some() => Ok(Region(id)),
+            _ => Err(format!(
+                "{up} is not a region with telephone numbering metadata (ISO 3166 alpha-2, e.g. US, GB, DE)"
+            )),
+        }
     }
-    if digits.len() < 7 {
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The region of the running process. A process-wide setting rather than an
+/// argument because the vendor adapters read phones through plain
+/// `fn(&str)` hooks (tables, STYLE 6) and because the consent index holds only
+/// hashes: every record and payload of one process must be read in one region,
+/// so it is fixed once, when the first runtime is built, and changes on restart.
+static DEFAULT_REGION: OnceLock<Region> = OnceLock::new();
+
+/// The region national-format phones are read in (US until one is installed).
+pub fn default_region() -> Region {
+    DEFAULT_REGION.get().copied().unwrap_or(Region::US)
+}
+
+/// Install the process's region. The first call wins; `Err(current)` when a
+/// different one is already installed (a reload cannot re-read the records
+/// already hashed, so the change waits for a restart).
+pub fn install_default_region(r: Region) -> Result<(), Region> {
+    let current = *DEFAULT_REGION.get_or_init(|| r);
+    // Load the numbering metadata now rather than on the first request.
+    let _ = parse_phone("+14155550100", current);
+    if current == r {
+        Ok(())
+    } else {
+        Err(current)
+    }
+}
+
+/// A phone number in E.164 form: `+`, country code, national number. Its
+/// `Debug` does not show the number (it is PHI).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct E164 {
+    text: String,
+    code: u16,
+}
+
+impl E164 {
+    /// `+` and digits, e.g. `+14155550100` (Google's and TikTok's form).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+    /// The digits without `+`, e.g. `14155550100` (Meta's form, the index's).
+    pub fn digits(&self) -> &str {
+        self.text.get(1..).unwrap_or_default()
+    }
+    /// The country calling code, e.g. 1 or 44.
+    pub fn country_code(&self) -> u16 {
+        self.code
+    }
+}
+
+impl std::fmt::Debug for E164 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("E164(..)")
+    }
+}
+
+/// Longest text read as a phone: a number with punctuation and an extension
+/// fits; anything longer is not a phone field (and the parser's cost is bounded).
+const MAX_PHONE_TEXT: usize = 64;
+
+/// Read `raw` as a phone number, libphonenumber's way: with a `+` or an
+/// international prefix (`00`, or the region's own such as `011`) it carries its
+/// country code; otherwise it is read in `region` (a leading national prefix such
+/// as the US `1` or the UK `0` is dropped). Punctuation, spaces and an extension
+/// (`ext. 12`, `x12`) are ignored. Digits that are not a national number of
+/// `region` but are one with a country code in front (`442079460958`: how Meta's
+/// `ph` field carries numbers) are read as international. `None` when the
+/// result is not a possible number for its country (wrong length, unknown country
+/// code, a 7-digit local number without its area code, fewer than 7 or more than
+/// 15 digits) or the text is not a phone.
+pub fn parse_phone(raw: &str, region: Region) -> Option<E164> {
+    let text = phone_text(raw)?;
+    // Number and extension together; the parser's own bounds are checked on
+    // the result.
+    let digits = text.bytes().filter(u8::is_ascii_digit).count();
+    if !(3..=24).contains(&digits) {
         return None;
     }
-    Some(digits)
+    // The port reads a number's national prefix with the rules of the region it
+    // is given, even when the number names another country (`+33 1 …` read in
+    // US loses its `1`): a number that carries its country code is therefore
+    // parsed without a region, and only national numbers in the region.
+    if let Some(intl) = international(&text, region) {
+        return parse_in(&intl, None);
+    }
+    let own = DATABASE.by_id(region.as_str()).map(|m| m.country_code());
+    if let Some(e) = parse_in(&text, Some(region.0)) {
+        if Some(e.code) == own {
+            return Some(e);
+        }
+    }
+    // Not a national number of the region: the digits may carry a country code
+    // without the `+` (or after `00`, the international prefix of most regions).
+    let rest = text.trim_start_matches(|c: char| !c.is_ascii_digit());
+    let rest = rest.strip_prefix("00").unwrap_or(rest);
+    parse_in(&format!("+{rest}"), None)
+}
+
+/// The text as `+` and what follows the country code's start, when it carries
+/// one: a leading `+`, or the region's international prefix (`011` in the US,
+/// `00` in most of the world) followed by a digit other than 0.
+fn international(text: &str, region: Region) -> Option<String> {
+    if text.starts_with('+') {
+        return Some(text.to_string());
+    }
+    let lead: String = text
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, ' ' | '\t' | '-' | '.' | '(' | ')' | '/'))
+        .filter(char::is_ascii_digit)
+        .collect();
+    let idd = DATABASE.by_id(region.as_str())?.international_prefix()?;
+    let end = idd.find(&lead).filter(|m| m.start() == 0)?.end();
+    if end == 0 || !lead[end..].starts_with(|c: char| ('1'..='9').contains(&c)) {
+        return None;
+    }
+    let mut seen = 0;
+    for (i, c) in text.char_indices() {
+        if c.is_ascii_digit() {
+            seen += 1;
+            if seen == end {
+                return Some(format!("+{}", &text[i + 1..]));
+            }
+        }
+    }
+    None
+}
+
+/// The text as handed to the parser: trimmed, `whatsapp:` / `tel:` dropped,
+/// typographic dashes and spaces made ASCII. `None` for anything else that is
+/// not ASCII, or carries characters no written phone number has: the parser is
+/// never given RFC 3966 parameters (`;`, `=`), the inputs of its past panics.
+fn phone_text(raw: &str) -> Option<String> {
+    let t = raw.trim();
+    if t.len() > MAX_PHONE_TEXT {
+        return None;
+    }
+    let t = t.strip_prefix("whatsapp:").unwrap_or(t);
+    let t = t.strip_prefix("tel:").unwrap_or(t);
+    let mut out = String::with_capacity(t.len());
+    for c in t.chars() {
+        let c = match c {
+            '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{FE63}' | '\u{FF0D}' => '-',
+            '\u{00A0}' | '\u{2007}' | '\u{2009}' | '\u{202F}' | '\u{3000}' => ' ',
+            c => c,
+        };
+        let ok = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                ' ' | '\t' | '+' | '-' | '.' | '(' | ')' | '/' | '#' | ','
+            );
+        if !ok {
+            return None;
+        }
+        out.push(c);
+    }
+    Some(out)
+}
+
+/// Per country code, the national-number lengths of its numbers of any type (a
+/// bit per length), from its main country for a code shared by several regions
+/// (+1, +44, +7): the lengths of minor members (Canada's 7-digit service
+/// numbers) would make a local number without its area code look whole. The
+/// crate leaves the general descriptors' lengths empty, so they are gathered
+/// from the type descriptors, once.
+fn possible_lengths(code: u16) -> Option<u32> {
+    static LENGTHS: OnceLock<std::collections::HashMap<u16, u32>> = OnceLock::new();
+    LENGTHS
+        .get_or_init(|| {
+            let mut out = std::collections::HashMap::new();
+            for m in DATABASE.iter() {
+                let code = m.country_code();
+                let metas = DATABASE.by_code(&code).unwrap_or_default();
+                let main = metas
+                    .iter()
+                    .find(|x| x.is_main_country_for_code())
+                    .or_else(|| metas.first());
+                if main.is_none_or(|x| x.id() != m.id()) {
+                    continue;
+                }
+                let d = m.descriptors();
+                let types = [
+                    Some(d.general()),
+                    d.fixed_line(),
+                    d.mobile(),
+                    d.toll_free(),
+                    d.premium_rate(),
+                    d.shared_cost(),
+                    d.personal_number(),
+                    d.voip(),
+                    d.pager(),
+                    d.uan(),
+                    d.voicemail(),
+                ];
+                let lengths = types
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|t| t.possible_length())
+                    .filter(|l| **l < 32)
+                    .fold(0u32, |acc, l| acc | 1 << l);
+                out.insert(code, lengths);
+            }
+            out
+        })
+        .get(&code)
+        .copied()
+}
+
+/// `+` code national, when the national number has a possible length.
+fn e164_if_possible(code: u16, national: &str) -> Option<E164> {
+    let lengths = possible_lengths(code)?;
+    if national.len() >= 32 || lengths & (1 << national.len()) == 0 {
+        return None;
+    }
+    let e = E164 {
+        text: format!("+{code}{national}"),
+        code,
+    };
+    // E.164 allows 15 digits; fewer than 7 were never taken as a phone here.
+    (7..=15).contains(&e.digits().len()).then_some(e)
+}
+
+/// The parser, guarded: it has had panics on crafted input (fixed upstream,
+/// and `phone_text` keeps their inputs out); one more would cost this value
+/// its status as a phone, never the request.
+fn guarded_parse(region: Option<country::Id>, text: &str) -> Option<phonenumber::PhoneNumber> {
+    std::panic::catch_unwind(|| phonenumber::parse(region, text))
+        .ok()?
+        .ok()
+}
+
+/// One libphonenumber parse, kept only when its national number has a possible
+/// length for its country (the national prefix written after a country code,
+/// `+44 (0)20 …`, is dropped by the parser when it is given no region).
+fn parse_in(text: &str, region: Option<country::Id>) -> Option<E164> {
+    let n = guarded_parse(region, text)?;
+    let code = n.code().value();
+    e164_if_possible(code, &n.national().to_string())
 }
 
 /// Every hash under which the index holds an email (SPEC §5).
@@ -137,10 +416,15 @@ pub fn email_index_hashes(raw: &str) -> Vec<[u8; 32]> {
 
 /// Every hash under which the index holds a phone: digits, and `+` digits (E.164).
 pub fn phone_index_hashes(raw: &str) -> Vec<[u8; 32]> {
-    let Some(n) = normalize_phone(raw) else {
+    phone_index_hashes_in(raw, default_region())
+}
+
+/// [`phone_index_hashes`] with the region named.
+pub fn phone_index_hashes_in(raw: &str, region: Region) -> Vec<[u8; 32]> {
+    let Some(e) = parse_phone(raw, region) else {
         return Vec::new();
     };
-    vec![sha256(n.as_bytes()), sha256(format!("+{n}").as_bytes())]
+    vec![sha256(e.digits().as_bytes()), sha256(e.as_str().as_bytes())]
 }
 
 /// Hash a plaintext email the way most ad platforms expect it (lowercase hex).
@@ -160,8 +444,8 @@ pub fn hash_phone_digits_for_vendor(v: &str) -> String {
     if looks_hashed(v) {
         return v.trim().to_ascii_lowercase();
     }
-    match normalize_phone(v) {
-        Some(n) => sha256_hex(n.as_bytes()),
+    match parse_phone(v, default_region()) {
+        Some(e) => sha256_hex(e.digits().as_bytes()),
         None => sha256_hex(v.trim().as_bytes()),
     }
 }
@@ -171,8 +455,8 @@ pub fn hash_phone_e164_for_vendor(v: &str) -> String {
     if looks_hashed(v) {
         return v.trim().to_ascii_lowercase();
     }
-    match normalize_phone(v) {
-        Some(n) => sha256_hex(format!("+{n}").as_bytes()),
+    match parse_phone(v, default_region()) {
+        Some(e) => sha256_hex(e.as_str().as_bytes()),
         None => sha256_hex(v.trim().as_bytes()),
     }
 }
@@ -202,10 +486,177 @@ mod tests {
         let h = phone_index_hashes("+14155550100");
         assert_eq!(h[0], sha256(b"14155550100"));
         assert_eq!(h[1], sha256(b"+14155550100"));
+        assert_eq!(phone_index_hashes("(415) 555-0100"), h);
         assert_eq!(
             hash_phone_e164_for_vendor("415-555-0100 ext"),
-            sha256_hex(b"+4155550100")
+            sha256_hex(b"+14155550100")
         );
+        assert_eq!(
+            hash_phone_digits_for_vendor("(415) 555-0100"),
+            sha256_hex(b"14155550100")
+        );
+        // Not a phone: hashed as written, as before.
+        assert_eq!(hash_phone_digits_for_vendor(" n/a "), sha256_hex(b"n/a"));
+    }
+
+    fn e164(raw: &str, region: &str) -> Option<String> {
+        parse_phone(raw, Region::parse(region).unwrap()).map(|e| e.as_str().to_string())
+    }
+
+    #[test]
+    fn national_forms_are_read_in_the_region() {
+        for raw in [
+            "(415) 555-0100",
+            "415-555-0100",
+            "415.555.0100",
+            "415 555 0100",
+            "4155550100",
+            "1-415-555-0100",
+            "1 (415) 555-0100",
+            "14155550100",
+            "+1 415 555 0100",
+            "+1-415-555-0100",
+            "+14155550100",
+            " +1 (415) 555-0100 ",
+            "415-555-0100 ext. 12",
+            "415-555-0100 x12",
+            "(415) 555-0100 #12",
+            "0014155550100",
+            "011 1 415 555 0100",
+            "whatsapp:+14155550100",
+            "tel:+1-415-555-0100",
+            "415\u{2011}555\u{2011}0100",
+            "415\u{00A0}555\u{00A0}0100",
+        ] {
+            assert_eq!(e164(raw, "US").as_deref(), Some("+14155550100"), "{raw:?}");
+        }
+        // Numbers that are possible but not assigned still count: the records
+        // and payloads of one deployment agree either way.
+        assert_eq!(e164("415-000-0001", "us").as_deref(), Some("+14150000001"));
+        assert_eq!(
+            e164("+1 555 555 0199", "US").as_deref(),
+            Some("+15555550199")
+        );
+    }
+
+    #[test]
+    fn other_countries_with_and_without_a_region() {
+        let london = Some("+442079460958");
+        for raw in [
+            "+44 20 7946 0958",
+            "+44 (0)20 7946 0958",
+            "0044 20 7946 0958",
+            "011 44 20 7946 0958",
+            // Digits with the country code, no `+` (Meta's `ph` form).
+            "442079460958",
+        ] {
+            assert_eq!(e164(raw, "US").as_deref(), london, "{raw:?}");
+        }
+        assert_eq!(e164("020 7946 0958", "GB").as_deref(), london);
+        assert_eq!(e164("07700 900123", "GB").as_deref(), Some("+447700900123"));
+        assert_eq!(
+            e164("+1 415 555 0100", "GB").as_deref(),
+            Some("+14155550100")
+        );
+        assert_eq!(e164("14155550100", "GB").as_deref(), Some("+14155550100"));
+        assert_eq!(e164("030 123456", "DE").as_deref(), Some("+4930123456"));
+        assert_eq!(
+            e164("01 42 68 53 00", "FR").as_deref(),
+            Some("+33142685300")
+        );
+        assert_eq!(
+            e164("+33 1 42 68 53 00", "US").as_deref(),
+            Some("+33142685300")
+        );
+        assert_eq!(e164("02 1234 5678", "AU").as_deref(), Some("+61212345678"));
+        assert_eq!(
+            e164("+33 (0)1 42 68 53 00", "US").as_deref(),
+            Some("+33142685300")
+        );
+        assert_eq!(
+            e164("011 33 1 42 68 53 00", "US").as_deref(),
+            Some("+33142685300")
+        );
+        assert_eq!(
+            e164("00 33 1 42 68 53 00", "GB").as_deref(),
+            Some("+33142685300")
+        );
+        // Italy keeps its leading 0 after the country code.
+        assert_eq!(
+            e164("+39 06 1234 5678", "US").as_deref(),
+            Some("+390612345678")
+        );
+        assert_eq!(e164("06 1234 5678", "IT").as_deref(), Some("+390612345678"));
+        // A UK national number is not a US one.
+        assert_eq!(e164("020 7946 0958", "US"), None);
+    }
+
+    #[test]
+    fn not_phones() {
+        for raw in [
+            "",
+            "   ",
+            "555-0100",
+            "12345",
+            "+1",
+            "+999 123 4567",
+            "not a phone",
+            "jane@example.com",
+            "415-555-0100; DROP TABLE",
+            "+1 415 555 0100 0100 0100 0100 0100",
+            "tel:+1;phone-context=\u{e9}",
+            ".;phone-context=",
+            "+dwPAA;phone-context=AA",
+            "\u{1F4A9}4155550100",
+            &"4".repeat(65),
+        ] {
+            assert_eq!(e164(raw, "US"), None, "{raw:?}");
+            assert!(normalize_phone(raw).is_none(), "{raw:?}");
+            let mut ids = Identifiers::new();
+            ids.add_phone(raw);
+            assert!(ids.is_empty(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = "0123456789+-.() /#,;=extTEL:wasp\u{e9}\u{2011}\u{1F4A9}"
+            .chars()
+            .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for _ in 0..20_000 {
+            let n = rng.gen_range(0..30);
+            let s: String = (0..n)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            for r in ["US", "GB", "NZ", "DE"] {
+                let _ = e164(&s, r);
+            }
+        }
+    }
+
+    #[test]
+    fn regions() {
+        assert_eq!(Region::parse("US").unwrap(), Region::US);
+        assert_eq!(Region::parse("gb").unwrap().as_str(), "GB");
+        for bad in ["USA", "", "U1", "ZZ", "\u{e9}\u{e9}"] {
+            assert!(Region::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(default_region(), Region::US);
+        let e = parse_phone("+14155550100", Region::US).unwrap();
+        assert_eq!(e.digits(), "14155550100");
+        assert!(!format!("{e:?}").contains("4155550100"));
+    }
+
+    #[test]
+    fn add_phone_in_a_region() {
+        let mut gb = Identifiers::new();
+        gb.add_phone_in("020 7946 0958", Region::parse("GB").unwrap());
+        let mut intl = Identifiers::new();
+        intl.add_phone("+44 20 7946 0958");
+        assert_eq!(gb, intl);
+        assert!(!gb.is_empty());
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
             }
             resp
         }
+        Answer::Grpc(code) => grpc_trailers_only(r, code, request_id),
         Answer::Json(shape) => {
             let out = render(r, shape, request_id);
             let mut resp = Response::new(full_body(out.body));
@@ -113,6 +114,43 @@ pub(crate) fn refusal(r: &Refusal, request_id: &str) -> Response<ProxyBody> {
         }
     };
     stamp(resp.headers_mut(), RequestDecision::Blocked, request_id);
+    resp
+}
+
+/// A gRPC "trailers-only" answer: HTTP 200, `application/grpc`, `grpc-status` and
+/// a percent-encoded `grpc-message` (gRPC over HTTP/2) in the only HEADERS frame,
+/// which ends the stream. The message reads like the vendor shapes'
+/// (`consentgate: <code>: <detail> [request_id …]`).
+fn grpc_trailers_only(r: &Refusal, code: u8, request_id: &str) -> Response<ProxyBody> {
+    let detail = match &r.detail {
+        Detail::Text(d) => d.clone(),
+        Detail::Reasons(v) => v.join(", "),
+    };
+    let message = format!(
+        "consentgate: {}: {detail} [request_id {request_id}]",
+        r.code
+    );
+    let mut encoded = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut resp = Response::new(empty_body());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from(u16::from(code)),
+    );
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert(HeaderName::from_static("grpc-message"), v);
+    }
     resp
 }
 

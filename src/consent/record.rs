@@ -230,7 +230,10 @@ impl ConsentRecord {
             if identify::normalize_phone(p).is_none() {
                 return Err(FieldError::new(
                     format!("identifiers.phones[{i}]"),
-                    "not a phone number",
+                    format!(
+                        "not a phone number (international with +, or national in identify.default_region {})",
+                        identify::default_region()
+                    ),
                 ));
             }
         }
@@ -246,7 +249,9 @@ impl ConsentRecord {
     }
 
     /// The stored form: plaintext emails and phones replaced by their hashes
-    /// (every index variant), so no plaintext is kept in memory (SPEC §5).
+    /// (every index variant), so no plaintext is kept in memory (SPEC §5). A
+    /// phone is read in `identify.default_region` and hashed in E.164 form, so
+    /// `(415) 555-0100` and `+14155550100` are stored alike.
     pub fn into_stored(mut self) -> ConsentRecord {
         let ids = &mut self.identifiers;
         for e in std::mem::take(&mut ids.emails) {
@@ -464,6 +469,40 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert!(!s.contains("Jane") && !s.contains("jane") && !s.contains("4155550100"));
         assert_eq!(r.identifiers.phone_sha256.len(), 2);
+    }
+
+    #[test]
+    fn national_and_international_phones_are_stored_alike() {
+        let stored = |phone: &str| {
+            let j = format!(
+                r#"{{"patient_id":"P","identifiers":{{"phones":["{phone}"]}},"updated_at":"2026-11-20T10:00:00Z"}}"#
+            );
+            ConsentRecord::from_json(j.as_bytes())
+                .unwrap()
+                .into_stored()
+                .identifiers
+                .phone_sha256
+        };
+        let e164 = stored("+14155550100");
+        for p in [
+            "(415) 555-0100",
+            "415-555-0100",
+            "1.415.555.0100",
+            "415 555 0100 ext. 9",
+        ] {
+            assert_eq!(stored(p), e164, "{p}");
+        }
+        assert!(e164.contains(&Sha256Hex(identify::sha256(b"14155550100"))));
+        assert!(e164.contains(&Sha256Hex(identify::sha256(b"+14155550100"))));
+        let e = ConsentRecord::from_json(
+            br#"{"patient_id":"P","identifiers":{"phones":["555-0100"]},"updated_at":"2026-11-20T10:00:00Z"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("identifiers.phones[0]: not a phone number"),
+            "{e}"
+        );
+        assert!(!e.contains("555"), "{e}");
     }
 
     #[test]

@@ -138,7 +138,7 @@ checksum/consentgate-config: {{ include "consentgate.configYaml" . | sha256sum }
 
 {{- define "consentgate.sidecar.volumes" -}}
 {{ include "consentgate.volumes" . }}
-# ca.pem only (never the key), for the app's trust store.
+# ca.pem (and the JVM truststore) only, never the key, for the app's trust store.
 - name: consentgate-ca-public
   secret:
     secretName: {{ .Values.secrets.ca.name }}
@@ -146,6 +146,10 @@ checksum/consentgate-config: {{ include "consentgate.configYaml" . | sha256sum }
     items:
       - key: {{ .Values.secrets.ca.certKey }}
         path: ca.pem
+      {{- if and .Values.sidecar.jvm.enabled .Values.sidecar.jvm.trustStore }}
+      - key: {{ required "sidecar.jvm.trustStore: set secrets.ca.truststoreKey (the Secret key holding truststore.p12 from consentgate ca init)" .Values.secrets.ca.truststoreKey }}
+        path: truststore.p12
+      {{- end }}
 {{- if .Values.sidecar.appTrust.combinedBundle }}
 - name: consentgate-trust
   emptyDir:
@@ -183,6 +187,29 @@ checksum/consentgate-config: {{ include "consentgate.configYaml" . | sha256sum }
   value: {{ $bundle | quote }}
 - name: NODE_EXTRA_CA_CERTS
   value: {{ printf "%s/ca.pem" .Values.sidecar.appTrust.caMountPath | quote }}
+{{- if .Values.sidecar.node.useEnvProxy }}
+- name: NODE_USE_ENV_PROXY
+  value: "1"
+{{- end }}
+{{- with .Values.sidecar.jvm }}
+{{- if .enabled }}
+{{- $opts := list (printf "-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort=%v -Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort=%v" $.Values.ports.proxy $.Values.ports.proxy) }}
+{{- if .nonProxyHosts }}
+{{- $opts = append $opts (printf "-Dhttp.nonProxyHosts=%s" (join "|" .nonProxyHosts)) }}
+{{- end }}
+{{- if .trustStore }}
+{{- $opts = append $opts (printf "-Djavax.net.ssl.trustStore=%s/truststore.p12 -Djavax.net.ssl.trustStoreType=PKCS12" $.Values.sidecar.appTrust.caMountPath) }}
+{{- if .trustStorePassword }}
+{{- $opts = append $opts (printf "-Djavax.net.ssl.trustStorePassword=%s" .trustStorePassword) }}
+{{- end }}
+{{- end }}
+{{- if .extraOptions }}
+{{- $opts = append $opts .extraOptions }}
+{{- end }}
+- name: JAVA_TOOL_OPTIONS
+  value: {{ join " " $opts | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "consentgate.sidecar.appVolumeMounts" -}}

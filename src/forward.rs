@@ -6,6 +6,8 @@
 use crate::config::Upstream as UpstreamCfg;
 use crate::model::{H_CATEGORY, H_PATIENT, OWN_HEADER_PREFIX};
 use crate::route::Target;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
@@ -192,7 +194,7 @@ pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCert
         let pem = std::fs::read(path)
             .map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
         let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
             roots
                 .add(cert)

@@ -15,7 +15,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SerialNumber,
 };
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Common name of the CA created by [`init_ca`] / [`ensure_ca`].
 pub const CA_COMMON_NAME: &str = "consentgate interception CA";
@@ -157,9 +158,9 @@ pub fn load_ca(cert: &Path, key: &Path) -> Result<LoadedCa, CaError> {
     let cert_der = first_pem_cert(cert, &cert_pem)?;
 
     let key_pem = fs::read(key).map_err(|e| CaError::io(key, e))?;
-    let key_der = match rustls_pemfile::private_key(&mut key_pem.as_slice()) {
-        Ok(Some(k)) => k,
-        Ok(None) => {
+    let key_der = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(k) => k,
+        Err(pem::Error::NoItemsFound) => {
             return Err(CaError::invalid(
                 key,
                 "no private key found (expected a PEM \"PRIVATE KEY\" block)",
@@ -256,7 +257,7 @@ fn exists(path: &Path) -> Result<bool, CaError> {
 }
 
 fn first_pem_cert(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, CaError> {
-    match rustls_pemfile::certs(&mut &pem[..]).next() {
+    match CertificateDer::pem_slice_iter(pem).next() {
         Some(Ok(c)) => Ok(c),
         Some(Err(e)) => Err(CaError::invalid(path, format!("unreadable PEM: {e}"))),
         None => Err(CaError::invalid(

@@ -6,8 +6,6 @@
 use crate::config::Upstream as UpstreamCfg;
 use crate::model::{H_CATEGORY, H_PATIENT, OWN_HEADER_PREFIX};
 use crate::route::Target;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
@@ -16,6 +14,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

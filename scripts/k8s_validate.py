@@ -41,12 +41,6 @@ RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 # what brings them. Dashboard panels over them show "No data" until then; rule groups over
 # them are not switched on (templates/prometheusrule.yaml) until every name they use exists.
 PENDING_METRICS = {
-    "consentgate_tls_handshake_failures_total": "issue 20 item 4 (SPEC §9)",
-    "consentgate_tls_mint_failures_total": "issue 20 item 4 (mint failures; name chosen here)",
-    "consentgate_responses_total": "issue 20 item 4 (SPEC §9)",
-    "consentgate_build_info": "issue 20 item 4 (SPEC §9)",
-    "process_cpu_seconds_total": "issue 20 item 4 (process_*)",
-    "process_resident_memory_bytes": "issue 20 item 4 (process_*)",
     "consentgate_guard_interventions_total": "issue 16 (SPEC §6, §9)",
     "consentgate_sync_lag_seconds": "issue 18 (SPEC §9, §13)",
 }

@@ -326,8 +326,8 @@ impl<'a> Exchange<'a> {
         tracing::Span::current().record("request_id", self.request_id.as_str());
         tracing::info!(request_id = %self.request_id, destination = %dest,
             status, decision, error = error_code,
-            duration_ms = total.as_secs_f64() * 1000.0,
-            upstream_ms = self.upstream.as_secs_f64() * 1000.0,
+            duration_ms = total.as_micros() as f64 / 1000.0,
+            upstream_ms = self.upstream.as_micros() as f64 / 1000.0,
             "request finished");
         resp
     }

@@ -47,6 +47,8 @@ pub fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
             );
         }
     }
+    out.sort();
+    out.dedup();
     out
 }
 

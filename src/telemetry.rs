@@ -14,6 +14,7 @@ use http::HeaderMap;
 use serde_json::{Map, Value};
 use std::fmt;
 use std::net::SocketAddr;
+#[cfg(feature = "otlp")]
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Span, Subscriber};
@@ -40,6 +41,7 @@ pub struct OtlpCfg {
 
 /// Whether spans are exported: a request span then reads its (possibly new)
 /// trace id back from OpenTelemetry for the log line.
+#[cfg(feature = "otlp")]
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Keeps the exporter alive; [`Telemetry::shutdown`] flushes what is queued.
@@ -126,15 +128,18 @@ pub(crate) fn request_span(headers: &HeaderMap, peer: Option<SocketAddr>, via: &
     if let Via::Intercepted { host, .. } = via {
         span.record("sni", host.as_str());
     }
-    let mut trace_id = crate::audit::trace_id(headers);
-    if EXPORTING.load(Ordering::Relaxed) {
-        #[cfg(feature = "otlp")]
-        {
+    let caller = crate::audit::trace_id(headers);
+    // Always continue the trace when exporting (even when the caller's id is
+    // already known), so the span joins the caller's trace.
+    #[cfg(feature = "otlp")]
+    let caller = match EXPORTING.load(Ordering::Relaxed) {
+        true => {
             let exported = otlp::continue_trace(&span, headers);
-            trace_id = trace_id.or(exported);
+            caller.or(exported)
         }
-    }
-    if let Some(t) = trace_id {
+        false => caller,
+    };
+    if let Some(t) = caller {
         span.record("trace_id", t.as_str());
     }
     span

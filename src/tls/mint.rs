@@ -59,9 +59,9 @@ pub enum MintError {
     #[error("minting a certificate for {host}: {reason}")]
     Mint { host: String, reason: String },
     #[error(
-        "{host} is outside the interception CA's name constraints; the CA was made before \
-         this destination host was configured: make a new CA (consentgate ca init --force, \
-         see the CA rotation procedure in docs/RUNBOOK.md)"
+        "{host} is outside the interception CA's name constraints: make a new CA that \
+         permits it (consentgate ca init --force --permit {host}; see the CA rotation \
+         procedure in docs/RUNBOOK.md)"
     )]
     NotPermitted { host: String },
 }

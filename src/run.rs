@@ -603,11 +603,22 @@ pub fn ca_init(a: &CaInit) -> i32 {
             },
         };
         if let Some(source) = source {
-            match source.load() {
-                Ok(cfg) => opts = opts.permit(configured_hosts(&cfg)),
-                Err(errs) => {
-                    print_errors(&errs);
-                    eprintln!("error: the CA's permitted hosts come from this config: fix it, or name hosts with --permit");
+            // Only the destinations matter here: a config made for the cluster
+            // (files that exist only there) still gives its hosts.
+            let (cfg, errs) = source.load_all();
+            let bad: Vec<_> = errs
+                .into_iter()
+                .filter(|e| e.key.starts_with("destinations") || e.key.starts_with('('))
+                .collect();
+            match cfg {
+                Some(cfg) if bad.is_empty() => opts = opts.permit(configured_hosts(&cfg)),
+                _ => {
+                    print_errors(&bad);
+                    eprintln!(
+                        "error: the CA's permitted hosts come from {}: fix its destinations, \
+                         or name hosts with --permit",
+                        source.label()
+                    );
                     return 1;
                 }
             }

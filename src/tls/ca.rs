@@ -1044,6 +1044,26 @@ mod tests {
         }
     }
 
+    /// The rotation procedure (docs/RUNBOOK.md) relies on this: in a `ca.pem` of
+    /// several certificates the first is the CA (matched to the key), the rest are
+    /// for the apps only.
+    #[test]
+    fn the_first_certificate_of_ca_pem_is_the_one_that_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = init_ca(&dir.path().join("old"), false, &CaOptions::default()).unwrap();
+        let new = init_ca(&dir.path().join("new"), false, &CaOptions::default()).unwrap();
+        let pem = |p: &Path| fs::read_to_string(p).unwrap();
+        let both = dir.path().join("both.pem");
+        fs::write(&both, pem(&old.cert) + &pem(&new.cert)).unwrap();
+        let ca = load_ca(&both, &old.key).unwrap();
+        assert_eq!(
+            ca.cert_der(),
+            load_ca(&old.cert, &old.key).unwrap().cert_der()
+        );
+        let err = load_ca(&both, &new.key).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
     #[test]
     fn keytool_reads_the_truststore() {
         let dir = tempfile::tempdir().unwrap();

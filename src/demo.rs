@@ -89,8 +89,9 @@ async fn demo(dir: &Path) -> Result<(), Fail> {
         vendor.addr
     );
 
-    let proxy = ProxyProcess::start(&dir, &vendor)?;
     let ca = dir.join("certs").join(crate::tls::CA_CERT_FILE);
+    let had_ca = ca.is_file();
+    let proxy = ProxyProcess::start(&dir, &vendor)?;
     println!(
         "2. The proxy runs (`consentgate run --config {}`): proxy {}, admin {}.",
         proxy.config.display(),
@@ -98,7 +99,8 @@ async fn demo(dir: &Path) -> Result<(), Fail> {
         proxy.admin
     );
     println!(
-        "   It created its interception CA on first start: {} (apps trust this one;\n   {} and {} beside it are for apps that take a bundle or a Java truststore).",
+        "   {} its interception CA: {} (apps trust this one;\n   {} and {} beside it are for apps that take a bundle or a Java truststore).",
+        if had_ca { "It reuses" } else { "On first start it created" },
         ca.display(),
         crate::tls::CA_BUNDLE_FILE,
         crate::tls::TRUSTSTORE_FILE

@@ -111,36 +111,30 @@ pub fn init(level: &str, otlp: Option<&OtlpCfg>) -> Result<Telemetry, String> {
 /// continues the caller's `traceparent`; the logged `trace_id` is the caller's,
 /// or the new trace's when the caller sent none and spans are exported.
 pub(crate) fn request_span(headers: &HeaderMap, peer: Option<SocketAddr>, via: &Via) -> Span {
+    // Values given at creation: each later `record` re-serializes the span's
+    // JSON fields, so only what is learnt later (the request id) is recorded.
+    let caller = crate::audit::trace_id(headers);
+    let sni = match via {
+        Via::Intercepted { host, .. } => Some(host.as_str()),
+        Via::Plain => None,
+    };
     let span = tracing::info_span!(
         parent: None,
         "request",
         request_id = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        peer = tracing::field::Empty,
-        sni = tracing::field::Empty,
+        trace_id = caller.as_deref(),
+        peer = peer.map(tracing::field::display),
+        sni,
     );
-    if span.is_disabled() {
-        return span;
-    }
-    if let Some(p) = peer {
-        span.record("peer", tracing::field::display(p));
-    }
-    if let Via::Intercepted { host, .. } = via {
-        span.record("sni", host.as_str());
-    }
-    let caller = crate::audit::trace_id(headers);
     // Always continue the trace when exporting (even when the caller's id is
-    // already known), so the span joins the caller's trace.
+    // already known), so the span joins the caller's trace; a new trace's id is
+    // logged when the caller sent none.
     #[cfg(feature = "otlp")]
-    let caller = match EXPORTING.load(Ordering::Relaxed) {
-        true => {
-            let exported = otlp::continue_trace(&span, headers);
-            caller.or(exported)
+    if EXPORTING.load(Ordering::Relaxed) && !span.is_disabled() {
+        let exported = otlp::continue_trace(&span, headers);
+        if let (None, Some(t)) = (&caller, exported) {
+            span.record("trace_id", t.as_str());
         }
-        false => caller,
-    };
-    if let Some(t) = caller {
-        span.record("trace_id", t.as_str());
     }
     span
 }

@@ -235,6 +235,12 @@ async fn every_new_metric_has_a_series_after_one_request_of_its_kind() {
         Some(1.0),
         "{s}"
     );
+    assert!(
+        s.lines().any(|l| l.starts_with(
+            "consentgate_responses_total{code=\"431\",destination=\"unknown\",error=\""
+        ) && l.ends_with(" 1")),
+        "{s}"
+    );
     assert_eq!(
         value(
             &s,

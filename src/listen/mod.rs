@@ -91,6 +91,10 @@ fn count_refusals(app: &Arc<App>, listener: &'static str) -> OnRefused {
             .requests_total
             .with_label_values(&["unknown", "blocked"])
             .inc();
+        metrics
+            .responses_total
+            .with_label_values(&["unknown", &r.status.to_string(), r.code])
+            .inc();
         tracing::info!(listener, request_id = %request_id, status = r.status, error = r.code,
             decision = "blocked", "request head refused");
     })

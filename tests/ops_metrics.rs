@@ -190,11 +190,22 @@ async fn every_new_metric_has_a_series_after_one_request_of_its_kind() {
     .await;
     assert_eq!(r.status, 451);
 
+    // 5. A head the listener's gate refuses (over limits.max_header_bytes).
+    let big = "x".repeat(70 << 10);
+    let r = send(
+        p.proxy,
+        Req::get("graph.facebook.com", "/").header("x-big", &big),
+    )
+    .await;
+    assert_eq!(r.status, 431);
+
     // The counts arrive on the admin listener after the handshake tasks finish.
     let mut s = String::new();
     for _ in 0..100 {
         s = scrape(&p).await;
-        if value(&s, "consentgate_tls_mint_failures_total") == Some(1.0) {
+        let done =
+            "consentgate_tls_handshake_failures_total{reason=\"mint_failed\",side=\"client\"} 1";
+        if s.lines().any(|l| l == done) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -65,7 +65,6 @@ pub const SYSTEM_ROOT_BUNDLES: &[&str] = &[
 pub const BUILTIN_PERMITTED_HOSTS: &[&str] = &[
     "graph.facebook.com",
     "google-analytics.com",
-    "analytics.google.com",
     "googleads.googleapis.com",
     "business-api.tiktok.com",
     "api.linkedin.com",
@@ -1111,6 +1110,65 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&bad.stdout)
         );
+    }
+
+    /// Every host a built-in adapter routes (a sample of each one's hosts,
+    /// regional ones included) is inside the default name constraints: a new
+    /// adapter host fails here until BUILTIN_PERMITTED_HOSTS has it.
+    #[test]
+    fn builtin_hosts_are_permitted() {
+        let sample = [
+            "graph.facebook.com",
+            "www.google-analytics.com",
+            "region1.google-analytics.com",
+            "region1.analytics.google.com",
+            "googleads.googleapis.com",
+            "business-api.tiktok.com",
+            "api.linkedin.com",
+            "api.pinterest.com",
+            "tr.snapchat.com",
+            "api.sendgrid.com",
+            "api.eu.sendgrid.com",
+            "us21.api.mailchimp.com",
+            "mandrillapp.com",
+            "a.klaviyo.com",
+            "rest.iad-01.braze.com",
+            "rest.fra-01.braze.eu",
+            "api.twilio.com",
+            "api.hubapi.com",
+            "api.mypurecloud.com",
+            "api.mypurecloud.ie",
+            "api.mypurecloud.de",
+            "api.mypurecloud.jp",
+            "api.mypurecloud.com.au",
+            "api.usw2.pure.cloud",
+        ];
+        let opts = CaOptions::default();
+        let permitted = opts.permitted_dns.as_deref().unwrap();
+        let adapters = crate::destinations::builtins();
+        let mut routed = 0;
+        for host in sample {
+            if adapters.iter().any(|a| a.matches_host(host)) {
+                routed += 1;
+                assert!(
+                    permitted.iter().any(|base| dns_within(host, base)),
+                    "{host} is a built-in destination host outside BUILTIN_PERMITTED_HOSTS"
+                );
+            }
+        }
+        assert!(
+            routed >= 20,
+            "the sample names hosts the adapters route ({routed})"
+        );
+        // And each permitted subtree is there for some adapter's host.
+        for base in BUILTIN_PERMITTED_HOSTS {
+            assert!(
+                sample
+                    .iter()
+                    .any(|h| dns_within(h, base) && adapters.iter().any(|a| a.matches_host(h))),
+                "{base}: no built-in destination needs it"
+            );
+        }
     }
 
     #[test]

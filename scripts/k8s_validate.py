@@ -41,14 +41,7 @@ RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 # Names the chart's dashboard or rules use that src/metrics.rs does not register yet, and
 # what brings them. Dashboard panels over them show "No data" until then; rule groups over
 # them are not switched on (templates/prometheusrule.yaml) until every name they use exists.
-PENDING_METRICS = {
-    "consentgate_tls_handshake_failures_total": "issue 20 item 4 (SPEC §9)",
-    "consentgate_tls_mint_failures_total": "issue 20 item 4 (mint failures; name chosen here)",
-    "consentgate_responses_total": "issue 20 item 4 (SPEC §9)",
-    "consentgate_build_info": "issue 20 item 4 (SPEC §9)",
-    "process_cpu_seconds_total": "issue 20 item 4 (process_*)",
-    "process_resident_memory_bytes": "issue 20 item 4 (process_*)",
-}
+PENDING_METRICS: dict[str, str] = {}
 # consentgate.yaml keys the chart renders that src/config.rs does not know yet (SPEC §4, §8,
 # §12): the binary refuses unknown keys, so these must have landed before a release.
 PENDING_CONFIG_KEYS: set[str] = set()

@@ -34,6 +34,7 @@ pub struct Config {
     /// `sync:` (SPEC §13): vendor suppression targets and the outbox.
     pub sync: SyncCfg,
     pub identify: IdentifyCfg,
+    pub telemetry: TelemetryCfg,
 }
 
 /// `identify:` (SPEC §5): how identifiers are read.
@@ -44,6 +45,21 @@ pub struct IdentifyCfg {
     /// runtime is built (with this line).
     pub default_region: String,
     pub line: usize,
+}
+
+/// `telemetry:` traces exported over OTLP (off unless `otlp.endpoint` is set).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TelemetryCfg {
+    pub otlp: Option<OtlpKeys>,
+}
+
+/// `telemetry.otlp`: the collector's OTLP/HTTP endpoint, the exported
+/// `service.name`, and the bound on one export.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtlpKeys {
+    pub endpoint: String,
+    pub service_name: String,
+    pub timeout: Duration,
 }
 
 /// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
@@ -470,23 +486,44 @@ impl ConfigSource {
         }
     }
     pub fn load(&self) -> Result<Config, Vec<ConfigError>> {
+        match self.load_all() {
+            (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
+            (_, errors) => Err(errors),
+        }
+    }
+    /// Like [`ConfigSource::load`], but the config as read comes back with its errors
+    /// ([`parse_all`]).
+    pub fn load_all(&self) -> (Option<Config>, Vec<ConfigError>) {
         match self {
             ConfigSource::File(p) => match std::fs::read_to_string(p) {
-                Ok(text) => parse(&text, &p.display().to_string()),
-                Err(e) => Err(vec![ConfigError {
-                    file: p.display().to_string(),
-                    line: 0,
-                    key: "(file)".into(),
-                    message: format!("cannot read: {e}"),
-                }]),
+                Ok(text) => parse_all(&text, &p.display().to_string()),
+                Err(e) => (
+                    None,
+                    vec![ConfigError {
+                        file: p.display().to_string(),
+                        line: 0,
+                        key: "(file)".into(),
+                        message: format!("cannot read: {e}"),
+                    }],
+                ),
             },
-            ConfigSource::Embedded => parse(EMBEDDED_DEFAULT, &self.label()),
+            ConfigSource::Embedded => parse_all(EMBEDDED_DEFAULT, &self.label()),
         }
     }
 }
 
 /// Parse and validate a config text; every error found is returned.
 pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
+    match parse_all(text, file) {
+        (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// Parse a config text and return every error with the config as read (bad
+/// values replaced by their defaults), so `check` can go on to the files it
+/// names. `None` only when the text is not YAML at all.
+pub fn parse_all(text: &str, file: &str) -> (Option<Config>, Vec<ConfigError>) {
     let mut r = Reader {
         file: file.to_string(),
         errors: Vec::new(),
@@ -496,16 +533,12 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
         Err(e) => {
             let (line, msg) = load_error(&e);
             r.err_at(line, "(yaml)", msg);
-            return Err(r.errors);
+            return (None, r.errors);
         }
     };
     let cfg = r.config(&root);
-    if r.errors.is_empty() {
-        Ok(cfg)
-    } else {
-        r.errors.sort_by_key(|e| e.line);
-        Err(r.errors)
-    }
+    r.errors.sort_by_key(|e| e.line);
+    (Some(cfg), r.errors)
 }
 
 fn load_error(e: &marked_yaml::LoadError) -> (usize, String) {
@@ -685,6 +718,7 @@ impl Reader {
                 "webhooks",
                 "sync",
                 "identify",
+                "telemetry",
             ],
         );
         let listen = {
@@ -774,21 +808,21 @@ impl Reader {
                     p,
                     "connect_timeout",
                     Duration::from_secs(5),
-                    duration,
+                    positive_duration,
                 ),
                 response_timeout: self.parsed(
                     m,
                     p,
                     "response_timeout",
                     Duration::from_secs(30),
-                    duration,
+                    positive_duration,
                 ),
                 pool_idle_timeout: self.parsed(
                     m,
                     p,
                     "pool_idle_timeout",
                     Duration::from_secs(90),
-                    duration,
+                    positive_duration,
                 ),
                 http2: self.parsed(m, p, "http2", false, boolean),
                 proxy: self.parent_proxy(m),
@@ -849,13 +883,11 @@ impl Reader {
                 journal: self.parsed(m, p, "journal", "var/consent-journal".into(), path),
                 journal_key_file: self.input_file(m, p, "journal_key_file"),
                 journal_previous_key_file: self.input_file(m, p, "journal_previous_key_file"),
-                max_staleness: self.parsed(
-                    m,
-                    p,
-                    "max_staleness",
-                    Duration::from_secs(300),
-                    duration,
-                ),
+                // At 0s consent would be stale between any two heartbeats of
+                // the source: marketing would always fail closed.
+                max_staleness: self.parsed(m, p, "max_staleness", Duration::from_secs(300), |v| {
+                    at_least(v, Duration::from_secs(1))
+                }),
                 postgres,
             }
         };
@@ -971,7 +1003,9 @@ impl Reader {
                 line,
             }
         };
+        let telemetry = self.telemetry(root);
         Config {
+            telemetry,
             webhooks,
             sync,
             identify,
@@ -1056,14 +1090,7 @@ impl Reader {
                 "inflight_body_bytes",
             ],
         );
-        let timeout = |v: &str| {
-            let t = duration(v)?;
-            if t.is_zero() {
-                Err("must be more than 0s".to_string())
-            } else {
-                Ok(t)
-            }
-        };
+        let timeout = positive_duration;
         let limits = Limits {
             header_read_timeout: self.parsed(
                 m,
@@ -1107,6 +1134,44 @@ impl Reader {
             );
         }
         limits
+    }
+
+    fn telemetry(&mut self, root: &Map) -> TelemetryCfg {
+        let empty = Map::new_empty(Span::new_blank());
+        let m = self.mapping(root, "", "telemetry").unwrap_or(&empty);
+        self.known(m, "telemetry", &["otlp"]);
+        let Some(o) = self.mapping(m, "telemetry", "otlp") else {
+            return TelemetryCfg::default();
+        };
+        let p = "telemetry.otlp";
+        self.known(o, p, &["endpoint", "service_name", "timeout"]);
+        let endpoint = self.opt_parsed(o, p, "endpoint", |v| {
+            let u = url::Url::parse(v).map_err(|e| format!("not a URL: {e}"))?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(format!(
+                    "expected http(s)://host:port[/path] of an OTLP/HTTP collector, got {v:?}"
+                ));
+            }
+            if !cfg!(feature = "otlp") {
+                return Err("this build has no OTLP exporter (cargo feature `otlp`)".into());
+            }
+            Ok(v.to_string())
+        });
+        let service_name = self.parsed(o, p, "service_name", "consentgate".to_string(), |v| {
+            if v.is_empty() || v.len() > 255 {
+                Err("expected 1 to 255 characters".into())
+            } else {
+                Ok(v.to_string())
+            }
+        });
+        let timeout = self.parsed(o, p, "timeout", Duration::from_secs(10), positive_duration);
+        TelemetryCfg {
+            otlp: endpoint.map(|endpoint| OtlpKeys {
+                endpoint,
+                service_name,
+                timeout,
+            }),
+        }
     }
 
     fn destinations(&mut self, root: &Map) -> Vec<DestinationCfg> {
@@ -1387,6 +1452,24 @@ fn parse_host_port(v: &str) -> Result<(), String> {
 pub fn duration(v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v)
         .map_err(|_| format!("expected a duration like 30s or 5m, got {v:?}"))
+}
+
+/// A duration that means nothing at zero (timeouts, intervals).
+fn positive_duration(v: &str) -> Result<Duration, String> {
+    at_least(v, Duration::from_millis(1))
+}
+
+/// A duration of at least `min`.
+fn at_least(v: &str, min: Duration) -> Result<Duration, String> {
+    let d = duration(v)?;
+    if d < min {
+        return Err(if min <= Duration::from_millis(1) {
+            "must be more than 0s".to_string()
+        } else {
+            format!("must be at least {}", humantime::format_duration(min))
+        });
+    }
+    Ok(d)
 }
 
 /// "8MiB", "512KiB", "1048576", "10MB".
@@ -2130,6 +2213,67 @@ mod tests {
             (SyncKind::SendgridGroup, "api.sendgrid.com", 2.5)
         );
         assert_eq!(t.categories, [Category::MarketingEmail]);
+    }
+
+    #[test]
+    fn durations_that_mean_nothing_at_zero_are_refused_all_at_once() {
+        let text = "consent:\n  max_staleness: 0s\nupstream:\n  connect_timeout: 0s\n  \
+                    response_timeout: 0ms\n  pool_idle_timeout: 0s\nlimits:\n  \
+                    body_read_timeout: 0s\ntelemetry:\n  otlp:\n    endpoint: http://127.0.0.1:4318\n    \
+                    timeout: 0s\n";
+        let shown: Vec<String> = parse(text, "t.yaml")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        for key in [
+            "t.yaml:2: consent.max_staleness: must be at least 1s",
+            "t.yaml:4: upstream.connect_timeout: must be more than 0s",
+            "t.yaml:5: upstream.response_timeout: must be more than 0s",
+            "t.yaml:6: upstream.pool_idle_timeout: must be more than 0s",
+            "t.yaml:8: limits.body_read_timeout: must be more than 0s",
+            "t.yaml:12: telemetry.otlp.timeout: must be more than 0s",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.starts_with(key)),
+                "{key} not in {shown:#?}"
+            );
+        }
+        assert_eq!(shown.len(), 6, "{shown:#?}");
+        let c = parse("consent:\n  max_staleness: 1s\n", "t.yaml").unwrap();
+        assert_eq!(c.consent.max_staleness, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn telemetry_otlp_is_off_unless_an_endpoint_is_set() {
+        let c = parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.telemetry.otlp, None);
+        let errs = parse(
+            "telemetry:\n  otlp:\n    endpoint: otel:4318\n    colour: x\n",
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        if cfg!(feature = "otlp") {
+            let c = parse(
+                "telemetry:\n  otlp:\n    endpoint: http://otel:4318\n    service_name: egress-gw\n",
+                "t.yaml",
+            )
+            .unwrap();
+            let o = c.telemetry.otlp.unwrap();
+            assert_eq!(o.endpoint, "http://otel:4318");
+            assert_eq!(o.service_name, "egress-gw");
+            assert_eq!(o.timeout, Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn parse_all_keeps_the_config_as_read_with_every_error() {
+        let (cfg, errs) = parse_all("listen:\n  proxy: nope\nmax_body_bytes: 1MiB\n", "t.yaml");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(cfg.unwrap().max_body_bytes, 1 << 20);
+        let (cfg, errs) = parse_all("a: [\n", "t.yaml");
+        assert!(cfg.is_none() && errs.len() == 1);
     }
 
     #[test]

@@ -22,6 +22,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -434,7 +436,7 @@ pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCert
         let pem = std::fs::read(path)
             .map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
         let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| format!("upstream.extra_ca: {}: {e}", path.display()))?;
             roots
                 .add(cert)

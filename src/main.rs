@@ -48,17 +48,26 @@ fn main() {
             command: SyncCommand::Status { config },
         } => consentgate::run::sync_status(config.as_deref()),
         Command::Ca {
-            command: CaCommand::Init { out, force },
-        } => match consentgate::tls::init_ca(&out, force) {
-            Ok(files) => {
-                println!("{}", consentgate::tls::trust_instructions(&files.cert));
-                0
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
-        },
+            command:
+                CaCommand::Init {
+                    out,
+                    force,
+                    days,
+                    config,
+                    permit,
+                    no_name_constraints,
+                    system_roots,
+                },
+        } => consentgate::run::ca_init(&consentgate::run::CaInit {
+            out,
+            force,
+            days,
+            config,
+            permit,
+            no_name_constraints,
+            system_roots,
+        }),
+        Command::Demo { dir } => consentgate::demo::run(dir.as_deref()),
     };
     std::process::exit(code);
 }

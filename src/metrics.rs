@@ -1,10 +1,40 @@
 //! Every figure an SRE needs, under the SPEC §9 names. Label values are
-//! destination names, decisions, reasons and error kinds: never patient data.
+//! destination names, decisions, reasons, status codes and error kinds: never
+//! patient data. The standard `process_*` family is read from /proc at scrape
+//! time ([`process`]), so it costs nothing between scrapes.
+
+mod process;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `consentgate_tls_handshake_failures_total{side}`: `client` is an app's handshake
+/// with the proxy (CONNECT interception and the gateway), `upstream` the proxy's
+/// with the vendor.
+pub const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
+/// `consentgate_tls_handshake_failures_total{reason}`: a fixed set, so the series
+/// exist from start and a typo can never mint a new one. `unknown_ca`: the peer
+/// does not trust the issuer (on the client side: the app lacks the interception
+/// CA; OpenSSL, Python, Node, curl and rustls say so). `bad_certificate`: the
+/// peer rejected the certificate for another reason, or without saying why (Go
+/// and Java clients that lack the CA land here). `protocol_version`: no common
+/// TLS version or cipher. `no_sni` / `invalid_sni`: the ClientHello names no
+/// usable host. `eof`: the peer closed mid-handshake. `timeout`: the handshake
+/// did not finish in time. `mint_failed`: no certificate could be minted for the
+/// host (see `consentgate_tls_mint_failures_total`). `other`: anything else.
+pub const HANDSHAKE_REASONS: [&str; 9] = [
+    "unknown_ca",
+    "bad_certificate",
+    "protocol_version",
+    "no_sni",
+    "invalid_sni",
+    "eof",
+    "timeout",
+    "mint_failed",
+    "other",
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -36,6 +66,10 @@ pub struct Metrics {
     pub sync_pending: IntGaugeVec,
     pub sync_parked: IntGaugeVec,
     pub sync_lag_seconds: GaugeVec,
+    pub responses_total: IntCounterVec,
+    pub tls_handshake_failures_total: IntCounterVec,
+    pub tls_mint_failures_total: IntCounter,
+    pub build_info: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,7 +109,7 @@ impl Metrics {
         let counter = |name: &str, help: &str| {
             IntCounter::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"))
         };
-        Metrics {
+        let m = Metrics {
             requests_total: reg!(counter_vec(
                 "consentgate_requests_total",
                 "Requests by destination and decision (allowed, modified, blocked).",
@@ -199,20 +233,75 @@ impl Metrics {
                 &["target"]
             )
             .unwrap_or_else(|e| panic!("sync_lag: {e}"))),
+            responses_total: reg!(counter_vec(
+                "consentgate_responses_total",
+                "Answers the apps received, by destination, HTTP status code and error \
+                 (the refusal or upstream error code; empty when the upstream answered).",
+                &["destination", "code", "error"]
+            )),
+            tls_handshake_failures_total: reg!(counter_vec(
+                "consentgate_tls_handshake_failures_total",
+                "Failed TLS handshakes by side (client: app to proxy; upstream: proxy to \
+                 vendor) and reason.",
+                &["side", "reason"]
+            )),
+            tls_mint_failures_total: reg!(counter(
+                "consentgate_tls_mint_failures_total",
+                "Interception certificates that could not be minted."
+            )),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "consentgate_build_info",
+                    "Always 1; the version label says which build is running."
+                ),
+                &["version"]
+            )
+            .unwrap_or_else(|e| panic!("build_info: {e}"))),
             registry,
-        }
-    }
-
-    /// Series that must exist before their first event, so alerts and
-    /// dashboards see a zero rather than nothing: per destination.
-    pub(crate) fn init_destinations<'a>(&self, names: impl Iterator<Item = &'a str>) {
-        for name in names {
-            for reason in crate::guard::Reason::ALL {
-                self.guard_interventions_total
-                    .with_label_values(&[name, reason.as_str()])
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Every handshake-failure series from start: a rate over a series that
+        // appears with its first failure misses that failure.
+        for side in HANDSHAKE_SIDES {
+            for reason in HANDSHAKE_REASONS {
+                m.tls_handshake_failures_total
+                    .with_label_values(&[side, reason])
                     .inc_by(0);
             }
         }
+        let _ = m
+            .registry
+            .register(Box::new(process::ProcessCollector::new()));
+        m
+    }
+
+    /// Create the per-destination series that count failures and
+    /// interventions, so each has a value (0) before the first one happens:
+    /// `upstream_errors_total` for every destination and kind,
+    /// `guard_interventions_total` for every destination and reason. Called at
+    /// start and after a reload (a new destination); existing values are kept.
+    pub fn init_destinations<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for dest in names {
+            for kind in upstream_error_kinds() {
+                self.upstream_errors_total
+                    .with_label_values(&[dest, kind.as_str()])
+                    .inc_by(0);
+            }
+            for reason in crate::guard::Reason::ALL {
+                self.guard_interventions_total
+                    .with_label_values(&[dest, reason.as_str()])
+                    .inc_by(0);
+            }
+        }
+    }
+
+    /// Count one failed TLS handshake (`side` and `reason` from the fixed sets above).
+    pub fn handshake_failed(&self, side: &str, reason: &str) {
+        self.tls_handshake_failures_total
+            .with_label_values(&[side, reason])
+            .inc();
     }
 
     pub fn render(&self) -> String {
@@ -223,6 +312,16 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Every `consentgate_upstream_errors_total{kind}`.
+fn upstream_error_kinds() -> [crate::forward::UpstreamErrorKind; 5] {
+    use crate::forward::UpstreamErrorKind as K;
+    // Exhaustive on purpose: a new kind does not compile until it is listed here.
+    let _listed = |k: K| match k {
+        K::Connect | K::Tls | K::Timeout | K::Reset | K::Protocol => (),
+    };
+    [K::Connect, K::Tls, K::Timeout, K::Reset, K::Protocol]
 }
 
 impl Default for Metrics {

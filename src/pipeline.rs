@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub(crate) use crate::enforce::RequestDecision;
 
@@ -38,7 +39,9 @@ pub(crate) async fn handle(
         via: &via,
         has_body,
     };
-    let end = match enforce::gate(&rt, &head) {
+    // Each phase is a child span of the request's (exported with OTLP).
+    let gate = tracing::debug_span!("gate").in_scope(|| enforce::gate(&rt, &head));
+    let end = match gate {
         Gate::Refuse { dest, refusal } => End::Refused { dest, refusal },
         Gate::Pass(p) => {
             let body = body.map_err(BoxError::from).boxed_unsync();
@@ -138,14 +141,16 @@ impl<'a> Exchange<'a> {
         body: ClientBody,
     ) -> End<'rt> {
         let dest = i.route.name();
-        let raw = match body::read_limited(body, i.limit).await {
+        let read = body::read_limited(body, i.limit).instrument(tracing::debug_span!("read"));
+        let raw = match read.await {
             Ok(b) => b,
             Err(e) => {
                 let refusal = Refusal::body(e, i.limit);
                 return End::Refused { dest, refusal };
             }
         };
-        let planned = enforce::plan(rt, &self.app.consent, i, &parts, &raw, false);
+        let planned = tracing::debug_span!("plan")
+            .in_scope(|| enforce::plan(rt, &self.app.consent, i, &parts, &raw, false));
         if let Some(e) = &planned.enforcement {
             self.note(dest, e);
         }
@@ -200,13 +205,19 @@ impl<'a> Exchange<'a> {
         body: ProxyBody,
     ) -> End<'rt> {
         let decision = egress.decision.as_str();
-        if let Err(refusal) = self.audit_egress(egress.dest, decision, egress.reason) {
+        let audited = tracing::debug_span!("audit")
+            .in_scope(|| self.audit_egress(egress.dest, decision, egress.reason));
+        if let Err(refusal) = audited {
             let dest = egress.dest;
             let refusal = refusal.in_shape(egress.shape);
             return End::Refused { dest, refusal };
         }
         let sent = Instant::now();
-        let result = rt.upstream.send(forward::outgoing(parts, uri, body)).await;
+        let result = rt
+            .upstream
+            .send(forward::outgoing(parts, uri, body))
+            .instrument(tracing::debug_span!("upstream", destination = egress.dest))
+            .await;
         self.upstream = sent.elapsed();
         self.app
             .metrics
@@ -259,10 +270,14 @@ impl<'a> Exchange<'a> {
 
     /// The one exit: audit what is not yet audited, count, log, answer.
     pub(crate) fn finish(mut self, end: End<'_>) -> Response<ProxyBody> {
+        // The refusal or upstream error code the app is answered with ("" when the
+        // upstream answered): the `error` of `consentgate_responses_total`.
+        let mut error_code = "";
         let (dest, decision, resp) = match end {
             End::Refused { dest, refusal } => {
                 // Already refused: an unavailable audit changes nothing (the writer counts it).
                 let _ = self.audit_egress(dest, "blocked", refusal.code);
+                error_code = refusal.code;
                 (
                     dest,
                     "blocked",
@@ -289,14 +304,17 @@ impl<'a> Exchange<'a> {
             }
             End::Failed { egress, error } => {
                 self.audit_outcome(egress.dest, Err(error.kind.as_str()));
-                self.app
-                    .metrics
-                    .upstream_errors_total
+                let m = &self.app.metrics;
+                m.upstream_errors_total
                     .with_label_values(&[egress.dest, error.kind.as_str()])
                     .inc();
+                if error.kind == forward::UpstreamErrorKind::Tls {
+                    m.handshake_failed("upstream", crate::tls::upstream_reason(&error.detail));
+                }
                 tracing::warn!(request_id = %self.request_id, destination = %egress.dest,
                     kind = error.kind.as_str(), detail = %error.detail, "upstream failed");
                 let refusal = Refusal::upstream(error.kind, &error.detail).in_shape(egress.shape);
+                error_code = refusal.code;
                 let resp = response::refusal(&refusal, &self.request_id);
                 (egress.dest, "blocked", resp)
             }
@@ -311,13 +329,24 @@ impl<'a> Exchange<'a> {
             }
         };
         let m = &self.app.metrics;
+        let status = resp.status().as_u16();
         m.requests_total.with_label_values(&[dest, decision]).inc();
-        let inside = self.started.elapsed().saturating_sub(self.upstream);
+        m.responses_total
+            .with_label_values(&[dest, &status.to_string(), error_code])
+            .inc();
+        let total = self.started.elapsed();
+        let inside = total.saturating_sub(self.upstream);
         m.request_duration
             .with_label_values(&[dest])
             .observe(inside.as_secs_f64());
+        // The request's span carries peer, host and trace id into this line (and
+        // into an exported trace); the request id is known only now.
+        tracing::Span::current().record("request_id", self.request_id.as_str());
         tracing::info!(request_id = %self.request_id, destination = %dest,
-            status = resp.status().as_u16(), decision, "request finished");
+            status, decision, error = error_code,
+            duration_ms = total.as_micros() as f64 / 1000.0,
+            upstream_ms = self.upstream.as_micros() as f64 / 1000.0,
+            "request finished");
         resp
     }
 }

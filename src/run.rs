@@ -1,4 +1,5 @@
-//! `consentgate run` and `consentgate check`: start-up, signals, shutdown.
+//! `consentgate run` and `consentgate check`: start-up, signals, shutdown; and
+//! the small commands (`explain`, `audit`, `db migrate`, `ca init`).
 
 use crate::app::{App, Runtime};
 use crate::config::{ConfigError, ConfigSource};
@@ -12,16 +13,49 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
-pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The JSON log (and the OTLP exporter when `telemetry.otlp` is set).
+pub fn init_telemetry(cfg: &crate::config::Config) -> Result<crate::telemetry::Telemetry, String> {
+    let otlp = cfg
+        .telemetry
+        .otlp
+        .as_ref()
+        .map(|o| crate::telemetry::OtlpCfg {
+            endpoint: o.endpoint.clone(),
+            service_name: o.service_name.clone(),
+            timeout: o.timeout,
+        });
+    crate::telemetry::init(&cfg.log.level, otlp.as_ref())
+}
+
+/// The hosts of the configured destinations (`destinations[].hosts`, and a
+/// generic destination's `hosts`), for the interception CA's name constraints.
+pub fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in &cfg.destinations {
+        out.extend(d.hosts.iter().cloned());
+        if let Some(hosts) = d
+            .generic
+            .as_ref()
+            .and_then(|g| g.get("hosts"))
+            .and_then(|h| h.as_array())
+        {
+            out.extend(
+                hosts
+                    .iter()
+                    .filter_map(|h| h.as_str())
+                    .map(str::to_ascii_lowercase),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// How `run` makes the interception CA on first start: the defaults, also
+/// permitting the configured destinations' hosts.
+pub fn ca_options(cfg: &crate::config::Config) -> crate::tls::CaOptions {
+    crate::tls::CaOptions::default().permit(configured_hosts(cfg))
 }
 
 /// Install aws-lc-rs as the process-wide rustls provider (a dependency may also
@@ -36,20 +70,52 @@ fn print_errors(errs: &[ConfigError]) {
     }
 }
 
-/// Create the interception CA when both files are missing (logged), then load it.
-pub fn load_interception_ca(
-    i: &crate::config::Interception,
-) -> Result<crate::tls::CertMinter, String> {
-    match crate::tls::ensure_ca(&i.ca_cert, &i.ca_key) {
-        Ok(true) => tracing::info!(
-            ca_cert = %i.ca_cert.display(),
-            "interception CA created (first run); apps must trust this certificate"
-        ),
-        Ok(false) => {}
+/// Create the interception CA when both files are missing (logged), then load
+/// it. A configured destination host the CA may not sign for is logged: its
+/// connections fail until the CA is rotated.
+pub fn load_interception_ca(cfg: &crate::config::Config) -> Result<crate::tls::CertMinter, String> {
+    let i = &cfg.interception;
+    match crate::tls::ensure_ca(&i.ca_cert, &i.ca_key, &ca_options(cfg)) {
+        Ok(Some(files)) => {
+            tracing::info!(
+                ca_cert = %i.ca_cert.display(),
+                truststore = %files.truststore.display(),
+                bundle = %files.bundle.as_ref().map(|b| b.display().to_string()).unwrap_or_default(),
+                "interception CA created (first run); apps must trust this certificate"
+            );
+            for n in &files.notes {
+                tracing::warn!("{n}");
+            }
+        }
+        Ok(None) => {}
         Err(e) => return Err(e.to_string()),
     }
     let ca = crate::tls::load_ca(&i.ca_cert, &i.ca_key).map_err(|e| e.to_string())?;
+    for problem in ca_host_problems(cfg, &ca) {
+        tracing::warn!("{problem}");
+    }
     Ok(crate::tls::CertMinter::new(ca))
+}
+
+/// Destination hosts (built-in and configured) outside the CA's name constraints.
+fn ca_host_problems(cfg: &crate::config::Config, ca: &crate::tls::LoadedCa) -> Vec<String> {
+    let mut out = Vec::new();
+    let builtin = crate::tls::BUILTIN_PERMITTED_HOSTS
+        .iter()
+        .map(|h| h.to_string());
+    for host in builtin.chain(configured_hosts(cfg)) {
+        let h = host.strip_prefix("*.").unwrap_or(&host);
+        if !ca.permits_dns(h) {
+            out.push(format!(
+                "interception: {}: the CA's name constraints do not permit {host}: \
+                 intercepted connections to it will fail; make a new CA that permits it \
+                 (consentgate ca init --force --permit {h}; see the CA rotation procedure \
+                 in docs/RUNBOOK.md)",
+                cfg.interception.ca_cert.display()
+            ));
+        }
+    }
+    out
 }
 
 /// Lock `audit.path`, load the pseudonym key (created 0600 on first run) and
@@ -88,52 +154,22 @@ pub fn prepare_audit(
     Ok((Arc::new(writer), starter, Arc::new(key)))
 }
 
-/// `consentgate check`: every error in config, snapshot and CA; exit code.
+/// `consentgate check`: every error in the config and in every file it names
+/// (destinations, upstream CA, PostgreSQL TLS, interception CA, consent
+/// snapshot, admin tokens, admin TLS), found in one pass; exit 0 or 1.
 pub fn check(explicit: Option<&Path>) -> i32 {
     install_crypto();
     let source = ConfigSource::resolve(explicit);
-    let mut failed = false;
-    match Runtime::load(&source) {
-        Err(errs) => {
-            print_errors(&errs);
-            failed = true;
-        }
-        Ok(rt) => {
-            let i = &rt.config.interception;
-            if i.ca_cert.exists() || i.ca_key.exists() {
-                if let Err(e) = crate::tls::load_ca(&i.ca_cert, &i.ca_key) {
-                    eprintln!("error: interception: {e}");
-                    failed = true;
-                }
-            }
-            if rt.config.consent.source == crate::config::SourceKind::File {
-                if let Err(e) = crate::consent::file_source::load_snapshot(&rt.config.consent.file)
-                {
-                    eprintln!("error: consent.file: {e}");
-                    failed = true;
-                }
-            }
-            if let Err(e) = crate::consent::api::load_tokens(&rt.config.admin.tokens_file) {
-                eprintln!("error: admin.tokens_file: {e}");
-                failed = true;
-            }
-            if let Some(t) = &rt.config.admin.tls {
-                if let Err(e) = crate::tls::admin::server_config(t) {
-                    eprintln!("error: {e}");
-                    failed = true;
-                }
-            }
-            for e in loop_check(&rt.config) {
-                eprintln!("error: {e}");
-                failed = true;
-            }
-        }
+    let errors = check_all(&source);
+    for e in &errors {
+        eprintln!("error: {e}");
     }
-    if failed {
-        1
-    } else {
+    if errors.is_empty() {
         println!("ok: {}", source.label());
         0
+    } else {
+        eprintln!("{} error(s) in {}", errors.len(), source.label());
+        1
     }
 }
 
@@ -152,6 +188,66 @@ fn loop_check(cfg: &crate::config::Config) -> Vec<String> {
     errs
 }
 
+/// Every problem `check` reports, in order: the config's own, then each
+/// subsystem's over the config as read (a bad key does not hide a bad file).
+pub fn check_all(source: &ConfigSource) -> Vec<String> {
+    let (cfg, config_errors) = source.load_all();
+    let mut errors: Vec<String> = config_errors.iter().map(ToString::to_string).collect();
+    let Some(cfg) = cfg else { return errors };
+    let file = source.label();
+    // The runtime's own builders, each on its own so that one failing does not
+    // hide the next.
+    if let Err(errs) = crate::route::Registry::build(&cfg, &file) {
+        errors.extend(errs.iter().map(ToString::to_string));
+    }
+    if cfg.upstream.extra_ca.as_deref().is_none_or(Path::is_file) {
+        if let Err(e) = crate::forward::UpstreamClient::new(&cfg.upstream) {
+            errors.push(e);
+        }
+    }
+    let pg = &cfg.consent.postgres;
+    if cfg.consent.source == crate::config::SourceKind::Postgres
+        && pg.ca_file.as_deref().is_none_or(Path::is_file)
+    {
+        if let Err(e) =
+            crate::consent::postgres::resolve_tls(&pg.url, pg.sslmode, pg.ca_file.as_deref())
+        {
+            errors.push(format!("{file}:{}: consent.postgres: {e}", pg.line));
+        }
+    }
+    let i = &cfg.interception;
+    if i.ca_cert.exists() || i.ca_key.exists() {
+        match crate::tls::load_ca(&i.ca_cert, &i.ca_key) {
+            Ok(ca) => errors.extend(ca_host_problems(&cfg, &ca)),
+            Err(e) => errors.push(format!("interception: {e}")),
+        }
+    }
+    if cfg.consent.source == crate::config::SourceKind::File && cfg.consent.file.is_file() {
+        if let Err(e) = crate::consent::file_source::load_snapshot(&cfg.consent.file) {
+            errors.push(format!("consent.file: {e}"));
+        }
+    }
+    if cfg.admin.tokens_file.is_file() {
+        if let Err(e) = crate::consent::api::load_tokens(&cfg.admin.tokens_file) {
+            errors.push(format!("admin.tokens_file: {e}"));
+        }
+    }
+    if let Some(t) = &cfg.admin.tls {
+        let files = [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()];
+        if files.iter().flatten().all(|p| p.is_file()) {
+            if let Err(e) = crate::tls::admin::server_config(t) {
+                errors.push(e);
+            }
+        }
+    }
+    let id = &cfg.identify;
+    if let Err(e) = crate::identify::Region::parse(&id.default_region) {
+        errors.push(format!("{file}:{}: identify.default_region: {e}", id.line));
+    }
+    errors.extend(loop_check(&cfg));
+    errors
+}
+
 /// `consentgate run`.
 pub fn run(explicit: Option<&Path>) -> i32 {
     install_crypto();
@@ -164,7 +260,14 @@ pub fn run(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    init_logging(&runtime.config.log.level);
+    let telemetry = match init_telemetry(&runtime.config) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "telemetry.otlp unusable");
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     if source == ConfigSource::Embedded {
         tracing::info!("no config/consentgate.yaml found; using the embedded default");
     }
@@ -178,7 +281,10 @@ pub fn run(explicit: Option<&Path>) -> i32 {
             return 1;
         }
     };
-    rt.block_on(serve(runtime, source))
+    let code = rt.block_on(serve(runtime, source));
+    // Outside the runtime: the exporter flushes from its own thread.
+    telemetry.shutdown();
+    code
 }
 
 /// The running consent source (kept alive for as long as the proxy runs).
@@ -311,7 +417,6 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         .config_reloads_total
         .with_label_values(&["failure"])
         .inc_by(0);
-    metrics.init_destinations(runtime.registry.routes().iter().map(|r| r.name()));
     let consent = Arc::new(ConsentStore::new());
     let cfg = runtime.config.clone();
     // Built before anything is written, so a bad file leaves no trace but the error.
@@ -413,13 +518,18 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         let ctx = api_ctx.clone();
         Box::pin(async move { crate::consent::api::handle(req, &ctx).await })
     });
-    let minter = match load_interception_ca(&cfg.interception) {
+    let minter = match load_interception_ca(&cfg) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::error!(error = %e, "interception CA unusable");
             return 1;
         }
     };
+    minter.set_failure_observer({
+        let m = metrics.clone();
+        Arc::new(move |_| m.tls_mint_failures_total.inc())
+    });
+    metrics.init_destinations(runtime.registry.routes().iter().map(|r| r.name()));
     let app = Arc::new(App::new(
         runtime, consent, metrics, source, minter, audit, pseudonyms,
     ));
@@ -548,7 +658,10 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         tokio::select! {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading configuration");
-                let _ = app.reload();
+                if app.reload().is_ok() {
+                    let rt = app.runtime.load();
+                    app.metrics.init_destinations(rt.registry.routes().iter().map(|r| r.name()));
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -579,6 +692,97 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     }
     tracing::info!("stopped");
     0
+}
+
+/// `consentgate ca init`'s flags.
+pub struct CaInit {
+    pub out: std::path::PathBuf,
+    pub force: bool,
+    pub days: u32,
+    pub config: Option<std::path::PathBuf>,
+    pub permit: Vec<String>,
+    pub no_name_constraints: bool,
+    pub system_roots: Option<std::path::PathBuf>,
+}
+
+/// `consentgate ca init`: the CA, its bundle and truststore, and how to trust it.
+pub fn ca_init(a: &CaInit) -> i32 {
+    install_crypto();
+    let mut opts = crate::tls::CaOptions {
+        days: a.days,
+        system_roots: a.system_roots.clone(),
+        ..Default::default()
+    };
+    if a.no_name_constraints {
+        opts.permitted_dns = None;
+    } else {
+        // The configured destinations' hosts: from --config, or the default
+        // config file when there is one (never the embedded default: it adds none).
+        let source = match &a.config {
+            Some(p) => Some(ConfigSource::File(p.clone())),
+            None => match ConfigSource::resolve(None) {
+                ConfigSource::Embedded => None,
+                s => Some(s),
+            },
+        };
+        if let Some(source) = source {
+            // Only the destinations matter here: a config made for the cluster
+            // (files that exist only there) still gives its hosts.
+            let (cfg, errs) = source.load_all();
+            let bad: Vec<_> = errs
+                .into_iter()
+                .filter(|e| e.key.starts_with("destinations") || e.key.starts_with('('))
+                .collect();
+            match cfg {
+                Some(cfg) if bad.is_empty() => opts = opts.permit(configured_hosts(&cfg)),
+                _ => {
+                    print_errors(&bad);
+                    eprintln!(
+                        "error: the CA's permitted hosts come from {}: fix its destinations, \
+                         or name hosts with --permit",
+                        source.label()
+                    );
+                    return 1;
+                }
+            }
+        }
+        opts = opts.permit(&a.permit);
+    }
+    match crate::tls::init_ca(&a.out, a.force, &opts) {
+        Ok(files) => {
+            println!("wrote {}", files.cert.display());
+            println!("wrote {} (secret: mode 0600)", files.key.display());
+            if let Some(b) = &files.bundle {
+                println!("wrote {} (system roots + this CA)", b.display());
+            }
+            println!(
+                "wrote {} (PKCS#12 truststore, password {:?})",
+                files.truststore.display(),
+                crate::tls::TRUSTSTORE_PASSWORD
+            );
+            match &opts.permitted_dns {
+                Some(hosts) => println!(
+                    "valid {} days; may sign only for: {}",
+                    opts.days,
+                    hosts.join(", ")
+                ),
+                None => println!(
+                    "valid {} days; no name constraints (may sign for any host)",
+                    opts.days
+                ),
+            }
+            for n in &files.notes {
+                println!("note: {n}");
+            }
+            println!();
+            println!("{}", crate::tls::trust_instructions(&files.cert));
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 fn load_enc(key_file: Option<&Path>) -> Result<Option<crate::audit::EncKey>, i32> {
@@ -710,8 +914,25 @@ pub fn audit_find(
     };
     match crate::audit::find(&paths, enc.as_ref(), patient, since, &pkey) {
         Ok(recs) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
             for r in &recs {
-                println!("{r}");
+                // `audit find | head`: a reader that has seen enough closes the
+                // pipe; that ends the listing quietly, not with a panic.
+                if let Err(e) = writeln!(out, "{r}") {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return 0;
+                    }
+                    eprintln!("error: writing the records: {e}");
+                    return 1;
+                }
+            }
+            if let Err(e) = out.flush() {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return 0;
+                }
+                eprintln!("error: writing the records: {e}");
+                return 1;
             }
             eprintln!("{} record(s)", recs.len());
             0

@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -157,7 +158,7 @@ async fn tls_client(
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca_pem).unwrap();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.unwrap()).unwrap();
     }
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -234,7 +235,7 @@ async fn rustls_client_over_connect_h2_gpc_and_leaf_checks() {
     let certs = tls.get_ref().1.peer_certificates().unwrap().to_vec();
     let (_, leaf) = x509_parser::parse_x509_certificate(certs[0].as_ref()).unwrap();
     let ca_pem = std::fs::read(proxy_ca(&p)).unwrap();
-    let ca_der = rustls_pemfile::certs(&mut ca_pem.as_slice())
+    let ca_der = rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem)
         .next()
         .unwrap()
         .unwrap();

@@ -74,7 +74,7 @@ async fn dashboard_and_alert_metrics_exist_in_a_live_scrape() {
     let scrape = String::from_utf8(admin_get(&p, "/metrics").await.body).unwrap();
     let live: BTreeSet<String> = scrape
         .lines()
-        .filter(|l| l.starts_with("consentgate_"))
+        .filter(|l| l.starts_with("consentgate_") || l.starts_with("process_"))
         .map(|l| {
             let name = l.split(['{', ' ']).next().unwrap();
             ["_bucket", "_sum", "_count"]

@@ -16,6 +16,7 @@
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
@@ -65,7 +66,7 @@ impl PgTls {
                         let err =
                             |e: String| format!("consent.postgres.ca_file {}: {e}", path.display());
                         let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-                        let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                        let certs = CertificateDer::pem_slice_iter(&pem)
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| err(format!("not PEM: {e}")))?;
                         if certs.is_empty() {

@@ -6,9 +6,11 @@ use crate::enforce::{self, ConnectGate, Refusal};
 use crate::forward::ProxyBody;
 use crate::pipeline::{End, Exchange};
 use crate::route::{Target, Via};
+use crate::tls::HandshakeError;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -16,6 +18,7 @@ pub(crate) async fn handle_connect(
     app: Arc<App>,
     req: Request<Incoming>,
     shutdown: watch::Receiver<bool>,
+    peer: Option<SocketAddr>,
 ) -> Response<ProxyBody> {
     let rt = app.runtime.load_full();
     let mut x = Exchange::new(&app, req.headers());
@@ -27,7 +30,7 @@ pub(crate) async fn handle_connect(
         },
         ConnectGate::Tunnel(t) => tunnel(&app, &rt, &mut x, req, t).await,
         ConnectGate::Intercept(t) => {
-            intercept(app.clone(), req, t, shutdown);
+            intercept(app.clone(), req, t, shutdown, peer);
             End::Intercepted
         }
     };
@@ -72,9 +75,17 @@ async fn tunnel<'rt>(
 }
 
 /// Terminate TLS with a minted certificate and serve the tunnel's requests.
-fn intercept(app: Arc<App>, req: Request<Incoming>, t: Target, shutdown: watch::Receiver<bool>) {
+fn intercept(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    t: Target,
+    shutdown: watch::Receiver<bool>,
+    peer: Option<SocketAddr>,
+) {
     let Target { host, port } = t;
     let minter = app.minter.clone();
+    // Spawned outside the CONNECT's request span: the tunnel outlives it, and
+    // each request inside gets its own.
     tokio::spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -92,10 +103,40 @@ fn intercept(app: Arc<App>, req: Request<Incoming>, t: Target, shutdown: watch::
                         "SNI differs from the CONNECT authority; routing by the authority"
                     );
                 }
-                super::serve_connection(app, tls, Via::Intercepted { host, port }, shutdown, false)
-                    .await;
+                let via = Via::Intercepted { host, port };
+                super::serve_connection(app, tls, via, shutdown, false, peer).await;
             }
-            Err(e) => tracing::info!(error = %e, "intercepted TLS handshake failed"),
+            Err(e) => handshake_failed(&app, "connect", &e, Some(&host), peer),
         }
     });
+}
+
+/// Count and log an app's failed TLS handshake with the proxy (CONNECT
+/// interception or the gateway). The line names the host the app asked for and
+/// the app's address, never anything from inside the connection: this is the
+/// first thing to look at when a rollout's apps do not trust the CA.
+pub(crate) fn handshake_failed(
+    app: &App,
+    listener: &'static str,
+    e: &HandshakeError,
+    connect_host: Option<&str>,
+    peer: Option<SocketAddr>,
+) {
+    let reason = e.reason();
+    app.metrics.handshake_failed("client", reason);
+    let peer = peer.map(|p| p.to_string());
+    let (sni, peer) = (
+        e.sni.as_deref().unwrap_or(""),
+        peer.as_deref().unwrap_or(""),
+    );
+    let connect_host = connect_host.unwrap_or("");
+    // A client that closes before a handshake (a TCP health check, a port scan)
+    // is counted, but is no reason for a warning.
+    if reason == "eof" {
+        tracing::info!(listener, side = "client", reason, sni, connect_host, peer,
+            error = %e, "TLS handshake failed");
+    } else {
+        tracing::warn!(listener, side = "client", reason, sni, connect_host, peer,
+            error = %e, "TLS handshake failed");
+    }
 }

@@ -19,6 +19,7 @@ pub async fn run_gateway(
     accept_loop("gateway", listener, shutdown, tracker, move |stream, sd| {
         let app = app.clone();
         async move {
+            let peer = stream.peer_addr().ok();
             match app.minter.accept(stream, None).await {
                 Ok((tls, sni)) => {
                     app.metrics.connections_open.inc();
@@ -26,10 +27,10 @@ pub async fn run_gateway(
                         host: sni,
                         port: 443,
                     };
-                    serve_connection(app.clone(), tls, via, sd, false).await;
+                    serve_connection(app.clone(), tls, via, sd, false, peer).await;
                     app.metrics.connections_open.dec();
                 }
-                Err(e) => tracing::info!(error = %e, "gateway TLS handshake failed"),
+                Err(e) => super::connect::handshake_failed(&app, "gateway", &e, None, peer),
             }
         }
     })

@@ -91,6 +91,10 @@ fn count_refusals(app: &Arc<App>, listener: &'static str) -> OnRefused {
             .requests_total
             .with_label_values(&["unknown", "blocked"])
             .inc();
+        metrics
+            .responses_total
+            .with_label_values(&["unknown", &r.status.to_string(), r.code])
+            .inc();
         tracing::info!(listener, request_id = %request_id, status = r.status, error = r.code,
             decision = "blocked", "request head refused");
     })
@@ -170,13 +174,15 @@ pub(crate) async fn serve_http<IO, H, Fut, B>(
 }
 
 /// Serve the proxy's HTTP on one connection (the proxy port, or the TLS inside
-/// an intercepted CONNECT or on the gateway listener).
+/// an intercepted CONNECT or on the gateway listener). `peer`: the app's address,
+/// for the log lines and spans of its requests.
 pub async fn serve_connection<IO>(
     app: Arc<App>,
     io: IO,
     via: Via,
     shutdown: watch::Receiver<bool>,
     allow_connect: bool,
+    peer: Option<std::net::SocketAddr>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -188,12 +194,17 @@ pub async fn serve_connection<IO>(
     let gate = gate_cfg(&limits, Some(count_refusals(&app, listener)));
     let svc_shutdown = shutdown.clone();
     let handler = move |req: hyper::Request<Incoming>| {
-        proxy_request(
-            app.clone(),
-            req,
-            via.clone(),
-            svc_shutdown.clone(),
-            allow_connect,
+        let span = crate::telemetry::request_span(req.headers(), peer, &via);
+        tracing::Instrument::instrument(
+            proxy_request(
+                app.clone(),
+                req,
+                via.clone(),
+                svc_shutdown.clone(),
+                allow_connect,
+                peer,
+            ),
+            span,
         )
     };
     serve_http(io, &limits, gate, Some(shutdown), handler).await
@@ -206,6 +217,7 @@ async fn proxy_request(
     via: Via,
     shutdown: watch::Receiver<bool>,
     allow_connect: bool,
+    peer: Option<std::net::SocketAddr>,
 ) -> hyper::Response<ProxyBody> {
     let limits = app.runtime.load().config.limits.clone();
     if let Some(r) = enforce::check_head(&req, limits.max_header_bytes) {
@@ -213,7 +225,7 @@ async fn proxy_request(
     }
     if req.method() == hyper::Method::CONNECT {
         if allow_connect {
-            return connect::handle_connect(app, req, shutdown).await;
+            return connect::handle_connect(app, req, shutdown, peer).await;
         }
         return pipeline::refuse(&app, req.headers(), Refusal::connect_not_allowed());
     }
@@ -275,7 +287,8 @@ pub async fn run_proxy(
         let app = app.clone();
         async move {
             app.metrics.connections_open.inc();
-            serve_connection(app.clone(), stream, Via::Plain, sd, true).await;
+            let peer = stream.peer_addr().ok();
+            serve_connection(app.clone(), stream, Via::Plain, sd, true, peer).await;
             app.metrics.connections_open.dec();
         }
     })

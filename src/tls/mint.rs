@@ -47,6 +47,9 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// Callback fed with the duration of every mint (for a histogram).
 pub type MintObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+/// Callback told about every certificate that could not be minted
+/// (`consentgate_tls_mint_failures_total`).
+pub type MintFailureObserver = Arc<dyn Fn(&MintError) + Send + Sync>;
 
 /// Errors minting a leaf certificate.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,6 +58,12 @@ pub enum MintError {
     InvalidHost(String),
     #[error("minting a certificate for {host}: {reason}")]
     Mint { host: String, reason: String },
+    #[error(
+        "{host} is outside the interception CA's name constraints: make a new CA that \
+         permits it (consentgate ca init --force --permit {host}; see the CA rotation \
+         procedure in docs/RUNBOOK.md)"
+    )]
+    NotPermitted { host: String },
 }
 
 /// Errors accepting an intercepted TLS connection.
@@ -68,6 +77,23 @@ pub enum AcceptError {
     Io(#[from] std::io::Error),
     #[error("TLS handshake did not complete within {0:?}")]
     Timeout(Duration),
+}
+
+/// A failed accept, with the server name the client asked for when it got that
+/// far (for the log line: which host the app could not reach).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct HandshakeError {
+    /// The ClientHello's SNI, if one was read.
+    pub sni: Option<String>,
+    pub error: AcceptError,
+}
+
+impl HandshakeError {
+    /// The `reason` label of `consentgate_tls_handshake_failures_total{side="client"}`.
+    pub fn reason(&self) -> &'static str {
+        super::handshake::client_reason(&self.error)
+    }
 }
 
 /// What the cache holds per host.
@@ -84,6 +110,7 @@ pub struct CertMinter {
     cache: moka::future::Cache<String, Arc<HostEntry>>,
     minted_total: AtomicU64,
     observer: RwLock<Option<MintObserver>>,
+    failure_observer: RwLock<Option<MintFailureObserver>>,
 }
 
 impl std::fmt::Debug for CertMinter {
@@ -114,12 +141,22 @@ impl CertMinter {
                 .build(),
             minted_total: AtomicU64::new(0),
             observer: RwLock::new(None),
+            failure_observer: RwLock::new(None),
         }
     }
 
     /// Install (or replace) the mint-duration observer.
     pub fn set_observer(&self, f: MintObserver) {
         let mut guard = self.observer.write().unwrap_or_else(|e| e.into_inner());
+        *guard = Some(f);
+    }
+
+    /// Install (or replace) the observer of failed mints.
+    pub fn set_failure_observer(&self, f: MintFailureObserver) {
+        let mut guard = self
+            .failure_observer
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         *guard = Some(f);
     }
 
@@ -155,9 +192,35 @@ impl CertMinter {
             .map_err(|e: Arc<MintError>| (*e).clone())
     }
 
+    /// Mint, telling the failure observer (and the log) when it fails.
     fn mint(&self, name: &HostName) -> Result<HostEntry, MintError> {
+        let r = self.mint_inner(name);
+        if let Err(e) = &r {
+            tracing::warn!(host = %name.cache_key(), error = %e, "interception certificate not minted");
+            let observer = self
+                .failure_observer
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(observe) = observer {
+                observe(e);
+            }
+        }
+        r
+    }
+
+    fn mint_inner(&self, name: &HostName) -> Result<HostEntry, MintError> {
         let started = Instant::now();
         let host = name.cache_key();
+        // A leaf the apps would refuse anyway (RFC 5280 name constraints) is not
+        // minted: the failure is then counted and logged here, naming the host.
+        let permitted = match name {
+            HostName::Dns(d) => self.ca.permits_dns(d),
+            HostName::Ip(_) => self.ca.permitted_dns().is_none(),
+        };
+        if !permitted {
+            return Err(MintError::NotPermitted { host });
+        }
         let fail = |reason: String| MintError::Mint {
             host: host.clone(),
             reason,
@@ -243,26 +306,37 @@ impl CertMinter {
         &self,
         io: IO,
         fallback_host: Option<&str>,
-    ) -> Result<(TlsStream<IO>, String), AcceptError>
+    ) -> Result<(TlsStream<IO>, String), HandshakeError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_inner(io, fallback_host)).await {
-            Ok(r) => r,
-            Err(_) => Err(AcceptError::Timeout(HANDSHAKE_TIMEOUT)),
-        }
+        let mut sni = None;
+        let r = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.accept_inner(io, fallback_host, &mut sni),
+        )
+        .await;
+        let error = match r {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err(e)) => e,
+            Err(_) => AcceptError::Timeout(HANDSHAKE_TIMEOUT),
+        };
+        Err(HandshakeError { sni, error })
     }
 
     async fn accept_inner<IO>(
         &self,
         io: IO,
         fallback_host: Option<&str>,
+        sni_seen: &mut Option<String>,
     ) -> Result<(TlsStream<IO>, String), AcceptError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
         let sni = start.client_hello().server_name().map(str::to_owned);
+        // Bounded: rustls accepts only a valid DNS name as SNI.
+        sni_seen.clone_from(&sni);
         let requested = match (sni, fallback_host) {
             (Some(s), _) => s,
             (None, Some(f)) => f.to_owned(),
@@ -320,7 +394,7 @@ fn normalize_host(host: &str) -> Result<HostName, MintError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::ca::{init_ca, load_ca};
+    use crate::tls::ca::{init_ca, load_ca, CaOptions};
     use rustls::client::danger::ServerCertVerifier;
     use rustls::client::WebPkiServerVerifier;
     use rustls::{ClientConfig, RootCertStore};
@@ -329,9 +403,10 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
     use tokio_rustls::TlsConnector;
 
+    /// A minter whose CA has no name constraints (these tests mint for made-up hosts).
     fn test_minter() -> (Arc<CertMinter>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let files = init_ca(dir.path(), false).unwrap();
+        let files = init_ca(dir.path(), false, &CaOptions::unconstrained()).unwrap();
         let ca = load_ca(&files.cert, &files.key).unwrap();
         (Arc::new(CertMinter::new(ca)), dir)
     }
@@ -495,7 +570,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let handle = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let (mut tls, host) = minter.accept(tcp, fallback).await?;
+            let (mut tls, host) = minter.accept(tcp, fallback).await.map_err(|e| e.error)?;
             let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
             let mut buf = [0u8; 64];
             let n = tls.read(&mut buf).await?;

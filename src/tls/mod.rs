@@ -7,10 +7,17 @@
 
 pub mod admin;
 pub mod ca;
+pub(crate) mod handshake;
 pub mod mint;
+mod p12;
 
 pub use ca::{
-    ensure_ca, init_ca, load_ca, trust_instructions, CaError, CaFiles, LoadedCa, CA_CERT_FILE,
-    CA_KEY_FILE,
+    ensure_ca, init_ca, load_ca, trust_instructions, CaError, CaFiles, CaOptions, LoadedCa,
+    BUILTIN_PERMITTED_HOSTS, CA_BUNDLE_FILE, CA_CERT_FILE, CA_DEFAULT_DAYS, CA_KEY_FILE,
+    TRUSTSTORE_ALIAS, TRUSTSTORE_FILE, TRUSTSTORE_PASSWORD,
 };
-pub use mint::{AcceptError, CertMinter, MintError, MintObserver, DEFAULT_CACHE_CAPACITY};
+pub(crate) use handshake::upstream_reason;
+pub use mint::{
+    AcceptError, CertMinter, HandshakeError, MintError, MintFailureObserver, MintObserver,
+    DEFAULT_CACHE_CAPACITY,
+};

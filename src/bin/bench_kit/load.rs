@@ -127,7 +127,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 fn tls_connector(ca: &str) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).expect("read --ca");
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.expect("PEM certificate")).expect("add root");
     }
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(

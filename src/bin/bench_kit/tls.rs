@@ -12,7 +12,7 @@
 //!
 //! Prints one JSON line. `--iters N` (default 2000), `--mints M` (default 200).
 
-use consentgate::tls::{init_ca, load_ca, CertMinter};
+use consentgate::tls::{init_ca, load_ca, CaOptions, CertMinter};
 use hdrhistogram::Histogram;
 use rustls::server::ServerSessionMemoryCache;
 use rustls::sign::SingleCertAndKey;
@@ -130,7 +130,8 @@ pub fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = init_ca(dir.path(), false).expect("init_ca");
+        // Made-up hosts: a CA without name constraints.
+        let files = init_ca(dir.path(), false, &CaOptions::unconstrained()).expect("init_ca");
         let ca = load_ca(&files.cert, &files.key).expect("load_ca");
         let minter = Arc::new(CertMinter::new(ca));
 

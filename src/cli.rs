@@ -151,6 +151,8 @@ pub enum SyncCommand {
     /// attempt and the last error (JSON). Reads the outbox of the configured
     /// consent source; safe next to a running proxy.
     Status {
+        /// The config whose `sync:` targets and outbox to read (default:
+        /// config/consentgate.yaml, else the embedded default).
         #[arg(long)]
         config: Option<PathBuf>,
     },

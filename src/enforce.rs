@@ -14,7 +14,7 @@
 //! [`Refusal`] constructor; README's table of refusals lists them.
 
 use crate::app::Runtime;
-use crate::audit::{AuditRecord, PseudonymKey};
+use crate::audit::{EventEntry, PseudonymKey};
 use crate::body::{self, BodyReadError, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
@@ -542,8 +542,10 @@ pub(crate) fn plan(
         true => RequestDecision::Modified,
         false => RequestDecision::Allowed,
     };
-    let body = match &e.enforced.body {
-        Some(new_plain) => match body::encode(inspect.encoding, new_plain) {
+    // The rewritten body moves into the plan (`changed` was read above).
+    let body = match e.enforced.body.take() {
+        Some(new_plain) if inspect.encoding == Encoding::Identity => Outgoing::Rewritten(new_plain),
+        Some(new_plain) => match body::encode(inspect.encoding, &new_plain) {
             Ok(b) => Outgoing::Rewritten(b),
             Err(d) => return refused(Refusal::encode_failed(d), Some(e)),
         },
@@ -579,9 +581,7 @@ fn reencoded(inspect: &Inspect<'_>, plain: &[u8], raw: &[u8]) -> Outgoing {
 /// events already guarded (the whole body again, the query, the header values
 /// but authentication). True: someone this request may not send for is named.
 fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8]) -> bool {
-    let mut strings = Vec::new();
-    guard::body_strings(body, inspect.content_type.as_deref(), &mut strings);
-    let mut foreign = g.outside("body", &strings);
+    let mut foreign = g.outside_body(body, inspect.content_type.as_deref());
     if let Some(q) = parts.uri.query() {
         let pairs: Vec<Cow<'_, str>> = form_urlencoded::parse(q.as_bytes())
             .flat_map(|(k, v)| [k, v])
@@ -598,10 +598,58 @@ fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8
     foreign
 }
 
+/// One event's decision as the plan keeps it: what the audit, the metrics and
+/// Learn need, in a few words (a batch of 70,000 events keeps one each). The
+/// patients are indexes into [`Enforcement::patients`]; the full [`Decision`]
+/// (identifiers, records, policy steps) is kept only when tracing.
+pub(crate) struct Decided {
+    pub gpc_trigger: bool,
+    /// How many consent records the event matched.
+    pub matches: u32,
+    /// The first matched record's patient.
+    pub patient: Option<u32>,
+    /// The other matched records' patients (rare: identifiers of two people).
+    pub more: Option<Box<[u32]>>,
+    /// The whole decision, for `explain`.
+    pub trace: Option<Box<Decision>>,
+}
+
+impl Decided {
+    /// Every matched patient, first match first.
+    pub(crate) fn patients(&self) -> impl Iterator<Item = u32> + '_ {
+        self.patient
+            .into_iter()
+            .chain(self.more.iter().flat_map(|m| m.iter().copied()))
+    }
+}
+
+/// The distinct patients of one body's events, each once.
+#[derive(Default)]
+pub(crate) struct Patients {
+    ids: Vec<Box<str>>,
+    index: std::collections::HashMap<Box<str>, u32>,
+}
+
+impl Patients {
+    fn intern(&mut self, id: Box<str>) -> u32 {
+        if let Some(i) = self.index.get(&id) {
+            return *i;
+        }
+        let i = self.ids.len() as u32;
+        self.ids.push(id.clone());
+        self.index.insert(id, i);
+        i
+    }
+    pub(crate) fn get(&self, i: u32) -> Option<&str> {
+        self.ids.get(i as usize).map(|b| &**b)
+    }
+}
+
 /// What enforcement concluded for one body.
 pub(crate) struct Enforcement {
     pub enforced: Enforced,
-    pub decisions: Vec<Decision>,
+    pub decisions: Vec<Decided>,
+    pub patients: Patients,
     pub context: Context,
     /// What the egress guard did, in order.
     pub interventions: Vec<Intervention>,
@@ -631,7 +679,7 @@ impl Enforcement {
         v
     }
     /// Each event with the decision behind it, in payload order.
-    pub(crate) fn events(&self) -> impl Iterator<Item = (&EventApplied, &Decision)> {
+    pub(crate) fn events(&self) -> impl Iterator<Item = (&EventApplied, &Decided)> {
         self.enforced.events.iter().zip(&self.decisions)
     }
     /// The event's decision as counted and audited (`would_*` in shadow mode).
@@ -644,33 +692,25 @@ impl Enforcement {
             (false, false, _) => "allowed",
         }
     }
-    /// One audit record per event or recipient: decision, reason, rule, what was
-    /// stripped or set, and the patient's pseudonym (never the raw id).
-    pub(crate) fn audit_records(
-        &self,
-        request_id: &str,
-        dest: &str,
-        pseudonyms: &PseudonymKey,
-    ) -> Vec<AuditRecord> {
+    /// One audit entry per event or recipient: decision, reason (and so the
+    /// rule), what was stripped or set, and the patient's pseudonym (never the
+    /// raw id). They ride on the request's `decision` record.
+    pub(crate) fn audit_events(&self, pseudonyms: &PseudonymKey) -> Vec<EventEntry> {
         self.events()
-            .enumerate()
-            .map(|(i, (e, d))| {
-                let reason = e.verdict.reason(d.gpc_trigger);
-                let mut r = AuditRecord::decision(
-                    request_id,
-                    dest,
-                    self.event_decision(e),
-                    reason.as_str(),
-                );
-                r.category = Some(self.context.category.as_str().to_string());
-                r.rule = Some(reason.rule().to_string());
-                r.fields_stripped = e.fields_stripped.clone();
-                r.flags_set = e.flags_set.clone();
-                if let Some(rec) = d.records.first() {
-                    r.patient = Some(pseudonyms.pseudonym(&rec.patient_id));
+            .map(|(e, d)| {
+                let (stripped, flags) = (e.fields_stripped(), e.flags_set());
+                let changes = (!stripped.is_empty() || !flags.is_empty())
+                    .then(|| Box::new((stripped.to_vec(), flags.to_vec())));
+                EventEntry {
+                    patient: d
+                        .patient
+                        .and_then(|i| self.patients.get(i))
+                        .map(|p| pseudonyms.pseudonym_bytes(p)),
+                    decision: self.event_decision(e),
+                    reason: e.verdict.reason(d.gpc_trigger),
+                    matches: d.matches,
+                    changes,
                 }
-                r.detail = Some(serde_json::json!({"event": i, "matches": d.records.len()}));
-                r
             })
             .collect()
     }
@@ -701,12 +741,14 @@ fn enforce<'a>(
         patient: inspect.hints.patient.as_deref(),
         trace,
         decisions: Vec::new(),
+        patients: Patients::default(),
         guard: Guard::new(consent, context.kind.is_ads_or_analytics()),
     };
     let enforced = route.adapter.enforce(view, body, &mut judging)?;
     let e = Enforcement {
         enforced,
         decisions: judging.decisions,
+        patients: judging.patients,
         context,
         shadow: route.mode == Mode::Shadow,
         interventions: Vec::new(),
@@ -722,7 +764,8 @@ struct Judging<'a> {
     /// The patient the app named (`X-Patient-Id`), for events that name nobody.
     patient: Option<&'a str>,
     trace: bool,
-    decisions: Vec<Decision>,
+    decisions: Vec<Decided>,
+    patients: Patients,
     guard: Guard<'a>,
 }
 
@@ -755,7 +798,30 @@ impl Judge for Judging<'_> {
             }
         }
         let v = d.verdict;
-        self.decisions.push(d);
+        let mut ids = Vec::with_capacity(d.records.len());
+        let (gpc_trigger, matches) = (d.gpc_trigger, d.records.len() as u32);
+        let trace = match self.trace {
+            true => {
+                for r in &d.records {
+                    ids.push(self.patients.intern(r.patient_id.clone()));
+                }
+                Some(Box::new(d))
+            }
+            false => {
+                for r in d.records {
+                    ids.push(self.patients.intern(r.patient_id));
+                }
+                None
+            }
+        };
+        let decided = Decided {
+            gpc_trigger,
+            matches,
+            patient: ids.first().copied(),
+            more: (ids.len() > 1).then(|| ids[1..].into()),
+            trace,
+        };
+        self.decisions.push(decided);
         v
     }
     fn guard(

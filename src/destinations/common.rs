@@ -275,10 +275,10 @@ pub fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
 pub type Hasher = fn(&str) -> String;
 
 /// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
-pub fn hash_all(v: &mut Value, spec: &[(&str, Hasher)], hashed: &mut Vec<String>) {
+pub fn hash_all(v: &mut Value, spec: &[(&'static str, Hasher)], hashed: &mut Vec<&'static str>) {
     for (p, h) in spec {
         if hash_at(v, p, *h) {
-            hashed.push((*p).to_string());
+            hashed.push(p);
         }
     }
 }
@@ -323,7 +323,8 @@ pub fn enforce_array(
             continue;
         }
         match judge.guard(i, ev) {
-            Ok(removed) => applied[i].fields_stripped.extend(removed),
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => applied[i].ch().fields_stripped.extend(removed),
             Err(_) => {
                 applied[i].verdict = EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
                 keep_mask[i] = false;

@@ -41,33 +41,82 @@ pub struct RequestView<'a> {
     pub content_type: Option<&'a str>,
 }
 
-/// What the adapter did to one event, in payload order.
+/// What the adapter did to one event, in payload order. Small (two words) when
+/// nothing was changed: a batch of 70,000 events keeps one of these per event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventApplied {
     pub verdict: EventVerdict,
+    /// The first field path hashed (most events hash one, e.g. `user_data.em`).
+    hashed_first: Option<&'static str>,
+    changes: Option<Box<Changes>>,
+}
+
+/// What was changed in one event (allocated only when something was).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
     /// Dotted field paths removed or reduced (names only, never values).
     pub fields_stripped: Vec<String>,
     /// Signals set, e.g. `data_processing_options=LDU`.
     pub flags_set: Vec<String>,
-    /// Field paths whose plaintext was hashed on the way out.
-    pub hashed: Vec<String>,
+    /// Field paths whose plaintext was hashed on the way out, after the first.
+    hashed: Vec<&'static str>,
 }
 
 impl EventApplied {
     pub fn new(verdict: EventVerdict) -> Self {
         EventApplied {
             verdict,
-            fields_stripped: vec![],
-            flags_set: vec![],
-            hashed: vec![],
+            hashed_first: None,
+            changes: None,
         }
+    }
+    /// What was changed, to add to.
+    pub fn ch(&mut self) -> &mut Changes {
+        self.changes.get_or_insert_with(Box::default)
+    }
+    /// Run `f` on a list of stripped paths; anything it adds is recorded.
+    pub fn strip_with(&mut self, f: impl FnOnce(&mut Vec<String>)) {
+        let mut v = Vec::new();
+        f(&mut v);
+        if !v.is_empty() {
+            self.ch().fields_stripped.append(&mut v);
+        }
+    }
+    /// Record that the plaintext at `path` was hashed.
+    pub fn hash(&mut self, path: &'static str) {
+        match self.hashed_first {
+            None => self.hashed_first = Some(path),
+            Some(_) => self.ch().hashed.push(path),
+        }
+    }
+    /// Run `f` on a list of hashed paths; anything it adds is recorded.
+    pub fn hash_with(&mut self, f: impl FnOnce(&mut Vec<&'static str>)) {
+        let mut v = Vec::new();
+        f(&mut v);
+        for p in v {
+            self.hash(p);
+        }
+    }
+    pub fn fields_stripped(&self) -> &[String] {
+        self.changes.as_ref().map_or(&[], |c| &c.fields_stripped)
+    }
+    pub fn flags_set(&self) -> &[String] {
+        self.changes.as_ref().map_or(&[], |c| &c.flags_set)
+    }
+    /// The field paths hashed, in order.
+    pub fn hashed(&self) -> Vec<&'static str> {
+        let more = self.changes.as_ref().map_or(&[][..], |c| &c.hashed[..]);
+        self.hashed_first
+            .into_iter()
+            .chain(more.iter().copied())
+            .collect()
     }
     /// Whether the event leaves in a different form than it arrived.
     pub fn changed(&self) -> bool {
         self.verdict.is_drop()
-            || !self.fields_stripped.is_empty()
-            || !self.flags_set.is_empty()
-            || !self.hashed.is_empty()
+            || !self.fields_stripped().is_empty()
+            || !self.flags_set().is_empty()
+            || self.hashed_first.is_some()
     }
 }
 

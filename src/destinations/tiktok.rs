@@ -114,7 +114,7 @@ static EVENTS_1: Fields = Fields {
 
 fn limited_data_use(ev: &mut Value, _: Ldu, a: &mut EventApplied) {
     common::set_at(ev, "limited_data_use", json!(true));
-    a.flags_set.push("limited_data_use=true".into());
+    a.ch().flags_set.push("limited_data_use=true".into());
 }
 
 #[cfg(test)]

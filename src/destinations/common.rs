@@ -341,27 +341,7 @@ pub fn enforce_array(
     (changed, applied)
 }
 
-/// Enforce the array at `key` of a top-level JSON object (`{"data":[...]}`).
-/// An absent or non-array `key` is unreadable for the destination.
-pub fn enforce_json_batch(
-    body: &[u8],
-    key: &str,
-    judge: &mut dyn Judge,
-    identify: &dyn Fn(&Value) -> Identifiers,
-    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
-) -> Result<super::Enforced, BodyError> {
-    let mut root = parse_json(body)?;
-    let Some(Value::Array(events)) = root.get_mut(key) else {
-        return Err(BodyError::Unreadable(format!(
-            "`{key}` is missing or not an array"
-        )));
-    };
-    let (changed, applied) = enforce_array(events, judge, identify, apply);
-    Ok(super::Enforced {
-        body: changed.then(|| to_json(&root)),
-        events: applied,
-    })
-}
+pub use super::batch::enforce_json_batch;
 
 /// Like [`enforce_json_batch`], for an array at a dotted path of nested
 /// objects (`data.attributes.profiles.data`; `""` or `"$"`: a top-level array).

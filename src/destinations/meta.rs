@@ -6,6 +6,7 @@
 //! other form fields (`access_token`, `test_event_code`, …) are kept as they are.
 
 use super::adspec::{Fields, Sensitive};
+use super::batch::Batch;
 use super::common;
 use super::rawjson::{self, Node, Object, Shape};
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
@@ -111,12 +112,7 @@ fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
 
 /// The JSON error answer for a body that does not parse.
 fn invalid_json(e: &serde_json::Error) -> BodyError {
-    let what = if e.to_string().contains(common::DUPLICATE_KEY) {
-        common::DUPLICATE_KEY
-    } else {
-        "invalid JSON"
-    };
-    BodyError::Unreadable(format!("{what} at line {} column {}", e.line(), e.column()))
+    super::batch::json_error(e)
 }
 
 /// `user_data`'s key of each identity path (`user_data.em` → `em`).
@@ -301,10 +297,7 @@ fn enforce_data(
             }
         }
     }
-    let mut applied = Vec::with_capacity(data.len());
-    let mut buf = Vec::new();
-    let mut wrote = false;
-    out.push(b'[');
+    let mut batch = Batch::new(out, data.len());
     for (i, el) in data.into_iter().enumerate() {
         let text = el.get();
         let unquoted;
@@ -314,50 +307,12 @@ fn enforce_data(
         } else {
             (Object::parse(text).map_err(|e| invalid_json(&e))?, false)
         };
-        let (a, ev) = enforce_event(ev, judge)?;
-        applied.push(a);
-        let Some(ev) = ev else { continue };
-        // The guard reads each kept event as it will leave.
-        let start = out.len();
-        if wrote {
-            out.push(b',');
-        }
-        let at = out.len();
-        let written = if encoded {
-            buf.clear();
-            ev.write(&mut buf);
-            &buf
-        } else {
-            ev.write(out);
-            &out[at..]
-        };
-        let Some(a) = applied.last_mut() else {
-            continue;
-        };
-        let replaced = match guard_event(judge, i, written, a)? {
-            Guarded::Keep => None,
-            Guarded::Replace(v) => Some(v),
-            Guarded::Drop => {
-                out.truncate(start);
-                continue;
-            }
-        };
-        wrote = true;
-        let event = match (&replaced, encoded) {
-            (Some(v), _) => v.as_slice(),
-            (None, true) => buf.as_slice(),
-            (None, false) => continue,
-        };
-        out.truncate(at);
-        if encoded {
-            rawjson::write_str(out, &String::from_utf8_lossy(event));
-        } else {
-            out.extend_from_slice(event);
+        match enforce_event(ev, judge)? {
+            (a, None) => batch.dropped(a),
+            (a, Some(ev)) => batch.kept(a, encoded, |o| ev.write(o))?,
         }
     }
-    out.push(b']');
-    let changed = applied.iter().any(EventApplied::changed);
-    Ok((changed, applied))
+    batch.finish(judge)
 }
 
 fn not_event(i: usize) -> BodyError {
@@ -369,47 +324,6 @@ fn not_event(i: usize) -> BodyError {
 /// A `data` element that is a JSON string, as its text.
 fn unquote(el: &RawValue, i: usize) -> Result<String, BodyError> {
     serde_json::from_str(el.get()).map_err(|_| not_event(i))
-}
-
-/// What the guard made of one kept event.
-enum Guarded {
-    Keep,
-    /// Unknown contacts removed: these bytes leave instead.
-    Replace(Vec<u8>),
-    /// It names someone this request may not send for.
-    Drop,
-}
-
-/// The guard on one kept event as written; it is rewalked as a value tree only
-/// when an unknown contact must be removed.
-fn guard_event(
-    judge: &mut dyn Judge,
-    index: usize,
-    written: &[u8],
-    a: &mut EventApplied,
-) -> Result<Guarded, BodyError> {
-    let scan = judge.guard_text(index, written);
-    let foreign = || EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
-    if scan.foreign {
-        a.verdict = foreign();
-        return Ok(Guarded::Drop);
-    }
-    if !scan.unknown_contact {
-        return Ok(Guarded::Keep);
-    }
-    let mut v: Value = serde_json::from_slice(written).map_err(|e| invalid_json(&e))?;
-    match judge.guard(index, &mut v) {
-        Ok(removed) => {
-            if !removed.is_empty() {
-                a.ch().fields_stripped.extend(removed);
-            }
-            Ok(Guarded::Replace(common::to_json(&v)))
-        }
-        Err(_) => {
-            a.verdict = foreign();
-            Ok(Guarded::Drop)
-        }
-    }
 }
 
 fn missing_data() -> BodyError {

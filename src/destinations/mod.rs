@@ -3,6 +3,7 @@
 //! names it. The proxy never names a vendor.
 
 pub(crate) mod adspec;
+mod batch;
 pub mod braze;
 pub mod common;
 pub mod ga4;

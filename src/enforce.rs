@@ -116,8 +116,8 @@ impl Refusal {
         Refusal::new(
             451,
             "uninspected_endpoint",
-            "this destination endpoint is not inspected; requests with a body are refused \
-             (set the destination's mode to passthrough to allow)",
+            "this destination endpoint is not inspected; requests with a body or a query \
+             string are refused (set the destination's mode to passthrough to allow)",
         )
     }
     /// gRPC to a destination whose REST/JSON interface is the one inspected
@@ -392,8 +392,10 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         Ok(h) => h,
         Err(e) => return refuse(dest, Refusal::bad_request(e)),
     };
+    let query = parts.uri.query().filter(|q| !q.is_empty());
     if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path()) {
-        if route.mode == Mode::Passthrough || !head.has_body {
+        // A query carries data as a body does (Graph reads `?data=`, `?method=post`).
+        if route.mode == Mode::Passthrough || (!head.has_body && query.is_none()) {
             return Gate::Pass(Pass {
                 dest,
                 uri,
@@ -405,6 +407,9 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             return refuse(dest, Refusal::grpc_not_inspected());
         }
         return refuse(dest, Refusal::uninspected_endpoint());
+    }
+    if let Some(r) = query.and_then(|q| unread_query_param(q, route.adapter.query_params())) {
+        return refuse(dest, r);
     }
     let limit = rt.config.max_body_bytes;
     if declared_length(&parts.headers).is_some_and(|n| n > limit) {
@@ -428,6 +433,33 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         limit,
         content_type: media_type(&parts.headers),
     })
+}
+
+/// The refusal for a query parameter of an inspected endpoint that the adapter
+/// does not read (the vendor would: `?data=` beside a body, `To=` on Twilio).
+/// The parameter is named only when its name cannot be someone's data.
+fn unread_query_param(query: &str, read: &[&str]) -> Option<Refusal> {
+    let (name, _) = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| !read.iter().any(|r| r.eq_ignore_ascii_case(k)))?;
+    let plain = name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'))
+        && name.chars().filter(char::is_ascii_digit).count() < 4;
+    let shown = if plain {
+        format!("query parameter `{name}`")
+    } else {
+        "a query parameter".to_string()
+    };
+    let reads = match read {
+        [] => "none".to_string(),
+        r => r.join(", "),
+    };
+    Some(Refusal::unreadable(format!(
+        "{shown} is not read by consentgate for this endpoint, so it is not sent: send the \
+         data in the body (query parameters read here: {reads})"
+    )))
 }
 
 /// The declared Content-Length, when there is one that parses.

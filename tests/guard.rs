@@ -79,7 +79,8 @@ async fn a_foreign_identifier_outside_every_event_refuses_the_request() {
             "query",
             Req::post(
                 META,
-                "/v19.0/1/events?note=deny.me%40example.com",
+                // A parameter Graph reads there (others are refused unread).
+                "/v19.0/1/events?access_token=deny.me%40example.com",
                 granted.to_string(),
             ),
         ),

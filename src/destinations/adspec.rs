@@ -84,6 +84,8 @@ pub(crate) struct AdSpec {
     pub ldu_signal: &'static str,
     /// The platform's error shape for refusals (docs/SDKS.md).
     pub refusal_shape: Shape,
+    /// Query parameters it reads that carry no one's data ([`Adapter::query_params`]).
+    pub query_params: &'static [&'static str],
 }
 
 impl AdSpec {
@@ -196,5 +198,8 @@ impl Adapter for AdPlatform {
     }
     fn refusal_shape(&self) -> Shape {
         self.0.refusal_shape
+    }
+    fn query_params(&self) -> &'static [&'static str] {
+        self.0.query_params
     }
 }

@@ -135,6 +135,9 @@ impl Adapter for Ga4Mp {
             "www.google-analytics.com" | "region1.google-analytics.com"
         )
     }
+    fn query_params(&self) -> &'static [&'static str] {
+        &["measurement_id", "api_secret", "firebase_app_id"]
+    }
     fn inspects(&self, method: &Method, path: &str) -> bool {
         common::post_path_matches(method, path, &|s| {
             matches!(s, ["mp", "collect"] | ["debug", "mp", "collect"])

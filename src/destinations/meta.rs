@@ -422,6 +422,9 @@ impl Adapter for MetaCapi {
     fn matches_host(&self, host: &str) -> bool {
         host == "graph.facebook.com"
     }
+    fn query_params(&self) -> &'static [&'static str] {
+        &["access_token", "appsecret_proof"]
+    }
     fn inspects(&self, method: &Method, path: &str) -> bool {
         common::post_path_matches(method, path, &|s| match s {
             [v, _pixel, "events"] => v.starts_with('v'),

@@ -228,6 +228,13 @@ pub trait Adapter: Send + Sync + 'static {
     fn refusal_shape(&self) -> Shape {
         Shape::Plain
     }
+    /// The query parameters the vendor reads on an inspected endpoint that carry
+    /// no one's data (credentials, ids, switches), compared without case. Any
+    /// other parameter makes the request unreadable (SPEC §6, the egress guard:
+    /// the query is read like the body, and a field nobody reads is not sent).
+    fn query_params(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// Every built-in adapter, in match order. Adding a vendor: its file, and one line here.

@@ -26,6 +26,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id[]",
     ldu_signal: "opt_out: true + custom_data.opt_out_type \"LDP\"",
     refusal_shape: crate::refusal::Shape::Pinterest,
+    query_params: &["test"],
 };
 
 static FIELDS: Fields = Fields {

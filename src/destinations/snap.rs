@@ -25,6 +25,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id",
     ldu_signal: "none confirmed (identity stripped)",
     refusal_shape: crate::refusal::Shape::Snap,
+    query_params: &["access_token"],
 };
 
 static FIELDS: Fields = Fields {

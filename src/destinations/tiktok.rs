@@ -40,6 +40,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user.email[], user.phone[], user.external_id[] (1.0: context.user.email, phone_number, external_id)",
     ldu_signal: "limited_data_use: true (per event; 1.0: identity stripped)",
     refusal_shape: crate::refusal::Shape::TikTok,
+    query_params: &[],
 };
 
 static EVENTS_2: Fields = Fields {

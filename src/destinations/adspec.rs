@@ -8,7 +8,9 @@
 //! measured hot path) but reads its [`Fields`] from the same kind of table.
 //! Adding an ad platform: docs/ADAPTERS.md.
 
+use super::batch;
 use super::common::{self, Hasher};
+use super::shapes::Shapes;
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::decide::{Keep, Ldu};
 use crate::identify::Identifiers;
@@ -100,6 +102,18 @@ impl AdSpec {
 }
 
 impl Fields {
+    /// The shape rule (SPEC §6) over every identity path of these tables.
+    pub(crate) fn shapes(&self) -> Shapes<'static> {
+        let paths = [self.email, self.phone, self.external, self.identity];
+        let mut all: Vec<&'static str> = Vec::new();
+        for p in paths.iter().flat_map(|p| p.iter()) {
+            if !all.contains(p) {
+                all.push(p);
+            }
+        }
+        Shapes::new(all)
+    }
+
     pub(crate) fn identify(&self, ev: &Value) -> Identifiers {
         let mut ids = Identifiers::new();
         common::collect(ev, self.email, &mut ids, Identifiers::add_email);
@@ -180,11 +194,19 @@ impl Adapter for AdPlatform {
             return Err(BodyError::Unreadable("not an inspected endpoint".into()));
         };
         let f = e.fields;
+        let shapes = f.shapes();
+        let check = |ev: &Value| shapes.check(ev);
         let identify = |ev: &Value| f.identify(ev);
         let apply = |ev: &mut Value, k: &Keep, a: &mut EventApplied| f.apply(ev, k, a);
         match e.events {
-            Events::Array(key) => common::enforce_json_batch(body, key, judge, &identify, &apply),
-            Events::Single => common::enforce_json_single(body, judge, &identify, &apply),
+            Events::Array(key) => {
+                batch::enforce_json_batch_checked(body, key, judge, &check, &identify, &apply)
+            }
+            Events::Single => {
+                let root = common::parse_json(body)?;
+                check(&root)?;
+                common::enforce_single_value(root, judge, &identify, &apply)
+            }
         }
     }
     fn synthetic_ok(&self) -> SyntheticOk {

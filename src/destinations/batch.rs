@@ -225,6 +225,19 @@ pub fn enforce_json_batch(
     identify: &dyn Fn(&Value) -> Identifiers,
     apply: &dyn Fn(&mut Value, &Keep, &mut EventApplied),
 ) -> Result<Enforced, BodyError> {
+    enforce_json_batch_checked(body, key, judge, &|_| Ok(()), identify, apply)
+}
+
+/// [`enforce_json_batch`], each event first passed through `check` (the
+/// shape rule: see `shapes.rs`).
+pub(crate) fn enforce_json_batch_checked(
+    body: &[u8],
+    key: &'static str,
+    judge: &mut dyn Judge,
+    check: &dyn Fn(&Value) -> Result<(), BodyError>,
+    identify: &dyn Fn(&Value) -> Identifiers,
+    apply: &dyn Fn(&mut Value, &Keep, &mut EventApplied),
+) -> Result<Enforced, BodyError> {
     let doc = rawjson::Doc::parse(body, key).map_err(|e| json_error(&e))?;
     let missing = || BodyError::Unreadable(format!("`{key}` is missing or not an array"));
     let (Shape::Object(root), Some(Shape::Array(events))) = (doc.root, doc.special) else {
@@ -241,6 +254,7 @@ pub fn enforce_json_batch(
         let mut batch = Batch::new(out, events.len());
         for raw in events {
             let mut ev = common::strict_json_str(raw.get()).map_err(|e| json_error(&e))?;
+            check(&ev)?;
             let verdict = judge.decide(&identify(&ev));
             let mut a = EventApplied::new(verdict);
             match verdict {

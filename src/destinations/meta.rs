@@ -9,6 +9,7 @@ use super::adspec::{Fields, Sensitive};
 use super::batch::Batch;
 use super::common;
 use super::rawjson::{self, Node, Object, Shape};
+use super::shapes;
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
 use crate::decide::{EventVerdict, Keep, Ldu};
 use crate::identify::{self, Identifiers};
@@ -115,6 +116,26 @@ fn invalid_json(e: &serde_json::Error) -> BodyError {
     super::batch::json_error(e)
 }
 
+/// `user_data`'s keys that identify the person (every identity path of
+/// [`FIELDS`] without its `user_data.`).
+fn identity_leaves() -> &'static [&'static str] {
+    static LEAVES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    LEAVES.get_or_init(|| {
+        let f = &FIELDS;
+        let mut v: Vec<&'static str> = Vec::new();
+        for p in [f.email, f.phone, f.external, f.identity]
+            .iter()
+            .flat_map(|p| p.iter())
+        {
+            let k = ud_key(p);
+            if !v.contains(&k) {
+                v.push(k);
+            }
+        }
+        v
+    })
+}
+
 /// `user_data`'s key of each identity path (`user_data.em` → `em`).
 fn ud_key(path: &str) -> &str {
     path.strip_prefix("user_data.").unwrap_or(path)
@@ -123,6 +144,17 @@ fn ud_key(path: &str) -> &str {
 /// Identifiers in `user_data` (em, then ph, then external_id, as
 /// [`identify_event`]); the values looked at are kept parsed.
 fn identify_user_data(ud: &mut Object<'_>) -> Result<Identifiers, BodyError> {
+    let leaves = identity_leaves();
+    for (k, n) in ud.entries.iter_mut() {
+        shapes::check_key("user_data", &k.0, leaves)?;
+        // An identity value must be a string, a number or a list of them.
+        let lead = n.lead();
+        if leaves.contains(&k.0.as_ref()) && matches!(lead, b'{' | b'[') {
+            let v = n.take_value().map_err(|e| invalid_json(&e))?;
+            shapes::check_leaf(&format!("user_data.{}", k.0), &v)?;
+            *n = Node::Val(v);
+        }
+    }
     let mut ids = Identifiers::new();
     type Add = fn(&mut Identifiers, &str);
     let fields: [(&str, Add); 3] = [
@@ -230,10 +262,19 @@ fn enforce_event<'a>(
     mut ev: Object<'a>,
     judge: &mut dyn Judge,
 ) -> Result<(EventApplied, Option<Object<'a>>), BodyError> {
+    // The shape rule (SPEC §6): no look-alike of `user_data` beside it, and
+    // `user_data` an object (or null).
+    for (k, _) in &ev.entries {
+        shapes::check_key("", &k.0, &["user_data"])?;
+    }
     let ud_at = ev.position("user_data");
     if let Some(i) = ud_at {
+        match ev.entries[i].1.lead() {
+            b'{' | b'n' => {}
+            _ => return Err(shapes::not_an_object("user_data")),
+        }
         if ev.entries[i].1.lead() != b'{' {
-            // Unusual shape (user_data an array, a string…): the generic walk.
+            // `user_data: null`: the generic walk.
             let mut v = ev.to_value().map_err(|e| invalid_json(&e))?;
             let verdict = judge.decide(&identify_event(&v));
             let mut a = EventApplied::new(verdict);
@@ -507,6 +548,18 @@ mod reference {
                     )))
                 }
             }
+        }
+        // The shape rule, as the lazy path applies it (SPEC §6).
+        let paths = [FIELDS.email, FIELDS.phone, FIELDS.external, FIELDS.identity];
+        let mut all: Vec<&'static str> = Vec::new();
+        for p in paths.iter().flat_map(|p| p.iter()) {
+            if !all.contains(p) {
+                all.push(p);
+            }
+        }
+        let shapes = crate::destinations::shapes::Shapes::new(all);
+        for ev in &events {
+            shapes.check(ev)?;
         }
         let (changed, applied) =
             common::enforce_array(&mut events, &mut decide, &identify_event, &apply);

@@ -19,6 +19,7 @@ pub mod meta;
 pub mod pinterest;
 pub mod rawjson;
 pub mod sendgrid;
+mod shapes;
 pub mod snap;
 pub mod tiktok;
 pub mod twilio;

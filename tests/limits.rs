@@ -269,13 +269,14 @@ async fn exchange(io: Box<dyn Io>, first: Vec<u8>, trickle: Option<(usize, Durat
 }
 
 /// The four limits (budget apart), on one listener. Returns the request ids
-/// of the refusals that had a request (to find them in the audit).
+/// of the refusals, heads refused before a request existed included (to find
+/// them in the audit: every request id the app is given is in the trail).
 async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     let mut audited = Vec::new();
 
     // Slow head: the empty line never comes.
     let a = exchange(open(env, l).await, head_start(l).into_bytes(), None).await;
-    a.refusal(408, "request_timeout");
+    let id = a.refusal(408, "request_timeout");
     assert!(a.elapsed <= WITHIN, "{l:?} slow head took {:?}", a.elapsed);
     assert!(
         a.elapsed >= TIMEOUT / 2,
@@ -283,6 +284,7 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
         a.elapsed
     );
     assert_eq!(a.header("connection"), Some("close"));
+    audited.push((id, "request_timeout"));
 
     // Slow body: 10 bytes every 300 ms of a 200-byte body.
     let mut first = head(l, 200);
@@ -316,8 +318,9 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     first.extend_from_slice(&vec![b'a'; 100_000]);
     first.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
     let a = exchange(open(env, l).await, first, None).await;
-    a.refusal(431, "headers_too_large");
+    let id = a.refusal(431, "headers_too_large");
     assert!(a.elapsed <= WITHIN, "{l:?} big head took {:?}", a.elapsed);
+    audited.push((id, "headers_too_large"));
 
     // More header fields than any parser here accepts.
     let mut first = head_start(l);
@@ -326,7 +329,8 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     }
     first.push_str("Content-Length: 0\r\n\r\n");
     let a = exchange(open(env, l).await, first.into_bytes(), None).await;
-    a.refusal(431, "headers_too_large");
+    let id = a.refusal(431, "headers_too_large");
+    audited.push((id, "headers_too_large"));
 
     if matches!(l, Listener::Admin | Listener::Webhooks) {
         // The admin API's and the webhooks' refusals are not part of the proxy's

@@ -3,8 +3,8 @@
 //! Content-Length, a 100 KB header line and a budget exhausted by concurrent
 //! slow bodies each end within the timeout + 1 s with 408 / 431 / 503 and the
 //! product's JSON error, on the proxy port (plain, and inside an intercepted
-//! CONNECT), the gateway listener and the admin listener; the recording
-//! upstream receives nothing. Also: the same limits on h2c, duplicate Host,
+//! CONNECT), the gateway listener, the admin listener and the webhooks
+//! listener (SPEC §13); the recording upstream receives nothing. Also: the same limits on h2c, duplicate Host,
 //! and the absolute-form target winning over Host.
 
 mod common;
@@ -34,12 +34,14 @@ enum Listener {
     Connect,
     Gateway,
     Admin,
+    Webhooks,
 }
 
 struct Env {
     p: Proxy,
     up: Upstream,
     gateway: SocketAddr,
+    webhooks: SocketAddr,
     ca: PathBuf,
 }
 
@@ -47,14 +49,24 @@ async fn start(name: &str, extra: &str) -> Env {
     let dir = test_dir(name);
     let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
     let up = start_upstream(&ca).await;
-    let (pp, ap, gw) = (free_port(), free_port(), free_port());
+    let (pp, ap, gw, wh) = (free_port(), free_port(), free_port(), free_port());
+    let twilio_token = dir.join("twilio.token");
+    std::fs::write(&twilio_token, "twilio-auth-token-limits").unwrap();
+    let webhooks = format!(
+        "webhooks:\n  public_url: https://hooks.example.org\n  state_dir: {}\n  \
+         twilio: {{secret_file: {}}}\n",
+        dir.join("webhooks").display(),
+        twilio_token.display()
+    );
     let opts = ProxyOpts {
-        extra_yaml: format!("{LIMITS}{extra}"),
+        extra_yaml: format!("{LIMITS}{webhooks}{extra}"),
         ..Default::default()
     };
     let cfg = config_yaml(&dir, up.addr, &ca, &opts, pp, ap).replace(
         &format!("  admin: 127.0.0.1:{ap}\n"),
-        &format!("  admin: 127.0.0.1:{ap}\n  gateway: 127.0.0.1:{gw}\n"),
+        &format!(
+            "  admin: 127.0.0.1:{ap}\n  gateway: 127.0.0.1:{gw}\n  webhooks: 127.0.0.1:{wh}\n"
+        ),
     );
     let config = dir.join("consentgate.yaml");
     std::fs::write(&config, cfg).unwrap();
@@ -64,6 +76,7 @@ async fn start(name: &str, extra: &str) -> Env {
         p,
         up,
         gateway: SocketAddr::from(([127, 0, 0, 1], gw)),
+        webhooks: SocketAddr::from(([127, 0, 0, 1], wh)),
         ca,
     }
 }
@@ -99,6 +112,7 @@ async fn open(env: &Env, l: Listener) -> Box<dyn Io> {
     match l {
         Listener::Plain => Box::new(tokio::net::TcpStream::connect(env.p.proxy).await.unwrap()),
         Listener::Admin => Box::new(tokio::net::TcpStream::connect(env.p.admin).await.unwrap()),
+        Listener::Webhooks => Box::new(tokio::net::TcpStream::connect(env.webhooks).await.unwrap()),
         Listener::Gateway => {
             let tcp = tokio::net::TcpStream::connect(env.gateway).await.unwrap();
             Box::new(tls_client(tcp, host, &env.ca).await)
@@ -133,6 +147,9 @@ fn head_start(l: Listener) -> String {
             "PUT /v1/consent/P-LIMITS HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
              Content-Type: application/json\r\n"
         ),
+        Listener::Webhooks => "POST /v1/webhooks/twilio HTTP/1.1\r\nHost: hooks.example.org\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n"
+            .to_string(),
         _ => format!(
             "POST {META_PATH} HTTP/1.1\r\nHost: graph.facebook.com\r\nContent-Type: application/json\r\n"
         ),
@@ -252,13 +269,14 @@ async fn exchange(io: Box<dyn Io>, first: Vec<u8>, trickle: Option<(usize, Durat
 }
 
 /// The four limits (budget apart), on one listener. Returns the request ids
-/// of the refusals that had a request (to find them in the audit).
+/// of the refusals, heads refused before a request existed included (to find
+/// them in the audit: every request id the app is given is in the trail).
 async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     let mut audited = Vec::new();
 
     // Slow head: the empty line never comes.
     let a = exchange(open(env, l).await, head_start(l).into_bytes(), None).await;
-    a.refusal(408, "request_timeout");
+    let id = a.refusal(408, "request_timeout");
     assert!(a.elapsed <= WITHIN, "{l:?} slow head took {:?}", a.elapsed);
     assert!(
         a.elapsed >= TIMEOUT / 2,
@@ -266,6 +284,7 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
         a.elapsed
     );
     assert_eq!(a.header("connection"), Some("close"));
+    audited.push((id, "request_timeout"));
 
     // Slow body: 10 bytes every 300 ms of a 200-byte body.
     let mut first = head(l, 200);
@@ -299,8 +318,9 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     first.extend_from_slice(&vec![b'a'; 100_000]);
     first.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
     let a = exchange(open(env, l).await, first, None).await;
-    a.refusal(431, "headers_too_large");
+    let id = a.refusal(431, "headers_too_large");
     assert!(a.elapsed <= WITHIN, "{l:?} big head took {:?}", a.elapsed);
+    audited.push((id, "headers_too_large"));
 
     // More header fields than any parser here accepts.
     let mut first = head_start(l);
@@ -309,10 +329,12 @@ async fn four_limits(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     }
     first.push_str("Content-Length: 0\r\n\r\n");
     let a = exchange(open(env, l).await, first.into_bytes(), None).await;
-    a.refusal(431, "headers_too_large");
+    let id = a.refusal(431, "headers_too_large");
+    audited.push((id, "headers_too_large"));
 
-    if l == Listener::Admin {
-        // The admin API's refusals are not part of the proxy's audit trail.
+    if matches!(l, Listener::Admin | Listener::Webhooks) {
+        // The admin API's and the webhooks' refusals are not part of the proxy's
+        // audit trail.
         audited.clear();
     }
     audited
@@ -351,9 +373,15 @@ async fn budget(env: &Env, l: Listener) -> Vec<(String, &'static str)> {
     let mut first = head(l, 60_000);
     first.extend_from_slice(&vec![b'x'; 60_000]);
     let a = exchange(open(env, l).await, first, None).await;
-    let expected = if l == Listener::Admin { 400 } else { 422 };
+    // Read and judged: bad JSON for the consent API, no signature for Twilio's
+    // webhook, unreadable for Meta.
+    let expected = match l {
+        Listener::Admin => 400,
+        Listener::Webhooks => 401,
+        _ => 422,
+    };
     assert_eq!(a.status, expected, "the budget was given back: {a:?}");
-    if l == Listener::Admin {
+    if matches!(l, Listener::Admin | Listener::Webhooks) {
         audited.clear();
     }
     audited
@@ -400,6 +428,7 @@ async fn every_listener_bounds_slow_and_oversized_clients() {
         Listener::Connect,
         Listener::Gateway,
         Listener::Admin,
+        Listener::Webhooks,
     ];
     let mut audited = Vec::new();
     let runs = listeners.iter().map(|l| four_limits(&env, *l));

@@ -514,6 +514,13 @@ async fn postgres_two_instances_deliver_each_entry_once() {
     let mut b = start_with(&dir_b, &yaml_b);
 
     // Ten denials, written half through each instance; both see all of them.
+    // The vendor's first two answers are a 503 and a 429: retried on PostgreSQL too.
+    up.push(503, r#"{"errors":[{"message":"unavailable"}]}"#, &[]);
+    up.push(
+        429,
+        r#"{"errors":[{"message":"too many"}]}"#,
+        &[("retry-after", "1")],
+    );
     let emails: Vec<String> = (0..10)
         .map(|i| format!("pg.patient.{i}@example.com"))
         .collect();
@@ -522,8 +529,9 @@ async fn postgres_two_instances_deliver_each_entry_once() {
         let (s, v) = admin(via, "PUT", &format!("/v1/consent/P-PG-{i}"), &denial(e)).await;
         assert_eq!(s, 200, "{v}");
     }
-    wait_count(&up, 10, 20).await;
-    // Both feeds have long seen every change: still ten.
+    wait_count(&up, 12, 30).await;
+    // Both feeds have long seen every change: still twelve (ten, two of them
+    // after a retry).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut got: Vec<String> = up
         .requests()
@@ -535,10 +543,21 @@ async fn postgres_two_instances_deliver_each_entry_once() {
                 .to_string()
         })
         .collect();
+    assert_eq!(got.len(), 12, "{got:?}");
     got.sort();
+    got.dedup();
     let mut want = emails.clone();
     want.sort();
-    assert_eq!(got, want, "each entry delivered exactly once");
+    assert_eq!(got, want, "every entry reached the vendor");
+    let sum = |result: &'static str| {
+        let series = format!(
+            "consentgate_sync_deliveries_total{{result=\"{result}\",target=\"sg-global\"}}"
+        );
+        let (a, b) = (&a, &b);
+        async move { metric(a, &series).await + metric(b, &series).await }
+    };
+    assert_eq!(sum("delivered").await, 10.0, "each entry delivered once");
+    assert_eq!(sum("retry").await, 2.0, "the 503 and the 429 retried");
     let c = db.client().await;
     let left: i64 = c
         .query_one("SELECT count(*) FROM consentgate_sync_outbox", &[])

@@ -83,10 +83,20 @@ pub(crate) fn gate_cfg(limits: &Limits, on_refused: Option<OnRefused>) -> GateCf
     }
 }
 
-/// Count and log a head the gate refused on a data-plane listener.
+/// Count, log and audit a head the gate refused on a data-plane listener: the
+/// app was given a request id, and every request id is in the audit (SPEC §7).
+/// A body timeout or an exhausted budget is audited the same way, so a slow or
+/// oversized head adds nothing a slow body could not already write.
 fn count_refusals(app: &Arc<App>, listener: &'static str) -> OnRefused {
     let metrics = app.metrics.clone();
+    let audit = app.audit.clone();
     Arc::new(move |r: &Refusal, request_id: &str| {
+        let record = crate::audit::AuditRecord::decision(request_id, "unknown", "blocked", r.code);
+        if let Err(e) = audit.submit(vec![record]) {
+            // Nothing was forwarded; the refusal stands either way.
+            tracing::warn!(listener, request_id = %request_id, error = e.as_str(),
+                "refused request head not audited");
+        }
         metrics
             .requests_total
             .with_label_values(&["unknown", "blocked"])

@@ -39,10 +39,9 @@ pub fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
 
 /// A refusal on the admin listener (a `limits` refusal, a bad head), in the
 /// same JSON and with the same decision headers as on the proxy's listeners.
-fn refused(r: &crate::enforce::Refusal) -> Response<AdminBody> {
+fn refused(app: &App, r: &crate::enforce::Refusal) -> Response<AdminBody> {
     let id = crate::response::new_request_id();
-    tracing::info!(listener = "admin", request_id = %id, status = r.status, error = r.code,
-        "admin request refused");
+    listen::audit_refusal(app, "admin", r, &id);
     crate::response::plain(r, &id).map(Full::new)
 }
 
@@ -131,7 +130,7 @@ async fn route(
         (Role::Admin { .. }, Some(api)) if path.starts_with("/v1/") => {
             let limits = app.runtime.load().config.limits.clone();
             if let Some(r) = crate::enforce::check_head(&req, limits.max_header_bytes) {
-                return refused(&r);
+                return refused(&app, &r);
             }
             let (parts, incoming) = req.into_parts();
             let body = ClientBody::new(incoming, listen::body_limits(&app, &limits));
@@ -148,7 +147,9 @@ async fn route(
                     serde_json::json!({"error": "unreadable_body",
                         "detail": "request body could not be read"}),
                 ),
-                Err(e) => refused(&crate::enforce::Refusal::body(
+                Err(e) => refused(
+                    &app,
+                    &crate::enforce::Refusal::body(
                     e,
                     crate::consent::api::MAX_BODY_BYTES as u64,
                 )),
@@ -168,9 +169,9 @@ where
 {
     let limits = app.runtime.load().config.limits.clone();
     let listener = role.name();
+    let audited = app.clone();
     let on_refused: gate::OnRefused = Arc::new(move |r: &crate::enforce::Refusal, id: &str| {
-        tracing::info!(listener, request_id = %id, status = r.status, error = r.code,
-            "request head refused");
+        listen::audit_refusal(&audited, listener, r, id);
     });
     let gate = listen::gate_cfg(&limits, Some(on_refused));
     let handler = move |req: Request<Incoming>| route(app.clone(), api.clone(), role, req);

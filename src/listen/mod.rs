@@ -83,6 +83,20 @@ pub(crate) fn gate_cfg(limits: &Limits, on_refused: Option<OnRefused>) -> GateCf
     }
 }
 
+/// Log and audit a refusal on a listener that forwards nothing (admin,
+/// metrics, webhooks): a slow or oversized head or body there is in the trail
+/// like one on the proxy port (issue 14: limits answered JSON and audited).
+pub(crate) fn audit_refusal(app: &App, listener: &'static str, r: &Refusal, request_id: &str) {
+    tracing::info!(listener, request_id = %request_id, status = r.status, error = r.code,
+        "request refused");
+    let mut record = crate::audit::AuditRecord::decision(request_id, "unknown", "blocked", r.code);
+    record.detail = Some(serde_json::json!({ "listener": listener }));
+    if let Err(e) = app.audit.submit(vec![record]) {
+        tracing::warn!(listener, request_id = %request_id, error = e.as_str(),
+            "refusal not audited");
+    }
+}
+
 /// Count, log and audit a head the gate refused on a data-plane listener: the
 /// app was given a request id, and every request id is in the audit (SPEC §7).
 /// A body timeout or an exhausted budget is audited the same way, so a slow or

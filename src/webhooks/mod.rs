@@ -255,10 +255,9 @@ fn json(status: StatusCode, v: serde_json::Value) -> Resp {
     crate::response::json(status, &v).map(Full::new)
 }
 
-fn refused(r: &crate::enforce::Refusal) -> Resp {
+fn refused(app: &crate::app::App, r: &crate::enforce::Refusal) -> Resp {
     let id = crate::response::new_request_id();
-    tracing::info!(listener = "webhooks", request_id = %id, status = r.status, error = r.code,
-        "webhook request refused");
+    listen::audit_refusal(app, "webhooks", r, &id);
     crate::response::plain(r, &id).map(Full::new)
 }
 
@@ -292,7 +291,7 @@ impl Webhooks {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Resp {
         let limits = self.app.runtime.load().config.limits.clone();
         if let Some(r) = crate::enforce::check_head(&req, limits.max_header_bytes) {
-            return refused(&r);
+            return refused(&self.app, &r);
         }
         let path = req.uri().path().to_string();
         let not_found = || {
@@ -351,7 +350,7 @@ impl Webhooks {
             }
             Err(e) => {
                 self.count_request(vname, "bad_request");
-                return refused(&crate::enforce::Refusal::body(e, self.max_body));
+                return refused(&self.app, &crate::enforce::Refusal::body(e, self.max_body));
             }
         };
         let inbound = Inbound {
@@ -567,10 +566,10 @@ pub(crate) async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let limits = w.app.runtime.load().config.limits.clone();
+            let audited = w.app.clone();
             let on_refused: gate::OnRefused =
                 Arc::new(move |r: &crate::enforce::Refusal, id: &str| {
-                    tracing::info!(listener = "webhooks", request_id = %id, status = r.status,
-                        error = r.code, "request head refused");
+                    listen::audit_refusal(&audited, "webhooks", r, id);
                 });
             let gate = listen::gate_cfg(&limits, Some(on_refused));
             let handler = move |req: Request<Incoming>| w.clone().handle(req);

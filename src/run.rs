@@ -3,6 +3,7 @@
 
 use crate::app::{App, Runtime};
 use crate::config::{ConfigError, ConfigSource};
+use crate::consent::source::PropagationObserver;
 use crate::consent::{
     ApiContext, ConsentStore, ConsentWriter, FileSourceConfig, FileSourceHandle, PgSourceConfig,
     PgSourceHandle,
@@ -324,17 +325,18 @@ async fn start_consent_source(
     metrics: &Metrics,
     access: Access,
 ) -> Result<ConsentSource, String> {
+    let hist = metrics.consent_propagation.clone();
+    let observer: PropagationObserver = Arc::new(move |s| hist.observe(s));
     match cfg.consent.source {
         crate::config::SourceKind::File => {
             let c = file_source_config(&cfg.consent, access == Access::ReadOnly)?;
-            crate::consent::file_source::start(c, store)
+            crate::consent::file_source::start(c, store, observer)
                 .await
                 .map(ConsentSource::File)
         }
         crate::config::SourceKind::Postgres => {
-            let hist = metrics.consent_propagation.clone();
             let c = PgSourceConfig::new(&cfg.consent.postgres);
-            crate::consent::postgres::start(c, store, Arc::new(move |s| hist.observe(s)))
+            crate::consent::postgres::start(c, store, observer)
                 .await
                 .map(ConsentSource::Postgres)
         }

@@ -770,6 +770,7 @@ mod tests {
         let src = file_source::start(
             FileSourceConfig::new(&file, dir.path().join("journal")),
             store.clone(),
+            Arc::new(|_| {}),
         )
         .await
         .unwrap();

@@ -1,19 +1,10 @@
 //! Look up: the consent store, its record type and the sources that feed it.
 //!
-//! Wiring (in the proxy's `run`):
-//! ```text
-//! let store = Arc::new(ConsentStore::new());
-//! let src = consent::file_source::start(
-//!     FileSourceConfig::new(&cfg.consent.file, &cfg.consent.journal), store.clone()).await?;
-//! let tokens = consent::api::load_tokens(&cfg.admin.tokens_file)?;
-//! let api = Arc::new(ApiContext::new(store.clone(), src.writer(), tokens)
-//!     .with_on_change(Arc::new(move |ev| audit.consent_change(ev))));
-//! // admin listener: if consent::api::is_consent_path(req.uri().path()) {
-//! //     return consent::api::handle(req, &api).await; }
-//! // metrics: store.len(), store.source_up(), store.staleness(),
-//! //          src.last_propagation_seconds(); decide: store.is_stale(max_staleness)
-//! ```
-//! Keep `src` (the `FileSourceHandle`) alive for as long as the proxy runs.
+//! `run` wires them (`start_consent_source` in src/run.rs): one [`ConsentStore`],
+//! fed by the configured source (`file_source::start` or `postgres::start`, each
+//! given an observer for `consentgate_consent_propagation_seconds`), and an
+//! [`ApiContext`] that writes through that source's [`ConsentWriter`]. Keep the
+//! source's handle alive for as long as the proxy runs.
 
 pub mod api;
 pub mod compact;

@@ -37,7 +37,8 @@
 use super::pg_tls::{PgSslMode, PgTls};
 use super::record::ConsentRecord;
 use super::source::{
-    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, WriteError, Written,
+    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, PropagationObserver,
+    WriteError, Written,
 };
 use super::store::ConsentStore;
 use crate::config::PostgresCfg;
@@ -70,10 +71,6 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0002_sync_outbox.sql"),
     ),
 ];
-
-/// Called with the seconds from a row's commit (`changed_at`) to its
-/// application in the cache (`consentgate_consent_propagation_seconds`).
-pub type PropagationObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct PgSourceConfig {

@@ -20,6 +20,11 @@ use std::sync::Arc;
 /// A boxed, sendable future (no `async_trait` needed).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Called with the seconds from a change at the source (a PostgreSQL row's
+/// commit, the snapshot file's mtime) to its application in the store
+/// (`consentgate_consent_propagation_seconds`).
+pub type PropagationObserver = Arc<dyn Fn(f64) + Send + Sync>;
+
 /// Why a write was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteError {

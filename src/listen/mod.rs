@@ -68,7 +68,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         // Twice the limit, so a header list between the two gets the JSON 431
-        // from `head_refusal` and only a far bigger one the HTTP/2 layer's bare 431.
+        // from `enforce::check_head` and only a far bigger one the HTTP/2 layer's bare 431.
         .max_header_list_size(u32::try_from(head.saturating_mul(2)).unwrap_or(u32::MAX));
     b
 }

@@ -322,7 +322,8 @@ async fn editing_the_snapshot_feeds_the_propagation_histogram() {
         },
     );
     let pr = &p;
-    let metrics = || async move { String::from_utf8(admin_get(pr, "/metrics").await.body).unwrap() };
+    let metrics =
+        || async move { String::from_utf8(admin_get(pr, "/metrics").await.body).unwrap() };
     let before = propagation_count(&metrics().await);
     assert_eq!(before, 0, "the initial load is not a propagation");
     let edited = original.replacen(r#""advertising":"granted""#, r#""advertising":"denied""#, 1);

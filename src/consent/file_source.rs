@@ -25,32 +25,32 @@ use super::source::{
 use super::store::ConsentStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 #[derive(Clone, Debug)]
-pub struct FileSourceConfig {
+pub(crate) struct FileSourceConfig {
     /// `consent.file`: the JSONL snapshot.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// `consent.journal`: the journal directory (created when missing).
-    pub journal_dir: PathBuf,
-    pub journal_limits: journal::Limits,
+    pub(crate) journal_dir: PathBuf,
+    pub(crate) journal_limits: journal::Limits,
     /// `consent.journal_key_file` / `consent.journal_previous_key_file`.
-    pub journal_keys: journal::Keys,
+    pub(crate) journal_keys: journal::Keys,
     /// Replay the journal without locking or writing it (`consentgate explain`
     /// next to a running proxy); writes through this source fail.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// Quiet time after a change before reloading.
-    pub debounce: Duration,
+    pub(crate) debounce: Duration,
     /// How often the store is marked good while healthy (and the file polled).
-    pub tick: Duration,
+    pub(crate) tick: Duration,
 }
 
 impl FileSourceConfig {
-    pub fn new(file: impl Into<PathBuf>, journal_dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(file: impl Into<PathBuf>, journal_dir: impl Into<PathBuf>) -> Self {
         FileSourceConfig {
             file: file.into(),
             journal_dir: journal_dir.into(),
@@ -65,7 +65,7 @@ impl FileSourceConfig {
 
 /// Parse a whole snapshot. Blank lines are skipped; the first bad line is an
 /// error `line N: <field>: <problem>`. Used by `consentgate check` too.
-pub fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
+pub(crate) fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
@@ -115,8 +115,6 @@ struct Inner {
     journal: Mutex<Journal>,
     healthy: AtomicBool,
     seen: Mutex<Option<Fingerprint>>,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
     /// Called with the seconds from the snapshot file's mtime to the end of a
     /// reload that changed the store (`consentgate_consent_propagation_seconds`).
     observer: PropagationObserver,
@@ -145,7 +143,6 @@ impl Inner {
             Ok(applied) => {
                 self.healthy.store(true, Ordering::Relaxed);
                 self.store.mark_good();
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 if observe && applied.changed {
                     if let Some(mtime) = fp.and_then(|f| f.mtime) {
                         let d = SystemTime::now()
@@ -159,7 +156,6 @@ impl Inner {
             Err(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 self.store.mark_down();
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -257,7 +253,7 @@ impl Inner {
 }
 
 /// A running file source. Dropping it stops the watcher and the tick.
-pub struct FileSourceHandle {
+pub(crate) struct FileSourceHandle {
     inner: Arc<Inner>,
     tasks: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -277,35 +273,25 @@ impl Drop for FileSourceHandle {
 
 impl FileSourceHandle {
     /// The writer the admin API writes through.
-    pub fn writer(&self) -> Arc<dyn ConsentWriter> {
+    pub(crate) fn writer(&self) -> Arc<dyn ConsentWriter> {
         Arc::new(FileWriter {
             inner: self.inner.clone(),
         })
     }
 
-    pub fn store(&self) -> &Arc<ConsentStore> {
-        &self.inner.store
-    }
-
     /// Whether the last load of the file succeeded and the file is readable.
-    pub fn healthy(&self) -> bool {
+    #[cfg(test)]
+    fn healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)
     }
 
-    /// Reload now (e.g. on SIGHUP). On error the store keeps its data.
-    pub async fn reload(&self) -> Result<usize, String> {
+    /// Reload now. On error the store keeps its data.
+    #[cfg(test)]
+    async fn reload(&self) -> Result<usize, String> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.reload(true))
             .await
             .map_err(|e| format!("consent reload task: {e}"))?
-    }
-
-    /// (successful, failed) reloads since start, the initial load included.
-    pub fn reload_counts(&self) -> (u64, u64) {
-        (
-            self.inner.reloads_ok.load(Ordering::Relaxed),
-            self.inner.reloads_failed.load(Ordering::Relaxed),
-        )
     }
 }
 
@@ -313,7 +299,7 @@ impl FileSourceHandle {
 /// the journal on top (an error refuses to start and names the line), then
 /// watch the file. `observer` is fed the propagation of every later reload
 /// that changes the store. Must be called inside a tokio runtime.
-pub async fn start(
+pub(crate) async fn start(
     cfg: FileSourceConfig,
     store: Arc<ConsentStore>,
     observer: PropagationObserver,
@@ -335,8 +321,6 @@ pub async fn start(
         journal: Mutex::new(journal),
         healthy: AtomicBool::new(false),
         seen: Mutex::new(None),
-        reloads_ok: AtomicU64::new(0),
-        reloads_failed: AtomicU64::new(0),
         observer,
     });
     let first = inner.clone();
@@ -546,7 +530,10 @@ mod tests {
         let h = start(c.clone(), store, obs).await.unwrap();
         assert!(lock(&seen).is_empty(), "initial load not observed");
         h.reload().await.unwrap();
-        assert!(lock(&seen).is_empty(), "an unchanged snapshot is not observed");
+        assert!(
+            lock(&seen).is_empty(),
+            "an unchanged snapshot is not observed"
+        );
         std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
         h.reload().await.unwrap();
         let v = lock(&seen).clone();

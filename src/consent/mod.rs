@@ -6,22 +6,20 @@
 //! [`ApiContext`] that writes through that source's [`ConsentWriter`]. Keep the
 //! source's handle alive for as long as the proxy runs.
 
-pub mod api;
-pub mod compact;
-pub mod file_source;
-pub mod journal;
-pub mod pg_tls;
-pub mod postgres;
-pub mod record;
-pub mod source;
-pub mod store;
+pub(crate) mod api;
+pub(crate) mod compact;
+pub(crate) mod file_source;
+pub(crate) mod journal;
+pub(crate) mod pg_tls;
+pub(crate) mod postgres;
+pub(crate) mod record;
+pub(crate) mod source;
+pub(crate) mod store;
 
-pub use api::{ApiContext, PlaintextCarrier, Tokens};
-pub use compact::ConsentView;
-pub use file_source::{FileSourceConfig, FileSourceHandle};
-pub use postgres::{PgSourceConfig, PgSourceHandle};
-pub use record::{ConsentRecord, FieldError};
-pub use source::{
-    Change, ChangeEvent, ChangeOp, ConsentWriter, OnChange, Precondition, WriteError, Written,
-};
-pub use store::{ConsentStore, StoreObserver, Upsert};
+pub(crate) use api::{ApiContext, PlaintextCarrier};
+pub(crate) use compact::ConsentView;
+pub(crate) use file_source::{FileSourceConfig, FileSourceHandle};
+pub(crate) use postgres::{PgSourceConfig, PgSourceHandle};
+pub(crate) use record::ConsentRecord;
+pub(crate) use source::{ChangeEvent, ConsentWriter};
+pub(crate) use store::{ConsentStore, StoreObserver};

@@ -692,8 +692,8 @@ impl PgSourceHandle {
         lock(&self.shared.apply).last
     }
 
-    /// [`PgSourceHandle::applied_version`] for someone who outlives no handle
-    /// (the sync outbox's cursor, SPEC §13).
+    /// The last version applied (every version up to it is in the cache), read
+    /// by someone who outlives no handle (the sync outbox's cursor, SPEC §13).
     pub(crate) fn applied_version_source(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move || lock(&shared.apply).last)

@@ -1,6 +1,7 @@
 //! A sync target (SPEC §13): which denials it carries, what an outbox entry for
 //! it holds, and the one vendor call that delivers an entry. Vendors are data:
-//! each `sync.targets[i].type` is a row of [`call`] and [`payloads`].
+//! each `sync.targets[i].type` is a row of [`Target::call`] and
+//! [`Target::payloads`].
 //!
 //! A record denies a target when it explicitly denies one of the categories or
 //! channels the target carries (`denied` in `categories` / `channels`); a

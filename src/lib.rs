@@ -42,8 +42,9 @@ mod tls;
 mod webhooks;
 
 // The crate's only public surface: what `src/main.rs`, the criterion benches
-// (`benches/`) and `bench_kit` (`src/bin/bench_kit/`) use. Everything else is
-// `pub(crate)`.
+// (`benches/`) and `bench_kit` (`src/bin/bench_kit/`) use. Items are
+// `pub(crate)` otherwise; `pub` marks only these, the members the callers use
+// and the types their signatures name (e.g. `Adapter::enforce`'s `Enforced`).
 
 // `consentgate <command>` (src/main.rs).
 pub use cli::{AuditCommand, CaCommand, Cli, Command, DbCommand, SyncCommand};
@@ -54,8 +55,7 @@ pub use run::{
 
 // The criterion benches.
 pub use consent::file_source::load_snapshot;
-pub use consent::record::ConsentRecord;
-pub use consent::record::RecordIdentifiers;
+pub use consent::record::{ConsentRecord, RecordIdentifiers};
 pub use consent::store::ConsentStore;
 pub use decide::{Context, EventVerdict, Policy};
 pub use destinations::{builtins, Adapter, RequestView};

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// The shipped config, embedded so `consentgate run` works with no files at all.
 pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../config/consentgate.yaml");
-pub(crate) const DEFAULT_PATH: &str = "config/consentgate.yaml";
+const DEFAULT_PATH: &str = "config/consentgate.yaml";
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Config {
@@ -379,7 +379,7 @@ impl SyncKind {
         }
     }
     /// The API host when the target names none (Mailchimp and Braze hosts are per account).
-    pub(crate) fn default_host(self) -> Option<&'static str> {
+    fn default_host(self) -> Option<&'static str> {
         match self {
             SyncKind::SendgridGlobal | SyncKind::SendgridGroup => Some("api.sendgrid.com"),
             SyncKind::Klaviyo => Some("a.klaviyo.com"),
@@ -524,7 +524,7 @@ pub(crate) fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> 
 /// Parse a config text and return every error with the config as read (bad
 /// values replaced by their defaults), so `check` can go on to the files it
 /// names. `None` only when the text is not YAML at all.
-pub(crate) fn parse_all(text: &str, file: &str) -> (Option<Config>, Vec<ConfigError>) {
+fn parse_all(text: &str, file: &str) -> (Option<Config>, Vec<ConfigError>) {
     let mut r = Reader {
         file: file.to_string(),
         errors: Vec::new(),
@@ -1370,7 +1370,7 @@ fn category(v: &str) -> Result<Category, String> {
     Category::parse(v).ok_or_else(|| format!("unknown category {v:?}"))
 }
 
-pub(crate) fn parse_addr(v: &str) -> Result<SocketAddr, String> {
+fn parse_addr(v: &str) -> Result<SocketAddr, String> {
     v.parse::<SocketAddr>()
         .map_err(|_| format!("expected ip:port, got {v:?}"))
 }

@@ -174,7 +174,7 @@ impl Parent {
 
     /// Whether `host` is connected to directly (`no_proxy`: a name exactly, or
     /// `*.suffix` for the names under it).
-    pub(crate) fn bypasses(&self, host: &str) -> bool {
+    fn bypasses(&self, host: &str) -> bool {
         self.no_proxy.iter().any(|e| match e.strip_prefix("*.") {
             Some(suffix) => host
                 .strip_suffix(suffix)
@@ -429,9 +429,7 @@ pub(crate) struct UpstreamClient {
 }
 
 /// Root store: the web PKI plus `extra_ca`.
-pub(crate) fn root_store(
-    extra_ca: Option<&std::path::Path>,
-) -> Result<rustls::RootCertStore, String> {
+fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {

@@ -68,7 +68,7 @@ impl Identifiers {
         self.add_phone_in(v, default_region());
     }
     /// [`Identifiers::add_phone`] with the region named.
-    pub(crate) fn add_phone_in(&mut self, v: &str, region: Region) {
+    fn add_phone_in(&mut self, v: &str, region: Region) {
         if let Some(h) = parse_sha256_hex(v) {
             self.push(IdKey::PhoneHash(h));
         } else if let Some(e) = parse_phone(v, region) {
@@ -229,7 +229,7 @@ const MAX_PHONE_TEXT: usize = 64;
 /// result is not a possible number for its country (wrong length, unknown country
 /// code, a 7-digit local number without its area code, fewer than 7 or more than
 /// 15 digits) or the text is not a phone.
-pub(crate) fn parse_phone(raw: &str, region: Region) -> Option<E164> {
+fn parse_phone(raw: &str, region: Region) -> Option<E164> {
     let text = phone_text(raw)?;
     // Number and extension together; the parser's own bounds are checked on
     // the result.
@@ -416,7 +416,7 @@ pub(crate) fn phone_index_hashes(raw: &str) -> Vec<[u8; 32]> {
 }
 
 /// [`phone_index_hashes`] with the region named.
-pub(crate) fn phone_index_hashes_in(raw: &str, region: Region) -> Vec<[u8; 32]> {
+fn phone_index_hashes_in(raw: &str, region: Region) -> Vec<[u8; 32]> {
     let Some(e) = parse_phone(raw, region) else {
         return Vec::new();
     };

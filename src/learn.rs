@@ -30,9 +30,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The largest answer body peeked at. Vendor error bodies are a few hundred bytes.
-pub(crate) const MAX_PEEK: usize = 16 << 10;
+const MAX_PEEK: usize = 16 << 10;
 /// The longest the app's answer waits for the change to be durable.
-pub(crate) const LEARN_TIMEOUT: Duration = Duration::from_secs(5);
+const LEARN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One vendor answer that means "opted out".
 pub(crate) struct Rule {
@@ -53,7 +53,7 @@ fn twilio_21610(v: &serde_json::Value) -> bool {
     }
 }
 
-pub(crate) const RULES: &[Rule] = &[Rule {
+const RULES: &[Rule] = &[Rule {
     destination: "twilio_sms",
     vendor: "twilio",
     kind: "21610",

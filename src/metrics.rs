@@ -13,7 +13,7 @@ use prometheus::{
 /// `consentgate_tls_handshake_failures_total{side}`: `client` is an app's handshake
 /// with the proxy (CONNECT interception and the gateway), `upstream` the proxy's
 /// with the vendor.
-pub(crate) const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
+const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
 /// `consentgate_tls_handshake_failures_total{reason}`: a fixed set, so the series
 /// exist from start and a typo can never mint a new one. `unknown_ca`: the peer
 /// does not trust the issuer (on the client side: the app lacks the interception
@@ -67,9 +67,9 @@ pub(crate) struct Metrics {
     pub(crate) sync_parked: IntGaugeVec,
     pub(crate) sync_lag_seconds: GaugeVec,
     pub(crate) responses_total: IntCounterVec,
-    pub(crate) tls_handshake_failures_total: IntCounterVec,
+    tls_handshake_failures_total: IntCounterVec,
     pub(crate) tls_mint_failures_total: IntCounter,
-    pub(crate) build_info: IntGaugeVec,
+    build_info: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

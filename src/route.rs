@@ -20,7 +20,7 @@ pub(crate) struct Route {
     /// How its refusals are worded (the vendor's shape unless `refusal_format: plain`).
     pub(crate) refusal_shape: Shape,
     pub(crate) category: Category,
-    pub(crate) extra_hosts: Vec<String>,
+    extra_hosts: Vec<String>,
 }
 
 impl Route {

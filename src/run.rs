@@ -15,9 +15,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// The JSON log (and the OTLP exporter when `telemetry.otlp` is set).
-pub(crate) fn init_telemetry(
-    cfg: &crate::config::Config,
-) -> Result<crate::telemetry::Telemetry, String> {
+fn init_telemetry(cfg: &crate::config::Config) -> Result<crate::telemetry::Telemetry, String> {
     let otlp = cfg
         .telemetry
         .otlp
@@ -32,7 +30,7 @@ pub(crate) fn init_telemetry(
 
 /// The hosts of the configured destinations (`destinations[].hosts`, and a
 /// generic destination's `hosts`), for the interception CA's name constraints.
-pub(crate) fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
+fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
     let mut out = Vec::new();
     for d in &cfg.destinations {
         out.extend(d.hosts.iter().cloned());
@@ -57,7 +55,7 @@ pub(crate) fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
 
 /// How `run` makes the interception CA on first start: the defaults, also
 /// permitting the configured destinations' hosts.
-pub(crate) fn ca_options(cfg: &crate::config::Config) -> crate::tls::CaOptions {
+fn ca_options(cfg: &crate::config::Config) -> crate::tls::CaOptions {
     crate::tls::CaOptions::default().permit(configured_hosts(cfg))
 }
 
@@ -76,9 +74,7 @@ fn print_errors(errs: &[ConfigError]) {
 /// Create the interception CA when both files are missing (logged), then load
 /// it. A configured destination host the CA may not sign for is logged: its
 /// connections fail until the CA is rotated.
-pub(crate) fn load_interception_ca(
-    cfg: &crate::config::Config,
-) -> Result<crate::tls::CertMinter, String> {
+fn load_interception_ca(cfg: &crate::config::Config) -> Result<crate::tls::CertMinter, String> {
     let i = &cfg.interception;
     match crate::tls::ensure_ca(&i.ca_cert, &i.ca_key, &ca_options(cfg)) {
         Ok(Some(files)) => {
@@ -126,7 +122,7 @@ fn ca_host_problems(cfg: &crate::config::Config, ca: &crate::tls::LoadedCa) -> V
 /// Lock `audit.path`, load the pseudonym key (created 0600 on first run) and
 /// prepare the audit writer. Nothing is written to the audit trail until the
 /// returned starter runs: `run` starts it once every listener is bound.
-pub(crate) fn prepare_audit(
+fn prepare_audit(
     a: &crate::config::AuditCfg,
     metrics: &crate::metrics::Metrics,
 ) -> Result<
@@ -195,7 +191,7 @@ fn loop_check(cfg: &crate::config::Config) -> Vec<String> {
 
 /// Every problem `check` reports, in order: the config's own, then each
 /// subsystem's over the config as read (a bad key does not hide a bad file).
-pub(crate) fn check_all(source: &ConfigSource) -> Vec<String> {
+fn check_all(source: &ConfigSource) -> Vec<String> {
     let (cfg, config_errors) = source.load_all();
     let mut errors: Vec<String> = config_errors.iter().map(ToString::to_string).collect();
     let Some(cfg) = cfg else { return errors };

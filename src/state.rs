@@ -79,7 +79,7 @@ impl DirLock {
 
 /// Create `dir` (and parents) with mode 0700, or tighten an existing directory
 /// that group or other can read, with a log line.
-pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+fn private_dir(dir: &Path) -> std::io::Result<()> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -108,7 +108,7 @@ impl Tokens {
 
     /// The name of the token presented, if any matches. Every entry is
     /// compared, in constant time, whatever matches.
-    pub(crate) fn authenticate(&self, presented: &str) -> Option<&str> {
+    fn authenticate(&self, presented: &str) -> Option<&str> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for (name, d) in &self.entries {
@@ -150,7 +150,7 @@ pub(crate) struct ApiContext {
     pub(crate) store: Arc<ConsentStore>,
     pub(crate) writer: Arc<dyn ConsentWriter>,
     pub(crate) tokens: Arc<Tokens>,
-    pub(crate) on_change: OnChange,
+    on_change: OnChange,
     /// The sync outbox's plaintext carrier, when `sync:` has targets.
     pub(crate) carrier: Option<Arc<dyn PlaintextCarrier>>,
 }

@@ -303,7 +303,7 @@ impl<'a> StoredStr<'a> {
 
 /// A parsed blob (borrowing it).
 pub(crate) struct Parsed<'a> {
-    pub(crate) grants: Grants,
+    grants: Grants,
     secs: i64,
     nanos: u32,
     version: u64,
@@ -539,7 +539,7 @@ pub struct ConsentView {
     pub(crate) updated_at: DateTime<Utc>,
     pub(crate) jurisdiction: Option<Cow<'static, str>>,
     pub(crate) source: Option<Cow<'static, str>>,
-    pub(crate) grants: Grants,
+    grants: Grants,
 }
 
 impl ConsentView {

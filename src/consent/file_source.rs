@@ -36,15 +36,15 @@ pub(crate) struct FileSourceConfig {
     /// `consent.file`: the JSONL snapshot.
     pub(crate) file: PathBuf,
     /// `consent.journal`: the journal directory (created when missing).
-    pub(crate) journal_dir: PathBuf,
-    pub(crate) journal_limits: journal::Limits,
+    journal_dir: PathBuf,
+    journal_limits: journal::Limits,
     /// `consent.journal_key_file` / `consent.journal_previous_key_file`.
     pub(crate) journal_keys: journal::Keys,
     /// Replay the journal without locking or writing it (`consentgate explain`
     /// next to a running proxy); writes through this source fail.
     pub(crate) read_only: bool,
     /// Quiet time after a change before reloading.
-    pub(crate) debounce: Duration,
+    debounce: Duration,
     /// How often the store is marked good while healthy (and the file polled).
     pub(crate) tick: Duration,
 }
@@ -65,7 +65,7 @@ impl FileSourceConfig {
 
 /// Parse a whole snapshot. Blank lines are skipped; the first bad line is an
 /// error `line N: <field>: <problem>`. Used by `consentgate check` too.
-pub(crate) fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
+fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(|b| b.is_ascii_whitespace()) {

@@ -93,7 +93,7 @@ impl Entry {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) max_entries: u64,
-    pub(crate) max_bytes: u64,
+    max_bytes: u64,
 }
 
 impl Default for Limits {

@@ -56,11 +56,11 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 /// The environment variable holding the database password (when no
 /// `consent.postgres.password_file` is configured).
-pub(crate) const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
+const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
 /// The NOTIFY channel the triggers announce changes on.
-pub(crate) const CHANNEL: &str = "consentgate_consent";
+const CHANNEL: &str = "consentgate_consent";
 /// Migrations shipped in the repository, applied in order by `db migrate`.
-pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
+const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_consent",
         include_str!("../../migrations/0001_consent.sql"),
@@ -79,19 +79,19 @@ pub(crate) struct PgSourceConfig {
     /// `consent.postgres.password_file`; else `CONSENTGATE_PG_PASSWORD`.
     pub(crate) password_file: Option<PathBuf>,
     /// `consent.postgres.sslmode`; `None`: the URL's `sslmode=`, else disable.
-    pub(crate) ssl_mode: Option<PgSslMode>,
+    ssl_mode: Option<PgSslMode>,
     /// `consent.postgres.ca_file`; `None`: the URL's `sslrootcert=`, if any.
     pub(crate) ca_file: Option<PathBuf>,
     /// Rows per portal fetch / page.
     pub(crate) batch: i32,
     /// Heartbeat: catch-up query and mark-good interval while connected.
     pub(crate) tick: Duration,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
     /// Bound on one query round trip (a dead peer without RST must not hang).
-    pub(crate) query_timeout: Duration,
+    query_timeout: Duration,
     /// Connections for admin-API write transactions (beyond the feed's one).
-    pub(crate) writer_connections: usize,
+    writer_connections: usize,
 }
 
 impl PgSourceConfig {
@@ -156,7 +156,7 @@ fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
 
 /// Validate a `consent.postgres.url` without connecting (config check): a
 /// parseable URL, no password in it, and a supported `sslmode` if it has one.
-pub(crate) fn check_url(url: &str) -> Result<(), String> {
+fn check_url(url: &str) -> Result<(), String> {
     let (rest, mode, _) = split_tls_params(url);
     let cfg: tokio_postgres::Config = rest
         .parse()
@@ -701,7 +701,7 @@ impl PgSourceHandle {
 
     /// Reconnections since start.
     #[cfg(test)]
-    pub(crate) fn reconnects(&self) -> u64 {
+    fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 }

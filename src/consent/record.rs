@@ -16,7 +16,7 @@ impl Sha256Hex {
     pub(crate) fn parse(v: &str) -> Option<Sha256Hex> {
         identify::parse_sha256_hex(v).map(Sha256Hex)
     }
-    pub(crate) fn to_hex(self) -> String {
+    fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 }

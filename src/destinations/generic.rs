@@ -66,7 +66,7 @@ pub(crate) struct GenericSpec {
     pub(crate) hosts: Vec<String>,
     pub(crate) paths: Vec<String>,
     #[serde(default = "default_methods")]
-    pub(crate) methods: Vec<String>,
+    methods: Vec<String>,
     pub(crate) kind: DestKind,
     pub(crate) category: Category,
     #[serde(default)]

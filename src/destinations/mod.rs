@@ -223,7 +223,7 @@ pub(crate) fn generic(entry: &serde_json::Value) -> Result<Arc<dyn Adapter>, Str
 /// The README's destination table, rendered from the built-in adapters (a test
 /// keeps README.md equal to it).
 #[cfg(test)]
-pub(crate) fn readme_table() -> String {
+fn readme_table() -> String {
     let mut out = String::from(
         "| destination | name | kind | default category | channel | identifier fields | limited-data-use / consent signal |\n|---|---|---|---|---|---|---|\n",
     );

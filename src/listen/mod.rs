@@ -54,7 +54,7 @@ impl Drain {
 const H1_DEFAULT_BUF: usize = 8192 + 4096 * 100;
 
 /// hyper's server settings for one connection under `limits`.
-pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()

@@ -158,7 +158,7 @@ async fn read_bounded(mut body: hyper::body::Incoming) -> Vec<u8> {
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3), capped.
-pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
+fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     let d = if let Ok(secs) = v.parse::<u64>() {
         Duration::from_secs(secs)

@@ -26,7 +26,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 pub(crate) const LOG_FILE: &str = "outbox.log";
-pub(crate) const LEDGER_FILE: &str = "ledger.log";
+const LEDGER_FILE: &str = "ledger.log";
 
 /// One undelivered entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -30,11 +30,11 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Common name of the CA created by [`init_ca`] / [`ensure_ca`].
-pub(crate) const CA_COMMON_NAME: &str = "consentgate interception CA";
+const CA_COMMON_NAME: &str = "consentgate interception CA";
 /// File name of the CA certificate inside the `ca init` output directory.
 pub(crate) const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key inside the `ca init` output directory.
-pub(crate) const CA_KEY_FILE: &str = "ca-key.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// File name of the bundle (system roots + CA) written beside `ca.pem`.
 pub(crate) const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
@@ -45,14 +45,14 @@ pub(crate) const TRUSTSTORE_FILE: &str = "truststore.p12";
 /// is the JVM's customary truststore password.
 pub(crate) const TRUSTSTORE_PASSWORD: &str = "changeit";
 /// Alias of the CA in `truststore.p12`.
-pub(crate) const TRUSTSTORE_ALIAS: &str = "consentgate-interception-ca";
+const TRUSTSTORE_ALIAS: &str = "consentgate-interception-ca";
 /// Default CA validity (`ca init --days`): two years.
 pub(crate) const CA_DEFAULT_DAYS: u32 = 730;
 /// Longest validity `--days` accepts (ten years).
-pub(crate) const CA_MAX_DAYS: u32 = 3650;
+const CA_MAX_DAYS: u32 = 3650;
 /// Where the system's root bundle usually is (Debian/Ubuntu, RHEL/Fedora,
 /// openSUSE, Alpine/macOS), for `ca-bundle.pem`.
-pub(crate) const SYSTEM_ROOT_BUNDLES: &[&str] = &[
+const SYSTEM_ROOT_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/ca-bundle.pem",
@@ -717,7 +717,7 @@ pub(crate) mod der {
         (tlv.tag == tag).then_some((tlv, rest))
     }
 
-    pub(crate) fn inspect_certificate(der: &[u8]) -> Option<CertInfo<'_>> {
+    pub(super) fn inspect_certificate(der: &[u8]) -> Option<CertInfo<'_>> {
         let (cert, _) = expect(der, SEQUENCE)?;
         let (tbs, _) = expect(cert.content, SEQUENCE)?;
         let mut rest = tbs.content;

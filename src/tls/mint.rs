@@ -32,18 +32,18 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::ca::{random_serial, LoadedCa};
 
 /// Leaf validity after `notBefore`'s backdating: about a day.
-pub(crate) const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// `notBefore` is set this far in the past, for clients with a slow clock.
-pub(crate) const LEAF_BACKDATE: Duration = Duration::from_secs(3600);
+const LEAF_BACKDATE: Duration = Duration::from_secs(3600);
 /// How long a minted leaf is served from the cache; well below its validity,
 /// so a served certificate always has at least 12 hours left.
-pub(crate) const CACHE_TTL: Duration = Duration::from_secs(12 * 3600);
+const CACHE_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Default maximum number of hosts kept in the cache.
-pub(crate) const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
+const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 /// Time allowed for reading the ClientHello and completing the handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// ALPN protocols offered to intercepted clients, in server preference order.
-pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// Callback fed with the duration of every mint (for a histogram).
 pub(crate) type MintObserver = Arc<dyn Fn(Duration) + Send + Sync>;

@@ -14,7 +14,7 @@
 //! [`Refusal`] constructor; README's table of refusals lists them.
 
 use crate::app::Runtime;
-use crate::audit::{AuditRecord, PseudonymKey};
+use crate::audit::{EventEntry, PseudonymKey};
 use crate::body::{self, BodyReadError, Encoding};
 use crate::config::{Mode, OnBlocked, UnknownDestinations};
 use crate::consent::ConsentStore;
@@ -116,8 +116,8 @@ impl Refusal {
         Refusal::new(
             451,
             "uninspected_endpoint",
-            "this destination endpoint is not inspected; requests with a body are refused \
-             (set the destination's mode to passthrough to allow)",
+            "this destination endpoint is not inspected; requests with a body or a query \
+             string are refused (set the destination's mode to passthrough to allow)",
         )
     }
     /// gRPC to a destination whose REST/JSON interface is the one inspected
@@ -392,8 +392,10 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         Ok(h) => h,
         Err(e) => return refuse(dest, Refusal::bad_request(e)),
     };
+    let query = parts.uri.query().filter(|q| !q.is_empty());
     if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path()) {
-        if route.mode == Mode::Passthrough || !head.has_body {
+        // A query carries data as a body does (Graph reads `?data=`, `?method=post`).
+        if route.mode == Mode::Passthrough || (!head.has_body && query.is_none()) {
             return Gate::Pass(Pass {
                 dest,
                 uri,
@@ -405,6 +407,9 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             return refuse(dest, Refusal::grpc_not_inspected());
         }
         return refuse(dest, Refusal::uninspected_endpoint());
+    }
+    if let Some(r) = query.and_then(|q| unread_query_param(q, route.adapter.query_params())) {
+        return refuse(dest, r);
     }
     let limit = rt.config.max_body_bytes;
     if declared_length(&parts.headers).is_some_and(|n| n > limit) {
@@ -428,6 +433,33 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         limit,
         content_type: media_type(&parts.headers),
     })
+}
+
+/// The refusal for a query parameter of an inspected endpoint that the adapter
+/// does not read (the vendor would: `?data=` beside a body, `To=` on Twilio).
+/// The parameter is named only when its name cannot be someone's data.
+fn unread_query_param(query: &str, read: &[&str]) -> Option<Refusal> {
+    let (name, _) = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| !read.iter().any(|r| r.eq_ignore_ascii_case(k)))?;
+    let plain = name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'))
+        && name.chars().filter(char::is_ascii_digit).count() < 4;
+    let shown = if plain {
+        format!("query parameter `{name}`")
+    } else {
+        "a query parameter".to_string()
+    };
+    let reads = match read {
+        [] => "none".to_string(),
+        r => r.join(", "),
+    };
+    Some(Refusal::unreadable(format!(
+        "{shown} is not read by consentgate for this endpoint, so it is not sent: send the \
+         data in the body (query parameters read here: {reads})"
+    )))
 }
 
 /// The declared Content-Length, when there is one that parses.
@@ -542,8 +574,10 @@ pub(crate) fn plan(
         true => RequestDecision::Modified,
         false => RequestDecision::Allowed,
     };
-    let body = match &e.enforced.body {
-        Some(new_plain) => match body::encode(inspect.encoding, new_plain) {
+    // The rewritten body moves into the plan (`changed` was read above).
+    let body = match e.enforced.body.take() {
+        Some(new_plain) if inspect.encoding == Encoding::Identity => Outgoing::Rewritten(new_plain),
+        Some(new_plain) => match body::encode(inspect.encoding, &new_plain) {
             Ok(b) => Outgoing::Rewritten(b),
             Err(d) => return refused(Refusal::encode_failed(d), Some(e)),
         },
@@ -579,9 +613,7 @@ fn reencoded(inspect: &Inspect<'_>, plain: &[u8], raw: &[u8]) -> Outgoing {
 /// events already guarded (the whole body again, the query, the header values
 /// but authentication). True: someone this request may not send for is named.
 fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8]) -> bool {
-    let mut strings = Vec::new();
-    guard::body_strings(body, inspect.content_type.as_deref(), &mut strings);
-    let mut foreign = g.outside("body", &strings);
+    let mut foreign = g.outside_body(body, inspect.content_type.as_deref());
     if let Some(q) = parts.uri.query() {
         let pairs: Vec<Cow<'_, str>> = form_urlencoded::parse(q.as_bytes())
             .flat_map(|(k, v)| [k, v])
@@ -598,10 +630,58 @@ fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8
     foreign
 }
 
+/// One event's decision as the plan keeps it: what the audit, the metrics and
+/// Learn need, in a few words (a batch of 70,000 events keeps one each). The
+/// patients are indexes into [`Enforcement::patients`]; the full [`Decision`]
+/// (identifiers, records, policy steps) is kept only when tracing.
+pub(crate) struct Decided {
+    pub gpc_trigger: bool,
+    /// How many consent records the event matched.
+    pub matches: u32,
+    /// The first matched record's patient.
+    pub patient: Option<u32>,
+    /// The other matched records' patients (rare: identifiers of two people).
+    pub more: Option<Box<[u32]>>,
+    /// The whole decision, for `explain`.
+    pub trace: Option<Box<Decision>>,
+}
+
+impl Decided {
+    /// Every matched patient, first match first.
+    pub(crate) fn patients(&self) -> impl Iterator<Item = u32> + '_ {
+        self.patient
+            .into_iter()
+            .chain(self.more.iter().flat_map(|m| m.iter().copied()))
+    }
+}
+
+/// The distinct patients of one body's events, each once.
+#[derive(Default)]
+pub(crate) struct Patients {
+    ids: Vec<Box<str>>,
+    index: std::collections::HashMap<Box<str>, u32>,
+}
+
+impl Patients {
+    fn intern(&mut self, id: Box<str>) -> u32 {
+        if let Some(i) = self.index.get(&id) {
+            return *i;
+        }
+        let i = self.ids.len() as u32;
+        self.ids.push(id.clone());
+        self.index.insert(id, i);
+        i
+    }
+    pub(crate) fn get(&self, i: u32) -> Option<&str> {
+        self.ids.get(i as usize).map(|b| &**b)
+    }
+}
+
 /// What enforcement concluded for one body.
 pub(crate) struct Enforcement {
     pub enforced: Enforced,
-    pub decisions: Vec<Decision>,
+    pub decisions: Vec<Decided>,
+    pub patients: Patients,
     pub context: Context,
     /// What the egress guard did, in order.
     pub interventions: Vec<Intervention>,
@@ -631,7 +711,7 @@ impl Enforcement {
         v
     }
     /// Each event with the decision behind it, in payload order.
-    pub(crate) fn events(&self) -> impl Iterator<Item = (&EventApplied, &Decision)> {
+    pub(crate) fn events(&self) -> impl Iterator<Item = (&EventApplied, &Decided)> {
         self.enforced.events.iter().zip(&self.decisions)
     }
     /// The event's decision as counted and audited (`would_*` in shadow mode).
@@ -644,33 +724,25 @@ impl Enforcement {
             (false, false, _) => "allowed",
         }
     }
-    /// One audit record per event or recipient: decision, reason, rule, what was
-    /// stripped or set, and the patient's pseudonym (never the raw id).
-    pub(crate) fn audit_records(
-        &self,
-        request_id: &str,
-        dest: &str,
-        pseudonyms: &PseudonymKey,
-    ) -> Vec<AuditRecord> {
+    /// One audit entry per event or recipient: decision, reason (and so the
+    /// rule), what was stripped or set, and the patient's pseudonym (never the
+    /// raw id). They ride on the request's `decision` record.
+    pub(crate) fn audit_events(&self, pseudonyms: &PseudonymKey) -> Vec<EventEntry> {
         self.events()
-            .enumerate()
-            .map(|(i, (e, d))| {
-                let reason = e.verdict.reason(d.gpc_trigger);
-                let mut r = AuditRecord::decision(
-                    request_id,
-                    dest,
-                    self.event_decision(e),
-                    reason.as_str(),
-                );
-                r.category = Some(self.context.category.as_str().to_string());
-                r.rule = Some(reason.rule().to_string());
-                r.fields_stripped = e.fields_stripped.clone();
-                r.flags_set = e.flags_set.clone();
-                if let Some(rec) = d.records.first() {
-                    r.patient = Some(pseudonyms.pseudonym(&rec.patient_id));
+            .map(|(e, d)| {
+                let (stripped, flags) = (e.fields_stripped(), e.flags_set());
+                let changes = (!stripped.is_empty() || !flags.is_empty())
+                    .then(|| Box::new((stripped.to_vec(), flags.to_vec())));
+                EventEntry {
+                    patient: d
+                        .patient
+                        .and_then(|i| self.patients.get(i))
+                        .map(|p| pseudonyms.pseudonym_bytes(p)),
+                    decision: self.event_decision(e),
+                    reason: e.verdict.reason(d.gpc_trigger),
+                    matches: d.matches,
+                    changes,
                 }
-                r.detail = Some(serde_json::json!({"event": i, "matches": d.records.len()}));
-                r
             })
             .collect()
     }
@@ -701,12 +773,14 @@ fn enforce<'a>(
         patient: inspect.hints.patient.as_deref(),
         trace,
         decisions: Vec::new(),
+        patients: Patients::default(),
         guard: Guard::new(consent, context.kind.is_ads_or_analytics()),
     };
     let enforced = route.adapter.enforce(view, body, &mut judging)?;
     let e = Enforcement {
         enforced,
         decisions: judging.decisions,
+        patients: judging.patients,
         context,
         shadow: route.mode == Mode::Shadow,
         interventions: Vec::new(),
@@ -722,7 +796,8 @@ struct Judging<'a> {
     /// The patient the app named (`X-Patient-Id`), for events that name nobody.
     patient: Option<&'a str>,
     trace: bool,
-    decisions: Vec<Decision>,
+    decisions: Vec<Decided>,
+    patients: Patients,
     guard: Guard<'a>,
 }
 
@@ -755,7 +830,30 @@ impl Judge for Judging<'_> {
             }
         }
         let v = d.verdict;
-        self.decisions.push(d);
+        let mut ids = Vec::with_capacity(d.records.len());
+        let (gpc_trigger, matches) = (d.gpc_trigger, d.records.len() as u32);
+        let trace = match self.trace {
+            true => {
+                for r in &d.records {
+                    ids.push(self.patients.intern(r.patient_id.clone()));
+                }
+                Some(Box::new(d))
+            }
+            false => {
+                for r in d.records {
+                    ids.push(self.patients.intern(r.patient_id));
+                }
+                None
+            }
+        };
+        let decided = Decided {
+            gpc_trigger,
+            matches,
+            patient: ids.first().copied(),
+            more: (ids.len() > 1).then(|| ids[1..].into()),
+            trace,
+        };
+        self.decisions.push(decided);
         v
     }
     fn guard(

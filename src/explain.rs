@@ -150,12 +150,16 @@ impl Explainer<'_> {
             Outgoing::Rewritten(b) => b.as_slice(),
         };
         out["upstream_body"] = upstream_body(upstream);
-        let before = body::decode(i.encoding, body, i.limit).unwrap_or_default();
+        let before = body::decode(i.encoding, body, i.limit)
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
         let after = match &f.body {
             Outgoing::Original => None,
-            Outgoing::Rewritten(b) => {
-                Some(body::decode(i.encoding, b, i.limit).unwrap_or_default())
-            }
+            Outgoing::Rewritten(b) => Some(
+                body::decode(i.encoding, b, i.limit)
+                    .map(|c| c.into_owned())
+                    .unwrap_or_default(),
+            ),
         };
         out["body_diff"] = body_diff(&before, after.as_deref(), i.content_type.as_deref());
         if self.show_body {
@@ -192,21 +196,26 @@ fn refused(out: &mut Value, r: &Refusal) {
 fn events(e: &Enforcement, pseudonym: &dyn Fn(&str) -> String) -> Value {
     e.events()
         .enumerate()
-        .map(|(i, (ev, d))| {
+        .map(|(i, (ev, decided))| {
+            // explain always plans with tracing: every decision is whole.
+            let (ids, records, steps) = match decided.trace.as_deref() {
+                Some(d) => (&d.identifiers[..], &d.records[..], &d.steps[..]),
+                None => (&[][..], &[][..], &[][..]),
+            };
             json!({
                 "index": i,
                 "decision": e.event_decision(ev),
-                "reason": ev.verdict.reason(d.gpc_trigger).as_str(),
-                "identifiers": d.identifiers.iter().map(|k| id_json(k, pseudonym)).collect::<Vec<_>>(),
-                "records": d.records.iter().map(|r| json!({
+                "reason": ev.verdict.reason(decided.gpc_trigger).as_str(),
+                "identifiers": ids.iter().map(|k| id_json(k, pseudonym)).collect::<Vec<_>>(),
+                "records": records.iter().map(|r| json!({
                     "patient": pseudonym(&r.patient_id),
                     "updated_at": r.updated_at.to_rfc3339(),
                     "source": r.source,
                 })).collect::<Vec<_>>(),
-                "steps": d.steps.iter().map(|(s, o)| json!({"step": s, "outcome": o})).collect::<Vec<_>>(),
-                "fields_stripped": ev.fields_stripped,
-                "flags_set": ev.flags_set,
-                "hashed": ev.hashed,
+                "steps": steps.iter().map(|(s, o)| json!({"step": s, "outcome": o})).collect::<Vec<_>>(),
+                "fields_stripped": ev.fields_stripped(),
+                "flags_set": ev.flags_set(),
+                "hashed": ev.hashed(),
             })
         })
         .collect()

@@ -287,7 +287,11 @@ pub(crate) const SKIPPED_HEADERS: &[&str] = &[
 /// Every string of a body as the vendor reads it: JSON strings (keys too),
 /// form keys and values (a value holding JSON is read as JSON too), or the
 /// whole text. Text that cannot be walked as its type is read as one string.
-pub(crate) fn body_strings<'a>(body: &'a [u8], ct: Option<&str>, out: &mut Vec<Cow<'a, str>>) {
+pub(crate) fn each_body_string<'a>(
+    body: &'a [u8],
+    ct: Option<&str>,
+    f: &mut dyn FnMut(Cow<'a, str>),
+) {
     if body.is_empty() {
         return;
     }
@@ -297,26 +301,24 @@ pub(crate) fn body_strings<'a>(body: &'a [u8], ct: Option<&str>, out: &mut Vec<C
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| *b == b'{' || *b == b'[');
     if json {
-        let mut strings = Vec::new();
-        if json_strings(body, &mut |s| strings.push(s)).is_some() {
-            out.extend(strings);
+        // One string at a time: an 8 MiB batch is never held as a list of its strings.
+        if json_strings(body, f).is_some() {
             return;
         }
     } else if ct == Some("application/x-www-form-urlencoded") {
         for (k, v) in form_urlencoded::parse(body) {
             let looks_json = v.trim_start().starts_with(['[', '{']);
             if looks_json {
-                let mut inner = Vec::new();
-                if json_strings(v.as_bytes(), &mut |s| inner.push(s.into_owned())).is_some() {
-                    out.extend(inner.into_iter().map(Cow::Owned));
-                }
+                let mut inner = |s: Cow<'_, str>| f(Cow::Owned(s.into_owned()));
+                let _ = json_strings(v.as_bytes(), &mut inner);
             }
-            out.push(Cow::Owned(k.into_owned()));
-            out.push(Cow::Owned(v.into_owned()));
+            f(Cow::Owned(k.into_owned()));
+            f(Cow::Owned(v.into_owned()));
         }
         return;
     }
-    out.push(String::from_utf8_lossy(body));
+    // Not readable as JSON strings: the whole text is read as it would leave.
+    f(String::from_utf8_lossy(body));
 }
 
 /// Why the guard stepped in (`consentgate_guard_interventions_total{reason}`).
@@ -359,7 +361,7 @@ pub(crate) struct Intervention {
 pub(crate) struct Guard<'a> {
     store: &'a ConsentStore,
     /// Patient ids of the kept, untagged events (messaging: the kept recipients).
-    allowed: Vec<Box<str>>,
+    allowed: std::collections::HashSet<Box<str>>,
     /// Ad platforms and analytics: unknown contacts outside identity fields go.
     remove_unknown: bool,
     pub(crate) interventions: Vec<Intervention>,
@@ -378,7 +380,7 @@ impl<'a> Guard<'a> {
     pub(crate) fn new(store: &'a ConsentStore, remove_unknown: bool) -> Guard<'a> {
         Guard {
             store,
-            allowed: Vec::new(),
+            allowed: std::collections::HashSet::new(),
             remove_unknown,
             interventions: Vec::new(),
         }
@@ -386,8 +388,8 @@ impl<'a> Guard<'a> {
 
     /// Add the patients of a kept, untagged event to those the request may send for.
     pub(crate) fn allow(&mut self, patient_id: &str) {
-        if !self.allowed.iter().any(|p| &**p == patient_id) {
-            self.allowed.push(patient_id.into());
+        if !self.allowed.contains(patient_id) {
+            self.allowed.insert(patient_id.into());
         }
     }
 
@@ -402,7 +404,7 @@ impl<'a> Guard<'a> {
                 scan.unknown_contact |= f.is_contact();
             } else if records
                 .iter()
-                .any(|r| !self.allowed.iter().any(|p| **p == *r.patient_id))
+                .any(|r| !self.allowed.contains(&*r.patient_id))
             {
                 scan.foreign = true;
             }
@@ -520,6 +522,19 @@ impl<'a> Guard<'a> {
     /// the audit (`body`, `query`, `header:<name>`). True: refuse the request.
     pub(crate) fn outside(&mut self, place: &str, strings: &[Cow<'_, str>]) -> bool {
         let foreign = strings.iter().any(|s| self.scan_str(s).foreign);
+        self.noted_outside(place, foreign)
+    }
+
+    /// [`Guard::outside`] over every string of a body, read one at a time.
+    pub(crate) fn outside_body(&mut self, body: &[u8], ct: Option<&str>) -> bool {
+        let mut foreign = false;
+        each_body_string(body, ct, &mut |s| {
+            foreign = foreign || self.scan_str(&s).foreign;
+        });
+        self.noted_outside("body", foreign)
+    }
+
+    fn noted_outside(&mut self, place: &str, foreign: bool) -> bool {
         if foreign {
             self.note(Reason::ForeignOutsideEvents, place.to_string(), None);
         }

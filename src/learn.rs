@@ -95,14 +95,15 @@ impl Learner {
 /// The patients a request named: those of its events that went upstream (all
 /// of them in shadow mode), deduplicated.
 pub(crate) fn named(e: &crate::enforce::Enforcement) -> Vec<Arc<str>> {
+    let mut seen = std::collections::HashSet::new();
     let mut out: Vec<Arc<str>> = Vec::new();
     for (ev, d) in e.events() {
         if ev.verdict.is_drop() && !e.shadow {
             continue;
         }
-        for r in &d.records {
-            if !out.iter().any(|x| **x == *r.patient_id) {
-                out.push(Arc::from(&*r.patient_id));
+        for i in d.patients() {
+            if let Some(p) = e.patients.get(i).filter(|_| seen.insert(i)) {
+                out.push(Arc::from(p));
             }
         }
     }

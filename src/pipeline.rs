@@ -5,9 +5,9 @@
 //! included, goes through one [`Exchange::finish`] that audits, counts and logs it.
 
 use crate::app::{App, Runtime};
-use crate::audit::{AuditRecord, AuditUnavailable};
+use crate::audit::{AuditRecord, AuditUnavailable, EventEntry};
 use crate::body::{self, ClientBody};
-use crate::enforce::{self, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Refusal};
+use crate::enforce::{self, Enforcement, Gate, Head, Inspect, Outgoing, Plan, Planned, Refusal};
 use crate::forward::{self, BoxError, ProxyBody, UpstreamError};
 use crate::refusal::Shape;
 use crate::response;
@@ -113,8 +113,9 @@ pub(crate) struct Exchange<'a> {
     started: Instant,
     /// Time spent waiting on the upstream (not counted as the proxy's own).
     upstream: Duration,
-    /// Per-event audit records, written with the request-level record.
-    records: Vec<AuditRecord>,
+    /// The category and per-event entries of an inspected request, written
+    /// with its `decision` record.
+    events: Option<(String, Vec<EventEntry>)>,
     /// The patients the request named (kept events), for the Learn step.
     named: Vec<Arc<str>>,
 }
@@ -127,7 +128,7 @@ impl<'a> Exchange<'a> {
             trace_id: crate::audit::trace_id(headers),
             started: Instant::now(),
             upstream: Duration::ZERO,
-            records: Vec::new(),
+            events: None,
             named: Vec::new(),
         }
     }
@@ -151,33 +152,43 @@ impl<'a> Exchange<'a> {
         };
         let planned = tracing::debug_span!("plan")
             .in_scope(|| enforce::plan(rt, &self.app.consent, i, &parts, &raw, false));
-        if let Some(e) = &planned.enforcement {
-            self.note(dest, e);
-        }
-        let f = match planned.plan {
-            Plan::Refuse(refusal) => return End::Refused { dest, refusal },
-            Plan::Forward(f) => f,
+        let Planned { plan, enforcement } = planned;
+        let (decision, reason, out) = match plan {
+            Plan::Refuse(refusal) => {
+                self.note(dest, enforcement);
+                return End::Refused { dest, refusal };
+            }
+            Plan::Forward(f) => {
+                let out = match f.body {
+                    Outgoing::Original => raw,
+                    // The body as it came is not held while the rewritten one
+                    // is audited and sent.
+                    Outgoing::Rewritten(b) => {
+                        drop(raw);
+                        Bytes::from(b)
+                    }
+                };
+                (f.decision, f.reason, out)
+            }
         };
-        let out = match f.body {
-            Outgoing::Original => raw,
-            Outgoing::Rewritten(b) => Bytes::from(b),
-        };
+        self.note(dest, enforcement);
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
         let egress = Egress {
             dest,
             shape: i.route.refusal_shape,
-            decision: f.decision,
-            reason: f.reason,
+            decision,
+            reason,
         };
-        self.send(rt, egress, parts, i.uri.clone(), response::full_body(out))
+        self.send(rt, egress, parts, i.uri.clone(), response::sliced_body(out))
             .await
     }
 
     /// Count the events and the guard's interventions, and keep the events'
-    /// audit records for the request's record.
-    fn note(&mut self, dest: &str, e: &Enforcement) {
+    /// audit entries for the request's record.
+    fn note(&mut self, dest: &str, e: Option<Enforcement>) {
+        let Some(e) = e else { return };
         let m = &self.app.metrics;
         for (ev, d) in e.events() {
             let reason = ev.verdict.reason(d.gpc_trigger).as_str();
@@ -190,8 +201,9 @@ impl<'a> Exchange<'a> {
                 .with_label_values(&[dest, i.reason.as_str()])
                 .inc();
         }
-        self.records = e.audit_records(&self.request_id, dest, &self.app.pseudonyms);
-        self.named = crate::learn::named(e);
+        let category = e.context.category.as_str().to_string();
+        self.events = Some((category, e.audit_events(&self.app.pseudonyms)));
+        self.named = crate::learn::named(&e);
     }
 
     /// Record the decision (before anything leaves: no audit, no egress), then
@@ -237,14 +249,12 @@ impl<'a> Exchange<'a> {
         decision: &str,
         reason: &str,
     ) -> Result<(), Refusal> {
-        let mut records = std::mem::take(&mut self.records);
-        records.push(AuditRecord::decision(
-            &self.request_id,
-            dest,
-            decision,
-            reason,
-        ));
-        self.submit(records)
+        let mut record = AuditRecord::decision(&self.request_id, dest, decision, reason);
+        if let Some((category, events)) = self.events.take() {
+            record.category = Some(category);
+            record.events = Some(events);
+        }
+        self.submit(vec![record])
             .map_err(|e| Refusal::audit_unavailable(e.as_str()))
     }
 

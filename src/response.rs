@@ -32,6 +32,39 @@ pub(crate) fn full_body(data: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
+/// A body that goes upstream in slices of at most 64 KiB of the same buffer
+/// (no copy): the TLS writer, which cannot write vectored, copies each frame it
+/// is given into its own buffer, so one 8 MiB frame would be held twice.
+pub(crate) fn sliced_body(data: Bytes) -> ProxyBody {
+    Sliced(data).map_err(|never| match never {}).boxed_unsync()
+}
+
+const SLICE: usize = 64 * 1024;
+
+struct Sliced(Bytes);
+
+impl http_body::Body for Sliced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.0.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.0.len().min(SLICE);
+        let chunk = self.0.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.len() as u64)
+    }
+}
+
 /// Set `x-consentgate-decision` and `x-consentgate-request-id`.
 pub(crate) fn stamp(h: &mut HeaderMap, decision: RequestDecision, request_id: &str) {
     h.insert(

@@ -79,7 +79,8 @@ async fn a_foreign_identifier_outside_every_event_refuses_the_request() {
             "query",
             Req::post(
                 META,
-                "/v19.0/1/events?note=deny.me%40example.com",
+                // A parameter Graph reads there (others are refused unread).
+                "/v19.0/1/events?access_token=deny.me%40example.com",
                 granted.to_string(),
             ),
         ),
@@ -200,4 +201,61 @@ async fn shadow_mode_counts_what_the_guard_would_do_and_forwards_the_original() 
     );
     let m = String::from_utf8(admin_get(&p, "/metrics").await.body).unwrap();
     assert_eq!(metric(&m, "foreign_identifier"), 1, "{m}");
+}
+
+/// The guard reads kept events only once every event is decided: an event may
+/// name a patient whose own (kept) event comes later in the batch. Meta (its own
+/// lazy path) and TikTok (the generic one-event-at-a-time batch) alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_naming_a_patient_kept_later_in_the_batch_is_kept() {
+    let (p, up) = setup("guard-later", "").await;
+    // P-1009: advertising granted.
+    let later = "email.denied.channel@example.com";
+    let body = json!({"data": [
+        event("jane.roe@example.com", json!({"custom_data": {"referred_by": later}})),
+        event(later, json!({})),
+        event("jane.roe@example.com", json!({"custom_data": {"referred_by": "deny.me@example.com"}})),
+    ]});
+    let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = up.last();
+    assert_absent(&got.body, DENIED, "meta upstream bytes");
+    assert_eq!(
+        got.json()["data"].as_array().unwrap().len(),
+        2,
+        "{}",
+        got.json()
+    );
+
+    let tiktok = |email: &str, extra: Value| {
+        let mut ev = json!({"event": "ViewContent", "event_time": 1763600000,
+                            "user": {"email": [email]}});
+        if let (Some(m), Value::Object(x)) = (ev.as_object_mut(), extra) {
+            m.extend(x);
+        }
+        ev
+    };
+    let body = json!({"event_source": "web", "event_source_id": "PX", "data": [
+        tiktok("jane.roe@example.com", json!({"properties": {"referred_by": later}})),
+        tiktok(later, json!({})),
+        tiktok("jane.roe@example.com", json!({"properties": {"referred_by": "deny.me@example.com"}})),
+    ]});
+    let r = send(
+        p.proxy,
+        Req::post(
+            "business-api.tiktok.com",
+            "/open_api/v1.3/event/track/",
+            body.to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = up.last();
+    assert_absent(&got.body, DENIED, "tiktok upstream bytes");
+    assert_eq!(
+        got.json()["data"].as_array().unwrap().len(),
+        2,
+        "{}",
+        got.json()
+    );
 }

@@ -70,12 +70,17 @@ impl PseudonymKey {
 
     /// The pseudonym of `patient_id`: 32 lowercase hex characters.
     pub fn pseudonym(&self, patient_id: &str) -> String {
+        hex::encode(self.pseudonym_bytes(patient_id))
+    }
+
+    /// [`PseudonymKey::pseudonym`] as bytes (its hex is the pseudonym).
+    pub fn pseudonym_bytes(&self, patient_id: &str) -> [u8; PSEUDONYM_HEX_LEN / 2] {
         let mut mac = self.mac.clone();
         mac.update(patient_id.as_bytes());
         let digest = mac.finalize().into_bytes();
-        let mut s = hex::encode(digest);
-        s.truncate(PSEUDONYM_HEX_LEN);
-        s
+        let mut out = [0u8; PSEUDONYM_HEX_LEN / 2];
+        out.copy_from_slice(&digest[..PSEUDONYM_HEX_LEN / 2]);
+        out
     }
 }
 

@@ -17,7 +17,7 @@ use super::crypto::EncKey;
 use super::parse_file_name;
 use super::pseudonym::PseudonymKey;
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -513,9 +513,6 @@ pub fn find(
                 }
             })?;
             index += 1;
-            if d.record.get("patient").and_then(Value::as_str) != Some(wanted.as_str()) {
-                continue;
-            }
             if let Some(since) = since {
                 let ts = d
                     .record
@@ -527,8 +524,44 @@ pub fn find(
                     _ => continue,
                 }
             }
-            out.push(Value::Object(d.record));
+            let matching = for_patient(d.record, &wanted);
+            out.extend(matching.map(Value::Object));
         }
     }
     Ok(out)
+}
+
+/// The record if it is about the patient whose pseudonym is `wanted`; for a
+/// request `decision` record with `events`, one record per entry about them,
+/// shaped as a record of its own (`detail.event` is the entry's index).
+fn for_patient(
+    record: Map<String, Value>,
+    wanted: &str,
+) -> Box<dyn Iterator<Item = Map<String, Value>>> {
+    let about = |r: &Map<String, Value>| r.get("patient").and_then(Value::as_str) == Some(wanted);
+    let mut record = record;
+    let Some(Value::Array(events)) = record.remove("events") else {
+        return Box::new(about(&record).then_some(record).into_iter());
+    };
+    let wanted = wanted.to_string();
+    Box::new(events.into_iter().enumerate().filter_map(move |(i, ev)| {
+        let Value::Object(ev) = ev else { return None };
+        if ev.get("patient").and_then(Value::as_str) != Some(wanted.as_str()) {
+            return None;
+        }
+        let mut r = record.clone();
+        for k in ["patient", "decision", "reason", "rule"] {
+            r.insert(k.into(), ev.get(k).cloned().unwrap_or(Value::Null));
+        }
+        for k in ["fields_stripped", "flags_set"] {
+            let v = ev.get(k).cloned().unwrap_or_else(|| Value::Array(vec![]));
+            r.insert(k.into(), v);
+        }
+        let matches = ev.get("matches").cloned().unwrap_or(Value::Null);
+        r.insert(
+            "detail".into(),
+            serde_json::json!({"event": i, "matches": matches}),
+        );
+        Some(r)
+    }))
 }

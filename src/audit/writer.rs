@@ -63,6 +63,9 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8192;
 /// Records gathered into one write.
 const MAX_BATCH: usize = 4096;
+/// Lines at least this long are written on their own instead of being copied
+/// into the batch buffer.
+const BIG_LINE: usize = 64 << 10;
 /// How often the writer wakes up when idle (interval fsync, failure retry).
 const TICK: Duration = Duration::from_millis(250);
 /// How often a failed writer retries the disk.
@@ -800,6 +803,25 @@ impl State {
                         .map_err(|e| (done, e))?;
                 }
                 len = self.current.as_ref().map_or(0, |c| c.len);
+            }
+            let line_len = sealed.as_ref().map_or(plain.len(), Vec::len);
+            if line_len >= BIG_LINE {
+                // A large batch's record (its events ride on it): written from
+                // where it was made, not copied into the batch buffer first.
+                if !buf.is_empty() {
+                    self.append(&buf, in_buf, &prev, len)
+                        .map_err(|e| (done, e))?;
+                    done += in_buf;
+                    in_buf = 0;
+                    buf.clear();
+                }
+                let mut line = sealed.take().unwrap_or_else(|| std::mem::take(&mut plain));
+                line.push(b'\n');
+                len += line.len() as u64;
+                std::mem::swap(&mut prev, &mut hash);
+                self.append(&line, 1, &prev, len).map_err(|e| (done, e))?;
+                done += 1;
+                continue;
             }
             let line: &[u8] = sealed.as_deref().unwrap_or(&plain);
             buf.extend_from_slice(line);

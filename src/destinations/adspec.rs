@@ -84,6 +84,8 @@ pub(crate) struct AdSpec {
     pub(crate) ldu_signal: &'static str,
     /// The platform's error shape for refusals (docs/SDKS.md).
     pub(crate) refusal_shape: Shape,
+    /// Query parameters it reads that carry no one's data ([`Adapter::query_params`]).
+    pub(crate) query_params: &'static [&'static str],
 }
 
 impl AdSpec {
@@ -109,13 +111,13 @@ impl Fields {
     /// SPEC §6 steps 3-5 on one kept event.
     pub(crate) fn apply(&self, ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
         if keep.strip_identity {
-            common::remove_all(ev, self.identity, &mut a.fields_stripped);
+            a.strip_with(|s| common::remove_all(ev, self.identity, s));
             if let Some(obj) = self.identity_object {
                 let at = obj.split('.').try_fold(&mut *ev, |v, k| v.get_mut(k));
                 if let Some(Value::Object(m)) = at {
                     if !m.is_empty() {
                         m.clear();
-                        a.fields_stripped.push(format!("{obj}.*"));
+                        a.ch().fields_stripped.push(format!("{obj}.*"));
                     }
                 }
             }
@@ -128,21 +130,21 @@ impl Fields {
             set(ev, l, a);
         }
         if keep.limit_sensitive {
-            common::reduce_urls(ev, self.urls, &mut a.fields_stripped);
+            a.strip_with(|s| common::reduce_urls(ev, self.urls, s));
             match &self.sensitive {
-                Sensitive::Remove(paths) => common::remove_all(ev, paths, &mut a.fields_stripped),
+                Sensitive::Remove(paths) => a.strip_with(|s| common::remove_all(ev, paths, s)),
                 Sensitive::KeepOnly { object, keep } => {
                     if let Some(Value::Object(m)) = ev.get_mut(*object) {
                         let before = m.len();
                         m.retain(|k, _| keep.contains(&k.as_str()));
                         if m.len() != before {
-                            a.fields_stripped.push(format!("{object}.*"));
+                            a.ch().fields_stripped.push(format!("{object}.*"));
                         }
                     }
                 }
             }
         }
-        common::hash_all(ev, self.hashed, &mut a.hashed);
+        a.hash_with(|h| common::hash_all(ev, self.hashed, h));
     }
 }
 
@@ -196,5 +198,8 @@ impl Adapter for AdPlatform {
     }
     fn refusal_shape(&self) -> Shape {
         self.0.refusal_shape
+    }
+    fn query_params(&self) -> &'static [&'static str] {
+        self.0.query_params
     }
 }

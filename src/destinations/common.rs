@@ -275,10 +275,10 @@ pub fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
 pub type Hasher = fn(&str) -> String;
 
 /// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
-pub fn hash_all(v: &mut Value, spec: &[(&str, Hasher)], hashed: &mut Vec<String>) {
+pub fn hash_all(v: &mut Value, spec: &[(&'static str, Hasher)], hashed: &mut Vec<&'static str>) {
     for (p, h) in spec {
         if hash_at(v, p, *h) {
-            hashed.push((*p).to_string());
+            hashed.push(p);
         }
     }
 }
@@ -323,7 +323,8 @@ pub fn enforce_array(
             continue;
         }
         match judge.guard(i, ev) {
-            Ok(removed) => applied[i].fields_stripped.extend(removed),
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => applied[i].ch().fields_stripped.extend(removed),
             Err(_) => {
                 applied[i].verdict = EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
                 keep_mask[i] = false;
@@ -340,27 +341,7 @@ pub fn enforce_array(
     (changed, applied)
 }
 
-/// Enforce the array at `key` of a top-level JSON object (`{"data":[...]}`).
-/// An absent or non-array `key` is unreadable for the destination.
-pub fn enforce_json_batch(
-    body: &[u8],
-    key: &str,
-    judge: &mut dyn Judge,
-    identify: &dyn Fn(&Value) -> Identifiers,
-    apply: &dyn Fn(&mut Value, &crate::decide::Keep, &mut EventApplied),
-) -> Result<super::Enforced, BodyError> {
-    let mut root = parse_json(body)?;
-    let Some(Value::Array(events)) = root.get_mut(key) else {
-        return Err(BodyError::Unreadable(format!(
-            "`{key}` is missing or not an array"
-        )));
-    };
-    let (changed, applied) = enforce_array(events, judge, identify, apply);
-    Ok(super::Enforced {
-        body: changed.then(|| to_json(&root)),
-        events: applied,
-    })
-}
+pub use super::batch::enforce_json_batch;
 
 /// Like [`enforce_json_batch`], for an array at a dotted path of nested
 /// objects (`data.attributes.profiles.data`; `""` or `"$"`: a top-level array).

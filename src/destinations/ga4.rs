@@ -86,32 +86,34 @@ fn random_client_id() -> String {
 
 fn apply(v: &mut Value, keep: &Keep, a: &mut EventApplied) {
     if keep.strip_identity {
-        common::remove_all(v, IDENTITY, &mut a.fields_stripped);
+        a.strip_with(|s| common::remove_all(v, IDENTITY, s));
         if let Value::Object(m) = v {
             if m.contains_key("client_id") {
                 m.insert("client_id".into(), Value::String(random_client_id()));
-                a.fields_stripped.push("client_id".into());
+                a.ch().fields_stripped.push("client_id".into());
             }
             if m.contains_key("app_instance_id") {
                 let id: String = (0..4)
                     .map(|_| format!("{:08x}", rand::random::<u32>()))
                     .collect();
                 m.insert("app_instance_id".into(), Value::String(id));
-                a.fields_stripped.push("app_instance_id".into());
+                a.ch().fields_stripped.push("app_instance_id".into());
             }
         }
     }
     if keep.strip_identity || keep.ldu.is_some() {
         common::set_at(v, "consent.ad_user_data", json!("DENIED"));
         common::set_at(v, "consent.ad_personalization", json!("DENIED"));
-        a.flags_set.push("consent.ad_user_data=DENIED".into());
-        a.flags_set.push("consent.ad_personalization=DENIED".into());
+        a.ch().flags_set.push("consent.ad_user_data=DENIED".into());
+        a.ch()
+            .flags_set
+            .push("consent.ad_personalization=DENIED".into());
     }
     if keep.limit_sensitive {
-        common::reduce_urls(v, URLS, &mut a.fields_stripped);
-        common::remove_all(v, SENSITIVE, &mut a.fields_stripped);
+        a.strip_with(|s| common::reduce_urls(v, URLS, s));
+        a.strip_with(|s| common::remove_all(v, SENSITIVE, s));
     }
-    common::hash_all(v, HASHED, &mut a.hashed);
+    a.hash_with(|h| common::hash_all(v, HASHED, h));
 }
 
 impl Adapter for Ga4Mp {
@@ -132,6 +134,9 @@ impl Adapter for Ga4Mp {
             host,
             "www.google-analytics.com" | "region1.google-analytics.com"
         )
+    }
+    fn query_params(&self) -> &'static [&'static str] {
+        &["measurement_id", "api_secret", "firebase_app_id"]
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
         common::post_path_matches(method, path, &|s| {

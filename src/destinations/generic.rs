@@ -185,7 +185,7 @@ impl GenericAdapter {
 
     fn json_apply(&self, ev: &mut Value, k: &Keep, a: &mut EventApplied) {
         if k.strip_identity {
-            common::remove_all(ev, &paths(&self.identity), &mut a.fields_stripped);
+            a.strip_with(|s| common::remove_all(ev, &paths(&self.identity), s));
         }
         if k.limit_sensitive {
             let p: Vec<&str> = self
@@ -194,7 +194,7 @@ impl GenericAdapter {
                 .iter()
                 .map(String::as_str)
                 .collect();
-            common::remove_all(ev, &p, &mut a.fields_stripped);
+            a.strip_with(|s| common::remove_all(ev, &p, s));
         }
     }
 
@@ -259,8 +259,8 @@ impl GenericAdapter {
             .cloned()
             .collect();
         for name in strip {
-            if pairs.iter().any(|(n, _)| n == name) && !a.fields_stripped.contains(name) {
-                a.fields_stripped.push(name.clone());
+            if pairs.iter().any(|(n, _)| n == name) && !a.fields_stripped().contains(name) {
+                a.ch().fields_stripped.push(name.clone());
             }
         }
         let changed = kept.len() != pairs.len();

@@ -63,6 +63,9 @@ impl Adapter for GenesysOutbound {
                 .strip_prefix("api.mypurecloud.")
                 .is_some_and(|tld| !tld.is_empty() && !tld.starts_with('.'))
     }
+    fn query_params(&self) -> &'static [&'static str] {
+        &["priority", "clearSystemData", "doNotQueue"]
+    }
     fn inspects(&self, method: &Method, path: &str) -> bool {
         *method == Method::POST
             && matches!(

@@ -87,16 +87,16 @@ fn apply_adjustment(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
 
 fn apply_with(ev: &mut Value, keep: &Keep, a: &mut EventApplied, consent_field: bool) {
     if keep.strip_identity {
-        common::remove_all(ev, IDENTITY, &mut a.fields_stripped);
+        a.strip_with(|s| common::remove_all(ev, IDENTITY, s));
     }
     if consent_field && (keep.strip_identity || keep.ldu.is_some()) {
         common::set_at(ev, "consent.adUserData", json!("DENIED"));
-        a.flags_set.push("consent.adUserData=DENIED".into());
+        a.ch().flags_set.push("consent.adUserData=DENIED".into());
     }
     if keep.limit_sensitive {
-        common::remove_all(ev, SENSITIVE, &mut a.fields_stripped);
+        a.strip_with(|s| common::remove_all(ev, SENSITIVE, s));
     }
-    common::hash_all(ev, HASHED, &mut a.hashed);
+    a.hash_with(|h| common::hash_all(ev, HASHED, h));
 }
 
 /// The upload method named after the `:` of the last path segment.

@@ -53,17 +53,13 @@ fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
                 .is_some_and(|a| !a.is_empty());
             if had_ids {
                 user.insert("userIds".into(), Value::Array(vec![]));
-                a.fields_stripped.push("user.userIds".into());
+                a.ch().fields_stripped.push("user.userIds".into());
             }
         }
-        common::remove_all(
-            ev,
-            &["user.userInfo", "user.externalIds"],
-            &mut a.fields_stripped,
-        );
+        a.strip_with(|s| common::remove_all(ev, &["user.userInfo", "user.externalIds"], s));
     }
     if keep.limit_sensitive {
-        common::remove_all(ev, &["user.userInfo.title"], &mut a.fields_stripped);
+        a.strip_with(|s| common::remove_all(ev, &["user.userInfo.title"], s));
     }
     // Hash plaintext SHA256_EMAIL values that remain.
     let mut hashed = false;
@@ -81,7 +77,7 @@ fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
         }
     }
     if hashed {
-        a.hashed.push("user.userIds.idValue".into());
+        a.hash("user.userIds.idValue");
     }
 }
 
@@ -203,7 +199,7 @@ mod tests {
         );
         assert_eq!(e[0]["user"]["userInfo"]["title"], "Oncology nurse");
         assert_eq!(e[1]["user"], json!({"userIds":[]}));
-        assert!(r.events[3].flags_set.is_empty());
+        assert!(r.events[3].flags_set().is_empty());
         assert!(e[2]["user"]["userInfo"].get("title").is_none());
         assert_eq!(e[2]["user"]["userInfo"]["firstName"], "Pat");
     }

@@ -6,6 +6,7 @@
 //! other form fields (`access_token`, `test_event_code`, …) are kept as they are.
 
 use super::adspec::{Fields, Sensitive};
+use super::batch::Batch;
 use super::common;
 use super::rawjson::{self, Node, Object, Shape};
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
@@ -13,6 +14,7 @@ use crate::decide::{EventVerdict, Keep, Ldu};
 use crate::identify::{self, Identifiers};
 use crate::model::{Category, DestKind};
 use http::Method;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 pub struct MetaCapi;
@@ -80,10 +82,12 @@ const CUSTOM_DATA_KEEP: &[&str] = &["value", "currency", "order_id", "num_items"
 
 /// Meta's limited-data-use fields for a geography, and what the audit says was set.
 fn ldu_fields(l: Ldu, a: &mut EventApplied) -> [(&'static str, Value); 3] {
-    a.flags_set.push("data_processing_options=LDU".into());
-    a.flags_set
+    a.ch().flags_set.push("data_processing_options=LDU".into());
+    a.ch()
+        .flags_set
         .push(format!("data_processing_options_country={}", l.country));
-    a.flags_set
+    a.ch()
+        .flags_set
         .push(format!("data_processing_options_state={}", l.state));
     [
         ("data_processing_options", json!(["LDU"])),
@@ -108,12 +112,7 @@ fn apply(ev: &mut Value, keep: &Keep, a: &mut EventApplied) {
 
 /// The JSON error answer for a body that does not parse.
 fn invalid_json(e: &serde_json::Error) -> BodyError {
-    let what = if e.to_string().contains(common::DUPLICATE_KEY) {
-        common::DUPLICATE_KEY
-    } else {
-        "invalid JSON"
-    };
-    BodyError::Unreadable(format!("{what} at line {} column {}", e.line(), e.column()))
+    super::batch::json_error(e)
 }
 
 /// `user_data`'s key of each identity path (`user_data.em` → `em`).
@@ -161,11 +160,11 @@ fn apply_lazy<'a>(
             for p in FIELDS.identity {
                 if u.get(ud_key(p)).is_some() {
                     present += 1;
-                    a.fields_stripped.push((*p).to_string());
+                    a.ch().fields_stripped.push((*p).to_string());
                 }
             }
             if u.len() > present {
-                a.fields_stripped.push("user_data.*".into());
+                a.ch().fields_stripped.push("user_data.*".into());
             }
             u.entries.clear();
         }
@@ -190,7 +189,7 @@ fn apply_lazy<'a>(
             };
             let reduced = common::reduce_url(&url);
             if reduced != url {
-                a.fields_stripped.push(p.to_string());
+                a.ch().fields_stripped.push(p.to_string());
             }
             *n = Node::Val(Value::String(reduced));
         }
@@ -205,7 +204,7 @@ fn apply_lazy<'a>(
                 let before = cd.len();
                 cd.entries.retain(|(k, _)| keep.contains(&k.0.as_ref()));
                 if cd.len() != before {
-                    a.fields_stripped.push(format!("{object}.*"));
+                    a.ch().fields_stripped.push(format!("{object}.*"));
                 }
                 *n = Node::Obj(cd);
             }
@@ -218,7 +217,7 @@ fn apply_lazy<'a>(
             };
             let mut v = n.take_value().map_err(|e| invalid_json(&e))?;
             if common::hash_value(&mut v, *h) {
-                a.hashed.push((*p).to_string());
+                a.hash(p);
             }
             *n = Node::Val(v);
         }
@@ -274,144 +273,57 @@ fn enforce_event<'a>(
 }
 
 /// Enforce a `data` array whose elements are event objects or JSON-encoded
-/// event strings; each kept event leaves in the form it came in. Returns
-/// whether anything changed, what was done per event, and the new array's
-/// JSON text.
+/// event strings; each kept event leaves in the form it came in. The new
+/// array's JSON text is written to `out` one event at a time (an 8 MiB batch is
+/// never held as parsed events). Returns whether anything changed and what was
+/// done per event.
 fn enforce_data(
-    data: Vec<Shape<'_>>,
+    data: Vec<&RawValue>,
     judge: &mut dyn Judge,
-) -> Result<(bool, Vec<EventApplied>, Vec<u8>), BodyError> {
-    // Every element is checked before any decision, first error first.
-    let mut objects = Vec::with_capacity(data.len());
-    let mut texts = Vec::new();
-    let mut bad = None;
-    for (i, el) in data.into_iter().enumerate() {
-        match el {
-            Shape::Object(o) => objects.push(Some(o)),
-            Shape::Str(s) => {
-                objects.push(None);
-                texts.push((i, s));
+    out: &mut Vec<u8>,
+) -> Result<(bool, Vec<EventApplied>), BodyError> {
+    // Every element's kind is checked before any decision, first error first.
+    for (i, el) in data.iter().enumerate() {
+        match el.get().as_bytes().first() {
+            Some(b'{') => {}
+            Some(b'"') => {
+                let s = unquote(el, i)?;
+                Object::parse(&s).map_err(|_| not_event(i))?;
             }
             _ => {
-                bad = Some(i);
-                break;
+                return Err(BodyError::Unreadable(format!(
+                    "`data[{i}]` is not an event object"
+                )))
             }
         }
     }
-    let not_event = |i: usize| {
-        BodyError::Unreadable(format!(
-            "`data[{i}]` is a string but not a JSON-encoded event object"
-        ))
-    };
-    let mut events = Vec::with_capacity(objects.len());
-    let mut texts = texts.iter().peekable();
-    for (i, o) in objects.into_iter().enumerate() {
-        match o {
-            Some(o) => events.push((o, false)),
-            None => {
-                let Some((_, s)) = texts.next() else {
-                    return Err(not_event(i));
-                };
-                match Object::parse(s) {
-                    Ok(o) => events.push((o, true)),
-                    Err(_) => return Err(not_event(i)),
-                }
-            }
-        }
-    }
-    if let Some(i) = bad {
-        return Err(BodyError::Unreadable(format!(
-            "`data[{i}]` is not an event object"
-        )));
-    }
-    let mut applied = Vec::with_capacity(events.len());
-    let mut kept = Vec::with_capacity(events.len());
-    for (ev, encoded) in events {
-        let (a, ev) = enforce_event(ev, judge)?;
-        applied.push(a);
-        kept.push(ev.map(|ev| (ev, encoded)));
-    }
-    // Every event is decided: the guard reads each kept one as it will leave.
-    let mut out = Vec::with_capacity(4096);
-    out.push(b'[');
-    let mut buf = Vec::new();
-    for (i, k) in kept.into_iter().enumerate() {
-        let Some((ev, encoded)) = k else { continue };
-        let start = out.len();
-        if start > 1 {
-            out.push(b',');
-        }
-        let at = out.len();
-        let written = if encoded {
-            buf.clear();
-            ev.write(&mut buf);
-            &buf
+    let mut batch = Batch::new(out, data.len());
+    for (i, el) in data.into_iter().enumerate() {
+        let text = el.get();
+        let unquoted;
+        let (ev, encoded) = if text.starts_with('"') {
+            unquoted = unquote(el, i)?;
+            (Object::parse(&unquoted).map_err(|_| not_event(i))?, true)
         } else {
-            ev.write(&mut out);
-            &out[at..]
+            (Object::parse(text).map_err(|e| invalid_json(&e))?, false)
         };
-        let replaced = match guard_event(judge, i, written, &mut applied[i])? {
-            Guarded::Keep => None,
-            Guarded::Replace(v) => Some(v),
-            Guarded::Drop => {
-                out.truncate(start);
-                continue;
-            }
-        };
-        let event = match (&replaced, encoded) {
-            (Some(v), _) => v.as_slice(),
-            (None, true) => buf.as_slice(),
-            (None, false) => continue,
-        };
-        out.truncate(at);
-        if encoded {
-            rawjson::write_str(&mut out, &String::from_utf8_lossy(event));
-        } else {
-            out.extend_from_slice(event);
+        match enforce_event(ev, judge)? {
+            (a, None) => batch.dropped(a),
+            (a, Some(ev)) => batch.kept(a, encoded, |o| ev.write(o))?,
         }
     }
-    out.push(b']');
-    let changed = applied.iter().any(EventApplied::changed);
-    Ok((changed, applied, out))
+    batch.finish(judge)
 }
 
-/// What the guard made of one kept event.
-enum Guarded {
-    Keep,
-    /// Unknown contacts removed: these bytes leave instead.
-    Replace(Vec<u8>),
-    /// It names someone this request may not send for.
-    Drop,
+fn not_event(i: usize) -> BodyError {
+    BodyError::Unreadable(format!(
+        "`data[{i}]` is a string but not a JSON-encoded event object"
+    ))
 }
 
-/// The guard on one kept event as written; it is rewalked as a value tree only
-/// when an unknown contact must be removed.
-fn guard_event(
-    judge: &mut dyn Judge,
-    index: usize,
-    written: &[u8],
-    a: &mut EventApplied,
-) -> Result<Guarded, BodyError> {
-    let scan = judge.guard_text(index, written);
-    let foreign = || EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
-    if scan.foreign {
-        a.verdict = foreign();
-        return Ok(Guarded::Drop);
-    }
-    if !scan.unknown_contact {
-        return Ok(Guarded::Keep);
-    }
-    let mut v: Value = serde_json::from_slice(written).map_err(|e| invalid_json(&e))?;
-    match judge.guard(index, &mut v) {
-        Ok(removed) => {
-            a.fields_stripped.extend(removed);
-            Ok(Guarded::Replace(common::to_json(&v)))
-        }
-        Err(_) => {
-            a.verdict = foreign();
-            Ok(Guarded::Drop)
-        }
-    }
+/// A `data` element that is a JSON string, as its text.
+fn unquote(el: &RawValue, i: usize) -> Result<String, BodyError> {
+    serde_json::from_str(el.get()).map_err(|_| not_event(i))
 }
 
 fn missing_data() -> BodyError {
@@ -423,33 +335,35 @@ fn enforce_json(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
     let Shape::Object(root) = doc.root else {
         return Err(missing_data());
     };
-    let (changed, applied, data) = match doc.special {
-        Some(Shape::Array(data)) => enforce_data(data, judge)?,
+    // Hashing plaintext makes a batch grow (up to about half again): room for
+    // it up front, as untouched pages cost no memory.
+    let mut out = Vec::with_capacity(body.len() + body.len() / 2);
+    let written = match doc.special {
+        Some(Shape::Array(data)) => {
+            root.write_with(&mut out, "data", |out| enforce_data(data, judge, out))
+        }
         // `data` itself JSON-encoded inside the JSON body.
         Some(Shape::Str(s)) => {
             let inner = parse_data_string(&s)?;
-            let (changed, applied, text) = enforce_data(inner, judge)?;
-            let mut quoted = Vec::with_capacity(text.len() + 16);
-            rawjson::write_str(&mut quoted, &String::from_utf8_lossy(&text));
-            (changed, applied, quoted)
+            root.write_with(&mut out, "data", |out| {
+                let mut text = Vec::with_capacity(s.len() + s.len() / 4);
+                let r = enforce_data(inner, judge, &mut text)?;
+                rawjson::write_str(out, &String::from_utf8_lossy(&text));
+                Ok(r)
+            })
         }
         _ => return Err(missing_data()),
     };
-    if !changed {
-        return Ok(Enforced {
-            body: None,
-            events: applied,
-        });
-    }
-    let mut out = Vec::with_capacity(body.len());
-    root.write_replacing(&mut out, Some(("data", &data)));
+    let Some((changed, applied)) = written? else {
+        return Err(missing_data());
+    };
     Ok(Enforced {
-        body: Some(out),
+        body: changed.then_some(out),
         events: applied,
     })
 }
 
-fn parse_data_string(s: &str) -> Result<Vec<Shape<'_>>, BodyError> {
+fn parse_data_string(s: &str) -> Result<Vec<&RawValue>, BodyError> {
     match Shape::parse(s) {
         Ok(Shape::Array(a)) => Ok(a),
         Ok(_) => Err(BodyError::Unreadable("`data` is not a JSON array".into())),
@@ -477,7 +391,8 @@ fn enforce_form(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
         }
     };
     let data = parse_data_string(&pairs[i].1)?;
-    let (changed, applied, text) = enforce_data(data, judge)?;
+    let mut text = Vec::with_capacity(pairs[i].1.len() + pairs[i].1.len() / 4);
+    let (changed, applied) = enforce_data(data, judge, &mut text)?;
     if !changed {
         return Ok(Enforced {
             body: None,
@@ -506,6 +421,9 @@ impl Adapter for MetaCapi {
     }
     fn matches_host(&self, host: &str) -> bool {
         host == "graph.facebook.com"
+    }
+    fn query_params(&self) -> &'static [&'static str] {
+        &["access_token", "appsecret_proof"]
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
         common::post_path_matches(method, path, &|s| match s {

@@ -3,6 +3,7 @@
 //! names it. The proxy never names a vendor.
 
 pub(crate) mod adspec;
+mod batch;
 pub(crate) mod braze;
 // Temporary (see src/lib.rs): `adkit::contains_hash_of` is unused.
 #[allow(dead_code)]
@@ -45,33 +46,82 @@ pub struct RequestView<'a> {
     pub content_type: Option<&'a str>,
 }
 
-/// What the adapter did to one event, in payload order.
+/// What the adapter did to one event, in payload order. Small (two words) when
+/// nothing was changed: a batch of 70,000 events keeps one of these per event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventApplied {
     pub verdict: EventVerdict,
+    /// The first field path hashed (most events hash one, e.g. `user_data.em`).
+    hashed_first: Option<&'static str>,
+    changes: Option<Box<Changes>>,
+}
+
+/// What was changed in one event (allocated only when something was).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Changes {
     /// Dotted field paths removed or reduced (names only, never values).
     pub(crate) fields_stripped: Vec<String>,
     /// Signals set, e.g. `data_processing_options=LDU`.
     pub(crate) flags_set: Vec<String>,
-    /// Field paths whose plaintext was hashed on the way out.
-    pub(crate) hashed: Vec<String>,
+    /// Field paths whose plaintext was hashed on the way out, after the first.
+    hashed: Vec<&'static str>,
 }
 
 impl EventApplied {
     pub(crate) fn new(verdict: EventVerdict) -> Self {
         EventApplied {
             verdict,
-            fields_stripped: vec![],
-            flags_set: vec![],
-            hashed: vec![],
+            hashed_first: None,
+            changes: None,
         }
+    }
+    /// What was changed, to add to.
+    pub(crate) fn ch(&mut self) -> &mut Changes {
+        self.changes.get_or_insert_with(Box::default)
+    }
+    /// Run `f` on a list of stripped paths; anything it adds is recorded.
+    pub(crate) fn strip_with(&mut self, f: impl FnOnce(&mut Vec<String>)) {
+        let mut v = Vec::new();
+        f(&mut v);
+        if !v.is_empty() {
+            self.ch().fields_stripped.append(&mut v);
+        }
+    }
+    /// Record that the plaintext at `path` was hashed.
+    pub(crate) fn hash(&mut self, path: &'static str) {
+        match self.hashed_first {
+            None => self.hashed_first = Some(path),
+            Some(_) => self.ch().hashed.push(path),
+        }
+    }
+    /// Run `f` on a list of hashed paths; anything it adds is recorded.
+    pub(crate) fn hash_with(&mut self, f: impl FnOnce(&mut Vec<&'static str>)) {
+        let mut v = Vec::new();
+        f(&mut v);
+        for p in v {
+            self.hash(p);
+        }
+    }
+    pub(crate) fn fields_stripped(&self) -> &[String] {
+        self.changes.as_ref().map_or(&[], |c| &c.fields_stripped)
+    }
+    pub(crate) fn flags_set(&self) -> &[String] {
+        self.changes.as_ref().map_or(&[], |c| &c.flags_set)
+    }
+    /// The field paths hashed, in order.
+    pub(crate) fn hashed(&self) -> Vec<&'static str> {
+        let more = self.changes.as_ref().map_or(&[][..], |c| &c.hashed[..]);
+        self.hashed_first
+            .into_iter()
+            .chain(more.iter().copied())
+            .collect()
     }
     /// Whether the event leaves in a different form than it arrived.
     pub(crate) fn changed(&self) -> bool {
         self.verdict.is_drop()
-            || !self.fields_stripped.is_empty()
-            || !self.flags_set.is_empty()
-            || !self.hashed.is_empty()
+            || !self.fields_stripped().is_empty()
+            || !self.flags_set().is_empty()
+            || self.hashed_first.is_some()
     }
 }
 
@@ -181,6 +231,13 @@ pub trait Adapter: Send + Sync + 'static {
     /// refusal (docs/SDKS.md); `Plain` where the vendor has none.
     fn refusal_shape(&self) -> Shape {
         Shape::Plain
+    }
+    /// The query parameters the vendor reads on an inspected endpoint that carry
+    /// no one's data (credentials, ids, switches), compared without case. Any
+    /// other parameter makes the request unreadable (SPEC §6, the egress guard:
+    /// the query is read like the body, and a field nobody reads is not sent).
+    fn query_params(&self) -> &'static [&'static str] {
+        &[]
     }
 }
 

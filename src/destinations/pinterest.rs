@@ -26,6 +26,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id[]",
     ldu_signal: "opt_out: true + custom_data.opt_out_type \"LDP\"",
     refusal_shape: crate::refusal::Shape::Pinterest,
+    query_params: &["test"],
 };
 
 static FIELDS: Fields = Fields {
@@ -82,8 +83,8 @@ fn limited_data_processing(ev: &mut Value, _: Ldu, a: &mut EventApplied) {
     common::set_at(ev, "opt_out", json!(true));
     let t = with_ldp(ev.pointer("/custom_data/opt_out_type"));
     common::set_at(ev, "custom_data.opt_out_type", Value::String(t));
-    a.flags_set.push("opt_out=true".into());
-    a.flags_set.push("custom_data.opt_out_type=LDP".into());
+    a.ch().flags_set.push("opt_out=true".into());
+    a.ch().flags_set.push("custom_data.opt_out_type=LDP".into());
 }
 
 /// `opt_out_type` with `LDP` added to its comma list (kept if already there).

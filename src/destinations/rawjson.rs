@@ -151,11 +151,6 @@ impl<'a> Object<'a> {
 
     /// Write as compact JSON (raw values as they came).
     pub fn write(&self, out: &mut Vec<u8>) {
-        self.write_replacing(out, None);
-    }
-
-    /// [`Object::write`], with the value of one key replaced by ready JSON text.
-    pub fn write_replacing(&self, out: &mut Vec<u8>, replace: Option<(&str, &[u8])>) {
         out.push(b'{');
         for (i, (k, v)) in self.entries.iter().enumerate() {
             if i > 0 {
@@ -163,12 +158,35 @@ impl<'a> Object<'a> {
             }
             write_str(out, &k.0);
             out.push(b':');
-            match replace {
-                Some((key, text)) if k.0 == key => out.extend_from_slice(text),
-                _ => v.write(out),
+            v.write(out);
+        }
+        out.push(b'}');
+    }
+
+    /// [`Object::write`], with the value of `key` written by `f` (called once,
+    /// when `key` is reached; `None` when the object has no such key).
+    pub fn write_with<R, E>(
+        &self,
+        out: &mut Vec<u8>,
+        key: &str,
+        f: impl FnOnce(&mut Vec<u8>) -> Result<R, E>,
+    ) -> Result<Option<R>, E> {
+        let mut f = Some(f);
+        let mut result = None;
+        out.push(b'{');
+        for (i, (k, v)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, &k.0);
+            out.push(b':');
+            match f.take_if(|_| k.0 == key) {
+                Some(f) => result = Some(f(out)?),
+                None => v.write(out),
             }
         }
         out.push(b'}');
+        Ok(result)
     }
 
     /// The whole object as a `serde_json::Value`.
@@ -226,7 +244,8 @@ impl<'de> Deserialize<'de> for Object<'de> {
 #[derive(Debug)]
 pub enum Shape<'a> {
     Object(Object<'a>),
-    Array(Vec<Shape<'a>>),
+    /// An array's elements as they came (each sorted when it is read).
+    Array(Vec<&'a RawValue>),
     Str(Cow<'a, str>),
     Other,
 }
@@ -270,7 +289,7 @@ impl<'de> Visitor<'de> for ShapeVisitor<'_, 'de> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
         let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(16));
-        while let Some(el) = seq.next_element::<Shape<'de>>()? {
+        while let Some(el) = seq.next_element::<&'de RawValue>()? {
             v.push(el);
         }
         Ok(Shape::Array(v))

@@ -25,6 +25,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user_data.em[], user_data.ph[], user_data.external_id",
     ldu_signal: "none confirmed (identity stripped)",
     refusal_shape: crate::refusal::Shape::Snap,
+    query_params: &["access_token"],
 };
 
 static FIELDS: Fields = Fields {
@@ -130,7 +131,7 @@ mod tests {
         );
         assert_eq!(d[0]["user_data"]["fn"][0], identify::sha256_hex(b"jane"));
         assert_eq!(d[1]["user_data"], json!({}));
-        assert!(r.events[3].flags_set.is_empty());
+        assert!(r.events[3].flags_set().is_empty());
         assert_eq!(d[2]["event_source_url"], "https://hospital.example/");
         assert_eq!(d[2]["custom_data"], json!({"currency":"USD","value":5}));
     }

@@ -40,6 +40,7 @@ pub(crate) static SPEC: AdSpec = AdSpec {
     identifier_fields: "user.email[], user.phone[], user.external_id[] (1.0: context.user.email, phone_number, external_id)",
     ldu_signal: "limited_data_use: true (per event; 1.0: identity stripped)",
     refusal_shape: crate::refusal::Shape::TikTok,
+    query_params: &[],
 };
 
 static EVENTS_2: Fields = Fields {
@@ -114,7 +115,7 @@ static EVENTS_1: Fields = Fields {
 
 fn limited_data_use(ev: &mut Value, _: Ldu, a: &mut EventApplied) {
     common::set_at(ev, "limited_data_use", json!(true));
-    a.flags_set.push("limited_data_use=true".into());
+    a.ch().flags_set.push("limited_data_use=true".into());
 }
 
 #[cfg(test)]

@@ -22,12 +22,25 @@ use http::Method;
 
 const HOST: &str = "api.twilio.com";
 
-/// Whether `path` is `/2010-04-01/Accounts/{sid}/{resource}`.
+/// Whether `path` is `/2010-04-01/Accounts/{sid}/{resource}`, with or without
+/// the `.json` (or `.xml`) Twilio also answers to, and for messages the legacy
+/// `/SMS/Messages` form: every path Twilio creates the resource at.
 fn is_resource(path: &str, resource: &str) -> bool {
-    matches!(
-        common::path_segments(path).as_slice(),
-        ["2010-04-01", "Accounts", sid, r] if !sid.is_empty() && *r == resource
-    )
+    let base = resource.trim_end_matches(".json");
+    let named = |r: &str| {
+        let r = r
+            .strip_suffix(".json")
+            .or_else(|| r.strip_suffix(".xml"))
+            .unwrap_or(r);
+        r == base
+    };
+    match common::path_segments(path).as_slice() {
+        ["2010-04-01", "Accounts", sid, r] => !sid.is_empty() && named(r),
+        ["2010-04-01", "Accounts", sid, "SMS", r] => {
+            !sid.is_empty() && base == "Messages" && named(r)
+        }
+        _ => false,
+    }
 }
 
 /// The one recipient of a Messages/Calls create request.

@@ -8,11 +8,10 @@
 //! Protocol, TikTok Events (5 events), SendGrid mail/send (10 recipients),
 //! Twilio Messages (form).
 
-use consentgate::consent::file_source::load_snapshot;
-use consentgate::consent::ConsentStore;
-use consentgate::decide::{Context, EventVerdict, Policy};
-use consentgate::destinations::{builtins, Adapter, RequestView};
-use consentgate::identify::Identifiers;
+use consentgate::{
+    builtins, load_snapshot, Adapter, ConsentStore, Context, EventVerdict, Identifiers, Policy,
+    RequestView,
+};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use http::Method;
 use serde_json::json;
@@ -178,7 +177,7 @@ fn run(
     )
 }
 
-pub fn bench(c: &mut Criterion) {
+pub(crate) fn bench(c: &mut Criterion) {
     let store = store();
     let policy = Policy::default();
     let all = builtins();

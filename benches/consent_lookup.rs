@@ -6,10 +6,9 @@
 //! plaintext email (normalise + hash included), email SHA-256 and plaintext phone.
 
 use chrono::{TimeZone, Utc};
-use consentgate::consent::record::RecordIdentifiers;
-use consentgate::consent::{ConsentRecord, ConsentStore};
-use consentgate::identify::{sha256_hex, Identifiers};
-use consentgate::model::{Category, Grant};
+use consentgate::{
+    sha256_hex, Category, ConsentRecord, ConsentStore, Grant, Identifiers, RecordIdentifiers,
+};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;
 
@@ -71,7 +70,7 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-pub fn bench(c: &mut Criterion) {
+pub(crate) fn bench(c: &mut Criterion) {
     let n = patients();
     let before = rss_bytes();
     let t0 = std::time::Instant::now();

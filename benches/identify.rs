@@ -2,7 +2,7 @@
 //! pays before its consent lookup, and what outgoing plaintext pays to be
 //! hashed for the vendor.
 
-use consentgate::identify::{
+use consentgate::{
     email_index_hashes, hash_email_for_vendor, hash_phone_digits_for_vendor, normalize_email,
     normalize_phone, Identifiers,
 };
@@ -13,7 +13,7 @@ const GMAIL: &str = "Mixed.Case@Gmail.com";
 const PHONE: &str = "+1 (415) 555-0100";
 const HASHED: &str = "6b3a55e0261b0304143f805a24924d0c1c44524821305f31d9277843b8a10f4e";
 
-pub fn bench(c: &mut Criterion) {
+pub(crate) fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("identify");
     g.bench_function("normalize_email", |b| {
         b.iter(|| normalize_email(black_box(EMAIL)))

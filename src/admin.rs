@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-pub type AdminBody = Full<Bytes>;
+pub(crate) type AdminBody = Full<Bytes>;
 
 fn text(
     status: StatusCode,
@@ -33,7 +33,7 @@ fn text(
     r
 }
 
-pub fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
+pub(crate) fn json(status: StatusCode, v: serde_json::Value) -> Response<AdminBody> {
     crate::response::json(status, &v).map(Full::new)
 }
 
@@ -47,7 +47,7 @@ fn refused(app: &App, r: &crate::enforce::Refusal) -> Response<AdminBody> {
 
 /// Extra routes mounted under /v1/ (the consent API). The body is already read
 /// (bounded in size, time and memory) when the handler is called.
-pub type ApiHandler = Arc<
+pub(crate) type ApiHandler = Arc<
     dyn Fn(
             Request<AdminBody>,
         )
@@ -149,10 +149,8 @@ async fn route(
                 ),
                 Err(e) => refused(
                     &app,
-                    &crate::enforce::Refusal::body(
-                    e,
-                    crate::consent::api::MAX_BODY_BYTES as u64,
-                )),
+                    &crate::enforce::Refusal::body(e, crate::consent::api::MAX_BODY_BYTES as u64),
+                ),
             }
         }
         _ => json(
@@ -226,16 +224,16 @@ fn bind(key: &str, addr: SocketAddr) -> Result<std::net::TcpListener, String> {
 }
 
 /// Where the admin thread listens, and how.
-pub struct AdminListen {
-    pub admin: SocketAddr,
-    pub metrics: Option<SocketAddr>,
+pub(crate) struct AdminListen {
+    pub(crate) admin: SocketAddr,
+    pub(crate) metrics: Option<SocketAddr>,
     /// `admin.tls`, already loaded ([`crate::tls::admin::server_config`]).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Start the admin thread (admin listener, and the metrics listener when
 /// configured). Returns once the sockets are bound; the error names the key.
-pub fn spawn(
+pub(crate) fn spawn(
     app: Arc<App>,
     listen: AdminListen,
     api: Option<ApiHandler>,

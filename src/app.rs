@@ -12,15 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Everything a hot reload replaces at once.
-pub struct Runtime {
-    pub config: Config,
-    pub registry: Registry,
-    pub policy: Policy,
-    pub upstream: UpstreamClient,
+pub(crate) struct Runtime {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    pub(crate) policy: Policy,
+    pub(crate) upstream: UpstreamClient,
 }
 
 impl Runtime {
-    pub fn build(config: Config, file: &str) -> Result<Runtime, Vec<ConfigError>> {
+    pub(crate) fn build(config: Config, file: &str) -> Result<Runtime, Vec<ConfigError>> {
         let pg = &config.consent.postgres;
         if config.consent.source == crate::config::SourceKind::Postgres {
             if let Err(message) =
@@ -77,34 +77,34 @@ impl Runtime {
     }
 
     /// Load and build from a source (used at start, by `check` and by reload).
-    pub fn load(source: &ConfigSource) -> Result<Runtime, Vec<ConfigError>> {
+    pub(crate) fn load(source: &ConfigSource) -> Result<Runtime, Vec<ConfigError>> {
         let cfg = source.load()?;
         Runtime::build(cfg, &source.label())
     }
 }
 
-pub struct App {
-    pub runtime: ArcSwap<Runtime>,
-    pub consent: Arc<ConsentStore>,
-    pub metrics: Arc<Metrics>,
-    pub source: ConfigSource,
+pub(crate) struct App {
+    pub(crate) runtime: ArcSwap<Runtime>,
+    pub(crate) consent: Arc<ConsentStore>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) source: ConfigSource,
     /// Set once the proxy listener is bound and serving.
-    pub serving: AtomicBool,
+    pub(crate) serving: AtomicBool,
     /// Mints and caches the interception certificates (CONNECT and gateway).
-    pub minter: Arc<crate::tls::CertMinter>,
+    pub(crate) minter: Arc<crate::tls::CertMinter>,
     /// The hash-chained audit trail; every request is recorded before it leaves.
-    pub audit: Arc<crate::audit::AuditWriter>,
+    pub(crate) audit: Arc<crate::audit::AuditWriter>,
     /// Patient pseudonyms for the audit trail and `explain`.
-    pub pseudonyms: Arc<crate::audit::PseudonymKey>,
+    pub(crate) pseudonyms: Arc<crate::audit::PseudonymKey>,
     /// Request-body bytes held in memory by every listener (`limits.inflight_body_bytes`).
-    pub body_budget: Arc<crate::body::Budget>,
+    pub(crate) body_budget: Arc<crate::body::Budget>,
     /// Opt-outs learned from vendor answers (SPEC §13); set by `run` once the
     /// consent writer exists.
     pub(crate) learner: std::sync::OnceLock<Arc<crate::learn::Learner>>,
 }
 
 impl App {
-    pub fn new(
+    pub(crate) fn new(
         runtime: Runtime,
         consent: Arc<ConsentStore>,
         metrics: Arc<Metrics>,
@@ -134,7 +134,7 @@ impl App {
 
     /// Re-read the config and swap it in for new requests; on any error the
     /// old runtime keeps serving. Counted in consentgate_config_reloads_total.
-    pub fn reload(&self) -> Result<(), Vec<ConfigError>> {
+    pub(crate) fn reload(&self) -> Result<(), Vec<ConfigError>> {
         match Runtime::load(&self.source) {
             Ok(rt) => {
                 let old = self.runtime.load();
@@ -163,7 +163,7 @@ impl App {
     }
 
     /// Ready: serving, and (unless configured otherwise) consent is fresh.
-    pub fn ready(&self) -> (bool, &'static str) {
+    pub(crate) fn ready(&self) -> (bool, &'static str) {
         if !self.serving.load(Ordering::Relaxed) {
             return (false, "not serving yet");
         }
@@ -177,7 +177,7 @@ impl App {
     }
 
     /// Refresh the gauges that are read rather than counted.
-    pub fn refresh_gauges(&self) {
+    pub(crate) fn refresh_gauges(&self) {
         let m = &self.metrics;
         m.consent_records.set(self.consent.len() as i64);
         m.tls_cert_cache_size.set(self.minter.cache_size() as i64);

@@ -80,6 +80,7 @@ impl Budget {
         Arc::new(Budget::default())
     }
 
+    #[cfg(test)]
     /// Bytes reserved right now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
@@ -208,17 +209,6 @@ impl<B> ClientBody<B> {
             deadline: Instant::now() + limits.timeout,
             timer: None,
             limits: Some(limits),
-            expired: false,
-        }
-    }
-
-    /// No deadline and no budget (unit tests and tools).
-    pub fn unlimited(inner: B) -> ClientBody<B> {
-        ClientBody {
-            inner,
-            deadline: Instant::now() + Duration::from_secs(u32::MAX.into()),
-            timer: None,
-            limits: None,
             expired: false,
         }
     }

@@ -11,65 +11,65 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The shipped config, embedded so `consentgate run` works with no files at all.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/consentgate.yaml");
-pub const DEFAULT_PATH: &str = "config/consentgate.yaml";
+pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../config/consentgate.yaml");
+const DEFAULT_PATH: &str = "config/consentgate.yaml";
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    pub listen: Listen,
-    pub unknown_destinations: UnknownDestinations,
-    pub interception: Interception,
-    pub upstream: Upstream,
-    pub consent: ConsentCfg,
-    pub admin: AdminCfg,
-    pub audit: AuditCfg,
-    pub max_body_bytes: u64,
-    pub destinations: Vec<DestinationCfg>,
-    pub categories: BTreeMap<Category, CategoryCfg>,
-    pub log: LogCfg,
-    pub shutdown_grace: Duration,
-    pub limits: Limits,
+pub(crate) struct Config {
+    pub(crate) listen: Listen,
+    pub(crate) unknown_destinations: UnknownDestinations,
+    pub(crate) interception: Interception,
+    pub(crate) upstream: Upstream,
+    pub(crate) consent: ConsentCfg,
+    pub(crate) admin: AdminCfg,
+    pub(crate) audit: AuditCfg,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) destinations: Vec<DestinationCfg>,
+    pub(crate) categories: BTreeMap<Category, CategoryCfg>,
+    pub(crate) log: LogCfg,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) limits: Limits,
     /// `webhooks:` (SPEC §13): vendor opt-out webhooks on `listen.webhooks`.
-    pub webhooks: WebhooksCfg,
+    pub(crate) webhooks: WebhooksCfg,
     /// `sync:` (SPEC §13): vendor suppression targets and the outbox.
-    pub sync: SyncCfg,
-    pub identify: IdentifyCfg,
-    pub telemetry: TelemetryCfg,
+    pub(crate) sync: SyncCfg,
+    pub(crate) identify: IdentifyCfg,
+    pub(crate) telemetry: TelemetryCfg,
 }
 
 /// `identify:` (SPEC §5): how identifiers are read.
 #[derive(Clone, Debug, PartialEq)]
-pub struct IdentifyCfg {
+pub(crate) struct IdentifyCfg {
     /// `identify.default_region`: two letters, upper-cased here; whether
     /// libphonenumber has numbering metadata for it is checked where the
     /// runtime is built (with this line).
-    pub default_region: String,
-    pub line: usize,
+    pub(crate) default_region: String,
+    pub(crate) line: usize,
 }
 
 /// `telemetry:` traces exported over OTLP (off unless `otlp.endpoint` is set).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct TelemetryCfg {
-    pub otlp: Option<OtlpKeys>,
+pub(crate) struct TelemetryCfg {
+    pub(crate) otlp: Option<OtlpKeys>,
 }
 
 /// `telemetry.otlp`: the collector's OTLP/HTTP endpoint, the exported
 /// `service.name`, and the bound on one export.
 #[derive(Clone, Debug, PartialEq)]
-pub struct OtlpKeys {
-    pub endpoint: String,
-    pub service_name: String,
-    pub timeout: Duration,
+pub(crate) struct OtlpKeys {
+    pub(crate) endpoint: String,
+    pub(crate) service_name: String,
+    pub(crate) timeout: Duration,
 }
 
 /// `limits:` (SPEC §4): what a slow or oversized client may hold, on every
 /// listener. Sizes are bytes.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Limits {
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub max_header_bytes: u64,
-    pub inflight_body_bytes: u64,
+pub(crate) struct Limits {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) max_header_bytes: u64,
+    pub(crate) inflight_body_bytes: u64,
 }
 
 impl Default for Limits {
@@ -84,129 +84,129 @@ impl Default for Limits {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Listen {
-    pub proxy: SocketAddr,
-    pub admin: SocketAddr,
-    pub gateway: Option<SocketAddr>,
+pub(crate) struct Listen {
+    pub(crate) proxy: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    pub(crate) gateway: Option<SocketAddr>,
     /// `/metrics`, `/healthz` and `/readyz` on their own plain-HTTP port, apart
     /// from the consent write API; `None` keeps them on `admin`.
-    pub metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// Vendor webhooks (`POST /v1/webhooks/{vendor}`); `None`: not served.
-    pub webhooks: Option<SocketAddr>,
+    pub(crate) webhooks: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnknownDestinations {
+pub(crate) enum UnknownDestinations {
     Deny,
     Tunnel,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Interception {
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+pub(crate) struct Interception {
+    pub(crate) ca_cert: PathBuf,
+    pub(crate) ca_key: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Upstream {
-    pub extra_ca: Option<PathBuf>,
-    pub resolve: HashMap<String, SocketAddr>,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub pool_idle_timeout: Duration,
+pub(crate) struct Upstream {
+    pub(crate) extra_ca: Option<PathBuf>,
+    pub(crate) resolve: HashMap<String, SocketAddr>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) pool_idle_timeout: Duration,
     /// Offer h2 to upstreams by ALPN (default `false`: HTTP/1.1 keep-alive pool,
     /// measured ~15 % more passthrough throughput than one h2 connection).
-    pub http2: bool,
+    pub(crate) http2: bool,
     /// `upstream.proxy`: reach the vendors through a parent HTTP proxy (CONNECT).
-    pub proxy: Option<ParentProxy>,
+    pub(crate) proxy: Option<ParentProxy>,
 }
 
 /// `upstream.proxy: {url, credentials_file, no_proxy}`: a parent HTTP proxy
 /// every upstream connection is tunnelled through with CONNECT, except to the
 /// hosts of `no_proxy`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ParentProxy {
+pub(crate) struct ParentProxy {
     /// The proxy's host (a name, or an IP address without brackets) and port.
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// `user:password` for `Proxy-Authorization: Basic` (read where the
     /// upstream client is built, so a reload picks up a rotated secret).
-    pub credentials_file: Option<PathBuf>,
+    pub(crate) credentials_file: Option<PathBuf>,
     /// Hosts connected to directly: `name` (exactly) or `*.suffix` (any name
     /// under it), lower-cased.
-    pub no_proxy: Vec<String>,
+    pub(crate) no_proxy: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     File,
     Postgres,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct ConsentCfg {
-    pub source: SourceKind,
-    pub file: PathBuf,
-    pub journal: PathBuf,
+pub(crate) struct ConsentCfg {
+    pub(crate) source: SourceKind,
+    pub(crate) file: PathBuf,
+    pub(crate) journal: PathBuf,
     /// AES-256-GCM key of the journal at rest (64 hex characters).
-    pub journal_key_file: Option<PathBuf>,
+    pub(crate) journal_key_file: Option<PathBuf>,
     /// The key before the last rotation: read once, then the journal is
     /// rewritten under `journal_key_file`.
-    pub journal_previous_key_file: Option<PathBuf>,
-    pub max_staleness: Duration,
-    pub postgres: PostgresCfg,
+    pub(crate) journal_previous_key_file: Option<PathBuf>,
+    pub(crate) max_staleness: Duration,
+    pub(crate) postgres: PostgresCfg,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct PostgresCfg {
-    pub url: String,
-    pub password_file: Option<PathBuf>,
+pub(crate) struct PostgresCfg {
+    pub(crate) url: String,
+    pub(crate) password_file: Option<PathBuf>,
     /// `None`: the URL's `sslmode=`, else disable.
-    pub sslmode: Option<PgSslMode>,
+    pub(crate) sslmode: Option<PgSslMode>,
     /// PEM trust anchors for `verify-full`.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// The line of `consent.postgres`'s URL, for errors found when the runtime is built.
-    pub line: usize,
+    pub(crate) line: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdminCfg {
-    pub tokens_file: PathBuf,
-    pub ready_requires_fresh_consent: bool,
+pub(crate) struct AdminCfg {
+    pub(crate) tokens_file: PathBuf,
+    pub(crate) ready_requires_fresh_consent: bool,
     /// `admin.tls`: serve the admin API over TLS (mutual TLS with `client_ca`).
-    pub tls: Option<AdminTls>,
+    pub(crate) tls: Option<AdminTls>,
 }
 
 /// `admin.tls: {cert, key, client_ca}`: PEM files, checked to exist here and
 /// parsed when the listener is built (errors name these keys).
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdminTls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
+pub(crate) struct AdminTls {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) client_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct AuditCfg {
-    pub path: PathBuf,
-    pub pseudonym_key_file: Option<PathBuf>,
-    pub fsync: AuditFsync,
-    pub max_file_bytes: u64,
-    pub encryption_key_file: Option<PathBuf>,
+pub(crate) struct AuditCfg {
+    pub(crate) path: PathBuf,
+    pub(crate) pseudonym_key_file: Option<PathBuf>,
+    pub(crate) fsync: AuditFsync,
+    pub(crate) max_file_bytes: u64,
+    pub(crate) encryption_key_file: Option<PathBuf>,
     /// `audit.max_total_bytes`: cap on the audit directory (null: no cap).
-    pub max_total_bytes: Option<u64>,
+    pub(crate) max_total_bytes: Option<u64>,
 }
 
 /// When the audit writer fsyncs (`audit.fsync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuditFsync {
+pub(crate) enum AuditFsync {
     Always,
     Interval,
     Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Enforce,
     Shadow,
     Passthrough,
@@ -215,13 +215,13 @@ pub enum Mode {
 /// How a destination's refusals are worded (`refusal_format`): in the vendor's
 /// own error shape (so its SDK raises its own error type) or consentgate's plain JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RefusalFormat {
+pub(crate) enum RefusalFormat {
     Vendor,
     Plain,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnBlocked {
+pub(crate) enum OnBlocked {
     Error,
     SyntheticOk,
 }
@@ -229,49 +229,49 @@ pub enum OnBlocked {
 /// A `destinations:` entry: overrides a built-in by name, or (with `type:
 /// generic`) defines a configurable JSON / form destination.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DestinationCfg {
-    pub name: String,
-    pub line: usize,
-    pub enabled: bool,
-    pub mode: Option<Mode>,
-    pub on_blocked: Option<OnBlocked>,
-    pub refusal_format: Option<RefusalFormat>,
-    pub category: Option<Category>,
+pub(crate) struct DestinationCfg {
+    pub(crate) name: String,
+    pub(crate) line: usize,
+    pub(crate) enabled: bool,
+    pub(crate) mode: Option<Mode>,
+    pub(crate) on_blocked: Option<OnBlocked>,
+    pub(crate) refusal_format: Option<RefusalFormat>,
+    pub(crate) category: Option<Category>,
     /// Extra hosts routed to this destination (e.g. a vendor's regional host).
-    pub hosts: Vec<String>,
+    pub(crate) hosts: Vec<String>,
     /// The whole entry as JSON, for `type: generic` destinations.
-    pub generic: Option<serde_json::Value>,
+    pub(crate) generic: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CategoryCfg {
-    pub default: Grant,
-    pub fail_closed_when_stale: bool,
+pub(crate) struct CategoryCfg {
+    pub(crate) default: Grant,
+    pub(crate) fail_closed_when_stale: bool,
 }
 
 /// `webhooks:` (SPEC §13): where vendors send opt-out events (`listen.webhooks`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct WebhooksCfg {
+pub(crate) struct WebhooksCfg {
     /// `webhooks.tls`: the same shape as `admin.tls`.
-    pub tls: Option<AdminTls>,
+    pub(crate) tls: Option<AdminTls>,
     /// The external base URL vendors call (`https://hooks.example.org`): Twilio,
     /// Mandrill and HubSpot sign the URL they called, which a proxy or ingress in
     /// front of consentgate changes.
-    pub public_url: Option<String>,
+    pub(crate) public_url: Option<String>,
     /// The replay cache's directory (one process; 0700).
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// How long an event id is remembered.
-    pub replay_retention: Duration,
+    pub(crate) replay_retention: Duration,
     /// Most event ids remembered (the oldest go first past it).
-    pub replay_max_entries: usize,
+    pub(crate) replay_max_entries: usize,
     /// Largest webhook body read.
-    pub max_body_bytes: u64,
-    pub vendors: Vec<WebhookVendorCfg>,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) vendors: Vec<WebhookVendorCfg>,
 }
 
 /// The vendors that can send webhooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum WebhookVendor {
+pub(crate) enum WebhookVendor {
     Twilio,
     Sendgrid,
     Mailchimp,
@@ -281,7 +281,7 @@ pub enum WebhookVendor {
 }
 
 impl WebhookVendor {
-    pub const ALL: [WebhookVendor; 6] = [
+    pub(crate) const ALL: [WebhookVendor; 6] = [
         WebhookVendor::Twilio,
         WebhookVendor::Sendgrid,
         WebhookVendor::Mailchimp,
@@ -289,7 +289,7 @@ impl WebhookVendor {
         WebhookVendor::Klaviyo,
         WebhookVendor::Hubspot,
     ];
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             WebhookVendor::Twilio => "twilio",
             WebhookVendor::Sendgrid => "sendgrid",
@@ -299,58 +299,58 @@ impl WebhookVendor {
             WebhookVendor::Hubspot => "hubspot",
         }
     }
-    pub fn parse(s: &str) -> Option<WebhookVendor> {
+    pub(crate) fn parse(s: &str) -> Option<WebhookVendor> {
         WebhookVendor::ALL.into_iter().find(|v| v.as_str() == s)
     }
 }
 
 /// `webhooks.<vendor>`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct WebhookVendorCfg {
-    pub vendor: WebhookVendor,
-    pub line: usize,
+pub(crate) struct WebhookVendorCfg {
+    pub(crate) vendor: WebhookVendor,
+    pub(crate) line: usize,
     /// The shared secret (Twilio auth token, Mandrill webhook key, Klaviyo
     /// secret, HubSpot client secret, Mailchimp path token) or SendGrid's
     /// verification public key.
-    pub secret_file: PathBuf,
+    pub(crate) secret_file: PathBuf,
     /// Timestamp window of the vendors that sign one (SendGrid, Klaviyo, HubSpot).
-    pub max_age: Duration,
+    pub(crate) max_age: Duration,
     /// Signal kind → consent change, over the vendor's defaults.
-    pub mapping: Vec<(String, ConsentChangeCfg)>,
+    pub(crate) mapping: Vec<(String, ConsentChangeCfg)>,
     /// A narrower scope (SendGrid ASM group id, Mailchimp audience id, Twilio
     /// Messaging Service SID) → consent change, over `mapping`.
-    pub scopes: Vec<(String, ConsentChangeCfg)>,
+    pub(crate) scopes: Vec<(String, ConsentChangeCfg)>,
     /// External-id prefix of the vendor's own person ids (Klaviyo, HubSpot).
-    pub external_id_prefix: Option<String>,
+    pub(crate) external_id_prefix: Option<String>,
 }
 
 /// A consent change by a vendor signal: `denied`, `granted` or null (back to
 /// the default) per category and channel.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ConsentChangeCfg {
-    pub line: usize,
-    pub categories: BTreeMap<Category, Option<Grant>>,
-    pub channels: BTreeMap<Channel, Option<Grant>>,
+pub(crate) struct ConsentChangeCfg {
+    pub(crate) line: usize,
+    pub(crate) categories: BTreeMap<Category, Option<Grant>>,
+    pub(crate) channels: BTreeMap<Channel, Option<Grant>>,
 }
 
 /// `sync:` (SPEC §13): vendor suppression targets and their durable outbox.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SyncCfg {
+pub(crate) struct SyncCfg {
     /// The file outbox directory (`consent.source: file`; one process; 0700).
-    pub outbox: PathBuf,
+    pub(crate) outbox: PathBuf,
     /// AES-256-GCM key (64 hex) sealing what an entry carries; required with targets.
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Past this age an undelivered entry is parked (counted, alerted, retried slowly).
-    pub max_age: Duration,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
+    pub(crate) max_age: Duration,
+    pub(crate) retry_initial: Duration,
+    pub(crate) retry_max: Duration,
     /// How often a parked entry is tried again.
-    pub parked_retry: Duration,
-    pub targets: Vec<SyncTargetCfg>,
+    pub(crate) parked_retry: Duration,
+    pub(crate) targets: Vec<SyncTargetCfg>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncKind {
+pub(crate) enum SyncKind {
     SendgridGlobal,
     SendgridGroup,
     Mailchimp,
@@ -360,7 +360,7 @@ pub enum SyncKind {
 }
 
 impl SyncKind {
-    pub const ALL: [SyncKind; 6] = [
+    pub(crate) const ALL: [SyncKind; 6] = [
         SyncKind::SendgridGlobal,
         SyncKind::SendgridGroup,
         SyncKind::Mailchimp,
@@ -368,7 +368,7 @@ impl SyncKind {
         SyncKind::Braze,
         SyncKind::Hubspot,
     ];
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SyncKind::SendgridGlobal => "sendgrid_global",
             SyncKind::SendgridGroup => "sendgrid_group",
@@ -379,7 +379,7 @@ impl SyncKind {
         }
     }
     /// The API host when the target names none (Mailchimp and Braze hosts are per account).
-    pub fn default_host(self) -> Option<&'static str> {
+    fn default_host(self) -> Option<&'static str> {
         match self {
             SyncKind::SendgridGlobal | SyncKind::SendgridGroup => Some("api.sendgrid.com"),
             SyncKind::Klaviyo => Some("a.klaviyo.com"),
@@ -391,34 +391,34 @@ impl SyncKind {
 
 /// `sync.targets[i]`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SyncTargetCfg {
-    pub name: String,
-    pub line: usize,
-    pub kind: SyncKind,
+pub(crate) struct SyncTargetCfg {
+    pub(crate) name: String,
+    pub(crate) line: usize,
+    pub(crate) kind: SyncKind,
     /// A denial of any of these categories or channels is pushed to the target.
-    pub categories: Vec<Category>,
-    pub channels: Vec<Channel>,
-    pub credentials_file: PathBuf,
+    pub(crate) categories: Vec<Category>,
+    pub(crate) channels: Vec<Channel>,
+    pub(crate) credentials_file: PathBuf,
     /// Requests per second to this target (a token bucket, per instance).
-    pub rate: f64,
-    pub host: String,
+    pub(crate) rate: f64,
+    pub(crate) host: String,
     /// SendGrid suppression group, Braze subscription group, HubSpot subscription id.
-    pub group_id: Option<String>,
+    pub(crate) group_id: Option<String>,
     /// Mailchimp audience.
-    pub list_id: Option<String>,
+    pub(crate) list_id: Option<String>,
     /// SendGrid subuser (`on-behalf-of`).
-    pub on_behalf_of: Option<String>,
+    pub(crate) on_behalf_of: Option<String>,
     /// Braze: the external-id prefix naming Braze users (`braze:`).
-    pub external_id_prefix: Option<String>,
+    pub(crate) external_id_prefix: Option<String>,
     /// Klaviyo API revision header.
-    pub revision: Option<String>,
+    pub(crate) revision: Option<String>,
     /// HubSpot `legalBasis`.
-    pub legal_basis: Option<String>,
+    pub(crate) legal_basis: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct LogCfg {
-    pub level: String,
+pub(crate) struct LogCfg {
+    pub(crate) level: String,
 }
 
 /// A `consent.postgres.url` as written: a `postgres://` URL without a password
@@ -445,11 +445,11 @@ fn check_postgres_url(v: &str) -> Result<(), String> {
 
 /// One configuration error: the file, the line, the dotted key and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: String,
-    pub line: usize,
-    pub key: String,
-    pub message: String,
+pub(crate) struct ConfigError {
+    pub(crate) file: String,
+    pub(crate) line: usize,
+    pub(crate) key: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -464,13 +464,13 @@ impl fmt::Display for ConfigError {
 
 /// Where a config came from (for messages and reloads).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConfigSource {
+pub(crate) enum ConfigSource {
     File(PathBuf),
     Embedded,
 }
 
 impl ConfigSource {
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             ConfigSource::File(p) => p.display().to_string(),
             ConfigSource::Embedded => format!("<embedded {DEFAULT_PATH}>"),
@@ -478,14 +478,14 @@ impl ConfigSource {
     }
     /// `--config` given → that file; otherwise the default path if present,
     /// else the embedded copy.
-    pub fn resolve(explicit: Option<&Path>) -> ConfigSource {
+    pub(crate) fn resolve(explicit: Option<&Path>) -> ConfigSource {
         match explicit {
             Some(p) => ConfigSource::File(p.to_path_buf()),
             None if Path::new(DEFAULT_PATH).exists() => ConfigSource::File(DEFAULT_PATH.into()),
             None => ConfigSource::Embedded,
         }
     }
-    pub fn load(&self) -> Result<Config, Vec<ConfigError>> {
+    pub(crate) fn load(&self) -> Result<Config, Vec<ConfigError>> {
         match self.load_all() {
             (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
             (_, errors) => Err(errors),
@@ -493,7 +493,7 @@ impl ConfigSource {
     }
     /// Like [`ConfigSource::load`], but the config as read comes back with its errors
     /// ([`parse_all`]).
-    pub fn load_all(&self) -> (Option<Config>, Vec<ConfigError>) {
+    pub(crate) fn load_all(&self) -> (Option<Config>, Vec<ConfigError>) {
         match self {
             ConfigSource::File(p) => match std::fs::read_to_string(p) {
                 Ok(text) => parse_all(&text, &p.display().to_string()),
@@ -513,7 +513,8 @@ impl ConfigSource {
 }
 
 /// Parse and validate a config text; every error found is returned.
-pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
+#[cfg(test)]
+pub(crate) fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
     match parse_all(text, file) {
         (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
         (_, errors) => Err(errors),
@@ -523,7 +524,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
 /// Parse a config text and return every error with the config as read (bad
 /// values replaced by their defaults), so `check` can go on to the files it
 /// names. `None` only when the text is not YAML at all.
-pub fn parse_all(text: &str, file: &str) -> (Option<Config>, Vec<ConfigError>) {
+fn parse_all(text: &str, file: &str) -> (Option<Config>, Vec<ConfigError>) {
     let mut r = Reader {
         file: file.to_string(),
         errors: Vec::new(),
@@ -1369,7 +1370,7 @@ fn category(v: &str) -> Result<Category, String> {
     Category::parse(v).ok_or_else(|| format!("unknown category {v:?}"))
 }
 
-pub fn parse_addr(v: &str) -> Result<SocketAddr, String> {
+fn parse_addr(v: &str) -> Result<SocketAddr, String> {
     v.parse::<SocketAddr>()
         .map_err(|_| format!("expected ip:port, got {v:?}"))
 }
@@ -1449,7 +1450,7 @@ fn parse_host_port(v: &str) -> Result<(), String> {
 }
 
 /// "5m", "30s", "250ms".
-pub fn duration(v: &str) -> Result<Duration, String> {
+pub(crate) fn duration(v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v)
         .map_err(|_| format!("expected a duration like 30s or 5m, got {v:?}"))
 }
@@ -1473,7 +1474,7 @@ fn at_least(v: &str, min: Duration) -> Result<Duration, String> {
 }
 
 /// "8MiB", "512KiB", "1048576", "10MB".
-pub fn size(v: &str) -> Result<u64, String> {
+pub(crate) fn size(v: &str) -> Result<u64, String> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);

@@ -24,7 +24,7 @@ pub enum Reason {
 
 impl Reason {
     /// The policy step that produced this reason (the audit `rule` field).
-    pub fn rule(self) -> &'static str {
+    pub(crate) fn rule(self) -> &'static str {
         match self {
             Reason::ConsentStale => "policy.stale_fail_closed",
             Reason::UnknownPatient => "policy.1_identify",
@@ -36,7 +36,7 @@ impl Reason {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownPatient => "unknown_patient",
             Reason::ConsentDenied => "consent_denied",
@@ -53,20 +53,20 @@ impl Reason {
 
 /// Meta's limited-data-use geography (other platforms only use the flag).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ldu {
-    pub country: u32,
-    pub state: u32,
+pub(crate) struct Ldu {
+    pub(crate) country: u32,
+    pub(crate) state: u32,
 }
 
 /// What to do with an event that is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Keep {
     /// Strip identity fields (sale/share opt-out or GPC on an ad platform).
-    pub strip_identity: bool,
+    pub(crate) strip_identity: bool,
     /// Set the platform's limited-data-use / consent-denied signal.
-    pub ldu: Option<Ldu>,
+    pub(crate) ldu: Option<Ldu>,
     /// Reduce URLs to scheme://host/ and strip content/search/custom fields.
-    pub limit_sensitive: bool,
+    pub(crate) limit_sensitive: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl EventVerdict {
     }
     /// The reason recorded for the event: the drop reason, or the strongest
     /// step that changed it, or `granted`.
-    pub fn reason(&self, gpc_trigger: bool) -> Reason {
+    pub(crate) fn reason(&self, gpc_trigger: bool) -> Reason {
         match self {
             EventVerdict::Drop(r) => *r,
             EventVerdict::Keep(k) if k.strip_identity || k.ldu.is_some() => {
@@ -100,8 +100,8 @@ impl EventVerdict {
 /// Per-category policy from the config (`categories:`), shipped defaults otherwise.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
-    pub defaults: HashMap<Category, Grant>,
-    pub fail_closed_when_stale: HashMap<Category, bool>,
+    pub(crate) defaults: HashMap<Category, Grant>,
+    pub(crate) fail_closed_when_stale: HashMap<Category, bool>,
 }
 
 impl Default for Policy {
@@ -136,17 +136,17 @@ pub struct Context {
 pub struct Decision {
     pub verdict: EventVerdict,
     /// Whether GPC (header or record) triggered the tagging.
-    pub gpc_trigger: bool,
+    pub(crate) gpc_trigger: bool,
     /// The records the event matched (for pseudonyms and record versions).
-    pub records: Vec<ConsentView>,
+    pub(crate) records: Vec<ConsentView>,
     /// The identifiers the event was looked up by (filled by the pipeline).
     pub identifiers: Vec<crate::identify::IdKey>,
     /// Policy steps in order, each with its outcome (only from `decide_traced`).
-    pub steps: Vec<(&'static str, String)>,
+    pub(crate) steps: Vec<(&'static str, String)>,
 }
 
 impl Policy {
-    pub fn grant(&self, rec: &ConsentView, c: Category) -> Grant {
+    pub(crate) fn grant(&self, rec: &ConsentView, c: Category) -> Grant {
         rec.category(c)
             .or_else(|| self.defaults.get(&c).copied())
             .unwrap_or(c.shipped_default())
@@ -166,7 +166,7 @@ impl Policy {
     }
 
     /// [`Policy::decide`] with every step's outcome recorded (for `explain`).
-    pub fn decide_traced(&self, ctx: &Context, records: Vec<ConsentView>) -> Decision {
+    pub(crate) fn decide_traced(&self, ctx: &Context, records: Vec<ConsentView>) -> Decision {
         self.decide_with(ctx, records, true)
     }
 

@@ -34,8 +34,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The upstream URI: `https://host[:port]` and the request's path and query.
 pub(crate) fn upstream_uri(t: &Target, pq: Option<&PathAndQuery>) -> Option<Uri> {
@@ -99,7 +99,7 @@ pub(crate) fn remove_hop_by_hop_and_own(h: &mut HeaderMap) {
 
 /// Why an upstream exchange failed; label of `consentgate_upstream_errors_total{kind}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     Connect,
     Tls,
     Timeout,
@@ -108,7 +108,7 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Tls => "tls",
@@ -118,7 +118,7 @@ impl UpstreamErrorKind {
         }
     }
     /// 504 for timeouts, 502 for everything else.
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         if self == UpstreamErrorKind::Timeout {
             504
         } else {
@@ -128,16 +128,16 @@ impl UpstreamErrorKind {
 }
 
 #[derive(Debug)]
-pub struct UpstreamError {
-    pub kind: UpstreamErrorKind,
+pub(crate) struct UpstreamError {
+    pub(crate) kind: UpstreamErrorKind,
     /// Safe to show: no URL query, no payload.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// TCP connector that honours `upstream.resolve`, `upstream.proxy` and the
 /// connect timeout (which bounds the whole CONNECT exchange with a parent proxy).
 #[derive(Clone)]
-pub struct ResolvingConnector {
+pub(crate) struct ResolvingConnector {
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
     parent: Option<Arc<Parent>>,
@@ -174,7 +174,7 @@ impl Parent {
 
     /// Whether `host` is connected to directly (`no_proxy`: a name exactly, or
     /// `*.suffix` for the names under it).
-    pub(crate) fn bypasses(&self, host: &str) -> bool {
+    fn bypasses(&self, host: &str) -> bool {
         self.no_proxy.iter().any(|e| match e.strip_prefix("*.") {
             Some(suffix) => host
                 .strip_suffix(suffix)
@@ -420,7 +420,7 @@ type HttpsConnector = hyper_rustls::HttpsConnector<ResolvingConnector>;
 
 /// The upstream client; cheap to clone (shares its pool).
 #[derive(Clone)]
-pub struct UpstreamClient {
+pub(crate) struct UpstreamClient {
     client: Client<HttpsConnector, ProxyBody>,
     response_timeout: Duration,
     resolve: Arc<HashMap<String, SocketAddr>>,
@@ -429,7 +429,7 @@ pub struct UpstreamClient {
 }
 
 /// Root store: the web PKI plus `extra_ca`.
-pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -453,12 +453,12 @@ pub fn root_store(extra_ca: Option<&std::path::Path>) -> Result<rustls::RootCert
     Ok(roots)
 }
 
-pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 impl UpstreamClient {
-    pub fn new(cfg: &UpstreamCfg) -> Result<UpstreamClient, String> {
+    pub(crate) fn new(cfg: &UpstreamCfg) -> Result<UpstreamClient, String> {
         let roots = root_store(cfg.extra_ca.as_deref())?;
         let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
@@ -501,7 +501,10 @@ impl UpstreamClient {
 
     /// Send one request; its URI must be absolute `https://host[:port]/...`.
     /// Bounded by the response timeout (headers); never hangs.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    pub(crate) async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
@@ -513,7 +516,11 @@ impl UpstreamClient {
     }
 
     /// A raw TCP connection for a blind tunnel (honours `resolve`).
-    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+    pub(crate) async fn connect_tcp(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<TcpStream, UpstreamError> {
         let mut c = ResolvingConnector {
             resolve: self.resolve.clone(),
             connect_timeout: self.connect_timeout,

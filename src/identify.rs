@@ -34,7 +34,7 @@ impl Identifiers {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
     fn push(&mut self, k: IdKey) {
@@ -68,7 +68,7 @@ impl Identifiers {
         self.add_phone_in(v, default_region());
     }
     /// [`Identifiers::add_phone`] with the region named.
-    pub fn add_phone_in(&mut self, v: &str, region: Region) {
+    fn add_phone_in(&mut self, v: &str, region: Region) {
         if let Some(h) = parse_sha256_hex(v) {
             self.push(IdKey::PhoneHash(h));
         } else if let Some(e) = parse_phone(v, region) {
@@ -77,7 +77,7 @@ impl Identifiers {
     }
 }
 
-pub fn sha256(data: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
@@ -86,7 +86,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// `Some` when `v` is exactly 64 hex digits (either case).
-pub fn parse_sha256_hex(v: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_sha256_hex(v: &str) -> Option<[u8; 32]> {
     let v = v.trim();
     if v.len() != 64 {
         return None;
@@ -97,7 +97,7 @@ pub fn parse_sha256_hex(v: &str) -> Option<[u8; 32]> {
 }
 
 /// Whether a value already looks hashed (64 hex: SHA-256; 32 hex: MD5).
-pub fn looks_hashed(v: &str) -> bool {
+pub(crate) fn looks_hashed(v: &str) -> bool {
     let v = v.trim();
     (v.len() == 64 || v.len() == 32) && v.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -113,7 +113,7 @@ pub fn normalize_email(v: &str) -> Option<String> {
 
 /// The gmail.com / googlemail.com form without dots before the `@` (Google's
 /// normalisation), when it differs from the plain normalised form.
-pub fn gmail_variant(normalized: &str) -> Option<String> {
+pub(crate) fn gmail_variant(normalized: &str) -> Option<String> {
     let (local, domain) = normalized.rsplit_once('@')?;
     if (domain == "gmail.com" || domain == "googlemail.com") && local.contains('.') {
         Some(format!("{}@{}", local.replace('.', ""), domain))
@@ -131,14 +131,14 @@ pub fn normalize_phone(v: &str) -> Option<String> {
 /// A region whose national phone numbers libphonenumber knows how to read
 /// (ISO 3166 alpha-2, `identify.default_region`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Region(country::Id);
+pub(crate) struct Region(country::Id);
 
 impl Region {
     /// The shipped default (SPEC §4).
-    pub const US: Region = Region(country::Id::US);
+    pub(crate) const US: Region = Region(country::Id::US);
 
     /// Two letters naming a region with phone metadata (case-insensitive).
-    pub fn parse(v: &str) -> Result<Region, String> {
+    pub(crate) fn parse(v: &str) -> Result<Region, String> {
         let up = v.trim().to_ascii_uppercase();
         if up.len() != 2 || !up.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(format!(
@@ -153,7 +153,7 @@ impl Region {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.as_ref()
     }
 }
@@ -172,14 +172,14 @@ impl std::fmt::Display for Region {
 static DEFAULT_REGION: OnceLock<Region> = OnceLock::new();
 
 /// The region national-format phones are read in (US until one is installed).
-pub fn default_region() -> Region {
+pub(crate) fn default_region() -> Region {
     DEFAULT_REGION.get().copied().unwrap_or(Region::US)
 }
 
 /// Install the process's region. The first call wins; `Err(current)` when a
 /// different one is already installed (a reload cannot re-read the records
 /// already hashed, so the change waits for a restart).
-pub fn install_default_region(r: Region) -> Result<(), Region> {
+pub(crate) fn install_default_region(r: Region) -> Result<(), Region> {
     let current = *DEFAULT_REGION.get_or_init(|| r);
     // Load the numbering metadata now rather than on the first request.
     let _ = parse_phone("+14155550100", current);
@@ -193,23 +193,19 @@ pub fn install_default_region(r: Region) -> Result<(), Region> {
 /// A phone number in E.164 form: `+`, country code, national number. Its
 /// `Debug` does not show the number (it is PHI).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct E164 {
+pub(crate) struct E164 {
     text: String,
     code: u16,
 }
 
 impl E164 {
     /// `+` and digits, e.g. `+14155550100` (Google's and TikTok's form).
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
     /// The digits without `+`, e.g. `14155550100` (Meta's form, the index's).
-    pub fn digits(&self) -> &str {
+    pub(crate) fn digits(&self) -> &str {
         self.text.get(1..).unwrap_or_default()
-    }
-    /// The country calling code, e.g. 1 or 44.
-    pub fn country_code(&self) -> u16 {
-        self.code
     }
 }
 
@@ -233,7 +229,7 @@ const MAX_PHONE_TEXT: usize = 64;
 /// result is not a possible number for its country (wrong length, unknown country
 /// code, a 7-digit local number without its area code, fewer than 7 or more than
 /// 15 digits) or the text is not a phone.
-pub fn parse_phone(raw: &str, region: Region) -> Option<E164> {
+fn parse_phone(raw: &str, region: Region) -> Option<E164> {
     let text = phone_text(raw)?;
     // Number and extension together; the parser's own bounds are checked on
     // the result.
@@ -415,12 +411,12 @@ pub fn email_index_hashes(raw: &str) -> Vec<[u8; 32]> {
 }
 
 /// Every hash under which the index holds a phone: digits, and `+` digits (E.164).
-pub fn phone_index_hashes(raw: &str) -> Vec<[u8; 32]> {
+pub(crate) fn phone_index_hashes(raw: &str) -> Vec<[u8; 32]> {
     phone_index_hashes_in(raw, default_region())
 }
 
 /// [`phone_index_hashes`] with the region named.
-pub fn phone_index_hashes_in(raw: &str, region: Region) -> Vec<[u8; 32]> {
+fn phone_index_hashes_in(raw: &str, region: Region) -> Vec<[u8; 32]> {
     let Some(e) = parse_phone(raw, region) else {
         return Vec::new();
     };
@@ -451,7 +447,7 @@ pub fn hash_phone_digits_for_vendor(v: &str) -> String {
 }
 
 /// Hash a plaintext phone in E.164 form, `+` and digits (Google, TikTok).
-pub fn hash_phone_e164_for_vendor(v: &str) -> String {
+pub(crate) fn hash_phone_e164_for_vendor(v: &str) -> String {
     if looks_hashed(v) {
         return v.trim().to_ascii_lowercase();
     }

@@ -30,19 +30,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The largest answer body peeked at. Vendor error bodies are a few hundred bytes.
-pub(crate) const MAX_PEEK: usize = 16 << 10;
+const MAX_PEEK: usize = 16 << 10;
 /// The longest the app's answer waits for the change to be durable.
-pub(crate) const LEARN_TIMEOUT: Duration = Duration::from_secs(5);
+const LEARN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One vendor answer that means "opted out".
 pub(crate) struct Rule {
-    pub destination: &'static str,
-    pub vendor: &'static str,
+    pub(crate) destination: &'static str,
+    pub(crate) vendor: &'static str,
     /// The `kind` label of `consentgate_optouts_learned_total`.
-    pub kind: &'static str,
-    pub status: u16,
-    pub matches: fn(&serde_json::Value) -> bool,
-    pub change: fn() -> ConsentChange,
+    pub(crate) kind: &'static str,
+    pub(crate) status: u16,
+    pub(crate) matches: fn(&serde_json::Value) -> bool,
+    pub(crate) change: fn() -> ConsentChange,
 }
 
 fn twilio_21610(v: &serde_json::Value) -> bool {
@@ -53,7 +53,7 @@ fn twilio_21610(v: &serde_json::Value) -> bool {
     }
 }
 
-pub(crate) const RULES: &[Rule] = &[Rule {
+const RULES: &[Rule] = &[Rule {
     destination: "twilio_sms",
     vendor: "twilio",
     kind: "21610",
@@ -64,7 +64,7 @@ pub(crate) const RULES: &[Rule] = &[Rule {
 
 /// Applies learned opt-outs.
 pub(crate) struct Learner {
-    pub optouts: OptOuts,
+    pub(crate) optouts: OptOuts,
 }
 
 impl Learner {

@@ -1,18 +1,18 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use consentgate::cli::{AuditCommand, CaCommand, Cli, Command, DbCommand, SyncCommand};
+use consentgate::{AuditCommand, CaCommand, Cli, Command, DbCommand, SyncCommand};
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run { config } => consentgate::run::run(config.as_deref()),
-        Command::Check { config } => consentgate::run::check(config.as_deref()),
+        Command::Run { config } => consentgate::run(config.as_deref()),
+        Command::Check { config } => consentgate::check(config.as_deref()),
         Command::Explain {
             config,
             request,
             show_body,
-        } => consentgate::run::explain(config.as_deref(), &request, show_body),
+        } => consentgate::explain(config.as_deref(), &request, show_body),
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -20,11 +20,7 @@ fn main() {
                     key_file,
                     pseudonym_key_file,
                 },
-        } => consentgate::run::audit_verify(
-            &paths,
-            key_file.as_deref(),
-            pseudonym_key_file.as_deref(),
-        ),
+        } => consentgate::audit_verify(&paths, key_file.as_deref(), pseudonym_key_file.as_deref()),
         Command::Audit {
             command:
                 AuditCommand::Find {
@@ -34,7 +30,7 @@ fn main() {
                     key_file,
                     paths,
                 },
-        } => consentgate::run::audit_find(
+        } => consentgate::audit_find(
             &patient,
             since.as_deref(),
             config.as_deref(),
@@ -43,10 +39,10 @@ fn main() {
         ),
         Command::Db {
             command: DbCommand::Migrate { config },
-        } => consentgate::run::db_migrate(config.as_deref()),
+        } => consentgate::db_migrate(config.as_deref()),
         Command::Sync {
             command: SyncCommand::Status { config },
-        } => consentgate::run::sync_status(config.as_deref()),
+        } => consentgate::sync_status(config.as_deref()),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -58,7 +54,7 @@ fn main() {
                     no_name_constraints,
                     system_roots,
                 },
-        } => consentgate::run::ca_init(&consentgate::run::CaInit {
+        } => consentgate::ca_init(&consentgate::CaInit {
             out,
             force,
             days,
@@ -67,7 +63,7 @@ fn main() {
             no_name_constraints,
             system_roots,
         }),
-        Command::Demo { dir } => consentgate::demo::run(dir.as_deref()),
+        Command::Demo { dir } => consentgate::demo(dir.as_deref()),
     };
     std::process::exit(code);
 }

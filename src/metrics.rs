@@ -13,7 +13,7 @@ use prometheus::{
 /// `consentgate_tls_handshake_failures_total{side}`: `client` is an app's handshake
 /// with the proxy (CONNECT interception and the gateway), `upstream` the proxy's
 /// with the vendor.
-pub const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
+const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
 /// `consentgate_tls_handshake_failures_total{reason}`: a fixed set, so the series
 /// exist from start and a typo can never mint a new one. `unknown_ca`: the peer
 /// does not trust the issuer (on the client side: the app lacks the interception
@@ -24,7 +24,7 @@ pub const HANDSHAKE_SIDES: [&str; 2] = ["client", "upstream"];
 /// usable host. `eof`: the peer closed mid-handshake. `timeout`: the handshake
 /// did not finish in time. `mint_failed`: no certificate could be minted for the
 /// host (see `consentgate_tls_mint_failures_total`). `other`: anything else.
-pub const HANDSHAKE_REASONS: [&str; 9] = [
+pub(crate) const HANDSHAKE_REASONS: [&str; 9] = [
     "unknown_ca",
     "bad_certificate",
     "protocol_version",
@@ -36,40 +36,40 @@ pub const HANDSHAKE_REASONS: [&str; 9] = [
     "other",
 ];
 
-pub struct Metrics {
-    pub registry: Registry,
-    pub requests_total: IntCounterVec,
-    pub events_total: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub upstream_duration: HistogramVec,
-    pub upstream_errors_total: IntCounterVec,
-    pub consent_records: IntGauge,
-    pub consent_source_up: IntGauge,
-    pub consent_staleness: Gauge,
-    pub consent_propagation: Histogram,
-    pub config_reloads_total: IntCounterVec,
-    pub audit_records_total: IntCounter,
-    pub audit_write_failures_total: IntCounter,
-    pub tls_minted_total: IntCounter,
-    pub tls_mint_duration: Histogram,
-    pub tls_cert_cache_size: IntGauge,
-    pub tunnels_total: IntCounter,
-    pub guard_interventions_total: IntCounterVec,
-    pub connections_open: IntGauge,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) requests_total: IntCounterVec,
+    pub(crate) events_total: IntCounterVec,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) upstream_duration: HistogramVec,
+    pub(crate) upstream_errors_total: IntCounterVec,
+    pub(crate) consent_records: IntGauge,
+    pub(crate) consent_source_up: IntGauge,
+    pub(crate) consent_staleness: Gauge,
+    pub(crate) consent_propagation: Histogram,
+    pub(crate) config_reloads_total: IntCounterVec,
+    pub(crate) audit_records_total: IntCounter,
+    pub(crate) audit_write_failures_total: IntCounter,
+    pub(crate) tls_minted_total: IntCounter,
+    pub(crate) tls_mint_duration: Histogram,
+    pub(crate) tls_cert_cache_size: IntGauge,
+    pub(crate) tunnels_total: IntCounter,
+    pub(crate) guard_interventions_total: IntCounterVec,
+    pub(crate) connections_open: IntGauge,
     /// SPEC §13: opt-outs learned from vendors (egress answers and webhooks).
-    pub optouts_learned_total: IntCounterVec,
+    pub(crate) optouts_learned_total: IntCounterVec,
     /// Webhook requests by vendor and result (`ok`, `bad_signature`, ...).
-    pub webhook_requests_total: IntCounterVec,
+    pub(crate) webhook_requests_total: IntCounterVec,
     /// Webhook events by vendor, signal kind and result (`applied`, `duplicate`, ...).
-    pub webhook_events_total: IntCounterVec,
-    pub sync_deliveries_total: IntCounterVec,
-    pub sync_pending: IntGaugeVec,
-    pub sync_parked: IntGaugeVec,
-    pub sync_lag_seconds: GaugeVec,
-    pub responses_total: IntCounterVec,
-    pub tls_handshake_failures_total: IntCounterVec,
-    pub tls_mint_failures_total: IntCounter,
-    pub build_info: IntGaugeVec,
+    pub(crate) webhook_events_total: IntCounterVec,
+    pub(crate) sync_deliveries_total: IntCounterVec,
+    pub(crate) sync_pending: IntGaugeVec,
+    pub(crate) sync_parked: IntGaugeVec,
+    pub(crate) sync_lag_seconds: GaugeVec,
+    pub(crate) responses_total: IntCounterVec,
+    tls_handshake_failures_total: IntCounterVec,
+    pub(crate) tls_mint_failures_total: IntCounter,
+    build_info: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -78,7 +78,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         macro_rules! reg {
             ($m:expr) => {{
@@ -282,7 +282,7 @@ impl Metrics {
     /// `upstream_errors_total` for every destination and kind,
     /// `guard_interventions_total` for every destination and reason. Called at
     /// start and after a reload (a new destination); existing values are kept.
-    pub fn init_destinations<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn init_destinations<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for dest in names {
             for kind in upstream_error_kinds() {
                 self.upstream_errors_total
@@ -298,13 +298,13 @@ impl Metrics {
     }
 
     /// Count one failed TLS handshake (`side` and `reason` from the fixed sets above).
-    pub fn handshake_failed(&self, side: &str, reason: &str) {
+    pub(crate) fn handshake_failed(&self, side: &str, reason: &str) {
         self.tls_handshake_failures_total
             .with_label_values(&[side, reason])
             .inc();
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
         if enc.encode(&self.registry.gather(), &mut buf).is_err() {

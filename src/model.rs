@@ -25,7 +25,7 @@ pub enum Category {
 }
 
 impl Category {
-    pub const ALL: [Category; 7] = [
+    pub(crate) const ALL: [Category; 7] = [
         Category::Advertising,
         Category::MarketingEmail,
         Category::MarketingSms,
@@ -35,7 +35,7 @@ impl Category {
         Category::CareFollowups,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Category::Advertising => "advertising",
             Category::MarketingEmail => "marketing_email",
@@ -47,12 +47,12 @@ impl Category {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Category> {
+    pub(crate) fn parse(s: &str) -> Option<Category> {
         Category::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
     /// Shipped default grant when a record does not set the category.
-    pub fn shipped_default(self) -> Grant {
+    pub(crate) fn shipped_default(self) -> Grant {
         match self {
             Category::Advertising | Category::MarketingSms | Category::PhoneOutreach => {
                 Grant::Denied
@@ -62,7 +62,7 @@ impl Category {
     }
 
     /// Shipped default for failing closed when the consent source is stale.
-    pub fn shipped_fail_closed_when_stale(self) -> bool {
+    pub(crate) fn shipped_fail_closed_when_stale(self) -> bool {
         !matches!(
             self,
             Category::AppointmentReminders | Category::CareFollowups
@@ -87,7 +87,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Channel::Email => "email",
             Channel::Sms => "sms",
@@ -95,7 +95,7 @@ impl Channel {
             Channel::Mail => "mail",
         }
     }
-    pub fn parse(s: &str) -> Option<Channel> {
+    pub(crate) fn parse(s: &str) -> Option<Channel> {
         [Channel::Email, Channel::Sms, Channel::Voice, Channel::Mail]
             .into_iter()
             .find(|c| c.as_str() == s)
@@ -124,7 +124,8 @@ pub enum DestKind {
 }
 
 impl DestKind {
-    pub fn as_str(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DestKind::AdPlatform => "ad_platform",
             DestKind::Analytics => "analytics",
@@ -134,20 +135,8 @@ impl DestKind {
             DestKind::Crm => "crm",
         }
     }
-    pub fn parse(s: &str) -> Option<DestKind> {
-        [
-            DestKind::AdPlatform,
-            DestKind::Analytics,
-            DestKind::Email,
-            DestKind::Sms,
-            DestKind::Voice,
-            DestKind::Crm,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-    }
     /// Whether sale/share opt-out, GPC and limit_sensitive steps apply.
-    pub fn is_ads_or_analytics(self) -> bool {
+    pub(crate) fn is_ads_or_analytics(self) -> bool {
         matches!(self, DestKind::AdPlatform | DestKind::Analytics)
     }
 }
@@ -155,7 +144,7 @@ impl DestKind {
 /// `consent.postgres.sslmode` (and a URL's `sslmode=`): how the consent
 /// database connection uses TLS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PgSslMode {
+pub(crate) enum PgSslMode {
     #[default]
     Disable,
     Require,
@@ -163,7 +152,7 @@ pub enum PgSslMode {
 }
 
 impl PgSslMode {
-    pub fn parse(v: &str) -> Result<PgSslMode, String> {
+    pub(crate) fn parse(v: &str) -> Result<PgSslMode, String> {
         match v {
             "disable" => Ok(PgSslMode::Disable),
             "require" => Ok(PgSslMode::Require),
@@ -178,7 +167,7 @@ impl PgSslMode {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PgSslMode::Disable => "disable",
             PgSslMode::Require => "require",

@@ -18,18 +18,18 @@ use std::sync::Arc;
 /// or `None` (back to the default).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ConsentChange {
-    pub categories: BTreeMap<Category, Option<Grant>>,
-    pub channels: BTreeMap<Channel, Option<Grant>>,
+    pub(crate) categories: BTreeMap<Category, Option<Grant>>,
+    pub(crate) channels: BTreeMap<Channel, Option<Grant>>,
 }
 
 impl ConsentChange {
-    pub fn deny_channel(c: Channel) -> ConsentChange {
+    pub(crate) fn deny_channel(c: Channel) -> ConsentChange {
         let mut x = ConsentChange::default();
         x.channels.insert(c, Some(Grant::Denied));
         x
     }
 
-    pub fn deny_categories(cs: &[Category]) -> ConsentChange {
+    pub(crate) fn deny_categories(cs: &[Category]) -> ConsentChange {
         let mut x = ConsentChange::default();
         for c in cs {
             x.categories.insert(*c, Some(Grant::Denied));
@@ -37,12 +37,12 @@ impl ConsentChange {
         x
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.categories.is_empty() && self.channels.is_empty()
     }
 
     /// Whether `rec` already says all of it.
-    pub fn holds(&self, rec: &ConsentRecord) -> bool {
+    pub(crate) fn holds(&self, rec: &ConsentRecord) -> bool {
         self.categories
             .iter()
             .all(|(c, g)| rec.categories.get(c).copied() == *g)
@@ -87,13 +87,13 @@ pub(crate) enum Applied {
 
 /// Writes vendor opt-outs.
 pub(crate) struct OptOuts {
-    pub writer: Arc<dyn ConsentWriter>,
-    pub store: Arc<ConsentStore>,
-    pub audit: Arc<AuditWriter>,
-    pub pseudonyms: Arc<PseudonymKey>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) writer: Arc<dyn ConsentWriter>,
+    pub(crate) store: Arc<ConsentStore>,
+    pub(crate) audit: Arc<AuditWriter>,
+    pub(crate) pseudonyms: Arc<PseudonymKey>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The sync outbox's plaintext carrier (the address a webhook named).
-    pub carrier: Option<Arc<dyn PlaintextCarrier>>,
+    pub(crate) carrier: Option<Arc<dyn PlaintextCarrier>>,
 }
 
 impl OptOuts {
@@ -101,7 +101,7 @@ impl OptOuts {
     /// (`21610`, `stop`, `unsubscribe`...), `request_id` the proxied request it
     /// was learned from, `emails`/`phones` what the vendor named (for sync only).
     #[allow(clippy::too_many_arguments)]
-    pub async fn apply(
+    pub(crate) async fn apply(
         &self,
         vendor: &str,
         kind: &str,

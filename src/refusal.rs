@@ -51,8 +51,9 @@ pub enum Shape {
 }
 
 impl Shape {
-    /// Every format, for tests and for listing the accepted names.
-    pub const ALL: [Shape; 14] = [
+    /// Every format (tests walk them all).
+    #[cfg(test)]
+    pub(crate) const ALL: [Shape; 14] = [
         Shape::Plain,
         Shape::MetaGraph,
         Shape::Twilio,
@@ -68,37 +69,12 @@ impl Shape {
         Shape::Snap,
         Shape::Google,
     ];
-
-    /// A stable name (for `explain` output and logs).
-    pub fn name(self) -> &'static str {
-        match self {
-            Shape::Plain => "plain",
-            Shape::MetaGraph => "meta_graph",
-            Shape::Twilio => "twilio",
-            Shape::SendGrid => "sendgrid",
-            Shape::Mailchimp => "mailchimp",
-            Shape::Mandrill => "mandrill",
-            Shape::Klaviyo => "klaviyo",
-            Shape::Braze => "braze",
-            Shape::HubSpot => "hubspot",
-            Shape::TikTok => "tiktok",
-            Shape::Pinterest => "pinterest",
-            Shape::LinkedIn => "linkedin",
-            Shape::Snap => "snap",
-            Shape::Google => "google",
-        }
-    }
-
-    /// The format named `name` (as [`Shape::name`] spells it).
-    pub fn from_name(name: &str) -> Option<Shape> {
-        Shape::ALL.into_iter().find(|f| f.name() == name)
-    }
 }
 
 /// Why the request was refused: the dropped events' reasons (all-dropped
 /// 451) or one detail (every other refusal).
 #[derive(Clone, Copy, Debug)]
-pub enum Explanation<'a> {
+pub(crate) enum Explanation<'a> {
     Reasons(&'a [&'a str]),
     Detail(&'a str),
 }
@@ -107,19 +83,19 @@ pub enum Explanation<'a> {
 /// (`blocked_by_consent_policy`, `unreadable_body`, …); nothing here may hold
 /// PHI, and nothing does: codes, reasons and details are the product's own words.
 #[derive(Clone, Copy, Debug)]
-pub struct Notice<'a> {
-    pub status: u16,
-    pub error: &'a str,
-    pub request_id: &'a str,
-    pub explanation: Explanation<'a>,
+pub(crate) struct Notice<'a> {
+    pub(crate) status: u16,
+    pub(crate) error: &'a str,
+    pub(crate) request_id: &'a str,
+    pub(crate) explanation: Explanation<'a>,
 }
 
 /// What to answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rendered {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Vec<u8>,
+pub(crate) struct Rendered {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Vec<u8>,
 }
 
 const JSON: &str = "application/json";
@@ -138,7 +114,7 @@ const JSON: &str = "application/json";
 /// still says what happened, and the audit keeps the product's status.
 /// Every other SDK checked raises its own error type on the product's status
 /// (docs/SDKS.md).
-pub fn render(format: Shape, r: &Notice<'_>) -> Rendered {
+pub(crate) fn render(format: Shape, r: &Notice<'_>) -> Rendered {
     let (content_type, body) = match format {
         Shape::Plain => (JSON, plain(r)),
         vendor => {
@@ -183,7 +159,7 @@ fn explain_into(m: &mut Map<String, Value>, r: &Notice<'_>) {
 
 /// The vendor message: `consentgate: <code>`, then what explains it and the
 /// request id, so the one line an SDK prints is enough to find the audit record.
-pub fn message(r: &Notice<'_>) -> String {
+pub(crate) fn message(r: &Notice<'_>) -> String {
     let why = match r.explanation {
         Explanation::Reasons([]) => String::new(),
         Explanation::Reasons(rs) => format!(" ({})", rs.join(", ")),
@@ -467,14 +443,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn names_round_trip() {
-        for f in Shape::ALL {
-            assert_eq!(Shape::from_name(f.name()), Some(f));
-        }
-        assert_eq!(Shape::from_name("vendor"), None);
     }
 
     #[test]

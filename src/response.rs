@@ -11,8 +11,8 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use serde_json::Value;
 
-pub(crate) const H_DECISION: &str = "x-consentgate-decision";
-pub(crate) const H_REQUEST_ID: &str = "x-consentgate-request-id";
+const H_DECISION: &str = "x-consentgate-decision";
+const H_REQUEST_ID: &str = "x-consentgate-request-id";
 
 /// A 128-bit random request id as 32 hex characters.
 pub(crate) fn new_request_id() -> String {
@@ -20,7 +20,7 @@ pub(crate) fn new_request_id() -> String {
     format!("{id:032x}")
 }
 
-pub(crate) fn empty_body() -> ProxyBody {
+fn empty_body() -> ProxyBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed_unsync()

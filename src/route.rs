@@ -13,18 +13,18 @@ use std::sync::Arc;
 
 /// One routable destination with its effective settings.
 #[derive(Clone)]
-pub struct Route {
-    pub adapter: Arc<dyn Adapter>,
-    pub mode: Mode,
-    pub on_blocked: OnBlocked,
+pub(crate) struct Route {
+    pub(crate) adapter: Arc<dyn Adapter>,
+    pub(crate) mode: Mode,
+    pub(crate) on_blocked: OnBlocked,
     /// How its refusals are worded (the vendor's shape unless `refusal_format: plain`).
-    pub refusal_shape: Shape,
-    pub category: Category,
-    pub extra_hosts: Vec<String>,
+    pub(crate) refusal_shape: Shape,
+    pub(crate) category: Category,
+    extra_hosts: Vec<String>,
 }
 
 impl Route {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.adapter.name()
     }
     fn matches(&self, host: &str) -> bool {
@@ -33,13 +33,13 @@ impl Route {
 }
 
 #[derive(Clone, Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     routes: Vec<Route>,
 }
 
 impl Registry {
     /// The built-ins with the config's overrides applied, plus generic entries.
-    pub fn build(cfg: &Config, file: &str) -> Result<Registry, Vec<ConfigError>> {
+    pub(crate) fn build(cfg: &Config, file: &str) -> Result<Registry, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut routes: Vec<Route> = destinations::builtins()
             .into_iter()
@@ -125,7 +125,7 @@ impl Registry {
 
     /// The destination for a request: among those serving the host (lower-case,
     /// no port), the first that inspects this method and path, else the first.
-    pub fn route(&self, host: &str, method: &Method, path: &str) -> Option<&Route> {
+    pub(crate) fn route(&self, host: &str, method: &Method, path: &str) -> Option<&Route> {
         let mut first = None;
         for r in self.routes.iter().filter(|r| r.matches(host)) {
             if r.mode != Mode::Passthrough && r.adapter.inspects(method, path) {
@@ -137,11 +137,11 @@ impl Registry {
     }
 
     /// Whether any destination serves this host (CONNECT, SNI).
-    pub fn knows_host(&self, host: &str) -> bool {
+    pub(crate) fn knows_host(&self, host: &str) -> bool {
         self.routes.iter().any(|r| r.matches(host))
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub(crate) fn routes(&self) -> &[Route] {
         &self.routes
     }
 }
@@ -149,13 +149,13 @@ impl Registry {
 /// Where a request goes upstream (always TLS).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Target {
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 /// How the request reached the proxy.
 #[derive(Clone, Debug)]
-pub enum Via {
+pub(crate) enum Via {
     /// Plain HTTP on the proxy port: absolute-form or Host header.
     Plain,
     /// Inside an intercepted CONNECT tunnel or on the gateway listener.

@@ -3,6 +3,7 @@
 
 use crate::app::{App, Runtime};
 use crate::config::{ConfigError, ConfigSource};
+use crate::consent::source::PropagationObserver;
 use crate::consent::{
     ApiContext, ConsentStore, ConsentWriter, FileSourceConfig, FileSourceHandle, PgSourceConfig,
     PgSourceHandle,
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// The JSON log (and the OTLP exporter when `telemetry.otlp` is set).
-pub fn init_telemetry(cfg: &crate::config::Config) -> Result<crate::telemetry::Telemetry, String> {
+fn init_telemetry(cfg: &crate::config::Config) -> Result<crate::telemetry::Telemetry, String> {
     let otlp = cfg
         .telemetry
         .otlp
@@ -29,7 +30,7 @@ pub fn init_telemetry(cfg: &crate::config::Config) -> Result<crate::telemetry::T
 
 /// The hosts of the configured destinations (`destinations[].hosts`, and a
 /// generic destination's `hosts`), for the interception CA's name constraints.
-pub fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
+fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
     let mut out = Vec::new();
     for d in &cfg.destinations {
         out.extend(d.hosts.iter().cloned());
@@ -54,13 +55,13 @@ pub fn configured_hosts(cfg: &crate::config::Config) -> Vec<String> {
 
 /// How `run` makes the interception CA on first start: the defaults, also
 /// permitting the configured destinations' hosts.
-pub fn ca_options(cfg: &crate::config::Config) -> crate::tls::CaOptions {
+fn ca_options(cfg: &crate::config::Config) -> crate::tls::CaOptions {
     crate::tls::CaOptions::default().permit(configured_hosts(cfg))
 }
 
 /// Install aws-lc-rs as the process-wide rustls provider (a dependency may also
 /// enable `ring`; without an explicit default rustls would panic).
-pub fn install_crypto() {
+pub(crate) fn install_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
@@ -73,7 +74,7 @@ fn print_errors(errs: &[ConfigError]) {
 /// Create the interception CA when both files are missing (logged), then load
 /// it. A configured destination host the CA may not sign for is logged: its
 /// connections fail until the CA is rotated.
-pub fn load_interception_ca(cfg: &crate::config::Config) -> Result<crate::tls::CertMinter, String> {
+fn load_interception_ca(cfg: &crate::config::Config) -> Result<crate::tls::CertMinter, String> {
     let i = &cfg.interception;
     match crate::tls::ensure_ca(&i.ca_cert, &i.ca_key, &ca_options(cfg)) {
         Ok(Some(files)) => {
@@ -121,7 +122,7 @@ fn ca_host_problems(cfg: &crate::config::Config, ca: &crate::tls::LoadedCa) -> V
 /// Lock `audit.path`, load the pseudonym key (created 0600 on first run) and
 /// prepare the audit writer. Nothing is written to the audit trail until the
 /// returned starter runs: `run` starts it once every listener is bound.
-pub fn prepare_audit(
+fn prepare_audit(
     a: &crate::config::AuditCfg,
     metrics: &crate::metrics::Metrics,
 ) -> Result<
@@ -190,7 +191,7 @@ fn loop_check(cfg: &crate::config::Config) -> Vec<String> {
 
 /// Every problem `check` reports, in order: the config's own, then each
 /// subsystem's over the config as read (a bad key does not hide a bad file).
-pub fn check_all(source: &ConfigSource) -> Vec<String> {
+fn check_all(source: &ConfigSource) -> Vec<String> {
     let (cfg, config_errors) = source.load_all();
     let mut errors: Vec<String> = config_errors.iter().map(ToString::to_string).collect();
     let Some(cfg) = cfg else { return errors };
@@ -324,17 +325,18 @@ async fn start_consent_source(
     metrics: &Metrics,
     access: Access,
 ) -> Result<ConsentSource, String> {
+    let hist = metrics.consent_propagation.clone();
+    let observer: PropagationObserver = Arc::new(move |s| hist.observe(s));
     match cfg.consent.source {
         crate::config::SourceKind::File => {
             let c = file_source_config(&cfg.consent, access == Access::ReadOnly)?;
-            crate::consent::file_source::start(c, store)
+            crate::consent::file_source::start(c, store, observer)
                 .await
                 .map(ConsentSource::File)
         }
         crate::config::SourceKind::Postgres => {
-            let hist = metrics.consent_propagation.clone();
             let c = PgSourceConfig::new(&cfg.consent.postgres);
-            crate::consent::postgres::start(c, store, Arc::new(move |s| hist.observe(s)))
+            crate::consent::postgres::start(c, store, observer)
                 .await
                 .map(ConsentSource::Postgres)
         }

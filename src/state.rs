@@ -14,24 +14,23 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The lock file inside an owned directory.
 pub(crate) const LOCK_FILE: &str = ".lock";
 
 /// An exclusive lock on a state directory, held for as long as the value lives.
 #[derive(Debug)]
-pub struct DirLock {
+pub(crate) struct DirLock {
     // Keeping the file open keeps the flock; dropping it releases the lock.
     _file: File,
-    path: PathBuf,
 }
 
 impl DirLock {
     /// Lock `dir` (created 0700 when missing). `what` names the directory in
     /// errors, e.g. `audit.path`. Fails at once, naming the holder, when another
     /// process has it.
-    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock, String> {
+    pub(crate) fn acquire(dir: &Path, what: &str) -> Result<DirLock, String> {
         private_dir(dir).map_err(|e| format!("{what} {}: {e}", dir.display()))?;
         let path = dir.join(LOCK_FILE);
         let mut file = private_file_options()
@@ -74,17 +73,13 @@ impl DirLock {
             // The lock holds without the note; only the message to a second process is poorer.
             tracing::warn!(path = %path.display(), error = %e, "could not record the lock holder");
         }
-        Ok(DirLock { _file: file, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(DirLock { _file: file })
     }
 }
 
 /// Create `dir` (and parents) with mode 0700, or tighten an existing directory
 /// that group or other can read, with a log line.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+fn private_dir(dir: &Path) -> std::io::Result<()> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -97,14 +92,14 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Options that create files 0600 (an existing file keeps its mode: see [`tighten_file`]).
-pub fn private_file_options() -> OpenOptions {
+pub(crate) fn private_file_options() -> OpenOptions {
     let mut o = OpenOptions::new();
     o.mode(0o600);
     o
 }
 
 /// Tighten an existing file to 0600 if group or other have any access, with a log line.
-pub fn tighten_file(path: &Path) -> std::io::Result<()> {
+pub(crate) fn tighten_file(path: &Path) -> std::io::Result<()> {
     tighten(path, 0o600)
 }
 

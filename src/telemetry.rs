@@ -30,13 +30,13 @@ mod otlp;
 
 /// `telemetry.otlp` (SPEC is silent; README "Logs and traces").
 #[derive(Clone, Debug, PartialEq)]
-pub struct OtlpCfg {
+pub(crate) struct OtlpCfg {
     /// The collector's OTLP/HTTP traces URL; a URL with no path gets `/v1/traces`.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// `service.name` of the exported resource.
-    pub service_name: String,
+    pub(crate) service_name: String,
     /// Bound on one export request.
-    pub timeout: std::time::Duration,
+    pub(crate) timeout: std::time::Duration,
 }
 
 /// Whether spans are exported: a request span then reads its (possibly new)
@@ -46,14 +46,14 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Keeps the exporter alive; [`Telemetry::shutdown`] flushes what is queued.
 #[derive(Default)]
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     #[cfg(feature = "otlp")]
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 impl Telemetry {
     /// Export what is still queued (bounded by the exporter's timeout).
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         #[cfg(feature = "otlp")]
         if let Some(p) = self.provider {
             if let Err(e) = p.shutdown() {
@@ -66,7 +66,7 @@ impl Telemetry {
 /// Install the process-wide subscriber: the flat JSON log on stderr at `level`
 /// (or `RUST_LOG`), and the OTLP exporter when configured. Returns an error
 /// only when the exporter cannot be built; logging is then installed anyway.
-pub fn init(level: &str, otlp: Option<&OtlpCfg>) -> Result<Telemetry, String> {
+pub(crate) fn init(level: &str, otlp: Option<&OtlpCfg>) -> Result<Telemetry, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let log = tracing_subscriber::fmt::layer()

@@ -295,3 +295,58 @@ async fn editing_the_snapshot_changes_decisions_and_a_corrupt_line_keeps_the_old
         json!(["LDU"])
     );
 }
+
+fn propagation_count(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("consentgate_consent_propagation_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no propagation count in:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn editing_the_snapshot_feeds_the_propagation_histogram() {
+    let dir = test_dir("consent-propagation");
+    let snap = dir.join("consent.jsonl");
+    let original = std::fs::read_to_string(repo().join("config/consent.example.jsonl")).unwrap();
+    std::fs::write(&snap, &original).unwrap();
+    let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
+    let up = start_upstream(&ca).await;
+    let p = start_proxy(
+        &dir,
+        &up,
+        &ca,
+        ProxyOpts {
+            consent_file: Some(snap.clone()),
+            ..Default::default()
+        },
+    );
+    let pr = &p;
+    let metrics =
+        || async move { String::from_utf8(admin_get(pr, "/metrics").await.body).unwrap() };
+    let before = propagation_count(&metrics().await);
+    assert_eq!(before, 0, "the initial load is not a propagation");
+    let edited = original.replacen(r#""advertising":"granted""#, r#""advertising":"denied""#, 1);
+    assert_ne!(edited, original);
+    let tmp = dir.join("consent.jsonl.tmp");
+    std::fs::write(&tmp, &edited).unwrap();
+    std::fs::rename(&tmp, &snap).unwrap();
+    let t = Instant::now();
+    loop {
+        let m = metrics().await;
+        if propagation_count(&m) > before {
+            let sum: f64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("consentgate_consent_propagation_seconds_sum "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap();
+            assert!((0.0..10.0).contains(&sum), "{sum}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "snapshot edit not observed within 3 s:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

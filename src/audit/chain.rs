@@ -151,7 +151,6 @@ pub(crate) fn decode_line<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditKind;
 
     #[test]
     fn record_line_ends_with_prev_hash_and_hashes_stably() {
@@ -165,7 +164,7 @@ mod tests {
         );
         let d = decode_line(&line, None).unwrap();
         assert_eq!(d.prev_hash(), ZERO_HASH);
-        assert_eq!(d.record["kind"], AuditKind::Config.as_str());
+        assert_eq!(d.record["kind"], "config");
         assert_eq!(d.record["fields_stripped"], serde_json::json!([]));
         assert_eq!(sha256_hex(&d.plain), sha256_hex(&line));
         assert_eq!(sha256_hex(b"").len(), 64);

@@ -103,20 +103,13 @@ mod trace;
 mod verify;
 mod writer;
 
-pub use chain::{sha256_hex, ZERO_HASH};
-pub use checkpoint::CheckpointKey;
-pub use crypto::{load_enc_key, EncKey};
-pub use pseudonym::{
-    default_key_path, is_pseudonym, load_or_create_key, PseudonymKey, PSEUDONYM_HEX_LEN,
-};
-pub use trace::{parse_traceparent, trace_id};
-pub use verify::{
-    audit_files, find, verify, verify_trail, CapReport, TrailReport, VerifyError, VerifyErrorKind,
-    VerifyReport,
-};
-pub use writer::{
+pub(crate) use checkpoint::CheckpointKey;
+pub(crate) use crypto::{load_enc_key, EncKey};
+pub(crate) use pseudonym::{default_key_path, load_or_create_key, PseudonymKey, PSEUDONYM_HEX_LEN};
+pub(crate) use trace::trace_id;
+pub(crate) use verify::{find, verify_trail};
+pub(crate) use writer::{
     AuditCounters, AuditOptions, AuditStarter, AuditUnavailable, AuditWriter, FsyncPolicy,
-    DEFAULT_CHANNEL_CAPACITY, DEFAULT_MAX_FILE_BYTES, MIN_MAX_TOTAL_BYTES,
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -144,19 +137,7 @@ pub enum AuditKind {
     Checkpoint,
 }
 
-impl AuditKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditKind::Decision => "decision",
-            AuditKind::ConsentChange => "consent_change",
-            AuditKind::Config => "config",
-            AuditKind::Outcome => "outcome",
-            AuditKind::Sync => "sync",
-            AuditKind::Recovery => "recovery",
-            AuditKind::Checkpoint => "checkpoint",
-        }
-    }
-}
+impl AuditKind {}
 
 /// One audit record, before the writer chains it. Fields hold names, reasons,
 /// pseudonyms and counts: never an email, phone, name, raw patient id or payload.
@@ -329,12 +310,14 @@ impl AuditRecord {
         r
     }
 
+    #[cfg(test)]
     /// Set `trace_id` (None leaves the record without one).
     pub fn with_trace(mut self, trace_id: Option<&str>) -> AuditRecord {
         self.trace_id = trace_id.map(str::to_string);
         self
     }
 
+    #[cfg(test)]
     /// Set `patient` to the pseudonym of `patient_id` under `key`.
     pub fn with_patient(mut self, key: &PseudonymKey, patient_id: &str) -> AuditRecord {
         self.patient = Some(key.pseudonym(patient_id));

@@ -1,5 +1,7 @@
 //! Writer + verify + find over real files.
 
+use super::chain::{sha256_hex, ZERO_HASH};
+use super::verify::{audit_files, verify, TrailReport, VerifyError, VerifyErrorKind, VerifyReport};
 use super::*;
 use crate::metrics::Metrics;
 use std::path::{Path, PathBuf};

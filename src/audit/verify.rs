@@ -182,6 +182,7 @@ fn lines(data: &[u8]) -> impl Iterator<Item = Line<'_>> {
     })
 }
 
+#[cfg(test)]
 /// Verify the hash chain over `paths` (files in the order given; a directory
 /// stands for its audit files in chain order). The chain must start at 64 zeros
 /// and run on across files. With encrypted files, `key` is needed. A capped trail

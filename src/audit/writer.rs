@@ -98,6 +98,7 @@ impl Default for FsyncPolicy {
 }
 
 impl FsyncPolicy {
+    #[cfg(test)]
     /// `always`, `interval` (1 s / 1000 records) or `never`.
     pub fn parse(s: &str) -> Result<FsyncPolicy, String> {
         match s {
@@ -339,6 +340,7 @@ impl AuditWriter {
         ))
     }
 
+    #[cfg(test)]
     /// Lock the directory, continue the chain from the last record (cutting a
     /// torn tail and recording that), and start the writer thread. Synchronous;
     /// needs no runtime. Errors name the file.

@@ -43,18 +43,13 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// Where the consent API lives on the admin listener.
-pub const PATH_PREFIX: &str = "/v1/consent/";
+pub(crate) const PATH_PREFIX: &str = "/v1/consent/";
 /// Largest accepted request body.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// Whether a request path belongs to this API (route `/v1/consent/*` here).
-pub fn is_consent_path(path: &str) -> bool {
-    path.starts_with(PATH_PREFIX) || path == "/v1/consent"
-}
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Admin bearer tokens: names and the SHA-256 of each token (never the token).
 #[derive(Clone, Default)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     entries: Vec<(String, [u8; 32])>,
 }
 
@@ -69,7 +64,7 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Parse `name:token` lines; `#` comments and blank lines are ignored. An
     /// error names the line (never its content, which may hold a token).
-    pub fn parse(text: &str) -> Result<Tokens, String> {
+    pub(crate) fn parse(text: &str) -> Result<Tokens, String> {
         let mut entries: Vec<(String, [u8; 32])> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
@@ -107,21 +102,13 @@ impl Tokens {
         Ok(Tokens { entries })
     }
 
-    pub fn names(&self) -> Vec<&str> {
+    pub(crate) fn names(&self) -> Vec<&str> {
         self.entries.iter().map(|(n, _)| n.as_str()).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The name of the token presented, if any matches. Every entry is
     /// compared, in constant time, whatever matches.
-    pub fn authenticate(&self, presented: &str) -> Option<&str> {
+    fn authenticate(&self, presented: &str) -> Option<&str> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for (name, d) in &self.entries {
@@ -134,7 +121,7 @@ impl Tokens {
 }
 
 /// Load `admin.tokens_file`; errors name the file and the line.
-pub fn load_tokens(path: &Path) -> Result<Tokens, String> {
+pub(crate) fn load_tokens(path: &Path) -> Result<Tokens, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))?;
     Tokens::parse(&text).map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))
@@ -145,7 +132,7 @@ pub fn load_tokens(path: &Path) -> Result<Tokens, String> {
 /// held while the write runs (the outbox's store observer takes them when the
 /// write denies a target), dropped with the returned guard. Never stored,
 /// journaled or audited.
-pub trait PlaintextCarrier: Send + Sync {
+pub(crate) trait PlaintextCarrier: Send + Sync {
     fn hold(
         &self,
         patient_id: &str,
@@ -159,17 +146,21 @@ pub trait PlaintextCarrier: Send + Sync {
 /// What the API needs: the store (reads), the writer (durable writes), the
 /// tokens, and a hook told of every acknowledged write (for the audit trail).
 #[derive(Clone)]
-pub struct ApiContext {
-    pub store: Arc<ConsentStore>,
-    pub writer: Arc<dyn ConsentWriter>,
-    pub tokens: Arc<Tokens>,
-    pub on_change: OnChange,
+pub(crate) struct ApiContext {
+    pub(crate) store: Arc<ConsentStore>,
+    pub(crate) writer: Arc<dyn ConsentWriter>,
+    pub(crate) tokens: Arc<Tokens>,
+    on_change: OnChange,
     /// The sync outbox's plaintext carrier, when `sync:` has targets.
-    pub carrier: Option<Arc<dyn PlaintextCarrier>>,
+    pub(crate) carrier: Option<Arc<dyn PlaintextCarrier>>,
 }
 
 impl ApiContext {
-    pub fn new(store: Arc<ConsentStore>, writer: Arc<dyn ConsentWriter>, tokens: Tokens) -> Self {
+    pub(crate) fn new(
+        store: Arc<ConsentStore>,
+        writer: Arc<dyn ConsentWriter>,
+        tokens: Tokens,
+    ) -> Self {
         ApiContext {
             store,
             writer,
@@ -179,12 +170,12 @@ impl ApiContext {
         }
     }
 
-    pub fn with_carrier(mut self, c: Arc<dyn PlaintextCarrier>) -> Self {
+    pub(crate) fn with_carrier(mut self, c: Arc<dyn PlaintextCarrier>) -> Self {
         self.carrier = Some(c);
         self
     }
 
-    pub fn with_on_change(mut self, f: OnChange) -> Self {
+    pub(crate) fn with_on_change(mut self, f: OnChange) -> Self {
         self.on_change = f;
         self
     }
@@ -339,7 +330,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Route one admin request under `/v1/consent/`.
-pub async fn handle<B>(req: Request<B>, ctx: &ApiContext) -> Resp
+pub(crate) async fn handle<B>(req: Request<B>, ctx: &ApiContext) -> Resp
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -770,6 +761,7 @@ mod tests {
         let src = file_source::start(
             FileSourceConfig::new(&file, dir.path().join("journal")),
             store.clone(),
+            Arc::new(|_| {}),
         )
         .await
         .unwrap();

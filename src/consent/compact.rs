@@ -86,7 +86,7 @@ fn channel_index(c: Channel) -> u32 {
 
 /// Grants and flags of one record, packed (the low 25 bits of the blob header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Grants(u32);
+pub(crate) struct Grants(u32);
 
 impl Grants {
     fn of(r: &ConsentRecord) -> Grants {
@@ -110,27 +110,28 @@ impl Grants {
     }
 
     /// The record's own grant for a category (`None`: not set by the record).
-    pub fn category(self, c: Category) -> Option<Grant> {
+    pub(crate) fn category(self, c: Category) -> Option<Grant> {
         bits_grant(self.0 >> (2 * category_index(c)))
     }
 
     /// The record's own grant for a channel (`None`: not set by the record).
-    pub fn channel(self, c: Channel) -> Option<Grant> {
+    pub(crate) fn channel(self, c: Channel) -> Option<Grant> {
         bits_grant(self.0 >> (CH_SHIFT + 2 * channel_index(c)))
     }
 
-    pub fn sale_share_opt_out(self) -> bool {
+    pub(crate) fn sale_share_opt_out(self) -> bool {
         self.0 & SSO != 0
     }
-    pub fn limit_sensitive(self) -> bool {
+    pub(crate) fn limit_sensitive(self) -> bool {
         self.0 & LIMIT_SENSITIVE != 0
     }
-    pub fn gpc(self) -> bool {
+    pub(crate) fn gpc(self) -> bool {
         self.0 & GPC != 0
     }
 
     /// Same ranking as [`ConsentRecord::restrictiveness`].
-    pub fn restrictiveness(self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn restrictiveness(self) -> usize {
         let denied = Category::ALL
             .iter()
             .filter(|c| self.category(**c).unwrap_or(c.shipped_default()) == Grant::Denied)
@@ -150,7 +151,7 @@ impl Grants {
 /// `jurisdiction` / `source` strings shared by every record: each distinct
 /// short value is stored once, for the life of the process, and records hold
 /// its id. Bounded: beyond the cap values are stored inline in the record.
-pub struct Interner {
+pub(crate) struct Interner {
     /// id → string; readers load it without locking.
     names: ArcSwap<Vec<&'static str>>,
     /// string → id; writers only.
@@ -302,7 +303,7 @@ impl<'a> StoredStr<'a> {
 
 /// A parsed blob (borrowing it).
 pub(crate) struct Parsed<'a> {
-    pub(crate) grants: Grants,
+    grants: Grants,
     secs: i64,
     nanos: u32,
     version: u64,
@@ -369,12 +370,14 @@ impl<'a> Parsed<'a> {
     }
 
     /// `(seconds, nanoseconds)` of `updated_at`; orders like the timestamp.
+    #[cfg(test)]
     pub(crate) fn updated(&self) -> (i64, u32) {
         (self.secs, self.nanos)
     }
 
     /// Whether this record should replace `current` (same rule as
     /// [`ConsentRecord::supersedes`]).
+    #[cfg(test)]
     pub(crate) fn supersedes(&self, current: &Parsed<'_>) -> bool {
         match self.updated().cmp(&current.updated()) {
             std::cmp::Ordering::Greater => true,
@@ -532,29 +535,29 @@ pub(crate) fn encode(r: &ConsentRecord, interner: &Interner) -> Box<[u8]> {
 /// record is only materialised by [`ConsentStore::get`](super::ConsentStore::get).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsentView {
-    pub patient_id: Box<str>,
-    pub updated_at: DateTime<Utc>,
-    pub jurisdiction: Option<Cow<'static, str>>,
-    pub source: Option<Cow<'static, str>>,
-    pub grants: Grants,
+    pub(crate) patient_id: Box<str>,
+    pub(crate) updated_at: DateTime<Utc>,
+    pub(crate) jurisdiction: Option<Cow<'static, str>>,
+    pub(crate) source: Option<Cow<'static, str>>,
+    grants: Grants,
 }
 
 impl ConsentView {
     /// The record's own grant for a category (`None`: the policy default applies).
-    pub fn category(&self, c: Category) -> Option<Grant> {
+    pub(crate) fn category(&self, c: Category) -> Option<Grant> {
         self.grants.category(c)
     }
     /// The record's own grant for a channel.
-    pub fn channel(&self, c: Channel) -> Option<Grant> {
+    pub(crate) fn channel(&self, c: Channel) -> Option<Grant> {
         self.grants.channel(c)
     }
-    pub fn sale_share_opt_out(&self) -> bool {
+    pub(crate) fn sale_share_opt_out(&self) -> bool {
         self.grants.sale_share_opt_out()
     }
-    pub fn limit_sensitive(&self) -> bool {
+    pub(crate) fn limit_sensitive(&self) -> bool {
         self.grants.limit_sensitive()
     }
-    pub fn gpc(&self) -> bool {
+    pub(crate) fn gpc(&self) -> bool {
         self.grants.gpc()
     }
 }

@@ -19,37 +19,38 @@
 use super::journal::{self, Entry, Journal};
 use super::record::ConsentRecord;
 use super::source::{
-    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, WriteError, Written,
+    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, PropagationObserver,
+    WriteError, Written,
 };
 use super::store::ConsentStore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 #[derive(Clone, Debug)]
-pub struct FileSourceConfig {
+pub(crate) struct FileSourceConfig {
     /// `consent.file`: the JSONL snapshot.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// `consent.journal`: the journal directory (created when missing).
-    pub journal_dir: PathBuf,
-    pub journal_limits: journal::Limits,
+    journal_dir: PathBuf,
+    journal_limits: journal::Limits,
     /// `consent.journal_key_file` / `consent.journal_previous_key_file`.
-    pub journal_keys: journal::Keys,
+    pub(crate) journal_keys: journal::Keys,
     /// Replay the journal without locking or writing it (`consentgate explain`
     /// next to a running proxy); writes through this source fail.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
     /// Quiet time after a change before reloading.
-    pub debounce: Duration,
+    debounce: Duration,
     /// How often the store is marked good while healthy (and the file polled).
-    pub tick: Duration,
+    pub(crate) tick: Duration,
 }
 
 impl FileSourceConfig {
-    pub fn new(file: impl Into<PathBuf>, journal_dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(file: impl Into<PathBuf>, journal_dir: impl Into<PathBuf>) -> Self {
         FileSourceConfig {
             file: file.into(),
             journal_dir: journal_dir.into(),
@@ -64,7 +65,7 @@ impl FileSourceConfig {
 
 /// Parse a whole snapshot. Blank lines are skipped; the first bad line is an
 /// error `line N: <field>: <problem>`. Used by `consentgate check` too.
-pub fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
+fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
@@ -114,10 +115,15 @@ struct Inner {
     journal: Mutex<Journal>,
     healthy: AtomicBool,
     seen: Mutex<Option<Fingerprint>>,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-    /// Milliseconds from the file's mtime to the end of the last apply.
-    last_propagation_ms: AtomicU64,
+    /// Called with the seconds from the snapshot file's mtime to the end of a
+    /// reload that changed the store (`consentgate_consent_propagation_seconds`).
+    observer: PropagationObserver,
+}
+
+/// What one snapshot apply did: records held, and whether any was put or removed.
+struct Applied {
+    records: usize,
+    changed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,33 +132,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Inner {
     /// Load the snapshot and apply it with the journal on top. On error the
-    /// store is untouched. Returns the number of records held.
-    fn reload(&self) -> Result<usize, String> {
+    /// store is untouched. Returns the number of records held. `observe`: a
+    /// reload that changed the store feeds the propagation observer (not the
+    /// initial load, as with PostgreSQL).
+    fn reload(&self, observe: bool) -> Result<usize, String> {
         let fp = fingerprint(&self.cfg.file).ok();
         *lock(&self.seen) = fp;
         let result = load_snapshot(&self.cfg.file).map(|recs| self.apply(recs));
-        match &result {
-            Ok(_) => {
+        match result {
+            Ok(applied) => {
                 self.healthy.store(true, Ordering::Relaxed);
                 self.store.mark_good();
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                if let Some(mtime) = fp.and_then(|f| f.mtime) {
-                    if let Ok(d) = SystemTime::now().duration_since(mtime) {
-                        self.last_propagation_ms
-                            .store(d.as_millis() as u64, Ordering::Relaxed);
+                if observe && applied.changed {
+                    if let Some(mtime) = fp.and_then(|f| f.mtime) {
+                        let d = SystemTime::now()
+                            .duration_since(mtime)
+                            .unwrap_or(Duration::ZERO);
+                        (self.observer)(d.as_secs_f64());
                     }
                 }
+                Ok(applied.records)
             }
-            Err(_) => {
+            Err(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 self.store.mark_down();
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
             }
         }
-        result
     }
 
-    fn apply(&self, snapshot: Vec<ConsentRecord>) -> usize {
+    fn apply(&self, snapshot: Vec<ConsentRecord>) -> Applied {
         let journal = lock(&self.journal);
         let mut winners: HashMap<String, ConsentRecord> = HashMap::with_capacity(snapshot.len());
         for rec in snapshot {
@@ -207,7 +216,10 @@ impl Inner {
             removed,
             "consent snapshot applied"
         );
-        self.store.len()
+        Applied {
+            records: self.store.len(),
+            changed: changed + removed > 0,
+        }
     }
 
     /// One tick: reload when the file changed, else keep the store marked good.
@@ -232,7 +244,7 @@ impl Inner {
     }
 
     fn reload_logged(&self, why: &'static str) {
-        match self.reload() {
+        match self.reload(true) {
             Ok(n) => tracing::info!(records = n, trigger = why, "consent file reloaded"),
             Err(e) => tracing::warn!(error = %e, trigger = why,
                 "consent file rejected; keeping last good data, source down"),
@@ -241,7 +253,7 @@ impl Inner {
 }
 
 /// A running file source. Dropping it stops the watcher and the tick.
-pub struct FileSourceHandle {
+pub(crate) struct FileSourceHandle {
     inner: Arc<Inner>,
     tasks: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -261,50 +273,36 @@ impl Drop for FileSourceHandle {
 
 impl FileSourceHandle {
     /// The writer the admin API writes through.
-    pub fn writer(&self) -> Arc<dyn ConsentWriter> {
+    pub(crate) fn writer(&self) -> Arc<dyn ConsentWriter> {
         Arc::new(FileWriter {
             inner: self.inner.clone(),
         })
     }
 
-    pub fn store(&self) -> &Arc<ConsentStore> {
-        &self.inner.store
-    }
-
     /// Whether the last load of the file succeeded and the file is readable.
-    pub fn healthy(&self) -> bool {
+    #[cfg(test)]
+    fn healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed)
     }
 
-    /// Reload now (e.g. on SIGHUP). On error the store keeps its data.
-    pub async fn reload(&self) -> Result<usize, String> {
+    /// Reload now. On error the store keeps its data.
+    #[cfg(test)]
+    async fn reload(&self) -> Result<usize, String> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.reload())
+        tokio::task::spawn_blocking(move || inner.reload(true))
             .await
             .map_err(|e| format!("consent reload task: {e}"))?
-    }
-
-    /// (successful, failed) reloads since start, the initial load included.
-    pub fn reload_counts(&self) -> (u64, u64) {
-        (
-            self.inner.reloads_ok.load(Ordering::Relaxed),
-            self.inner.reloads_failed.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Seconds from the snapshot file's mtime to the end of its last apply
-    /// (`consentgate_consent_propagation_seconds`).
-    pub fn last_propagation_seconds(&self) -> f64 {
-        self.inner.last_propagation_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
 }
 
 /// Start the file source: open (or create) the journal, load the snapshot with
 /// the journal on top (an error refuses to start and names the line), then
-/// watch the file. Must be called inside a tokio runtime.
-pub async fn start(
+/// watch the file. `observer` is fed the propagation of every later reload
+/// that changes the store. Must be called inside a tokio runtime.
+pub(crate) async fn start(
     cfg: FileSourceConfig,
     store: Arc<ConsentStore>,
+    observer: PropagationObserver,
 ) -> Result<FileSourceHandle, String> {
     let jcfg = cfg.clone();
     let journal = tokio::task::spawn_blocking(move || {
@@ -323,12 +321,10 @@ pub async fn start(
         journal: Mutex::new(journal),
         healthy: AtomicBool::new(false),
         seen: Mutex::new(None),
-        reloads_ok: AtomicU64::new(0),
-        reloads_failed: AtomicU64::new(0),
-        last_propagation_ms: AtomicU64::new(0),
+        observer,
     });
     let first = inner.clone();
-    let n = tokio::task::spawn_blocking(move || first.reload())
+    let n = tokio::task::spawn_blocking(move || first.reload(false))
         .await
         .map_err(|e| format!("consent load task: {e}"))??;
     tracing::info!(records = n, path = %inner.cfg.file.display(), "consent snapshot loaded");
@@ -487,6 +483,10 @@ mod tests {
         FileSourceConfig::new(d.join("consent.jsonl"), d.join("journal"))
     }
 
+    fn quiet() -> PropagationObserver {
+        Arc::new(|_| {})
+    }
+
     fn rec(json: &str) -> ConsentRecord {
         ConsentRecord::from_json(json.as_bytes()).unwrap()
     }
@@ -497,7 +497,7 @@ mod tests {
         let c = cfg(d.path());
         std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
         let store = Arc::new(ConsentStore::new());
-        let h = start(c.clone(), store.clone()).await.unwrap();
+        let h = start(c.clone(), store.clone(), quiet()).await.unwrap();
         assert_eq!(store.len(), 2);
         assert!(store.source_up());
         let before = store.get("P-1").unwrap();
@@ -519,12 +519,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reload_that_changes_the_store_feeds_the_propagation_observer() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        std::fs::write(&c.file, format!("{A}\n")).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<f64>::new()));
+        let s2 = seen.clone();
+        let obs: PropagationObserver = Arc::new(move |v| lock(&s2).push(v));
+        let store = Arc::new(ConsentStore::new());
+        let h = start(c.clone(), store, obs).await.unwrap();
+        assert!(lock(&seen).is_empty(), "initial load not observed");
+        h.reload().await.unwrap();
+        assert!(
+            lock(&seen).is_empty(),
+            "an unchanged snapshot is not observed"
+        );
+        std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
+        h.reload().await.unwrap();
+        let v = lock(&seen).clone();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!((0.0..60.0).contains(&v[0]), "{v:?}");
+    }
+
+    #[tokio::test]
     async fn start_refuses_a_bad_snapshot() {
         let d = tempfile::tempdir().unwrap();
         let c = cfg(d.path());
         std::fs::write(&c.file, format!("{A}\n{{\"patient_id\":\"P-9\"}}\n")).unwrap();
         let store = Arc::new(ConsentStore::new());
-        let e = start(c, store.clone()).await.err().unwrap();
+        let e = start(c, store.clone(), quiet()).await.err().unwrap();
         assert!(e.contains("line 2") && e.contains("updated_at"), "{e}");
         assert!(store.is_empty());
     }
@@ -537,7 +560,7 @@ mod tests {
         c.tick = Duration::from_secs(3600);
         std::fs::write(&c.file, format!("{A}\n")).unwrap();
         let store = Arc::new(ConsentStore::new());
-        let _h = start(c.clone(), store.clone()).await.unwrap();
+        let _h = start(c.clone(), store.clone(), quiet()).await.unwrap();
         assert!(store.get("P-2").is_none());
         // Editor style: write a temp file and rename it over the snapshot.
         write_atomic(&c.file, &format!("{A}\n{B}\n"));
@@ -569,7 +592,7 @@ mod tests {
         std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
         {
             let store = Arc::new(ConsentStore::new());
-            let h = start(c.clone(), store.clone()).await.unwrap();
+            let h = start(c.clone(), store.clone(), quiet()).await.unwrap();
             let w = h.writer();
             let mut r = rec(A);
             r.gpc = true;
@@ -586,7 +609,7 @@ mod tests {
             assert_eq!(w.put(old, "ops").await.unwrap_err(), WriteError::Superseded);
         }
         let store = Arc::new(ConsentStore::new());
-        let _h = start(c.clone(), store.clone()).await.unwrap();
+        let _h = start(c.clone(), store.clone(), quiet()).await.unwrap();
         assert!(store.get("P-1").unwrap().gpc);
         assert!(
             store.get("P-2").is_none(),
@@ -606,7 +629,7 @@ mod tests {
         let c = cfg(d.path());
         std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
         let store = Arc::new(ConsentStore::new());
-        let h = start(c.clone(), store.clone()).await.unwrap();
+        let h = start(c.clone(), store.clone(), quiet()).await.unwrap();
         h.writer().delete("P-2", "ops").await.unwrap();
         let b2 = B.replace("2026-01-01", "2099-01-01");
         std::fs::write(&c.file, format!("{b2}\n")).unwrap();
@@ -629,7 +652,7 @@ mod tests {
         std::fs::write(&c.file, format!("{A}\n{B}\n")).unwrap();
         {
             let store = Arc::new(ConsentStore::new());
-            let h = start(c.clone(), store.clone()).await.unwrap();
+            let h = start(c.clone(), store.clone(), quiet()).await.unwrap();
             assert_eq!(store.get("P-1").unwrap().version, 0, "snapshot only");
             let mut r = rec(A);
             r.updated_at = "2026-02-01T00:00:00Z".parse().unwrap();
@@ -649,7 +672,7 @@ mod tests {
             assert!(h.writer().delete("P-2", "ops").await.unwrap());
         }
         let store = Arc::new(ConsentStore::new());
-        let h = start(c.clone(), store.clone()).await.unwrap();
+        let h = start(c.clone(), store.clone(), quiet()).await.unwrap();
         assert_eq!(store.get("P-1").unwrap().version, 1);
         let again = rec(r#"{"patient_id":"P-2","updated_at":"2026-05-01T00:00:00Z"}"#);
         assert_eq!(

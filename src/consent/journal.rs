@@ -41,7 +41,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-pub const JOURNAL_FILE: &str = "journal.jsonl";
+pub(crate) const JOURNAL_FILE: &str = "journal.jsonl";
 const COMPACT_TMP: &str = "journal.jsonl.compact";
 /// Associated data of every encrypted journal line (the audit has its own).
 const AAD: &[u8] = b"consentgate-journal-v1";
@@ -49,7 +49,7 @@ const AAD: &[u8] = b"consentgate-journal-v1";
 /// One journal line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Entry {
+pub(crate) enum Entry {
     Put {
         record: Box<ConsentRecord>,
         actor: String,
@@ -66,7 +66,7 @@ pub enum Entry {
 }
 
 impl Entry {
-    pub fn patient_id(&self) -> &str {
+    pub(crate) fn patient_id(&self) -> &str {
         match self {
             Entry::Put { record, .. } => &record.patient_id,
             Entry::Delete { patient_id, .. } => patient_id,
@@ -74,7 +74,7 @@ impl Entry {
     }
 
     /// The patient's version after this entry.
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         match self {
             Entry::Put { record, .. } => record.version,
             Entry::Delete { version, .. } => *version,
@@ -91,9 +91,9 @@ impl Entry {
 
 /// When to compact.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_entries: u64,
-    pub max_bytes: u64,
+pub(crate) struct Limits {
+    pub(crate) max_entries: u64,
+    max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -107,31 +107,31 @@ impl Default for Limits {
 
 /// The journal's encryption keys.
 #[derive(Clone, Debug, Default)]
-pub struct Keys {
+pub(crate) struct Keys {
     /// `consent.journal_key_file`: every line is written under it.
-    pub current: Option<EncKey>,
+    pub(crate) current: Option<EncKey>,
     /// `consent.journal_previous_key_file`: read only, during a rotation.
-    pub previous: Option<EncKey>,
+    pub(crate) previous: Option<EncKey>,
 }
 
 /// How to open a journal.
 #[derive(Clone, Debug, Default)]
-pub struct Options {
-    pub limits: Limits,
-    pub keys: Keys,
+pub(crate) struct Options {
+    pub(crate) limits: Limits,
+    pub(crate) keys: Keys,
     /// Replay only: no lock, nothing written (`consentgate explain`).
-    pub read_only: bool,
+    pub(crate) read_only: bool,
 }
 
 /// Read a journal key file (64 hex characters, as the audit's key). The file
 /// is the operator's: it is never created here. `what` names the config key.
-pub fn load_key(path: &Path, what: &str) -> Result<EncKey, String> {
+pub(crate) fn load_key(path: &Path, what: &str) -> Result<EncKey, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     EncKey::from_hex(&text).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-pub struct Journal {
+pub(crate) struct Journal {
     dir: PathBuf,
     /// `None` when read-only.
     file: Option<File>,
@@ -146,7 +146,7 @@ pub struct Journal {
 
 impl Journal {
     /// Open (creating the directory and file when missing) and replay.
-    pub fn open(dir: &Path, opts: &Options) -> Result<Journal, String> {
+    pub(crate) fn open(dir: &Path, opts: &Options) -> Result<Journal, String> {
         if opts.read_only {
             return Self::open_read_only(dir, opts);
         }
@@ -235,14 +235,14 @@ impl Journal {
         })
     }
 
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(JOURNAL_FILE)
     }
 
     /// Stop writing and release the directory lock now (the source is being
     /// dropped; its tasks may still hold this journal for a moment). Appends
     /// fail from here on.
-    pub fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         self.file = None;
         if self.lock.take().is_some() {
             tracing::debug!("consent journal closed");
@@ -250,25 +250,22 @@ impl Journal {
     }
 
     /// The live journaled state: the last entry per patient.
-    pub fn state(&self) -> &HashMap<String, Entry> {
+    pub(crate) fn state(&self) -> &HashMap<String, Entry> {
         &self.state
     }
 
     /// The patient's last journaled version (0: never written through the API).
-    pub fn version_of(&self, patient_id: &str) -> u64 {
+    pub(crate) fn version_of(&self, patient_id: &str) -> u64 {
         self.state.get(patient_id).map_or(0, Entry::version)
     }
 
-    pub fn entries(&self) -> u64 {
+    #[cfg(test)]
+    fn entries(&self) -> u64 {
         self.entries
     }
 
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Append a put of a record (its stored form is what is written).
-    pub fn append_put(&mut self, record: ConsentRecord, actor: &str) -> Result<(), String> {
+    pub(crate) fn append_put(&mut self, record: ConsentRecord, actor: &str) -> Result<(), String> {
         self.append(Entry::Put {
             record: Box::new(record.into_stored()),
             actor: actor.to_string(),
@@ -276,7 +273,7 @@ impl Journal {
         })
     }
 
-    pub fn append_delete(
+    pub(crate) fn append_delete(
         &mut self,
         patient_id: &str,
         version: u64,
@@ -307,7 +304,7 @@ impl Journal {
     /// Append one entry and fsync it; on failure nothing is recorded. An
     /// entry whose version is not above the patient's last one is given the
     /// next (versions only grow, as on replay).
-    pub fn append(&mut self, mut entry: Entry) -> Result<(), String> {
+    pub(crate) fn append(&mut self, mut entry: Entry) -> Result<(), String> {
         let prev = self.version_of(entry.patient_id());
         if entry.version() <= prev {
             entry.set_version(prev + 1);
@@ -344,7 +341,7 @@ impl Journal {
 
     /// Rewrite the journal as its live state (under the current key): new
     /// file (0600), fsync, atomic rename, fsync of the directory.
-    pub fn compact(&mut self) -> Result<(), String> {
+    pub(crate) fn compact(&mut self) -> Result<(), String> {
         if self.file.is_none() {
             return Err("consent journal: not open for writing".into());
         }

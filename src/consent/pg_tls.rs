@@ -29,11 +29,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::Socket;
 
-pub use crate::model::PgSslMode;
+pub(crate) use crate::model::PgSslMode;
 
 /// The TLS connector for tokio-postgres (`None`: TLS off).
 #[derive(Clone)]
-pub struct PgTls {
+pub(crate) struct PgTls {
     config: Option<Arc<ClientConfig>>,
 }
 
@@ -48,7 +48,7 @@ impl std::fmt::Debug for PgTls {
 impl PgTls {
     /// Build the connector for `mode`; `ca_file` (PEM) is the trust anchor of
     /// `verify-full`. Errors name `consent.postgres.ca_file`.
-    pub fn new(mode: PgSslMode, ca_file: Option<&Path>) -> Result<PgTls, String> {
+    pub(crate) fn new(mode: PgSslMode, ca_file: Option<&Path>) -> Result<PgTls, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -91,7 +91,8 @@ impl PgTls {
         })
     }
 
-    pub fn enabled(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn enabled(&self) -> bool {
         self.config.is_some()
     }
 }
@@ -161,7 +162,7 @@ impl MakeTlsConnect<Socket> for PgTls {
     }
 }
 
-pub struct PgTlsConnect {
+pub(crate) struct PgTlsConnect {
     config: Option<Arc<ClientConfig>>,
     name: Option<ServerName<'static>>,
 }
@@ -187,7 +188,7 @@ impl TlsConnect<Socket> for PgTlsConnect {
     }
 }
 
-pub struct PgTlsStream(tokio_rustls::client::TlsStream<Socket>);
+pub(crate) struct PgTlsStream(tokio_rustls::client::TlsStream<Socket>);
 
 impl AsyncRead for PgTlsStream {
     fn poll_read(

@@ -37,7 +37,8 @@
 use super::pg_tls::{PgSslMode, PgTls};
 use super::record::ConsentRecord;
 use super::source::{
-    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, WriteError, Written,
+    prepare_put, BoxFuture, Change, ConsentWriter, Merge, Precondition, PropagationObserver,
+    WriteError, Written,
 };
 use super::store::ConsentStore;
 use crate::config::PostgresCfg;
@@ -55,11 +56,11 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 /// The environment variable holding the database password (when no
 /// `consent.postgres.password_file` is configured).
-pub const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
+const PASSWORD_ENV: &str = "CONSENTGATE_PG_PASSWORD";
 /// The NOTIFY channel the triggers announce changes on.
-pub const CHANNEL: &str = "consentgate_consent";
+const CHANNEL: &str = "consentgate_consent";
 /// Migrations shipped in the repository, applied in order by `db migrate`.
-pub const MIGRATIONS: &[(&str, &str)] = &[
+const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_consent",
         include_str!("../../migrations/0001_consent.sql"),
@@ -71,34 +72,30 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Called with the seconds from a row's commit (`changed_at`) to its
-/// application in the cache (`consentgate_consent_propagation_seconds`).
-pub type PropagationObserver = Arc<dyn Fn(f64) + Send + Sync>;
-
 #[derive(Clone, Debug)]
-pub struct PgSourceConfig {
+pub(crate) struct PgSourceConfig {
     /// `consent.postgres.url` (no password in it).
-    pub url: String,
+    pub(crate) url: String,
     /// `consent.postgres.password_file`; else `CONSENTGATE_PG_PASSWORD`.
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     /// `consent.postgres.sslmode`; `None`: the URL's `sslmode=`, else disable.
-    pub ssl_mode: Option<PgSslMode>,
+    ssl_mode: Option<PgSslMode>,
     /// `consent.postgres.ca_file`; `None`: the URL's `sslrootcert=`, if any.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Rows per portal fetch / page.
-    pub batch: i32,
+    pub(crate) batch: i32,
     /// Heartbeat: catch-up query and mark-good interval while connected.
-    pub tick: Duration,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
+    pub(crate) tick: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
     /// Bound on one query round trip (a dead peer without RST must not hang).
-    pub query_timeout: Duration,
+    query_timeout: Duration,
     /// Connections for admin-API write transactions (beyond the feed's one).
-    pub writer_connections: usize,
+    writer_connections: usize,
 }
 
 impl PgSourceConfig {
-    pub fn new(pg: &PostgresCfg) -> Self {
+    pub(crate) fn new(pg: &PostgresCfg) -> Self {
         PgSourceConfig {
             url: pg.url.clone(),
             password_file: pg.password_file.clone(),
@@ -159,7 +156,7 @@ fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
 
 /// Validate a `consent.postgres.url` without connecting (config check): a
 /// parseable URL, no password in it, and a supported `sslmode` if it has one.
-pub fn check_url(url: &str) -> Result<(), String> {
+fn check_url(url: &str) -> Result<(), String> {
     let (rest, mode, _) = split_tls_params(url);
     let cfg: tokio_postgres::Config = rest
         .parse()
@@ -179,7 +176,7 @@ pub fn check_url(url: &str) -> Result<(), String> {
 /// `ca_file`, else the URL's `sslmode=` / `sslrootcert=`, else disable. The
 /// two disagreeing, or a CA file without `verify-full` (it would not be
 /// used, and the operator who set it expects verification), is an error.
-pub fn resolve_tls(
+pub(crate) fn resolve_tls(
     url: &str,
     mode: Option<PgSslMode>,
     ca_file: Option<&Path>,
@@ -213,7 +210,9 @@ pub fn resolve_tls(
 /// The connection config and its TLS connector: URL, password from the file
 /// or the environment, TLS as [`resolve_tls`] says, `application_name`
 /// defaulting to `consentgate`.
-pub fn connect_config(cfg: &PgSourceConfig) -> Result<(tokio_postgres::Config, PgTls), String> {
+pub(crate) fn connect_config(
+    cfg: &PgSourceConfig,
+) -> Result<(tokio_postgres::Config, PgTls), String> {
     check_url(&cfg.url).map_err(|e| format!("consent.postgres.url: {e}"))?;
     let (mode, ca) = resolve_tls(&cfg.url, cfg.ssl_mode, cfg.ca_file.as_deref())?;
     let (rest, _, _) = split_tls_params(&cfg.url);
@@ -278,7 +277,7 @@ impl std::fmt::Display for PgError {
 /// A database error without anything that could quote row data: SQLSTATE
 /// and the constraint or table name for server errors; the client-side
 /// error text (I/O, protocol) otherwise.
-pub fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut s = format!("database error {}", db.code().code());
@@ -660,7 +659,7 @@ async fn run(sh: Arc<Shared>, mut first: Option<Session>) {
 
 /// A running Postgres source. Dropping it stops the feed and closes the
 /// connection.
-pub struct PgSourceHandle {
+pub(crate) struct PgSourceHandle {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -675,35 +674,34 @@ impl Drop for PgSourceHandle {
 
 impl PgSourceHandle {
     /// The writer the admin API writes through.
-    pub fn writer(&self) -> Arc<dyn ConsentWriter> {
+    pub(crate) fn writer(&self) -> Arc<dyn ConsentWriter> {
         Arc::new(PgWriter {
             shared: self.shared.clone(),
         })
     }
 
-    pub fn store(&self) -> &Arc<ConsentStore> {
-        &self.shared.store
-    }
-
     /// Whether the feed is connected and synced.
-    pub fn connected(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn connected(&self) -> bool {
         self.shared.connected.load(Ordering::Relaxed)
     }
 
     /// Every version up to this one is in the cache.
-    pub fn applied_version(&self) -> i64 {
+    #[cfg(test)]
+    pub(crate) fn applied_version(&self) -> i64 {
         lock(&self.shared.apply).last
     }
 
-    /// [`PgSourceHandle::applied_version`] for someone who outlives no handle
-    /// (the sync outbox's cursor, SPEC §13).
-    pub fn applied_version_source(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
+    /// The last version applied (every version up to it is in the cache), read
+    /// by someone who outlives no handle (the sync outbox's cursor, SPEC §13).
+    pub(crate) fn applied_version_source(&self) -> Arc<dyn Fn() -> i64 + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move || lock(&shared.apply).last)
     }
 
     /// Reconnections since start.
-    pub fn reconnects(&self) -> u64 {
+    #[cfg(test)]
+    fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 }
@@ -713,7 +711,7 @@ impl PgSourceHandle {
 /// refuses to start; an unreachable database does not: the source keeps
 /// retrying in the background and the proxy stays not ready (stale) until it
 /// has loaded. Must be called inside a tokio runtime.
-pub async fn start(
+pub(crate) async fn start(
     cfg: PgSourceConfig,
     store: Arc<ConsentStore>,
     observer: PropagationObserver,
@@ -991,7 +989,7 @@ impl ConsentWriter for PgWriter {
 /// `consentgate db migrate`: apply every shipped migration not yet recorded
 /// in `consentgate_schema_migrations`, each in its own transaction, under an
 /// advisory lock (concurrent runs wait). Returns the names applied now.
-pub async fn migrate(cfg: &PgSourceConfig) -> Result<Vec<&'static str>, String> {
+pub(crate) async fn migrate(cfg: &PgSourceConfig) -> Result<Vec<&'static str>, String> {
     let (pg, tls) = connect_config(cfg)?;
     let (mut client, conn) = pg
         .connect(tls)

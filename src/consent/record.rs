@@ -13,10 +13,10 @@ use std::sync::Arc;
 pub struct Sha256Hex(pub [u8; 32]);
 
 impl Sha256Hex {
-    pub fn parse(v: &str) -> Option<Sha256Hex> {
+    pub(crate) fn parse(v: &str) -> Option<Sha256Hex> {
         identify::parse_sha256_hex(v).map(Sha256Hex)
     }
-    pub fn to_hex(&self) -> String {
+    fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 }
@@ -93,13 +93,13 @@ pub struct ConsentRecord {
 /// A record that does not parse or validate: the field (a dotted path) and
 /// what is wrong with it. Never carries the offending value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub detail: String,
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) detail: String,
 }
 
 impl FieldError {
-    pub fn new(field: impl Into<String>, detail: impl Into<String>) -> FieldError {
+    pub(crate) fn new(field: impl Into<String>, detail: impl Into<String>) -> FieldError {
         FieldError {
             field: field.into(),
             detail: detail.into(),
@@ -117,13 +117,14 @@ impl std::error::Error for FieldError {}
 
 impl ConsentRecord {
     /// Parse one JSON record; the error names the offending field (never its value).
-    pub fn from_json(bytes: &[u8]) -> Result<ConsentRecord, String> {
+    #[cfg(test)]
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<ConsentRecord, String> {
         Self::parse_json(bytes, None).map_err(|e| e.to_string())
     }
 
     /// Parse one JSON record strictly. `default_updated_at` fills a missing
     /// `updated_at` (the admin API uses "now"); without it the field is required.
-    pub fn parse_json(
+    pub(crate) fn parse_json(
         bytes: &[u8],
         default_updated_at: Option<DateTime<Utc>>,
     ) -> Result<ConsentRecord, FieldError> {
@@ -133,7 +134,7 @@ impl ConsentRecord {
 
     /// Build a record from parsed JSON, walking every field so that an error
     /// names the field path (`categories.advertising`, `identifiers.emails[0]`).
-    pub fn from_value(
+    pub(crate) fn from_value(
         v: &serde_json::Value,
         default_updated_at: Option<DateTime<Utc>>,
     ) -> Result<ConsentRecord, FieldError> {
@@ -200,12 +201,8 @@ impl ConsentRecord {
         Ok(rec)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        self.check().map_err(|e| e.to_string())
-    }
-
     /// Semantic checks beyond the JSON shape.
-    pub fn check(&self) -> Result<(), FieldError> {
+    pub(crate) fn check(&self) -> Result<(), FieldError> {
         if self.patient_id.trim().is_empty() {
             return Err(FieldError::new("patient_id", "must not be empty"));
         }
@@ -252,7 +249,7 @@ impl ConsentRecord {
     /// (every index variant), so no plaintext is kept in memory (SPEC §5). A
     /// phone is read in `identify.default_region` and hashed in E.164 form, so
     /// `(415) 555-0100` and `+14155550100` are stored alike.
-    pub fn into_stored(mut self) -> ConsentRecord {
+    pub(crate) fn into_stored(mut self) -> ConsentRecord {
         let ids = &mut self.identifiers;
         for e in std::mem::take(&mut ids.emails) {
             for h in identify::email_index_hashes(&e) {
@@ -274,13 +271,14 @@ impl ConsentRecord {
     }
 
     /// Whether the record holds no plaintext email or phone.
-    pub fn is_stored_form(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_stored_form(&self) -> bool {
         self.identifiers.emails.is_empty() && self.identifiers.phones.is_empty()
     }
 
     /// How restrictive a record is, for tie-breaking equal `updated_at`
     /// (more denials and more opt-out flags rank higher).
-    pub fn restrictiveness(&self) -> usize {
+    pub(crate) fn restrictiveness(&self) -> usize {
         let denied = Category::ALL
             .iter()
             .filter(|c| {
@@ -305,7 +303,7 @@ impl ConsentRecord {
 
     /// Whether `self` should replace `current` (last write wins; a tie goes to
     /// the more restrictive record).
-    pub fn supersedes(&self, current: &ConsentRecord) -> bool {
+    pub(crate) fn supersedes(&self, current: &ConsentRecord) -> bool {
         match self.updated_at.cmp(&current.updated_at) {
             std::cmp::Ordering::Greater => true,
             std::cmp::Ordering::Less => false,
@@ -330,7 +328,7 @@ fn json_syntax_error(e: serde_json::Error) -> FieldError {
 
 /// serde_json errors may quote input values ("unknown variant `x`"); keep only
 /// the category of the problem and its position.
-pub fn describe_json_error(e: serde_json::Error) -> String {
+pub(crate) fn describe_json_error(e: serde_json::Error) -> String {
     json_syntax_error(e).to_string()
 }
 

@@ -18,11 +18,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// A boxed, sendable future (no `async_trait` needed).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Called with the seconds from a change at the source (a PostgreSQL row's
+/// commit, the snapshot file's mtime) to its application in the store
+/// (`consentgate_consent_propagation_seconds`).
+pub(crate) type PropagationObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
 /// Why a write was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// The store holds a record with a newer `updated_at` (last write wins).
     Superseded,
     /// The record is invalid (field path and problem; never the value).
@@ -56,7 +61,7 @@ impl std::error::Error for WriteError {}
 
 /// What a write requires of the current record (`If-Match`, RFC 9110 §13.1.1).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Precondition {
+pub(crate) enum Precondition {
     #[default]
     None,
     /// `If-Match: *`: a record exists.
@@ -67,7 +72,7 @@ pub enum Precondition {
 
 impl Precondition {
     /// `Ok` when the precondition holds for `current`.
-    pub fn check(&self, current: Option<&ConsentRecord>) -> Result<(), WriteError> {
+    pub(crate) fn check(&self, current: Option<&ConsentRecord>) -> Result<(), WriteError> {
         let holds = match (self, current) {
             (Precondition::None, _) => true,
             (Precondition::Exists, Some(_)) => true,
@@ -86,7 +91,7 @@ impl Precondition {
 
 /// What a write does, decided by its merge from the current record.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Store this record (its `version` is assigned by the writer).
     Put(Box<ConsentRecord>),
     /// Delete the record (nothing is written when there is none).
@@ -96,12 +101,12 @@ pub enum Change {
 /// The merge of one write: from the current record (`None`: there is none)
 /// to the change. Runs under the patient's write lock, so it must be quick
 /// and must not block; an `Err` ends the write with nothing changed.
-pub type Merge =
+pub(crate) type Merge =
     Box<dyn FnOnce(Option<&ConsentRecord>) -> Result<Change, WriteError> + Send + 'static>;
 
 /// The outcome of a durable write.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Written {
+pub(crate) enum Written {
     /// The record as stored (hashed identifiers, new version).
     Stored(Arc<ConsentRecord>),
     Deleted,
@@ -111,7 +116,7 @@ pub enum Written {
 
 /// Durable writes of consent records. A file source journals them; a database
 /// source commits them. Both update the in-memory store before resolving `Ok`.
-pub trait ConsentWriter: Send + Sync {
+pub(crate) trait ConsentWriter: Send + Sync {
     /// Read the current record of `patient_id`, check `pre`, run `merge` on it
     /// and make the change durable, all under the patient's write lock (see the
     /// module docs). A stored record must keep `patient_id`; it is refused as
@@ -127,6 +132,7 @@ pub trait ConsentWriter: Send + Sync {
 
     /// Store a whole record (plaintext identifiers are hashed first). Resolves to
     /// the record as stored, once durable.
+    #[cfg(test)]
     fn put(
         &self,
         rec: ConsentRecord,
@@ -148,6 +154,7 @@ pub trait ConsentWriter: Send + Sync {
     }
 
     /// Delete a record. `Ok(false)` when there was none.
+    #[cfg(test)]
     fn delete(&self, patient_id: &str, actor: &str) -> BoxFuture<'_, Result<bool, WriteError>> {
         let write = self.modify(
             patient_id,
@@ -192,22 +199,22 @@ pub(crate) fn prepare_put(
 
 /// What changed, for the audit trail (`kind: consent_change`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEvent {
-    pub patient_id: String,
-    pub op: ChangeOp,
+pub(crate) struct ChangeEvent {
+    pub(crate) patient_id: String,
+    pub(crate) op: ChangeOp,
     /// The admin token name that made the change.
-    pub actor: String,
+    pub(crate) actor: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeOp {
+pub(crate) enum ChangeOp {
     Put,
     Patch,
     Delete,
 }
 
 impl ChangeOp {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ChangeOp::Put => "put",
             ChangeOp::Patch => "patch",
@@ -217,9 +224,9 @@ impl ChangeOp {
 }
 
 /// Hook called after every acknowledged write.
-pub type OnChange = Arc<dyn Fn(ChangeEvent) + Send + Sync>;
+pub(crate) type OnChange = Arc<dyn Fn(ChangeEvent) + Send + Sync>;
 
 /// A hook that does nothing.
-pub fn no_op_on_change() -> OnChange {
+pub(crate) fn no_op_on_change() -> OnChange {
     Arc::new(|_| {})
 }

@@ -254,7 +254,7 @@ impl Cands {
 /// watches for denials here (SPEC §13). Called with the store's writer lock
 /// held, after the change is visible to readers: it must be quick, must not
 /// block and must not call back into the store.
-pub trait StoreObserver: Send + Sync {
+pub(crate) trait StoreObserver: Send + Sync {
     /// `rec` (stored form) is now the patient's record.
     fn stored(&self, rec: &ConsentRecord);
     /// The patient's record is gone.
@@ -262,8 +262,9 @@ pub trait StoreObserver: Send + Sync {
 }
 
 /// Outcome of an upsert.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Upsert {
+pub(crate) enum Upsert {
     Applied,
     /// The store already held a newer (or equally new, more restrictive) record.
     Superseded,
@@ -314,11 +315,12 @@ impl ConsentStore {
     }
 
     /// Number of records held (the `consentgate_consent_records` gauge).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.records.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -382,7 +384,7 @@ impl ConsentStore {
 
     /// Install the sync outbox's observer (once; later calls are ignored).
     /// Install it before the source loads, so the initial load is observed too.
-    pub fn set_sync_observer(&self, o: Arc<dyn StoreObserver>) {
+    pub(crate) fn set_sync_observer(&self, o: Arc<dyn StoreObserver>) {
         let _ = self.sync_observer.set(o);
     }
 
@@ -404,14 +406,15 @@ impl ConsentStore {
     }
 
     /// The stored record (the admin API's GET and PATCH, writers' checks).
-    pub fn get(&self, patient_id: &str) -> Option<Arc<ConsentRecord>> {
+    pub(crate) fn get(&self, patient_id: &str) -> Option<Arc<ConsentRecord>> {
         self.with_blob(patient_id, |p| p.record(&self.interner))
             .flatten()
             .map(Arc::new)
     }
 
     /// Insert or replace by last-write-wins. Plaintext identifiers are hashed first.
-    pub fn upsert(&self, rec: ConsentRecord) -> Upsert {
+    #[cfg(test)]
+    pub(crate) fn upsert(&self, rec: ConsentRecord) -> Upsert {
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
@@ -437,7 +440,7 @@ impl ConsentStore {
     }
 
     /// Like `put`, returning the record as stored.
-    pub fn put_arc(&self, rec: ConsentRecord) -> Arc<ConsentRecord> {
+    pub(crate) fn put_arc(&self, rec: ConsentRecord) -> Arc<ConsentRecord> {
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
@@ -448,7 +451,7 @@ impl ConsentStore {
 
     /// Put unless the store already holds exactly this record (snapshot
     /// reloads touch only what changed). `true` when something changed.
-    pub fn put_if_changed(&self, rec: ConsentRecord) -> bool {
+    pub(crate) fn put_if_changed(&self, rec: ConsentRecord) -> bool {
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
@@ -544,7 +547,7 @@ impl ConsentStore {
 
     /// Remove a record and every index entry pointing at it. `true` when
     /// there was one.
-    pub fn delete(&self, patient_id: &str) -> bool {
+    pub(crate) fn delete(&self, patient_id: &str) -> bool {
         let pid = patient_id.trim().as_bytes();
         let s = self.slot(Key::Patient(pid));
         let _w = lock(&self.write);
@@ -630,7 +633,7 @@ impl ConsentStore {
     }
 
     /// Every patient id currently held (for snapshot reconciliation).
-    pub fn patient_ids(&self) -> Vec<Arc<str>> {
+    pub(crate) fn patient_ids(&self) -> Vec<Arc<str>> {
         let mut out = Vec::with_capacity(self.len());
         for shard in 0..SHARDS {
             let Some(sh) = self.read(shard) else {
@@ -661,16 +664,16 @@ impl ConsentStore {
         self.source_up.store(true, Ordering::Relaxed);
     }
 
-    pub fn mark_down(&self) {
+    pub(crate) fn mark_down(&self) {
         self.source_up.store(false, Ordering::Relaxed);
     }
 
-    pub fn source_up(&self) -> bool {
+    pub(crate) fn source_up(&self) -> bool {
         self.source_up.load(Ordering::Relaxed)
     }
 
     /// Time since the source was last known good; `None` if it never was.
-    pub fn staleness(&self) -> Option<Duration> {
+    pub(crate) fn staleness(&self) -> Option<Duration> {
         let t = self.last_good_ms.load(Ordering::Relaxed);
         if t == 0 {
             return None;
@@ -679,7 +682,7 @@ impl ConsentStore {
     }
 
     /// Whether the consent data is older than `max` (or was never loaded).
-    pub fn is_stale(&self, max: Duration) -> bool {
+    pub(crate) fn is_stale(&self, max: Duration) -> bool {
         self.staleness().is_none_or(|s| s > max)
     }
 }

@@ -40,22 +40,22 @@ pub(crate) enum Sensitive {
 /// way are walked).
 pub(crate) struct Fields {
     /// Looked up as emails, phones and external ids (in this order).
-    pub email: &'static [&'static str],
-    pub phone: &'static [&'static str],
-    pub external: &'static [&'static str],
+    pub(crate) email: &'static [&'static str],
+    pub(crate) phone: &'static [&'static str],
+    pub(crate) external: &'static [&'static str],
     /// Removed on a sale/share opt-out.
-    pub identity: &'static [&'static str],
+    pub(crate) identity: &'static [&'static str],
     /// An object (dotted path) emptied whole after `identity` on a sale/share
     /// opt-out (every key in it identifies the person, new platform ids included).
-    pub identity_object: Option<&'static str>,
+    pub(crate) identity_object: Option<&'static str>,
     /// Reduced to scheme://host/ under limit_sensitive.
-    pub urls: &'static [&'static str],
-    pub sensitive: Sensitive,
+    pub(crate) urls: &'static [&'static str],
+    pub(crate) sensitive: Sensitive,
     /// Plaintext hashed the platform's way on every kept event.
-    pub hashed: &'static [(&'static str, Hasher)],
+    pub(crate) hashed: &'static [(&'static str, Hasher)],
     /// The platform's limited-data-use signal; `None` when it has none (the
     /// identity is stripped and nothing is invented).
-    pub ldu: Option<LduHook>,
+    pub(crate) ldu: Option<LduHook>,
 }
 
 /// Where an endpoint's events are.
@@ -69,25 +69,25 @@ pub(crate) enum Events {
 /// One inspected endpoint: a POST path, its events and its fields.
 pub(crate) struct Endpoint {
     /// Path segments; `*` matches any one segment.
-    pub path: &'static [&'static str],
-    pub events: Events,
-    pub fields: &'static Fields,
+    pub(crate) path: &'static [&'static str],
+    pub(crate) events: Events,
+    pub(crate) fields: &'static Fields,
 }
 
 /// An ad platform's conversions API.
 pub(crate) struct AdSpec {
-    pub name: &'static str,
-    pub display_name: &'static str,
-    pub hosts: &'static [&'static str],
-    pub endpoints: &'static [Endpoint],
-    pub synthetic_ok: SyntheticOk,
+    pub(crate) name: &'static str,
+    pub(crate) display_name: &'static str,
+    pub(crate) hosts: &'static [&'static str],
+    pub(crate) endpoints: &'static [Endpoint],
+    pub(crate) synthetic_ok: SyntheticOk,
     /// For README's destination table.
-    pub identifier_fields: &'static str,
-    pub ldu_signal: &'static str,
+    pub(crate) identifier_fields: &'static str,
+    pub(crate) ldu_signal: &'static str,
     /// The platform's error shape for refusals (docs/SDKS.md).
-    pub refusal_shape: Shape,
+    pub(crate) refusal_shape: Shape,
     /// Query parameters it reads that carry no one's data ([`Adapter::query_params`]).
-    pub query_params: &'static [&'static str],
+    pub(crate) query_params: &'static [&'static str],
 }
 
 impl AdSpec {

@@ -280,7 +280,7 @@ pub(crate) fn enforce_json_batch_checked(
 }
 
 /// Refuse JSON text in which an object repeats a key, without building it.
-pub(crate) fn check_unique_keys(text: &str) -> Result<(), serde_json::Error> {
+fn check_unique_keys(text: &str) -> Result<(), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
     Unique.deserialize(&mut de)?;
     de.end()

@@ -23,7 +23,7 @@ use crate::model::{Category, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct Braze;
+pub(crate) struct Braze;
 
 fn user_ids(v: &Value) -> Identifiers {
     let mut ids = Identifiers::new();

@@ -746,10 +746,4 @@ pub mod adkit {
             );
         }
     }
-
-    /// Whether some SHA-256 form of `v` occurs in `out`.
-    pub fn contains_hash_of(out: &[u8], v: &str) -> bool {
-        let raw = String::from_utf8_lossy(out).to_lowercase();
-        raw.contains(&identify::sha256_hex(v.as_bytes()))
-    }
 }

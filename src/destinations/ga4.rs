@@ -14,7 +14,7 @@ use crate::model::{Category, DestKind};
 use http::Method;
 use serde_json::{json, Value};
 
-pub struct Ga4Mp;
+pub(crate) struct Ga4Mp;
 
 const IDENTITY: &[&str] = &[
     "user_id",

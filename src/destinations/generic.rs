@@ -14,7 +14,7 @@ use serde_json::Value;
 /// How a generic destination's body is encoded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BodyFormat {
+pub(crate) enum BodyFormat {
     #[default]
     Json,
     /// `application/x-www-form-urlencoded`; the whole body is one event.
@@ -61,32 +61,32 @@ pub enum BodyFormat {
 /// - `strip_sensitive`: removed when the patient limits sensitive data.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GenericSpec {
-    pub name: String,
-    pub hosts: Vec<String>,
-    pub paths: Vec<String>,
+pub(crate) struct GenericSpec {
+    pub(crate) name: String,
+    pub(crate) hosts: Vec<String>,
+    pub(crate) paths: Vec<String>,
     #[serde(default = "default_methods")]
-    pub methods: Vec<String>,
-    pub kind: DestKind,
-    pub category: Category,
+    methods: Vec<String>,
+    pub(crate) kind: DestKind,
+    pub(crate) category: Category,
     #[serde(default)]
-    pub channel: Option<Channel>,
+    pub(crate) channel: Option<Channel>,
     #[serde(default)]
-    pub format: BodyFormat,
+    pub(crate) format: BodyFormat,
     #[serde(default)]
-    pub events: Option<String>,
+    pub(crate) events: Option<String>,
     #[serde(default)]
-    pub patient_id: Vec<String>,
+    pub(crate) patient_id: Vec<String>,
     #[serde(default)]
-    pub emails: Vec<String>,
+    pub(crate) emails: Vec<String>,
     #[serde(default)]
-    pub phones: Vec<String>,
+    pub(crate) phones: Vec<String>,
     #[serde(default)]
-    pub external_ids: Vec<String>,
+    pub(crate) external_ids: Vec<String>,
     #[serde(default)]
-    pub strip_identity: Vec<String>,
+    pub(crate) strip_identity: Vec<String>,
     #[serde(default)]
-    pub strip_sensitive: Vec<String>,
+    pub(crate) strip_sensitive: Vec<String>,
 }
 
 fn paths(v: &[String]) -> Vec<&str> {
@@ -99,7 +99,7 @@ fn default_methods() -> Vec<String> {
 
 /// A destination built from a [`GenericSpec`].
 #[derive(Debug)]
-pub struct GenericAdapter {
+pub(crate) struct GenericAdapter {
     spec: GenericSpec,
     methods: Vec<Method>,
     /// Identity fields to strip: `strip_identity` plus every identifier path.
@@ -109,7 +109,7 @@ pub struct GenericAdapter {
 
 impl GenericAdapter {
     /// Validate the spec; the error names the offending field.
-    pub fn new(mut spec: GenericSpec) -> Result<GenericAdapter, String> {
+    pub(crate) fn new(mut spec: GenericSpec) -> Result<GenericAdapter, String> {
         if spec.name.trim().is_empty() {
             return Err("name: must not be empty".into());
         }
@@ -166,10 +166,6 @@ impl GenericAdapter {
             identity,
             identifier_fields,
         })
-    }
-
-    pub fn spec(&self) -> &GenericSpec {
-        &self.spec
     }
 
     fn json_ids(&self, v: &Value) -> Identifiers {

@@ -12,7 +12,7 @@ use crate::model::{Category, DestKind};
 use http::Method;
 use serde_json::{json, Value};
 
-pub struct GoogleAds;
+pub(crate) struct GoogleAds;
 
 const METHODS: &[&str] = &[
     "uploadClickConversions",

@@ -16,7 +16,7 @@ use crate::model::{Category, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct HubSpot;
+pub(crate) struct HubSpot;
 
 fn add_id(ids: &mut Identifiers, id: &str) {
     if id.contains('@') {

@@ -20,7 +20,7 @@ use crate::model::{Category, Channel, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct Klaviyo;
+pub(crate) struct Klaviyo;
 
 type AddFn = fn(&mut Identifiers, &str);
 

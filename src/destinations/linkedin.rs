@@ -14,7 +14,7 @@ use crate::model::{Category, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct LinkedinCapi;
+pub(crate) struct LinkedinCapi;
 
 const SHA256_EMAIL: &str = "SHA256_EMAIL";
 

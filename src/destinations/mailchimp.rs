@@ -19,7 +19,7 @@ use crate::model::{Category, Channel, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct Mailchimp;
+pub(crate) struct Mailchimp;
 
 /// Identifiers of a member object (or of a `members[]` batch inside one).
 fn member_ids(v: &Value, ids: &mut Identifiers) {

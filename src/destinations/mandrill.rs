@@ -15,7 +15,7 @@ use crate::model::{Category, Channel, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct Mandrill;
+pub(crate) struct Mandrill;
 
 fn recipient_ids(v: &Value) -> Identifiers {
     let mut ids = Identifiers::new();

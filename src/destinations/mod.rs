@@ -4,25 +4,25 @@
 
 pub(crate) mod adspec;
 mod batch;
-pub mod braze;
-pub mod common;
-pub mod ga4;
-pub mod generic;
-pub mod genesys;
-pub mod google_ads;
-pub mod hubspot;
-pub mod klaviyo;
-pub mod linkedin;
-pub mod mailchimp;
-pub mod mandrill;
-pub mod meta;
-pub mod pinterest;
-pub mod rawjson;
-pub mod sendgrid;
+pub(crate) mod braze;
+pub(crate) mod common;
+pub(crate) mod ga4;
+pub(crate) mod generic;
+pub(crate) mod genesys;
+pub(crate) mod google_ads;
+pub(crate) mod hubspot;
+pub(crate) mod klaviyo;
+pub(crate) mod linkedin;
+pub(crate) mod mailchimp;
+pub(crate) mod mandrill;
+pub(crate) mod meta;
+pub(crate) mod pinterest;
+pub(crate) mod rawjson;
+pub(crate) mod sendgrid;
 mod shapes;
-pub mod snap;
-pub mod tiktok;
-pub mod twilio;
+pub(crate) mod snap;
+pub(crate) mod tiktok;
+pub(crate) mod twilio;
 
 use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
@@ -55,17 +55,17 @@ pub struct EventApplied {
 
 /// What was changed in one event (allocated only when something was).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Dotted field paths removed or reduced (names only, never values).
-    pub fields_stripped: Vec<String>,
+    pub(crate) fields_stripped: Vec<String>,
     /// Signals set, e.g. `data_processing_options=LDU`.
-    pub flags_set: Vec<String>,
+    pub(crate) flags_set: Vec<String>,
     /// Field paths whose plaintext was hashed on the way out, after the first.
     hashed: Vec<&'static str>,
 }
 
 impl EventApplied {
-    pub fn new(verdict: EventVerdict) -> Self {
+    pub(crate) fn new(verdict: EventVerdict) -> Self {
         EventApplied {
             verdict,
             hashed_first: None,
@@ -73,11 +73,11 @@ impl EventApplied {
         }
     }
     /// What was changed, to add to.
-    pub fn ch(&mut self) -> &mut Changes {
+    pub(crate) fn ch(&mut self) -> &mut Changes {
         self.changes.get_or_insert_with(Box::default)
     }
     /// Run `f` on a list of stripped paths; anything it adds is recorded.
-    pub fn strip_with(&mut self, f: impl FnOnce(&mut Vec<String>)) {
+    pub(crate) fn strip_with(&mut self, f: impl FnOnce(&mut Vec<String>)) {
         let mut v = Vec::new();
         f(&mut v);
         if !v.is_empty() {
@@ -85,28 +85,28 @@ impl EventApplied {
         }
     }
     /// Record that the plaintext at `path` was hashed.
-    pub fn hash(&mut self, path: &'static str) {
+    pub(crate) fn hash(&mut self, path: &'static str) {
         match self.hashed_first {
             None => self.hashed_first = Some(path),
             Some(_) => self.ch().hashed.push(path),
         }
     }
     /// Run `f` on a list of hashed paths; anything it adds is recorded.
-    pub fn hash_with(&mut self, f: impl FnOnce(&mut Vec<&'static str>)) {
+    pub(crate) fn hash_with(&mut self, f: impl FnOnce(&mut Vec<&'static str>)) {
         let mut v = Vec::new();
         f(&mut v);
         for p in v {
             self.hash(p);
         }
     }
-    pub fn fields_stripped(&self) -> &[String] {
+    pub(crate) fn fields_stripped(&self) -> &[String] {
         self.changes.as_ref().map_or(&[], |c| &c.fields_stripped)
     }
-    pub fn flags_set(&self) -> &[String] {
+    pub(crate) fn flags_set(&self) -> &[String] {
         self.changes.as_ref().map_or(&[], |c| &c.flags_set)
     }
     /// The field paths hashed, in order.
-    pub fn hashed(&self) -> Vec<&'static str> {
+    pub(crate) fn hashed(&self) -> Vec<&'static str> {
         let more = self.changes.as_ref().map_or(&[][..], |c| &c.hashed[..]);
         self.hashed_first
             .into_iter()
@@ -114,7 +114,7 @@ impl EventApplied {
             .collect()
     }
     /// Whether the event leaves in a different form than it arrived.
-    pub fn changed(&self) -> bool {
+    pub(crate) fn changed(&self) -> bool {
         self.verdict.is_drop()
             || !self.fields_stripped().is_empty()
             || !self.flags_set().is_empty()
@@ -143,8 +143,8 @@ pub enum BodyError {
 /// The vendor's empty-success answer for `on_blocked: synthetic_ok`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyntheticOk {
-    pub status: u16,
-    pub body: &'static str,
+    pub(crate) status: u16,
+    pub(crate) body: &'static str,
 }
 
 /// What an adapter asks while it enforces a body: the policy's verdict for
@@ -276,7 +276,8 @@ pub(crate) fn generic(entry: &serde_json::Value) -> Result<Arc<dyn Adapter>, Str
 
 /// The README's destination table, rendered from the built-in adapters (a test
 /// keeps README.md equal to it).
-pub fn readme_table() -> String {
+#[cfg(test)]
+fn readme_table() -> String {
     let mut out = String::from(
         "| destination | name | kind | default category | channel | identifier fields | limited-data-use / consent signal |\n|---|---|---|---|---|---|---|\n",
     );

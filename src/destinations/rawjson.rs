@@ -133,10 +133,6 @@ impl<'a> Object<'a> {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// An object from a parsed one (values kept parsed).
     pub fn from_value(v: Value) -> Object<'a> {
         let entries = match v {

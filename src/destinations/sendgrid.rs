@@ -19,7 +19,7 @@ use crate::model::{Category, Channel, DestKind};
 use http::Method;
 use serde_json::Value;
 
-pub struct SendGrid;
+pub(crate) struct SendGrid;
 
 const HOSTS: [&str; 2] = ["api.sendgrid.com", "api.eu.sendgrid.com"];
 

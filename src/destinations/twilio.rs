@@ -78,7 +78,7 @@ const SYNTHETIC: SyntheticOk = SyntheticOk {
 
 /// A Twilio REST resource that creates one message or call per request. The
 /// two built-ins differ only in resource, category and channel.
-pub struct Twilio {
+pub(crate) struct Twilio {
     name: &'static str,
     display_name: &'static str,
     kind: DestKind,
@@ -88,7 +88,7 @@ pub struct Twilio {
 }
 
 /// `twilio_sms`: Programmable Messaging (SMS, MMS, WhatsApp).
-pub const SMS: Twilio = Twilio {
+pub(crate) const SMS: Twilio = Twilio {
     name: "twilio_sms",
     display_name: "Twilio Messaging",
     kind: DestKind::Sms,
@@ -98,7 +98,7 @@ pub const SMS: Twilio = Twilio {
 };
 
 /// `twilio_voice`: Programmable Voice outbound calls.
-pub const VOICE: Twilio = Twilio {
+pub(crate) const VOICE: Twilio = Twilio {
     name: "twilio_voice",
     display_name: "Twilio Voice",
     kind: DestKind::Voice,

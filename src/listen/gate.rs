@@ -44,10 +44,10 @@ pub(crate) type OnRefused = Arc<dyn Fn(&Refusal, &str) + Send + Sync>;
 
 #[derive(Clone)]
 pub(crate) struct GateCfg {
-    pub header_read_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub idle_timeout: Duration,
-    pub on_refused: Option<OnRefused>,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) on_refused: Option<OnRefused>,
 }
 
 const CONNECT_UNDECIDED: u8 = 0;

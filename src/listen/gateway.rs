@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub async fn run_gateway(
+pub(crate) async fn run_gateway(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,

@@ -3,9 +3,9 @@
 //! `limits` every listener applies: request heads through the gate
 //! ([`gate`]), bodies through [`ClientBody`].
 
-pub mod connect;
+pub(crate) mod connect;
 pub(crate) mod gate;
-pub mod gateway;
+pub(crate) mod gateway;
 
 use crate::app::App;
 use crate::body::{BodyLimits, ClientBody};
@@ -27,22 +27,22 @@ use tokio::sync::{mpsc, watch};
 
 /// Counts live connections: each holds a sender; draining waits for all to drop.
 #[derive(Clone)]
-pub struct ConnTracker {
+pub(crate) struct ConnTracker {
     _tx: mpsc::Sender<()>,
 }
 
-pub struct Drain {
+pub(crate) struct Drain {
     rx: mpsc::Receiver<()>,
 }
 
-pub fn tracker() -> (ConnTracker, Drain) {
+pub(crate) fn tracker() -> (ConnTracker, Drain) {
     let (tx, rx) = mpsc::channel(1);
     (ConnTracker { _tx: tx }, Drain { rx })
 }
 
 impl Drain {
     /// Wait (at most `grace`) until every tracked connection has finished.
-    pub async fn wait(mut self, tracker: ConnTracker, grace: Duration) -> bool {
+    pub(crate) async fn wait(mut self, tracker: ConnTracker, grace: Duration) -> bool {
         drop(tracker);
         tokio::time::timeout(grace, async { while self.rx.recv().await.is_some() {} })
             .await
@@ -54,7 +54,7 @@ impl Drain {
 const H1_DEFAULT_BUF: usize = 8192 + 4096 * 100;
 
 /// hyper's server settings for one connection under `limits`.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -68,7 +68,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         // Twice the limit, so a header list between the two gets the JSON 431
-        // from `head_refusal` and only a far bigger one the HTTP/2 layer's bare 431.
+        // from `enforce::check_head` and only a far bigger one the HTTP/2 layer's bare 431.
         .max_header_list_size(u32::try_from(head.saturating_mul(2)).unwrap_or(u32::MAX));
     b
 }
@@ -200,7 +200,7 @@ pub(crate) async fn serve_http<IO, H, Fut, B>(
 /// Serve the proxy's HTTP on one connection (the proxy port, or the TLS inside
 /// an intercepted CONNECT or on the gateway listener). `peer`: the app's address,
 /// for the log lines and spans of its requests.
-pub async fn serve_connection<IO>(
+pub(crate) async fn serve_connection<IO>(
     app: Arc<App>,
     io: IO,
     via: Via,
@@ -260,7 +260,7 @@ async fn proxy_request(
 
 /// Accept on `listener` until shutdown, then stop accepting at once; each
 /// connection runs `on_conn` in its own task, tracked for draining.
-pub async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
@@ -301,7 +301,7 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// The proxy port: plain HTTP/1.1, h2c and CONNECT.
-pub async fn run_proxy(
+pub(crate) async fn run_proxy(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,

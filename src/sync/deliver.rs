@@ -40,7 +40,7 @@ pub(crate) enum Outcome {
 
 impl Outcome {
     /// The `result` label of `consentgate_sync_deliveries_total`.
-    pub fn result(&self) -> &'static str {
+    pub(super) fn result(&self) -> &'static str {
         match self {
             Outcome::Delivered { .. } => "delivered",
             Outcome::Superseded => "superseded",
@@ -48,21 +48,21 @@ impl Outcome {
             Outcome::Rejected { .. } => "rejected",
         }
     }
-    pub fn status(&self) -> Option<u16> {
+    pub(super) fn status(&self) -> Option<u16> {
         match self {
             Outcome::Delivered { status, .. } | Outcome::Rejected { status, .. } => Some(*status),
             Outcome::Retry { status, .. } => *status,
             Outcome::Superseded => None,
         }
     }
-    pub fn reason(&self) -> String {
+    pub(super) fn reason(&self) -> String {
         match self {
             Outcome::Delivered { reason, .. } => (*reason).to_string(),
             Outcome::Superseded => "no_longer_denied".into(),
             Outcome::Retry { reason, .. } | Outcome::Rejected { reason, .. } => reason.clone(),
         }
     }
-    pub fn finished(&self) -> bool {
+    pub(super) fn finished(&self) -> bool {
         matches!(self, Outcome::Delivered { .. } | Outcome::Superseded)
     }
 }
@@ -158,7 +158,7 @@ async fn read_bounded(mut body: hyper::body::Incoming) -> Vec<u8> {
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3), capped.
-pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
+fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     let d = if let Ok(secs) = v.parse::<u64>() {
         Duration::from_secs(secs)
@@ -194,7 +194,7 @@ pub(crate) struct RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(rate: f64) -> RateLimit {
+    pub(super) fn new(rate: f64) -> RateLimit {
         let interval = Duration::from_secs_f64(1.0 / rate.max(0.0001));
         RateLimit {
             interval,
@@ -204,7 +204,7 @@ impl RateLimit {
     }
 
     /// Wait for a token.
-    pub async fn acquire(&mut self) {
+    pub(super) async fn acquire(&mut self) {
         let now = Instant::now();
         // Unused time accumulates up to one burst.
         let earliest = now.checked_sub(self.burst).unwrap_or(now);

@@ -155,7 +155,7 @@ fn load_key(path: &std::path::Path) -> Result<(EncKey, [u8; 32]), String> {
 impl SyncOutbox {
     /// Open the outbox (`sync.targets` empty: `None`) and start taking offers.
     /// Call before the consent source loads, so its first load is observed.
-    pub async fn open(
+    pub(crate) async fn open(
         cfg: &Config,
         store: Arc<ConsentStore>,
         metrics: Arc<Metrics>,
@@ -253,7 +253,7 @@ impl SyncOutbox {
     }
 
     /// Start delivering (once the upstream client exists), and keep the gauges fresh.
-    pub fn start(&self, upstream: UpstreamSource, applied: Option<AppliedVersion>) {
+    pub(crate) fn start(&self, upstream: UpstreamSource, applied: Option<AppliedVersion>) {
         let _ = self.inner.upstream.set(upstream);
         if let Some(a) = applied {
             let _ = self.inner.applied.set(a);
@@ -266,7 +266,7 @@ impl SyncOutbox {
     }
 
     /// The plaintext carrier for the admin API, webhooks and the learner.
-    pub fn carrier(&self) -> Arc<dyn PlaintextCarrier> {
+    pub(crate) fn carrier(&self) -> Arc<dyn PlaintextCarrier> {
         Arc::new(Carrier(self.inner.clone()))
     }
 }
@@ -957,7 +957,7 @@ impl Inner {
 
 /// `consentgate sync status`: per target, what waits in the outbox. Reads the
 /// file outbox without locking it (a running proxy owns it) or queries the table.
-pub async fn status(cfg: &Config) -> Result<serde_json::Value, String> {
+pub(crate) async fn status(cfg: &Config) -> Result<serde_json::Value, String> {
     let mut targets = Vec::new();
     let backend = match cfg.consent.source {
         SourceKind::File => {

@@ -26,28 +26,28 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 pub(crate) const LOG_FILE: &str = "outbox.log";
-pub(crate) const LEDGER_FILE: &str = "ledger.log";
+const LEDGER_FILE: &str = "ledger.log";
 
 /// One undelivered entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Entry {
-    pub id: u64,
-    pub target: String,
+    pub(crate) id: u64,
+    pub(crate) target: String,
     /// The patient's pseudonym (audit, status); the id itself is in the sealed payload.
-    pub patient: String,
+    pub(crate) patient: String,
     /// Unix ms.
-    pub created: i64,
+    pub(crate) created: i64,
     #[serde(default)]
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Unix ms of the next attempt.
     #[serde(default)]
-    pub next: i64,
+    pub(crate) next: i64,
     #[serde(default)]
-    pub parked: bool,
+    pub(crate) parked: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// The sealed payload envelope (`{"v":1,"nonce","ct"}`).
-    pub sealed: serde_json::Value,
+    pub(crate) sealed: serde_json::Value,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,8 +70,8 @@ enum Line {
 /// What replaying the log gives.
 #[derive(Default)]
 pub(crate) struct Replayed {
-    pub entries: BTreeMap<u64, Entry>,
-    pub lines: usize,
+    pub(crate) entries: BTreeMap<u64, Entry>,
+    pub(crate) lines: usize,
 }
 
 /// Read `outbox.log` (read-only: also used by `consentgate sync status` next to
@@ -169,7 +169,7 @@ pub(crate) struct FileOutbox {
     _lock: DirLock,
     log: File,
     ledger: File,
-    pub entries: BTreeMap<u64, Entry>,
+    pub(crate) entries: BTreeMap<u64, Entry>,
     next_id: u64,
     /// Lines in `outbox.log` that no longer describe a live entry.
     dead: usize,
@@ -184,7 +184,7 @@ fn append_options() -> std::fs::OpenOptions {
 impl FileOutbox {
     /// Lock and open `dir`, replay the log, compact both files. Returns the
     /// outbox and the ledger.
-    pub fn open(dir: &Path) -> Result<(FileOutbox, HashMap<String, String>), String> {
+    pub(super) fn open(dir: &Path) -> Result<(FileOutbox, HashMap<String, String>), String> {
         let lock = DirLock::acquire(dir, "sync.outbox")?;
         let log_path = dir.join(LOG_FILE);
         let (replayed, torn) = replay(&log_path)?;
@@ -232,7 +232,7 @@ impl FileOutbox {
     }
 
     /// Queue a new entry (durable after [`FileOutbox::sync`]).
-    pub fn add(
+    pub(super) fn add(
         &mut self,
         target: &str,
         patient: String,
@@ -258,18 +258,18 @@ impl FileOutbox {
         written.map(|()| id)
     }
 
-    pub fn ledger_set(&mut self, key: &str, stamp: &str) -> Result<(), String> {
+    pub(super) fn ledger_set(&mut self, key: &str, stamp: &str) -> Result<(), String> {
         self.ledger
             .write_all(format!("{key} {stamp}\n").as_bytes())
             .map_err(|e| format!("sync ledger write: {e}"))
     }
 
-    pub fn ledger_forget(&mut self, key: &str) -> Result<(), String> {
+    pub(super) fn ledger_forget(&mut self, key: &str) -> Result<(), String> {
         self.ledger_set(key, "-")
     }
 
     /// An attempt that did not deliver.
-    pub fn record_try(
+    pub(super) fn record_try(
         &mut self,
         id: u64,
         attempts: u32,
@@ -300,7 +300,7 @@ impl FileOutbox {
 
     /// The entry is delivered (or no longer owed): gone, and its payload leaves
     /// the disk at the next compaction (at once when nothing else is pending).
-    pub fn record_done(&mut self, id: u64) -> Result<(), String> {
+    pub(super) fn record_done(&mut self, id: u64) -> Result<(), String> {
         if self.entries.remove(&id).is_none() {
             return Ok(());
         }
@@ -314,7 +314,7 @@ impl FileOutbox {
     }
 
     /// fsync both files.
-    pub fn sync(&mut self) -> Result<(), String> {
+    pub(super) fn sync(&mut self) -> Result<(), String> {
         self.log
             .sync_data()
             .and_then(|_| self.ledger.sync_data())
@@ -322,7 +322,7 @@ impl FileOutbox {
     }
 
     /// Rewrite `outbox.log` with only the live entries.
-    pub fn compact(&mut self) -> Result<(), String> {
+    pub(super) fn compact(&mut self) -> Result<(), String> {
         if self.dead == 0 {
             return Ok(());
         }

@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 
 /// A connected client and the task driving its connection.
 pub(crate) struct Conn {
-    pub client: Client,
+    pub(crate) client: Client,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -33,7 +33,7 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    pub fn is_closed(&self) -> bool {
+    pub(super) fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
 }
@@ -99,8 +99,8 @@ pub(crate) async fn advance(c: &Conn, targets: &[String], version: i64) -> Resul
 
 /// One new entry.
 pub(crate) struct NewRow {
-    pub patient: String,
-    pub sealed: serde_json::Value,
+    pub(crate) patient: String,
+    pub(crate) sealed: serde_json::Value,
 }
 
 /// Queue an offer: `Ok(true)` when this instance's ledger upsert won and the
@@ -142,12 +142,12 @@ pub(crate) async fn offer(
 
 /// A row taken for delivery.
 pub(crate) struct Taken {
-    pub id: i64,
-    pub patient: String,
-    pub created_ms: i64,
-    pub attempts: u32,
-    pub parked: bool,
-    pub sealed: serde_json::Value,
+    pub(crate) id: i64,
+    pub(crate) patient: String,
+    pub(crate) created_ms: i64,
+    pub(crate) attempts: u32,
+    pub(crate) parked: bool,
+    pub(crate) sealed: serde_json::Value,
 }
 
 /// Take the next due row of `target`, call `deliver` with it while holding its
@@ -200,21 +200,21 @@ where
 
 /// An attempt that did not deliver.
 pub(crate) struct Update {
-    pub attempts: u32,
-    pub delay: Duration,
-    pub parked: bool,
-    pub error: Option<String>,
+    pub(crate) attempts: u32,
+    pub(crate) delay: Duration,
+    pub(crate) parked: bool,
+    pub(crate) error: Option<String>,
 }
 
 /// Per target: (pending incl. parked, parked, age in seconds of the oldest,
 /// seconds until the next attempt, the last error of the oldest entry).
 pub(crate) struct Summary {
-    pub target: String,
-    pub pending: i64,
-    pub parked: i64,
-    pub oldest_age: f64,
-    pub next_in: f64,
-    pub last_error: Option<String>,
+    pub(crate) target: String,
+    pub(crate) pending: i64,
+    pub(crate) parked: i64,
+    pub(crate) oldest_age: f64,
+    pub(crate) next_in: f64,
+    pub(crate) last_error: Option<String>,
 }
 
 pub(crate) async fn summary(c: &Conn) -> Result<Vec<Summary>, String> {

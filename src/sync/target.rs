@@ -1,6 +1,7 @@
 //! A sync target (SPEC §13): which denials it carries, what an outbox entry for
 //! it holds, and the one vendor call that delivers an entry. Vendors are data:
-//! each `sync.targets[i].type` is a row of [`call`] and [`payloads`].
+//! each `sync.targets[i].type` is a row of [`Target::call`] and
+//! [`Target::payloads`].
 //!
 //! A record denies a target when it explicitly denies one of the categories or
 //! channels the target carries (`denied` in `categories` / `channels`); a
@@ -20,39 +21,39 @@ use sha2::Sha256;
 /// plaintext addresses).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Payload {
-    pub patient_id: String,
+    pub(crate) patient_id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub emails: Vec<String>,
+    pub(crate) emails: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub phones: Vec<String>,
+    pub(crate) phones: Vec<String>,
     /// The vendor's own ids (Braze `external_id`), prefix removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ids: Vec<String>,
+    pub(crate) ids: Vec<String>,
     /// Mailchimp subscriber hashes (MD5 of the lower-cased email).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub md5: Vec<String>,
+    pub(crate) md5: Vec<String>,
 }
 
 /// Plaintext addresses a write or a webhook named (never stored elsewhere).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Addresses {
-    pub emails: Vec<String>,
-    pub phones: Vec<String>,
+    pub(crate) emails: Vec<String>,
+    pub(crate) phones: Vec<String>,
 }
 
 /// One HTTP call to the vendor.
 #[derive(Debug)]
 pub(crate) struct Call {
-    pub method: http::Method,
+    pub(crate) method: http::Method,
     /// Path and query, from `/`.
-    pub path: String,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
+    pub(crate) path: String,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct Target {
-    pub cfg: SyncTargetCfg,
+    pub(crate) cfg: SyncTargetCfg,
 }
 
 /// Klaviyo's API revision when the target names none.
@@ -64,16 +65,16 @@ const BRAZE_PREFIX: &str = "braze:";
 const MAX_ADDRESSES: usize = 50;
 
 impl Target {
-    pub fn new(cfg: SyncTargetCfg) -> Target {
+    pub(crate) fn new(cfg: SyncTargetCfg) -> Target {
         Target { cfg }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.cfg.name
     }
 
     /// Whether `rec` explicitly denies a category or channel this target carries.
-    pub fn denies(&self, rec: &ConsentRecord) -> bool {
+    pub(crate) fn denies(&self, rec: &ConsentRecord) -> bool {
         self.denied_categories(rec).next().is_some() || self.denied_channels(rec).next().is_some()
     }
 
@@ -100,7 +101,7 @@ impl Target {
     /// identifiers this target can be reached by. Equal stamps need no second
     /// push (a reload, a restart, a second instance seeing the same change);
     /// any new write to a denied patient is pushed again (idempotent at the vendor).
-    pub fn stamp(&self, rec: &ConsentRecord) -> String {
+    pub(crate) fn stamp(&self, rec: &ConsentRecord) -> String {
         let mut h = Sha256::new();
         h.update(self.cfg.name.as_bytes());
         h.update([0]);
@@ -128,7 +129,7 @@ impl Target {
 
     /// The entries a denial of `rec` becomes: one per vendor call. Empty when the
     /// target cannot be reached without a plaintext address nobody gave.
-    pub fn payloads(&self, rec: &ConsentRecord, addrs: &Addresses) -> Vec<Payload> {
+    pub(crate) fn payloads(&self, rec: &ConsentRecord, addrs: &Addresses) -> Vec<Payload> {
         let base = || Payload {
             patient_id: rec.patient_id.clone(),
             ..Default::default()
@@ -205,7 +206,7 @@ impl Target {
     }
 
     /// The vendor call for one entry, with the credential from `credentials_file`.
-    pub fn call(&self, p: &Payload, credential: &str) -> Call {
+    pub(crate) fn call(&self, p: &Payload, credential: &str) -> Call {
         let c = &self.cfg;
         let bearer = format!("Bearer {credential}");
         let json = |v: serde_json::Value| serde_json::to_vec(&v).unwrap_or_default();
@@ -343,7 +344,7 @@ impl Target {
     /// A vendor answer that means "already done" although it is not a 2xx: the
     /// entry is delivered. Mailchimp: the address is not a member of the audience
     /// (nothing to unsubscribe); HubSpot: the address is already unsubscribed.
-    pub fn already_done(&self, status: u16, body: &[u8]) -> Option<&'static str> {
+    pub(crate) fn already_done(&self, status: u16, body: &[u8]) -> Option<&'static str> {
         match (self.cfg.kind, status) {
             (SyncKind::Mailchimp, 404) => Some("not_a_member"),
             (SyncKind::Hubspot, 400) => {

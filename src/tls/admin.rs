@@ -44,7 +44,7 @@ fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 /// The rustls server configuration for the admin listener.
-pub fn server_config(tls: &AdminTls) -> Result<Arc<ServerConfig>, String> {
+pub(crate) fn server_config(tls: &AdminTls) -> Result<Arc<ServerConfig>, String> {
     let certs = certificates("cert", &tls.cert)?;
     let key_pem = read_pem("key", &tls.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {

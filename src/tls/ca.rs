@@ -30,29 +30,29 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Common name of the CA created by [`init_ca`] / [`ensure_ca`].
-pub const CA_COMMON_NAME: &str = "consentgate interception CA";
+const CA_COMMON_NAME: &str = "consentgate interception CA";
 /// File name of the CA certificate inside the `ca init` output directory.
-pub const CA_CERT_FILE: &str = "ca.pem";
+pub(crate) const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key inside the `ca init` output directory.
-pub const CA_KEY_FILE: &str = "ca-key.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// File name of the bundle (system roots + CA) written beside `ca.pem`.
-pub const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
+pub(crate) const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
 /// File name of the PKCS#12 truststore written beside `ca.pem`.
-pub const TRUSTSTORE_FILE: &str = "truststore.p12";
+pub(crate) const TRUSTSTORE_FILE: &str = "truststore.p12";
 /// Password of `truststore.p12`. It guards nothing secret (the truststore holds
 /// only the public CA certificate; the MAC just lets Java check integrity), so it
 /// is the JVM's customary truststore password.
-pub const TRUSTSTORE_PASSWORD: &str = "changeit";
+pub(crate) const TRUSTSTORE_PASSWORD: &str = "changeit";
 /// Alias of the CA in `truststore.p12`.
-pub const TRUSTSTORE_ALIAS: &str = "consentgate-interception-ca";
+const TRUSTSTORE_ALIAS: &str = "consentgate-interception-ca";
 /// Default CA validity (`ca init --days`): two years.
-pub const CA_DEFAULT_DAYS: u32 = 730;
+pub(crate) const CA_DEFAULT_DAYS: u32 = 730;
 /// Longest validity `--days` accepts (ten years).
-pub const CA_MAX_DAYS: u32 = 3650;
+const CA_MAX_DAYS: u32 = 3650;
 /// Where the system's root bundle usually is (Debian/Ubuntu, RHEL/Fedora,
 /// openSUSE, Alpine/macOS), for `ca-bundle.pem`.
-pub const SYSTEM_ROOT_BUNDLES: &[&str] = &[
+const SYSTEM_ROOT_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/ca-bundle.pem",
@@ -62,7 +62,7 @@ pub const SYSTEM_ROOT_BUNDLES: &[&str] = &[
 /// The DNS subtrees the built-in destinations need (each permits the name and
 /// every name below it). Kept in step with the adapters' `matches_host` by
 /// `builtin_hosts_are_permitted` below.
-pub const BUILTIN_PERMITTED_HOSTS: &[&str] = &[
+pub(crate) const BUILTIN_PERMITTED_HOSTS: &[&str] = &[
     "graph.facebook.com",
     "google-analytics.com",
     "googleads.googleapis.com",
@@ -94,13 +94,13 @@ const CA_BACKDATE: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaOptions {
     /// Validity in days from now (`--days`).
-    pub days: u32,
+    pub(crate) days: u32,
     /// DNS subtrees the CA may sign for; `None` leaves it unconstrained
     /// (`--no-name-constraints`).
-    pub permitted_dns: Option<Vec<String>>,
+    pub(crate) permitted_dns: Option<Vec<String>>,
     /// The system root bundle to put in `ca-bundle.pem`; `None`: the first of
     /// [`SYSTEM_ROOT_BUNDLES`] that exists.
-    pub system_roots: Option<PathBuf>,
+    pub(crate) system_roots: Option<PathBuf>,
 }
 
 impl Default for CaOptions {
@@ -131,7 +131,7 @@ impl CaOptions {
     /// Also permit these hosts (configured destinations): `*.example.com` is
     /// permitted as its subtree `example.com`. Duplicates and hosts already
     /// below a permitted subtree are dropped. No effect when unconstrained.
-    pub fn permit<I, S>(mut self, hosts: I) -> CaOptions
+    pub(crate) fn permit<I, S>(mut self, hosts: I) -> CaOptions
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -164,10 +164,10 @@ pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// `ca-bundle.pem`; `None` when no system root bundle was found (see `notes`).
-    pub bundle: Option<PathBuf>,
-    pub truststore: PathBuf,
+    pub(crate) bundle: Option<PathBuf>,
+    pub(crate) truststore: PathBuf,
     /// What the operator should know (e.g. no system bundle found).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Errors creating or loading the interception CA. Every variant names the
@@ -228,13 +228,8 @@ impl std::fmt::Debug for LoadedCa {
 
 impl LoadedCa {
     /// The CA certificate (DER).
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
+    pub(crate) fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
-    }
-
-    /// Where the CA certificate was loaded from.
-    pub fn cert_path(&self) -> &Path {
-        &self.cert_path
     }
 
     /// The signer for leaf certificates.
@@ -242,18 +237,13 @@ impl LoadedCa {
         &self.issuer
     }
 
-    /// The DER SubjectPublicKeyInfo of the CA key.
-    pub fn public_key_spki(&self) -> Vec<u8> {
-        self.issuer.key().subject_public_key_info()
-    }
-
     /// The DNS subtrees the CA may sign for; `None` when it has no name constraints.
-    pub fn permitted_dns(&self) -> Option<&[String]> {
+    pub(crate) fn permitted_dns(&self) -> Option<&[String]> {
         self.permitted_dns.as_deref()
     }
 
     /// Whether a leaf for DNS name `host` would satisfy the CA's name constraints.
-    pub fn permits_dns(&self, host: &str) -> bool {
+    pub(crate) fn permits_dns(&self, host: &str) -> bool {
         match &self.permitted_dns {
             None => true,
             Some(list) => list.iter().any(|base| dns_within(host, base)),
@@ -278,7 +268,11 @@ pub fn init_ca(out_dir: &Path, force: bool, opts: &CaOptions) -> Result<CaFiles,
 /// For `run` / `check`: create the CA at exactly these paths when BOTH files
 /// are missing (returns the files written), do nothing when both exist
 /// (returns `None`), and fail naming the files when exactly one of them exists.
-pub fn ensure_ca(cert: &Path, key: &Path, opts: &CaOptions) -> Result<Option<CaFiles>, CaError> {
+pub(crate) fn ensure_ca(
+    cert: &Path,
+    key: &Path,
+    opts: &CaOptions,
+) -> Result<Option<CaFiles>, CaError> {
     let cert_exists = exists(cert)?;
     let key_exists = exists(key)?;
     match (cert_exists, key_exists) {
@@ -450,7 +444,7 @@ fn write_trust_files(
 
 /// Short text on how an app or pod trusts the interception CA (the files of
 /// `ca init`: `ca.pem`, and `ca-bundle.pem` / `truststore.p12` beside it).
-pub fn trust_instructions(ca_path: &Path) -> String {
+pub(crate) fn trust_instructions(ca_path: &Path) -> String {
     let p = ca_path.display();
     let dir = ca_path.parent().unwrap_or(Path::new(""));
     let bundle = dir.join(CA_BUNDLE_FILE);
@@ -723,7 +717,7 @@ pub(crate) mod der {
         (tlv.tag == tag).then_some((tlv, rest))
     }
 
-    pub(crate) fn inspect_certificate(der: &[u8]) -> Option<CertInfo<'_>> {
+    pub(super) fn inspect_certificate(der: &[u8]) -> Option<CertInfo<'_>> {
         let (cert, _) = expect(der, SEQUENCE)?;
         let (tbs, _) = expect(cert.content, SEQUENCE)?;
         let mut rest = tbs.content;

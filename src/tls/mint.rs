@@ -32,24 +32,24 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::ca::{random_serial, LoadedCa};
 
 /// Leaf validity after `notBefore`'s backdating: about a day.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// `notBefore` is set this far in the past, for clients with a slow clock.
-pub const LEAF_BACKDATE: Duration = Duration::from_secs(3600);
+const LEAF_BACKDATE: Duration = Duration::from_secs(3600);
 /// How long a minted leaf is served from the cache; well below its validity,
 /// so a served certificate always has at least 12 hours left.
-pub const CACHE_TTL: Duration = Duration::from_secs(12 * 3600);
+const CACHE_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Default maximum number of hosts kept in the cache.
-pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
+const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
 /// Time allowed for reading the ClientHello and completing the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// ALPN protocols offered to intercepted clients, in server preference order.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// Callback fed with the duration of every mint (for a histogram).
-pub type MintObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+pub(crate) type MintObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 /// Callback told about every certificate that could not be minted
 /// (`consentgate_tls_mint_failures_total`).
-pub type MintFailureObserver = Arc<dyn Fn(&MintError) + Send + Sync>;
+pub(crate) type MintFailureObserver = Arc<dyn Fn(&MintError) + Send + Sync>;
 
 /// Errors minting a leaf certificate.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,7 +68,7 @@ pub enum MintError {
 
 /// Errors accepting an intercepted TLS connection.
 #[derive(Debug, thiserror::Error)]
-pub enum AcceptError {
+pub(crate) enum AcceptError {
     #[error("TLS ClientHello has no server name (SNI) and no fallback host was given")]
     NoServerName,
     #[error(transparent)]
@@ -85,13 +85,13 @@ pub enum AcceptError {
 #[error("{error}")]
 pub struct HandshakeError {
     /// The ClientHello's SNI, if one was read.
-    pub sni: Option<String>,
-    pub error: AcceptError,
+    pub(crate) sni: Option<String>,
+    pub(crate) error: AcceptError,
 }
 
 impl HandshakeError {
     /// The `reason` label of `consentgate_tls_handshake_failures_total{side="client"}`.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         super::handshake::client_reason(&self.error)
     }
 }
@@ -130,7 +130,7 @@ impl CertMinter {
     }
 
     /// A minter caching at most `max_capacity` hosts.
-    pub fn with_capacity(ca: LoadedCa, max_capacity: u64) -> Self {
+    pub(crate) fn with_capacity(ca: LoadedCa, max_capacity: u64) -> Self {
         CertMinter {
             ca,
             provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
@@ -146,13 +146,13 @@ impl CertMinter {
     }
 
     /// Install (or replace) the mint-duration observer.
-    pub fn set_observer(&self, f: MintObserver) {
+    pub(crate) fn set_observer(&self, f: MintObserver) {
         let mut guard = self.observer.write().unwrap_or_else(|e| e.into_inner());
         *guard = Some(f);
     }
 
     /// Install (or replace) the observer of failed mints.
-    pub fn set_failure_observer(&self, f: MintFailureObserver) {
+    pub(crate) fn set_failure_observer(&self, f: MintFailureObserver) {
         let mut guard = self
             .failure_observer
             .write()
@@ -167,7 +167,7 @@ impl CertMinter {
     }
 
     /// Hosts currently cached (approximate, as moka's entry count).
-    pub fn cache_size(&self) -> u64 {
+    pub(crate) fn cache_size(&self) -> u64 {
         self.cache.entry_count()
     }
 

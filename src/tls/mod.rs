@@ -5,19 +5,15 @@
 //! The admin listener's own TLS (`admin.tls`) is in [`admin`]. The upstream
 //! (client) side lives elsewhere.
 
-pub mod admin;
-pub mod ca;
+pub(crate) mod admin;
+pub(crate) mod ca;
 pub(crate) mod handshake;
-pub mod mint;
+pub(crate) mod mint;
 mod p12;
 
-pub use ca::{
-    ensure_ca, init_ca, load_ca, trust_instructions, CaError, CaFiles, CaOptions, LoadedCa,
-    BUILTIN_PERMITTED_HOSTS, CA_BUNDLE_FILE, CA_CERT_FILE, CA_DEFAULT_DAYS, CA_KEY_FILE,
-    TRUSTSTORE_ALIAS, TRUSTSTORE_FILE, TRUSTSTORE_PASSWORD,
+pub(crate) use ca::{
+    ensure_ca, init_ca, load_ca, trust_instructions, CaOptions, LoadedCa, BUILTIN_PERMITTED_HOSTS,
+    CA_BUNDLE_FILE, CA_CERT_FILE, CA_DEFAULT_DAYS, TRUSTSTORE_FILE, TRUSTSTORE_PASSWORD,
 };
 pub(crate) use handshake::upstream_reason;
-pub use mint::{
-    AcceptError, CertMinter, HandshakeError, MintError, MintFailureObserver, MintObserver,
-    DEFAULT_CACHE_CAPACITY,
-};
+pub(crate) use mint::{CertMinter, HandshakeError};

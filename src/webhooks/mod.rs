@@ -52,15 +52,15 @@ pub(crate) const PATH_PREFIX: &str = "/v1/webhooks/";
 
 /// A request as the verifiers see it.
 pub(super) struct Inbound<'a> {
-    pub method: &'a Method,
+    pub(crate) method: &'a Method,
     /// The URL the vendor called: `webhooks.public_url`, the path and the query.
-    pub url: &'a str,
+    pub(crate) url: &'a str,
     /// The path segment after the vendor (Mailchimp's token).
-    pub token: Option<&'a str>,
-    pub headers: &'a HeaderMap,
-    pub body: &'a [u8],
+    pub(crate) token: Option<&'a str>,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) body: &'a [u8],
     /// Unix seconds.
-    pub now: i64,
+    pub(crate) now: i64,
 }
 
 impl Inbound<'_> {
@@ -71,22 +71,22 @@ impl Inbound<'_> {
 
 /// A vendor's verification material.
 pub(super) struct Secret {
-    pub bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
     /// SendGrid: the verification key's point.
-    pub ecdsa_point: Option<Vec<u8>>,
-    pub max_age: Duration,
-    pub prefix: Option<String>,
+    pub(crate) ecdsa_point: Option<Vec<u8>>,
+    pub(crate) max_age: Duration,
+    pub(crate) prefix: Option<String>,
 }
 
 /// One vendor event.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Signal {
-    pub id: Option<String>,
-    pub kind: String,
-    pub scope: Option<String>,
-    pub emails: Vec<String>,
-    pub phones: Vec<String>,
-    pub external_ids: Vec<String>,
+    pub(crate) id: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) scope: Option<String>,
+    pub(crate) emails: Vec<String>,
+    pub(crate) phones: Vec<String>,
+    pub(crate) external_ids: Vec<String>,
 }
 
 pub(super) type Kinds = &'static [(&'static str, fn() -> ConsentChange)];
@@ -230,7 +230,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Webhooks {
     /// Load every vendor and open the replay cache (locked: one process).
-    pub fn new(app: Arc<App>, cfg: &WebhooksCfg, optouts: OptOuts) -> Result<Webhooks, String> {
+    pub(crate) fn new(
+        app: Arc<App>,
+        cfg: &WebhooksCfg,
+        optouts: OptOuts,
+    ) -> Result<Webhooks, String> {
         let vendors = cfg
             .vendors
             .iter()

@@ -54,7 +54,7 @@ fn now_s() -> i64 {
 }
 
 impl ReplayCache {
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         retention: Duration,
         max_entries: usize,
@@ -103,12 +103,12 @@ impl ReplayCache {
     }
 
     /// Whether `key` was applied within the retention.
-    pub fn seen(&self, key: &str) -> bool {
+    pub(crate) fn seen(&self, key: &str) -> bool {
         self.map.get(key).is_some_and(|exp| *exp > now_s())
     }
 
     /// Remember `keys` (durable when this returns `Ok`).
-    pub fn record(&mut self, keys: &[String]) -> Result<(), String> {
+    pub(crate) fn record(&mut self, keys: &[String]) -> Result<(), String> {
         if keys.is_empty() {
             return Ok(());
         }

@@ -319,7 +319,7 @@ fn ms(ns: u64) -> f64 {
     (ns as f64 / 1e6 * 1000.0).round() / 1000.0
 }
 
-pub fn main() {
+pub(crate) fn main() {
     let a = Arc::new(args());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

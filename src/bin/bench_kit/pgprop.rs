@@ -84,7 +84,7 @@ async fn source(send: &mut SendRequest<Empty<Bytes>>, a: &Args) -> Option<String
     v.get("source")?.as_str().map(str::to_string)
 }
 
-pub fn main() {
+pub(crate) fn main() {
     let a = args();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

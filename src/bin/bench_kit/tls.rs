@@ -12,7 +12,7 @@
 //!
 //! Prints one JSON line. `--iters N` (default 2000), `--mints M` (default 200).
 
-use consentgate::tls::{init_ca, load_ca, CaOptions, CertMinter};
+use consentgate::{init_ca, load_ca, CaOptions, CertMinter};
 use hdrhistogram::Histogram;
 use rustls::server::ServerSessionMemoryCache;
 use rustls::sign::SingleCertAndKey;
@@ -121,7 +121,7 @@ async fn handshake(
     t.elapsed()
 }
 
-pub fn main() {
+pub(crate) fn main() {
     let iters = arg("--iters", 2000);
     let mints = arg("--mints", 200).max(1);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -136,7 +136,7 @@ where
     });
 }
 
-pub fn main() {
+pub(crate) fn main() {
     let a = args();
     let cfg = server_config(&a.dir);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     Identity,
     Gzip,
     Deflate,
@@ -31,7 +31,7 @@ pub enum Encoding {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum BodyReadError {
+pub(crate) enum BodyReadError {
     /// Over `max_body_bytes` (413).
     TooLarge,
     /// Unknown Content-Encoding (415), carrying the encoding name.
@@ -46,7 +46,7 @@ pub enum BodyReadError {
 
 impl Encoding {
     /// From a Content-Encoding header value. Only one coding is accepted.
-    pub fn parse(v: Option<&str>) -> Result<Encoding, BodyReadError> {
+    pub(crate) fn parse(v: Option<&str>) -> Result<Encoding, BodyReadError> {
         let Some(v) = v else {
             return Ok(Encoding::Identity);
         };
@@ -71,24 +71,24 @@ impl Encoding {
 /// bounded by `limits.inflight_body_bytes`. One per process, shared by every
 /// listener (the admin thread included).
 #[derive(Debug, Default)]
-pub struct Budget {
+pub(crate) struct Budget {
     used: AtomicU64,
 }
 
 impl Budget {
-    pub fn new() -> Arc<Budget> {
+    pub(crate) fn new() -> Arc<Budget> {
         Arc::new(Budget::default())
     }
 
     #[cfg(test)]
     /// Bytes reserved right now.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
 
     /// Reserve `n` bytes if that keeps the total within `cap`. The cap is
     /// passed in (not stored) so a config reload applies to the next request.
-    pub fn try_reserve(self: &Arc<Self>, n: u64, cap: u64) -> Option<Reservation> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, n: u64, cap: u64) -> Option<Reservation> {
         self.take(n, cap).then(|| Reservation {
             budget: self.clone(),
             bytes: n,
@@ -106,7 +106,7 @@ impl Budget {
 
 /// Bytes held against the [`Budget`]; given back when dropped.
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     budget: Arc<Budget>,
     bytes: u64,
 }
@@ -149,7 +149,7 @@ impl AsRef<[u8]> for Held {
 
 /// What a listener applies to every request body (from `limits`).
 #[derive(Clone, Debug)]
-pub struct BodyLimits {
+pub(crate) struct BodyLimits {
     pub timeout: Duration,
     pub budget: Arc<Budget>,
     /// `limits.inflight_body_bytes` when the request arrived.
@@ -158,7 +158,7 @@ pub struct BodyLimits {
 
 /// Why a [`ClientBody`] stopped.
 #[derive(Debug)]
-pub enum ClientBodyError {
+pub(crate) enum ClientBodyError {
     /// `limits.body_read_timeout` passed before the body was complete.
     TimedOut(Duration),
     /// The connection failed or the body was malformed.
@@ -192,7 +192,7 @@ impl std::error::Error for ClientBodyError {
 /// A request body as a listener received it, with its read deadline (counted
 /// from when the request head arrived) and the budget [`read_limited`] holds
 /// it against.
-pub struct ClientBody<B = hyper::body::Incoming> {
+pub(crate) struct ClientBody<B = hyper::body::Incoming> {
     inner: B,
     deadline: Instant,
     /// Armed the first time the body has to wait for the client.
@@ -203,7 +203,7 @@ pub struct ClientBody<B = hyper::body::Incoming> {
 }
 
 impl<B> ClientBody<B> {
-    pub fn new(inner: B, limits: BodyLimits) -> ClientBody<B> {
+    pub(crate) fn new(inner: B, limits: BodyLimits) -> ClientBody<B> {
         ClientBody {
             inner,
             deadline: Instant::now() + limits.timeout,
@@ -277,7 +277,10 @@ where
 /// `limits.body_read_timeout`, or more memory than the budget has left. A
 /// declared length is reserved before the first byte is read (refused at once
 /// when the budget cannot take it), then trued up to what arrived.
-pub async fn read_limited<B>(mut body: ClientBody<B>, limit: u64) -> Result<Bytes, BodyReadError>
+pub(crate) async fn read_limited<B>(
+    mut body: ClientBody<B>,
+    limit: u64,
+) -> Result<Bytes, BodyReadError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -333,7 +336,11 @@ where
 }
 
 /// Decode to plain bytes, at most `limit` decoded bytes.
-pub fn decode(enc: Encoding, data: &[u8], limit: u64) -> Result<Cow<'_, [u8]>, BodyReadError> {
+pub(crate) fn decode(
+    enc: Encoding,
+    data: &[u8],
+    limit: u64,
+) -> Result<Cow<'_, [u8]>, BodyReadError> {
     // The identity body is read where it lies: no copy of a large batch.
     let reader: Box<dyn Read + '_> = match enc {
         Encoding::Identity => return Ok(Cow::Borrowed(data)),
@@ -365,7 +372,7 @@ pub fn decode(enc: Encoding, data: &[u8], limit: u64) -> Result<Cow<'_, [u8]>, B
 }
 
 /// Encode again with the same coding the client used.
-pub fn encode(enc: Encoding, data: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn encode(enc: Encoding, data: &[u8]) -> Result<Vec<u8>, String> {
     let io = |e: std::io::Error| format!("could not encode body: {e}");
     match enc {
         Encoding::Identity => Ok(data.to_vec()),

@@ -33,14 +33,14 @@ use std::borrow::Cow;
 
 /// The request-level decision, as in `x-consentgate-decision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestDecision {
+pub(crate) enum RequestDecision {
     Allowed,
     Modified,
     Blocked,
 }
 
 impl RequestDecision {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RequestDecision::Allowed => "allowed",
             RequestDecision::Modified => "modified",

@@ -7,10 +7,11 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
 /// `prev_hash` of the first record ever.
-pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(super) const ZERO_HASH: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -75,7 +76,7 @@ pub(crate) struct Decoded<'a> {
 }
 
 impl Decoded<'_> {
-    pub fn prev_hash(&self) -> &str {
+    pub(super) fn prev_hash(&self) -> &str {
         self.record
             .get("prev_hash")
             .and_then(Value::as_str)

@@ -23,7 +23,7 @@ const MESSAGE_VERSION: &str = "consentgate-audit-checkpoint-v1";
 
 /// The key checkpoint MACs are made and checked with.
 #[derive(Clone)]
-pub struct CheckpointKey {
+pub(crate) struct CheckpointKey {
     mac: Hmac<Sha256>,
 }
 
@@ -35,7 +35,7 @@ impl fmt::Debug for CheckpointKey {
 
 impl CheckpointKey {
     /// The checkpoint key of a pseudonym key (`audit.pseudonym_key_file`).
-    pub fn from_pseudonym_key(key: &PseudonymKey) -> CheckpointKey {
+    pub(crate) fn from_pseudonym_key(key: &PseudonymKey) -> CheckpointKey {
         let derived = key.derive(KEY_LABEL);
         // HMAC takes a key of any length: this cannot fail for 32 bytes.
         let mac = <Hmac<Sha256> as Mac>::new_from_slice(&derived)

@@ -13,7 +13,7 @@ const NONCE_LEN: usize = 12;
 
 /// The audit encryption key (audit.encryption_key_file: 64 hex characters).
 #[derive(Clone)]
-pub struct EncKey {
+pub(crate) struct EncKey {
     cipher: Aes256Gcm,
 }
 
@@ -25,7 +25,7 @@ impl fmt::Debug for EncKey {
 
 impl EncKey {
     /// From 64 hex characters (surrounding whitespace ignored).
-    pub fn from_hex(text: &str) -> Result<EncKey, String> {
+    pub(crate) fn from_hex(text: &str) -> Result<EncKey, String> {
         let t = text.trim();
         if t.len() != 64 {
             return Err(format!(
@@ -95,7 +95,7 @@ impl EncKey {
 
 /// Read the encryption key file (64 hex characters). The file is the operator's:
 /// it is never created here.
-pub fn load_enc_key(path: &Path) -> Result<EncKey, String> {
+pub(crate) fn load_enc_key(path: &Path) -> Result<EncKey, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("audit encryption key {}: {e}", path.display()))?;
     EncKey::from_hex(&text).map_err(|e| format!("audit encryption key {}: {e}", path.display()))

@@ -119,7 +119,7 @@ use std::path::Path;
 /// What a record is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AuditKind {
+pub(crate) enum AuditKind {
     /// A request decision, or one dropped or modified event of a request.
     Decision,
     /// A consent write through the admin API (`actor` = the admin token's name).
@@ -142,7 +142,7 @@ impl AuditKind {}
 /// One audit record, before the writer chains it. Fields hold names, reasons,
 /// pseudonyms and counts: never an email, phone, name, raw patient id or payload.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct AuditRecord {
+pub(crate) struct AuditRecord {
     #[serde(serialize_with = "ser_ts")]
     pub ts: DateTime<Utc>,
     pub request_id: Option<String>,
@@ -178,7 +178,7 @@ pub struct AuditRecord {
 /// One event or recipient of an inspected request, as its `decision` record
 /// carries it: a few words in memory, about 110 bytes in the line.
 #[derive(Clone, Debug, PartialEq)]
-pub struct EventEntry {
+pub(crate) struct EventEntry {
     /// The pseudonym of the first matched record's patient, as bytes.
     pub patient: Option<[u8; PSEUDONYM_HEX_LEN / 2]>,
     pub decision: &'static str,
@@ -222,7 +222,7 @@ pub(crate) fn ts_text(ts: &DateTime<Utc>) -> String {
 
 impl AuditRecord {
     /// A record of `kind` stamped now, every other field empty.
-    pub fn new(kind: AuditKind) -> AuditRecord {
+    pub(crate) fn new(kind: AuditKind) -> AuditRecord {
         AuditRecord {
             ts: Utc::now(),
             request_id: None,
@@ -246,7 +246,7 @@ impl AuditRecord {
 
     /// A request (or event) decision: `decision` is `allowed`, `modified`,
     /// `blocked`, `dropped`, `tunneled`…, `reason` as in `consentgate_events_total`.
-    pub fn decision(
+    pub(crate) fn decision(
         request_id: &str,
         destination: &str,
         decision: &str,
@@ -262,7 +262,7 @@ impl AuditRecord {
 
     /// A consent write by the admin token named `actor`; `decision` is the
     /// operation (`put`, `patch`, `delete`).
-    pub fn consent_change(actor: &str, patient: String, operation: &str) -> AuditRecord {
+    pub(crate) fn consent_change(actor: &str, patient: String, operation: &str) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::ConsentChange);
         r.actor = Some(actor.to_string());
         r.patient = Some(patient);
@@ -272,7 +272,7 @@ impl AuditRecord {
 
     /// A config load or reload: `reason` is `load` or `reload`, `decision` is
     /// `success` or `failure`.
-    pub fn config(reason: &str, decision: &str) -> AuditRecord {
+    pub(crate) fn config(reason: &str, decision: &str) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::Config);
         r.reason = Some(reason.to_string());
         r.decision = Some(decision.to_string());
@@ -280,7 +280,7 @@ impl AuditRecord {
     }
 
     /// The upstream answered a forwarded request with `status`.
-    pub fn outcome_status(request_id: &str, destination: &str, status: u16) -> AuditRecord {
+    pub(crate) fn outcome_status(request_id: &str, destination: &str, status: u16) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::Outcome);
         r.request_id = Some(request_id.to_string());
         r.destination = Some(destination.to_string());
@@ -290,7 +290,7 @@ impl AuditRecord {
 
     /// The upstream exchange of a forwarded request failed; `error` is the kind
     /// (`consentgate_upstream_errors_total{kind}`), never a message with a URL.
-    pub fn outcome_error(request_id: &str, destination: &str, error: &str) -> AuditRecord {
+    pub(crate) fn outcome_error(request_id: &str, destination: &str, error: &str) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::Outcome);
         r.request_id = Some(request_id.to_string());
         r.destination = Some(destination.to_string());
@@ -301,7 +301,7 @@ impl AuditRecord {
     /// A sync outbox delivery attempt: `destination` is the target's name,
     /// `decision` the result (`delivered`, `retry`, `rejected`, `parked`,
     /// `no_address`), `reason` why, `status` the vendor's HTTP status.
-    pub fn sync(target: &str, patient: String, result: &str, reason: &str) -> AuditRecord {
+    pub(crate) fn sync(target: &str, patient: String, result: &str, reason: &str) -> AuditRecord {
         let mut r = AuditRecord::new(AuditKind::Sync);
         r.destination = Some(target.to_string());
         r.patient = Some(patient);
@@ -312,14 +312,14 @@ impl AuditRecord {
 
     #[cfg(test)]
     /// Set `trace_id` (None leaves the record without one).
-    pub fn with_trace(mut self, trace_id: Option<&str>) -> AuditRecord {
+    pub(crate) fn with_trace(mut self, trace_id: Option<&str>) -> AuditRecord {
         self.trace_id = trace_id.map(str::to_string);
         self
     }
 
     #[cfg(test)]
     /// Set `patient` to the pseudonym of `patient_id` under `key`.
-    pub fn with_patient(mut self, key: &PseudonymKey, patient_id: &str) -> AuditRecord {
+    pub(crate) fn with_patient(mut self, key: &PseudonymKey, patient_id: &str) -> AuditRecord {
         self.patient = Some(key.pseudonym(patient_id));
         self
     }
@@ -327,12 +327,12 @@ impl AuditRecord {
 
 /// File name of the audit file opened on UTC day `day` (YYYYMMDD) with sequence
 /// number `seq`.
-pub fn file_name(day: u32, seq: u64) -> String {
+pub(crate) fn file_name(day: u32, seq: u64) -> String {
     format!("audit-{day:08}-{seq:06}.jsonl")
 }
 
 /// (day, seq) of an audit file name, or None for any other file.
-pub fn parse_file_name(path: &Path) -> Option<(u32, u64)> {
+pub(crate) fn parse_file_name(path: &Path) -> Option<(u32, u64)> {
     let name = path.file_name()?.to_str()?;
     let rest = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
     let (day, seq) = rest.split_once('-')?;

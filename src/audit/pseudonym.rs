@@ -17,13 +17,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Length of a pseudonym in hex characters.
-pub const PSEUDONYM_HEX_LEN: usize = 32;
+pub(crate) const PSEUDONYM_HEX_LEN: usize = 32;
 
 /// Where the key lives when `audit.pseudonym_key_file` is null.
-pub const DEFAULT_KEY_PATH: &str = "var/pseudonym.key";
+pub(super) const DEFAULT_KEY_PATH: &str = "var/pseudonym.key";
 
 #[derive(Clone)]
-pub struct PseudonymKey {
+pub(crate) struct PseudonymKey {
     /// HMAC state keyed once; cloned per pseudonym.
     mac: Hmac<Sha256>,
 }
@@ -36,7 +36,7 @@ impl fmt::Debug for PseudonymKey {
 
 impl PseudonymKey {
     /// From 64 hex characters (surrounding whitespace ignored).
-    pub fn from_hex(text: &str) -> Result<PseudonymKey, String> {
+    pub(crate) fn from_hex(text: &str) -> Result<PseudonymKey, String> {
         let t = text.trim();
         if t.len() != 64 {
             return Err(format!(
@@ -69,12 +69,12 @@ impl PseudonymKey {
     }
 
     /// The pseudonym of `patient_id`: 32 lowercase hex characters.
-    pub fn pseudonym(&self, patient_id: &str) -> String {
+    pub(crate) fn pseudonym(&self, patient_id: &str) -> String {
         hex::encode(self.pseudonym_bytes(patient_id))
     }
 
     /// [`PseudonymKey::pseudonym`] as bytes (its hex is the pseudonym).
-    pub fn pseudonym_bytes(&self, patient_id: &str) -> [u8; PSEUDONYM_HEX_LEN / 2] {
+    pub(crate) fn pseudonym_bytes(&self, patient_id: &str) -> [u8; PSEUDONYM_HEX_LEN / 2] {
         let mut mac = self.mac.clone();
         mac.update(patient_id.as_bytes());
         let digest = mac.finalize().into_bytes();
@@ -85,12 +85,12 @@ impl PseudonymKey {
 }
 
 /// True when `s` has the shape of a pseudonym (32 lowercase hex characters).
-pub fn is_pseudonym(s: &str) -> bool {
+pub(super) fn is_pseudonym(s: &str) -> bool {
     s.len() == PSEUDONYM_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The key file path: `audit.pseudonym_key_file`, or `var/pseudonym.key` when null.
-pub fn default_key_path(configured: Option<&Path>) -> PathBuf {
+pub(crate) fn default_key_path(configured: Option<&Path>) -> PathBuf {
     configured
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_PATH))
@@ -103,7 +103,7 @@ pub fn default_key_path(configured: Option<&Path>) -> PathBuf {
 /// hard-links it to `path`, which fails rather than overwrite a key another
 /// process created meanwhile (that key is then loaded). A key file readable by
 /// group or others is loaded with a warning.
-pub fn load_or_create_key(path: &Path) -> Result<PseudonymKey, String> {
+pub(crate) fn load_or_create_key(path: &Path) -> Result<PseudonymKey, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => return load_existing(path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

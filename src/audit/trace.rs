@@ -19,7 +19,7 @@ fn is_lower_hex(s: &[u8]) -> bool {
 
 /// The 32-hex trace id of a version-00 `traceparent` value, or None when the
 /// value is not exactly that format (surrounding spaces and tabs are ignored).
-pub fn parse_traceparent(value: &str) -> Option<String> {
+pub(super) fn parse_traceparent(value: &str) -> Option<String> {
     let v = value.trim_matches([' ', '\t']).as_bytes();
     if v.len() != TRACEPARENT_LEN {
         return None;
@@ -39,7 +39,7 @@ pub fn parse_traceparent(value: &str) -> Option<String> {
 }
 
 /// The trace id of a request's single `traceparent` header, if valid.
-pub fn trace_id(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn trace_id(headers: &HeaderMap) -> Option<String> {
     let mut values = headers.get_all("traceparent").iter();
     let first = values.next()?;
     if values.next().is_some() {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 /// The audit files of `dir` in chain order (by day, then sequence number).
 /// Other files are ignored.
-pub fn audit_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(super) fn audit_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<((u32, u64), PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -41,13 +41,13 @@ pub fn audit_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// A chain that verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerifyReport {
+pub(crate) struct VerifyReport {
     pub records: u64,
     pub files: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VerifyErrorKind {
+pub(crate) enum VerifyErrorKind {
     /// `prev_hash` is not the SHA-256 of the previous record: that record was
     /// altered or removed, records were reordered, or this one was altered.
     HashMismatch,
@@ -72,7 +72,7 @@ pub enum VerifyErrorKind {
 }
 
 impl VerifyErrorKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             VerifyErrorKind::HashMismatch => "hash mismatch",
             VerifyErrorKind::Unparseable => "unparseable record",
@@ -92,7 +92,7 @@ impl VerifyErrorKind {
 /// The first bad record: its file, its 1-based line in that file and its 0-based
 /// index in the whole chain (line 0 for Io and NoFiles).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerifyError {
+pub(crate) struct VerifyError {
     pub file: PathBuf,
     pub line: usize,
     pub record_index: u64,
@@ -187,13 +187,13 @@ fn lines(data: &[u8]) -> impl Iterator<Item = Line<'_>> {
 /// stands for its audit files in chain order). The chain must start at 64 zeros
 /// and run on across files. With encrypted files, `key` is needed. A capped trail
 /// is refused (see [`verify_trail`], which takes the checkpoint key).
-pub fn verify(paths: &[PathBuf], key: Option<&EncKey>) -> Result<VerifyReport, VerifyError> {
+pub(super) fn verify(paths: &[PathBuf], key: Option<&EncKey>) -> Result<VerifyReport, VerifyError> {
     verify_trail(paths, key, None).map(|r| r.chain)
 }
 
 /// What [`verify_trail`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrailReport {
+pub(crate) struct TrailReport {
     pub chain: VerifyReport,
     /// Checkpoints authenticated with the key.
     pub checkpoints_authenticated: u64,
@@ -206,7 +206,7 @@ pub struct TrailReport {
 
 /// The checkpoint a capped trail starts from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CapReport {
+pub(crate) struct CapReport {
     /// Where that checkpoint is.
     pub file: PathBuf,
     pub line: usize,
@@ -232,7 +232,7 @@ struct Start {
 /// [`verify`] for a trail that may have been capped: `checkpoint_key`
 /// authenticates every checkpoint met, and lets the trail start at the anchor of
 /// one of them instead of 64 zeros.
-pub fn verify_trail(
+pub(crate) fn verify_trail(
     paths: &[PathBuf],
     key: Option<&EncKey>,
     checkpoint_key: Option<&CheckpointKey>,
@@ -477,7 +477,7 @@ fn display_name(p: &Path) -> String {
 /// first, optionally only those at or after `since`. Does not check the chain
 /// (run `verify` for that); a torn tail is skipped, any other unreadable line is
 /// an error.
-pub fn find(
+pub(crate) fn find(
     paths: &[PathBuf],
     key: Option<&EncKey>,
     patient_id: &str,

@@ -49,9 +49,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Rotate a file before it would pass 64 MiB.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
+pub(super) const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
 /// The smallest `max_total_bytes`: files of at least 8 KiB, a few dozen records.
-pub const MIN_MAX_TOTAL_BYTES: u64 = 64 << 10;
+pub(super) const MIN_MAX_TOTAL_BYTES: u64 = 64 << 10;
 /// Bytes of the cap kept for the lock file (`pid N on HOST`, a host name is at
 /// most 64 bytes).
 const LOCK_RESERVE: u64 = 512;
@@ -60,7 +60,7 @@ const FILES_PER_CAP: u64 = 8;
 /// How long dropping the last handle waits for the writer thread to finish.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Queued messages (one per submit) before `submit` reports the log unavailable.
-pub const DEFAULT_CHANNEL_CAPACITY: usize = 8192;
+pub(super) const DEFAULT_CHANNEL_CAPACITY: usize = 8192;
 /// Records gathered into one write.
 const MAX_BATCH: usize = 4096;
 /// Lines at least this long are written on their own instead of being copied
@@ -78,7 +78,7 @@ const LINGER: Duration = Duration::from_millis(1);
 
 /// When the writer fsyncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FsyncPolicy {
+pub(crate) enum FsyncPolicy {
     /// After every batch, before a flush is acknowledged.
     Always,
     /// When `period` has passed or `records` records were written since the last
@@ -100,7 +100,7 @@ impl Default for FsyncPolicy {
 impl FsyncPolicy {
     #[cfg(test)]
     /// `always`, `interval` (1 s / 1000 records) or `never`.
-    pub fn parse(s: &str) -> Result<FsyncPolicy, String> {
+    pub(crate) fn parse(s: &str) -> Result<FsyncPolicy, String> {
         match s {
             "always" => Ok(FsyncPolicy::Always),
             "interval" => Ok(FsyncPolicy::default()),
@@ -114,7 +114,7 @@ impl FsyncPolicy {
 
 /// The two SPEC §9 counters the writer keeps.
 #[derive(Clone, Debug)]
-pub struct AuditCounters {
+pub(crate) struct AuditCounters {
     /// `consentgate_audit_records_total`: records written.
     pub records: IntCounter,
     /// `consentgate_audit_write_failures_total`: records refused or lost.
@@ -122,7 +122,7 @@ pub struct AuditCounters {
 }
 
 impl AuditCounters {
-    pub fn from_metrics(m: &Metrics) -> AuditCounters {
+    pub(crate) fn from_metrics(m: &Metrics) -> AuditCounters {
         AuditCounters {
             records: m.audit_records_total.clone(),
             failures: m.audit_write_failures_total.clone(),
@@ -134,7 +134,7 @@ type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// How to run the writer. `AuditOptions::new(dir)` gives the defaults.
 #[derive(Clone)]
-pub struct AuditOptions {
+pub(crate) struct AuditOptions {
     /// `audit.path`: the directory of audit files (created, mode 0700, if missing).
     pub dir: PathBuf,
     pub fsync: FsyncPolicy,
@@ -165,7 +165,7 @@ impl fmt::Debug for AuditOptions {
 }
 
 impl AuditOptions {
-    pub fn new(dir: impl Into<PathBuf>) -> AuditOptions {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> AuditOptions {
         AuditOptions {
             dir: dir.into(),
             fsync: FsyncPolicy::default(),
@@ -194,7 +194,7 @@ impl AuditOptions {
 /// Why records were not accepted. The proxy blocks the request with reason
 /// `audit_unavailable` on any of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuditUnavailable {
+pub(crate) enum AuditUnavailable {
     /// The queue to the writer is full (the disk is not keeping up).
     Full,
     /// The writer hit a disk error and has not recovered yet.
@@ -207,9 +207,9 @@ pub enum AuditUnavailable {
 
 impl AuditUnavailable {
     /// The reason the proxy records for a request it blocks because of this.
-    pub const REASON: &'static str = "audit_unavailable";
+    pub(crate) const REASON: &'static str = "audit_unavailable";
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AuditUnavailable::Full => "queue_full",
             AuditUnavailable::Failed => "write_failed",
@@ -254,7 +254,7 @@ impl Shared {
 /// writer writes what is queued, fsyncs (unless `never`) and stops, and the drop
 /// waits (up to 10 s) for that, so the directory lock is free once it returns.
 #[derive(Clone)]
-pub struct AuditWriter {
+pub(crate) struct AuditWriter {
     // Field order matters: the sender goes first, so the thread sees the queue
     // closed before the last handle waits for it in `Stopped::drop`.
     tx: mpsc::Sender<Msg>,
@@ -279,7 +279,7 @@ impl Drop for Stopped {
 }
 
 /// The second half of start-up: see [`AuditWriter::prepare`].
-pub struct AuditStarter {
+pub(crate) struct AuditStarter {
     opts: AuditOptions,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Msg>,
@@ -308,7 +308,7 @@ impl AuditWriter {
     /// plus the starter. Nothing in the directory is read or written yet besides
     /// the lock file; records submitted before [`AuditStarter::start`] wait in the
     /// queue. Fails, naming the holder, when another process has the directory.
-    pub fn prepare(opts: AuditOptions) -> Result<(AuditWriter, AuditStarter), String> {
+    pub(crate) fn prepare(opts: AuditOptions) -> Result<(AuditWriter, AuditStarter), String> {
         if let Some(cap) = opts.max_total_bytes {
             if cap < MIN_MAX_TOTAL_BYTES {
                 return Err(format!(
@@ -344,7 +344,7 @@ impl AuditWriter {
     /// Lock the directory, continue the chain from the last record (cutting a
     /// torn tail and recording that), and start the writer thread. Synchronous;
     /// needs no runtime. Errors name the file.
-    pub fn start(opts: AuditOptions) -> Result<AuditWriter, String> {
+    pub(crate) fn start(opts: AuditOptions) -> Result<AuditWriter, String> {
         let (writer, starter) = AuditWriter::prepare(opts)?;
         starter.start(Vec::new())?;
         Ok(writer)
@@ -352,7 +352,7 @@ impl AuditWriter {
 
     /// Queue `recs` (one request's records) without blocking. Either all are
     /// accepted or none; on Err the caller must fail closed.
-    pub fn submit(&self, recs: Vec<AuditRecord>) -> Result<(), AuditUnavailable> {
+    pub(crate) fn submit(&self, recs: Vec<AuditRecord>) -> Result<(), AuditUnavailable> {
         if recs.is_empty() {
             return Ok(());
         }
@@ -383,7 +383,7 @@ impl AuditWriter {
 
     /// Wait until every record submitted before this call is written (and
     /// fsync'd unless the policy is `never`). Err if the writer has failed.
-    pub async fn flush(&self) -> Result<(), AuditUnavailable> {
+    pub(crate) async fn flush(&self) -> Result<(), AuditUnavailable> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Flush(tx))
@@ -393,7 +393,7 @@ impl AuditWriter {
     }
 
     /// False while the writer is failed (submits are refused).
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         !self.shared.failed.load(Ordering::Acquire) && !self.tx.is_closed()
     }
 
@@ -420,7 +420,7 @@ impl AuditWriter {
 impl AuditStarter {
     /// Set the key checkpoints are signed with (needed under a cap), once the
     /// key is loaded: the lock is taken before anything else, the key included.
-    pub fn with_checkpoint_key(mut self, key: CheckpointKey) -> AuditStarter {
+    pub(crate) fn with_checkpoint_key(mut self, key: CheckpointKey) -> AuditStarter {
         self.opts.checkpoint_key = Some(key);
         self
     }
@@ -429,7 +429,7 @@ impl AuditStarter {
     /// the cap, write `first` (e.g. the `config load` record) ahead of anything
     /// queued, and start the writer thread. On Err nothing was started and the
     /// lock is released.
-    pub fn start(self, first: Vec<AuditRecord>) -> Result<(), String> {
+    pub(crate) fn start(self, first: Vec<AuditRecord>) -> Result<(), String> {
         let AuditStarter {
             opts,
             shared,

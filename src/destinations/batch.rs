@@ -218,7 +218,7 @@ pub(crate) fn json_error(e: &serde_json::Error) -> BodyError {
 /// Enforce the array at `key` of a top-level JSON object (`{"data":[...]}`),
 /// one event at a time. An absent or non-array `key` is unreadable for the
 /// destination; so is a repeated key anywhere in the body.
-pub fn enforce_json_batch(
+pub(crate) fn enforce_json_batch(
     body: &[u8],
     key: &'static str,
     judge: &mut dyn Judge,

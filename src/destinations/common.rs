@@ -10,7 +10,7 @@ use crate::decide::EventVerdict;
 use crate::identify::{self, Identifiers};
 use serde_json::{Map, Value};
 
-pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
+pub(crate) fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
     strict_json(body).map_err(|e| {
         BodyError::Unreadable(if e.to_string().contains(DUPLICATE_KEY) {
             format!(
@@ -28,12 +28,12 @@ pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
 /// Why a body with a repeated object key is refused: the proxy would decide on
 /// one value while a vendor that keeps the first one would read another, so
 /// such a body is never forwarded (fail closed).
-pub const DUPLICATE_KEY: &str = "duplicate object key: ambiguous JSON is not forwarded";
+pub(crate) const DUPLICATE_KEY: &str = "duplicate object key: ambiguous JSON is not forwarded";
 
 /// Parse JSON into a `Value`, refusing any object with a repeated key (serde_json
 /// would silently keep the last value); the error's text then holds
 /// [`DUPLICATE_KEY`].
-pub fn strict_json(text: &[u8]) -> Result<Value, serde_json::Error> {
+pub(crate) fn strict_json(text: &[u8]) -> Result<Value, serde_json::Error> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_slice(text);
     let v = StrictValue.deserialize(&mut de)?;
@@ -42,7 +42,7 @@ pub fn strict_json(text: &[u8]) -> Result<Value, serde_json::Error> {
 }
 
 /// `strict_json` on a string (an event or document JSON-encoded inside a field).
-pub fn strict_json_str(text: &str) -> Result<Value, serde_json::Error> {
+pub(crate) fn strict_json_str(text: &str) -> Result<Value, serde_json::Error> {
     strict_json(text.as_bytes())
 }
 
@@ -108,20 +108,20 @@ impl<'de> serde::de::Visitor<'de> for StrictValue {
     }
 }
 
-pub fn to_json(v: &Value) -> Vec<u8> {
+pub(crate) fn to_json(v: &Value) -> Vec<u8> {
     // Serialising a Value cannot fail (all keys are strings).
     serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// Every string (or number, as text) found at `path`.
-pub fn strings_at<'a>(v: &'a Value, path: &str) -> Vec<std::borrow::Cow<'a, str>> {
+pub(crate) fn strings_at<'a>(v: &'a Value, path: &str) -> Vec<std::borrow::Cow<'a, str>> {
     let mut out = Vec::new();
     walk(v, path, &mut |x| collect_strings(x, &mut out));
     out
 }
 
 /// Every string (or number, as text) in `v`, walking arrays.
-pub fn collect_strings<'a>(v: &'a Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
+pub(crate) fn collect_strings<'a>(v: &'a Value, out: &mut Vec<std::borrow::Cow<'a, str>>) {
     match v {
         Value::String(s) => out.push(std::borrow::Cow::Borrowed(s.as_str())),
         Value::Number(n) => out.push(std::borrow::Cow::Owned(n.to_string())),
@@ -155,7 +155,7 @@ fn split(path: &str) -> (&str, Option<&str>) {
 
 /// Apply `f` to every value at `path` (mutable walk). Returns whether `f` said
 /// it changed anything.
-pub fn modify_at(v: &mut Value, path: &str, f: &mut dyn FnMut(&mut Value) -> bool) -> bool {
+pub(crate) fn modify_at(v: &mut Value, path: &str, f: &mut dyn FnMut(&mut Value) -> bool) -> bool {
     match v {
         Value::Array(a) => a
             .iter_mut()
@@ -173,7 +173,7 @@ pub fn modify_at(v: &mut Value, path: &str, f: &mut dyn FnMut(&mut Value) -> boo
 }
 
 /// Remove the key at `path` wherever it occurs. Returns whether anything went.
-pub fn remove_at(v: &mut Value, path: &str) -> bool {
+pub(crate) fn remove_at(v: &mut Value, path: &str) -> bool {
     match v {
         Value::Array(a) => a.iter_mut().fold(false, |acc, x| remove_at(x, path) | acc),
         Value::Object(m) => match split(path) {
@@ -185,7 +185,7 @@ pub fn remove_at(v: &mut Value, path: &str) -> bool {
 }
 
 /// Remove every path in `paths`; push the names of those removed to `stripped`.
-pub fn remove_all(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
+pub(crate) fn remove_all(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
     for p in paths {
         if remove_at(v, p) {
             stripped.push((*p).to_string());
@@ -194,7 +194,7 @@ pub fn remove_all(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
 }
 
 /// Set `path` to `value`, creating objects on the way (no array walking).
-pub fn set_at(v: &mut Value, path: &str, value: Value) {
+pub(crate) fn set_at(v: &mut Value, path: &str, value: Value) {
     let mut cur = v;
     let mut parts = path.split('.').peekable();
     while let Some(p) = parts.next() {
@@ -213,7 +213,7 @@ pub fn set_at(v: &mut Value, path: &str, value: Value) {
 }
 
 /// `https://host/path?q` → `https://host/`. Unparseable values become "".
-pub fn reduce_url(s: &str) -> String {
+pub(crate) fn reduce_url(s: &str) -> String {
     match url::Url::parse(s) {
         Ok(u) => match u.host_str() {
             Some(h) => match u.port() {
@@ -227,7 +227,7 @@ pub fn reduce_url(s: &str) -> String {
 }
 
 /// Reduce every URL string at each path; push the names of those changed.
-pub fn reduce_urls(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
+pub(crate) fn reduce_urls(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
     for p in paths {
         let changed = modify_at(v, p, &mut |x| match x {
             Value::String(s) => {
@@ -249,13 +249,13 @@ pub fn reduce_urls(v: &mut Value, paths: &[&str], stripped: &mut Vec<String>) {
 
 /// Hash every plaintext string at `path` with `hash` (values that already look
 /// hashed are left alone). Returns whether anything changed.
-pub fn hash_at(v: &mut Value, path: &str, hash: fn(&str) -> String) -> bool {
+pub(crate) fn hash_at(v: &mut Value, path: &str, hash: fn(&str) -> String) -> bool {
     modify_at(v, path, &mut |x| hash_value(x, hash))
 }
 
 /// Hash the plaintext strings (and numbers) in `x`, walking arrays; values that
 /// already look hashed are left alone. Returns whether anything changed.
-pub fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
+pub(crate) fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
     match x {
         Value::String(s) if !s.is_empty() && !identify::looks_hashed(s) => {
             *s = hash(s);
@@ -272,10 +272,14 @@ pub fn hash_value(x: &mut Value, hash: fn(&str) -> String) -> bool {
 }
 
 /// A vendor hashing function (see `identify::hash_*_for_vendor`).
-pub type Hasher = fn(&str) -> String;
+pub(crate) type Hasher = fn(&str) -> String;
 
 /// Hash each (path, hasher) pair; push the names of those changed to `hashed`.
-pub fn hash_all(v: &mut Value, spec: &[(&'static str, Hasher)], hashed: &mut Vec<&'static str>) {
+pub(crate) fn hash_all(
+    v: &mut Value,
+    spec: &[(&'static str, Hasher)],
+    hashed: &mut Vec<&'static str>,
+) {
     for (p, h) in spec {
         if hash_at(v, p, *h) {
             hashed.push(p);
@@ -284,7 +288,12 @@ pub fn hash_all(v: &mut Value, spec: &[(&'static str, Hasher)], hashed: &mut Vec
 }
 
 /// Add every string at each path to `ids` with `add`.
-pub fn collect(v: &Value, paths: &[&str], ids: &mut Identifiers, add: fn(&mut Identifiers, &str)) {
+pub(crate) fn collect(
+    v: &Value,
+    paths: &[&str],
+    ids: &mut Identifiers,
+    add: fn(&mut Identifiers, &str),
+) {
     for p in paths {
         for s in strings_at(v, p) {
             add(ids, &s);
@@ -297,7 +306,7 @@ pub fn collect(v: &Value, paths: &[&str], ids: &mut Identifiers, add: fn(&mut Id
 /// leave (it may drop it, or remove unknown contacts from it). Dropped events
 /// are removed. Returns whether anything changed, and what was done per event
 /// (payload order).
-pub fn enforce_array(
+pub(crate) fn enforce_array(
     events: &mut Vec<Value>,
     judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
@@ -341,11 +350,11 @@ pub fn enforce_array(
     (changed, applied)
 }
 
-pub use super::batch::enforce_json_batch;
+pub(crate) use super::batch::enforce_json_batch;
 
 /// Like [`enforce_json_batch`], for an array at a dotted path of nested
 /// objects (`data.attributes.profiles.data`; `""` or `"$"`: a top-level array).
-pub fn enforce_json_batch_at(
+pub(crate) fn enforce_json_batch_at(
     body: &[u8],
     path: &str,
     judge: &mut dyn Judge,
@@ -371,7 +380,7 @@ pub fn enforce_json_batch_at(
 /// a single LinkedIn conversion). The top level must be a JSON object. When
 /// the event is dropped the body becomes `{}` (the request is blocked anyway,
 /// and nothing of the original survives in it).
-pub fn enforce_json_single(
+pub(crate) fn enforce_json_single(
     body: &[u8],
     judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
@@ -381,7 +390,7 @@ pub fn enforce_json_single(
 }
 
 /// [`enforce_json_single`] on a body already parsed.
-pub fn enforce_single_value(
+pub(crate) fn enforce_single_value(
     root: Value,
     judge: &mut dyn Judge,
     identify: &dyn Fn(&Value) -> Identifiers,
@@ -406,7 +415,7 @@ pub fn enforce_single_value(
 
 /// SHA-256 hex of the trimmed, lower-cased value (names, cities, external
 /// ids). A value that already looks hashed is returned lower-cased as it is.
-pub fn hash_trimmed_lowercase(v: &str) -> String {
+pub(crate) fn hash_trimmed_lowercase(v: &str) -> String {
     if identify::looks_hashed(v) {
         return v.trim().to_ascii_lowercase();
     }
@@ -415,7 +424,7 @@ pub fn hash_trimmed_lowercase(v: &str) -> String {
 
 /// Google's email hashing (GA4 `user_data`, Google Ads `hashedEmail`): trimmed,
 /// lower-cased, and for gmail.com / googlemail.com without dots before the `@`.
-pub fn hash_email_google(v: &str) -> String {
+pub(crate) fn hash_email_google(v: &str) -> String {
     if identify::looks_hashed(v) {
         return v.trim().to_ascii_lowercase();
     }
@@ -430,7 +439,7 @@ pub fn hash_email_google(v: &str) -> String {
 
 /// Whether `method` is POST and `path` (trailing `/` ignored) splits into
 /// segments accepted by `shape`.
-pub fn post_path_matches(
+pub(crate) fn post_path_matches(
     method: &http::Method,
     path: &str,
     shape: &dyn Fn(&[&str]) -> bool,
@@ -445,11 +454,11 @@ pub fn post_path_matches(
 }
 
 /// Form body as ordered pairs.
-pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+pub(crate) fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body).into_owned().collect()
 }
 
-pub fn encode_form(pairs: &[(String, String)]) -> Vec<u8> {
+pub(crate) fn encode_form(pairs: &[(String, String)]) -> Vec<u8> {
     form_urlencoded::Serializer::new(String::new())
         .extend_pairs(pairs.iter())
         .finish()
@@ -459,7 +468,7 @@ pub fn encode_form(pairs: &[(String, String)]) -> Vec<u8> {
 /// Whether `host` (lower-case, no port) matches `pattern`: an exact host, or
 /// `*.suffix` for any host with at least one label before `.suffix` (the bare
 /// suffix itself does not match).
-pub fn host_matches(pattern: &str, host: &str) -> bool {
+pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     let pattern = pattern.trim().trim_end_matches('.');
     let host = host.trim_end_matches('.');
     match pattern.strip_prefix("*.") {
@@ -472,13 +481,13 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 }
 
 /// The non-empty segments of a URL path (`/a//b/` → `["a", "b"]`).
-pub fn path_segments(path: &str) -> Vec<&str> {
+pub(crate) fn path_segments(path: &str) -> Vec<&str> {
     path.split('/').filter(|s| !s.is_empty()).collect()
 }
 
 /// The array at a dotted path of nested objects (no array walking); `""` or
 /// `"$"` is the root itself.
-pub fn array_at_mut<'a>(root: &'a mut Value, path: &str) -> Option<&'a mut Vec<Value>> {
+pub(crate) fn array_at_mut<'a>(root: &'a mut Value, path: &str) -> Option<&'a mut Vec<Value>> {
     let mut cur = root;
     if !(path.is_empty() || path == "$") {
         for part in path.split('.') {
@@ -490,7 +499,7 @@ pub fn array_at_mut<'a>(root: &'a mut Value, path: &str) -> Option<&'a mut Vec<V
 
 /// Percent-decode a URL path segment (`%40` → `@`; `+` stays `+`). Invalid
 /// escapes are kept as they are; invalid UTF-8 is replaced.
-pub fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     fn hex(c: u8) -> Option<u8> {
         (c as char).to_digit(16).map(|d| d as u8)
     }
@@ -516,7 +525,7 @@ pub fn percent_decode(s: &str) -> String {
 
 /// Enforce a request that carries exactly one event: one decision, and the
 /// original bytes unchanged (a dropped single event blocks the request).
-pub fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super::Enforced {
+pub(crate) fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super::Enforced {
     super::Enforced {
         body: None,
         events: vec![EventApplied::new(judge.decide(ids))],
@@ -524,7 +533,7 @@ pub fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super::Enforc
 }
 
 /// A kept event that needs no rewriting (messaging and CRM vendors: no LDU).
-pub fn keep_as_is(_: &mut Value, _: &crate::decide::Keep, _: &mut EventApplied) {}
+pub(crate) fn keep_as_is(_: &mut Value, _: &crate::decide::Keep, _: &mut EventApplied) {}
 
 /// Test support shared by the adapters: the fixture consent store, a decide
 /// closure built from the default policy, and a leak check on output bytes.
@@ -537,7 +546,7 @@ pub(crate) mod testkit {
     use crate::model::{Category, Channel, DestKind};
     use md5::{Digest, Md5};
 
-    pub fn store() -> ConsentStore {
+    pub(crate) fn store() -> ConsentStore {
         let store = ConsentStore::new();
         for line in include_str!("../../config/consent.example.jsonl").lines() {
             if line.trim().is_empty() {
@@ -549,7 +558,7 @@ pub(crate) mod testkit {
         store
     }
 
-    pub fn decider(
+    pub(crate) fn decider(
         store: &ConsentStore,
         category: Category,
         channel: Option<Channel>,
@@ -567,14 +576,18 @@ pub(crate) mod testkit {
     }
 
     /// The adapter's own defaults: category, channel and kind.
-    pub fn decider_for<'a>(
+    pub(crate) fn decider_for<'a>(
         a: &dyn Adapter,
         store: &'a ConsentStore,
     ) -> impl FnMut(&Identifiers) -> EventVerdict + 'a {
         decider(store, a.default_category(), a.channel(), a.kind())
     }
 
-    pub fn req<'a>(method: &'a http::Method, host: &'a str, path: &'a str) -> RequestView<'a> {
+    pub(crate) fn req<'a>(
+        method: &'a http::Method,
+        host: &'a str,
+        path: &'a str,
+    ) -> RequestView<'a> {
         RequestView {
             method,
             host,
@@ -584,18 +597,18 @@ pub(crate) mod testkit {
         }
     }
 
-    pub fn md5_hex(s: &str) -> String {
+    pub(crate) fn md5_hex(s: &str) -> String {
         hex::encode(Md5::digest(s.as_bytes()))
     }
 
     /// Assert no trace of each email / phone in `out` (every form, see
     /// [`super::adkit::forms`]).
-    pub fn assert_absent(out: &[u8], values: &[&str]) {
+    pub(crate) fn assert_absent(out: &[u8], values: &[&str]) {
         super::adkit::assert_absent(out, values)
     }
 
     /// The verdicts' drop flags, in order.
-    pub fn drops(events: &[super::EventApplied]) -> Vec<bool> {
+    pub(crate) fn drops(events: &[super::EventApplied]) -> Vec<bool> {
         events.iter().map(|e| e.verdict.is_drop()).collect()
     }
 }
@@ -663,15 +676,15 @@ mod tests {
 /// Fixture-backed helpers for adapter tests: a store loaded with
 /// `config/consent.example.jsonl`, the default policy, and a leak check.
 #[cfg(test)]
-pub mod adkit {
+pub(crate) mod adkit {
     use crate::decide::{Context, EventVerdict, Policy};
     use crate::identify::{self, Identifiers};
     use crate::model::{Category, DestKind};
 
-    pub use super::testkit::store;
+    pub(crate) use super::testkit::store;
 
     /// The default policy for `advertising` on a destination of `kind`.
-    pub fn decider(kind: DestKind) -> impl FnMut(&Identifiers) -> EventVerdict {
+    pub(crate) fn decider(kind: DestKind) -> impl FnMut(&Identifiers) -> EventVerdict {
         let store = store();
         let policy = Policy::default();
         move |ids: &Identifiers| {
@@ -690,7 +703,7 @@ pub mod adkit {
 
     /// Every form an identifier could leave in: plain, lower-cased, phone
     /// digits and E.164, each also as SHA-256 hex and MD5 hex.
-    pub fn forms(v: &str) -> Vec<String> {
+    pub(crate) fn forms(v: &str) -> Vec<String> {
         let mut base = vec![v.to_string(), v.trim().to_lowercase()];
         if let Some(d) = identify::normalize_phone(v) {
             if v.chars().filter(|c| c.is_ascii_digit()).count() >= 7 && !v.contains('@') {
@@ -712,7 +725,7 @@ pub mod adkit {
 
     /// Panics (naming the fixture, not the output) when any form of any of
     /// `values` occurs in `out`, raw or form-decoded.
-    pub fn assert_absent(out: &[u8], values: &[&str]) {
+    pub(crate) fn assert_absent(out: &[u8], values: &[&str]) {
         let raw = String::from_utf8_lossy(out).to_lowercase();
         let decoded = form_urlencoded::parse(out)
             .map(|(k, v)| format!("{k}={v}"))
@@ -731,7 +744,7 @@ pub mod adkit {
 
     /// Panics when any of `values` occurs in plain text in `out`, raw or
     /// form-decoded (kept events: their identifiers must leave hashed).
-    pub fn assert_no_plaintext(out: &[u8], values: &[&str]) {
+    pub(crate) fn assert_no_plaintext(out: &[u8], values: &[&str]) {
         let raw = String::from_utf8_lossy(out).to_lowercase();
         let decoded = form_urlencoded::parse(out)
             .map(|(k, v)| format!("{k}={v}"))

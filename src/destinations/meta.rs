@@ -18,7 +18,7 @@ use http::Method;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-pub struct MetaCapi;
+pub(crate) struct MetaCapi;
 
 /// Meta's field tables (SPEC §6 steps 3-5). The lazy path below reads them
 /// key by key inside `user_data`; unusual shapes go through [`Fields::apply`].
@@ -653,7 +653,7 @@ mod reference {
         })
     }
 
-    pub fn enforce(
+    pub(super) fn enforce(
         ct: &str,
         body: &[u8],
         decide: &mut dyn FnMut(&Identifiers) -> EventVerdict,

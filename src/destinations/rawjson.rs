@@ -16,7 +16,7 @@ use std::fmt;
 
 /// An object key, borrowed from the input unless it had escapes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Key<'a>(pub Cow<'a, str>);
+pub(crate) struct Key<'a>(pub Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -42,7 +42,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// A value of a lazy object: as it came, parsed, or an object of its own.
 #[derive(Debug)]
-pub enum Node<'a> {
+pub(crate) enum Node<'a> {
     Raw(&'a RawValue),
     Val(Value),
     Obj(Object<'a>),
@@ -50,7 +50,7 @@ pub enum Node<'a> {
 
 impl<'a> Node<'a> {
     /// The first byte of the JSON text (`{`, `[`, `"`, digit, `t`, `f`, `n`).
-    pub fn lead(&self) -> u8 {
+    pub(crate) fn lead(&self) -> u8 {
         match self {
             Node::Raw(r) => r.get().as_bytes().first().copied().unwrap_or(b' '),
             Node::Val(Value::Object(_)) | Node::Obj(_) => b'{',
@@ -61,7 +61,7 @@ impl<'a> Node<'a> {
     }
 
     /// The value as a `serde_json::Value` (parsed from the raw text if need be).
-    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+    pub(crate) fn to_value(&self) -> Result<Value, serde_json::Error> {
         match self {
             Node::Raw(r) => common::strict_json_str(r.get()),
             Node::Val(v) => Ok(v.clone()),
@@ -71,7 +71,7 @@ impl<'a> Node<'a> {
 
     /// Move the value out as a `serde_json::Value` (parsed if need be),
     /// leaving `null` behind.
-    pub fn take_value(&mut self) -> Result<Value, serde_json::Error> {
+    pub(crate) fn take_value(&mut self) -> Result<Value, serde_json::Error> {
         match std::mem::replace(self, Node::Val(Value::Null)) {
             Node::Raw(r) => common::strict_json_str(r.get()),
             Node::Val(v) => Ok(v),
@@ -79,7 +79,7 @@ impl<'a> Node<'a> {
         }
     }
 
-    pub fn write(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         match self {
             Node::Raw(r) => out.extend_from_slice(r.get().as_bytes()),
             // Writing a Value to a Vec cannot fail (keys are strings).
@@ -93,28 +93,28 @@ impl<'a> Node<'a> {
 
 /// A JSON object as ordered entries, duplicate keys merged (see the module doc).
 #[derive(Debug, Default)]
-pub struct Object<'a> {
+pub(crate) struct Object<'a> {
     pub entries: Vec<(Key<'a>, Node<'a>)>,
 }
 
 impl<'a> Object<'a> {
     /// Parse `text`, which must be one JSON object.
-    pub fn parse(text: &'a str) -> Result<Object<'a>, serde_json::Error> {
+    pub(crate) fn parse(text: &'a str) -> Result<Object<'a>, serde_json::Error> {
         serde_json::from_str(text)
     }
 
-    pub fn position(&self, key: &str) -> Option<usize> {
+    pub(crate) fn position(&self, key: &str) -> Option<usize> {
         self.entries.iter().position(|(k, _)| k.0 == key)
     }
 
-    pub fn get(&self, key: &str) -> Option<&Node<'a>> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Node<'a>> {
         self.entries
             .iter()
             .find(|(k, _)| k.0 == key)
             .map(|(_, v)| v)
     }
 
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node<'a>> {
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Node<'a>> {
         self.entries
             .iter_mut()
             .find(|(k, _)| k.0 == key)
@@ -122,19 +122,19 @@ impl<'a> Object<'a> {
     }
 
     /// Replace the value of `key` in place, or append it (`Map::insert`).
-    pub fn insert(&mut self, key: &'static str, value: Node<'a>) {
+    pub(crate) fn insert(&mut self, key: &'static str, value: Node<'a>) {
         match self.get_mut(key) {
             Some(v) => *v = value,
             None => self.entries.push((Key(Cow::Borrowed(key)), value)),
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// An object from a parsed one (values kept parsed).
-    pub fn from_value(v: Value) -> Object<'a> {
+    pub(crate) fn from_value(v: Value) -> Object<'a> {
         let entries = match v {
             Value::Object(m) => m
                 .into_iter()
@@ -146,7 +146,7 @@ impl<'a> Object<'a> {
     }
 
     /// Write as compact JSON (raw values as they came).
-    pub fn write(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         out.push(b'{');
         for (i, (k, v)) in self.entries.iter().enumerate() {
             if i > 0 {
@@ -161,7 +161,7 @@ impl<'a> Object<'a> {
 
     /// [`Object::write`], with the value of `key` written by `f` (called once,
     /// when `key` is reached; `None` when the object has no such key).
-    pub fn write_with<R, E>(
+    pub(crate) fn write_with<R, E>(
         &self,
         out: &mut Vec<u8>,
         key: &str,
@@ -186,7 +186,7 @@ impl<'a> Object<'a> {
     }
 
     /// The whole object as a `serde_json::Value`.
-    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+    pub(crate) fn to_value(&self) -> Result<Value, serde_json::Error> {
         let mut m = serde_json::Map::with_capacity(self.entries.len());
         for (k, v) in &self.entries {
             m.insert(k.0.to_string(), v.to_value()?);
@@ -238,7 +238,7 @@ impl<'de> Deserialize<'de> for Object<'de> {
 /// an array (its elements sorted the same way), a string, or something else
 /// (syntax checked, not kept).
 #[derive(Debug)]
-pub enum Shape<'a> {
+pub(crate) enum Shape<'a> {
     Object(Object<'a>),
     /// An array's elements as they came (each sorted when it is read).
     Array(Vec<&'a RawValue>),
@@ -250,7 +250,7 @@ pub enum Shape<'a> {
 /// the value of `key` is sorted as a [`Shape`] too (in `special`; its entry in
 /// the object holds `null`).
 #[derive(Debug)]
-pub struct Doc<'a> {
+pub(crate) struct Doc<'a> {
     pub root: Shape<'a>,
     pub special: Option<Shape<'a>>,
 }
@@ -328,7 +328,7 @@ impl<'de> Deserialize<'de> for Shape<'de> {
 
 impl<'a> Shape<'a> {
     /// Parse `text` as one JSON value.
-    pub fn parse(text: &'a str) -> Result<Shape<'a>, serde_json::Error> {
+    pub(crate) fn parse(text: &'a str) -> Result<Shape<'a>, serde_json::Error> {
         serde_json::from_str(text)
     }
 }
@@ -336,7 +336,7 @@ impl<'a> Shape<'a> {
 impl<'a> Doc<'a> {
     /// Parse `bytes` (UTF-8 JSON) as one value, sorting `key` of a top-level
     /// object as a shape of its own.
-    pub fn parse(bytes: &'a [u8], key: &'static str) -> Result<Doc<'a>, serde_json::Error> {
+    pub(crate) fn parse(bytes: &'a [u8], key: &'static str) -> Result<Doc<'a>, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let mut special = None;
         let root = serde::Deserializer::deserialize_any(
@@ -352,7 +352,7 @@ impl<'a> Doc<'a> {
 }
 
 /// Append `s` as a JSON string, escaped the way serde_json writes strings.
-pub fn write_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     // Writing a str to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }

@@ -394,19 +394,15 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
     };
     let query = parts.uri.query().filter(|q| !q.is_empty());
     if route.mode == Mode::Passthrough || !route.adapter.inspects(&parts.method, parts.uri.path()) {
-        // A query carries data as a body does (Graph reads `?data=`, `?method=post`).
-        if route.mode == Mode::Passthrough || (!head.has_body && query.is_none()) {
-            return Gate::Pass(Pass {
+        return match uninspected(route, head, query.is_some()) {
+            None => Gate::Pass(Pass {
                 dest,
                 uri,
                 shape: route.refusal_shape,
                 reason: "not_inspected",
-            });
-        }
-        if media_type(&parts.headers).is_some_and(|t| t.starts_with("application/grpc")) {
-            return refuse(dest, Refusal::grpc_not_inspected());
-        }
-        return refuse(dest, Refusal::uninspected_endpoint());
+            }),
+            Some(r) => refuse(dest, r),
+        };
     }
     if let Some(r) = query.and_then(|q| unread_query_param(q, route.adapter.query_params())) {
         return refuse(dest, r);
@@ -432,6 +428,20 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         encoding,
         limit,
         content_type: media_type(&parts.headers),
+    })
+}
+
+/// A request to an endpoint no adapter inspects: it passes unread only in
+/// `mode: passthrough` or when it carries neither a body nor a query (a query
+/// carries data as a body does: Graph reads `?data=` and `?method=post`).
+fn uninspected(route: &Route, head: &Head<'_>, has_query: bool) -> Option<Refusal> {
+    if route.mode == Mode::Passthrough || (!head.has_body && !has_query) {
+        return None;
+    }
+    let grpc = media_type(&head.parts.headers).is_some_and(|t| t.starts_with("application/grpc"));
+    Some(match grpc {
+        true => Refusal::grpc_not_inspected(),
+        false => Refusal::uninspected_endpoint(),
     })
 }
 

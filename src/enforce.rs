@@ -23,7 +23,7 @@ use crate::destinations::{BodyError, Enforced, EventApplied, Judge, RequestView,
 use crate::forward::{self, UpstreamErrorKind};
 use crate::guard::{self, Guard, Intervention, Reason as GuardReason, Scan};
 use crate::identify::Identifiers;
-use crate::model::{Category, H_CATEGORY, H_PATIENT};
+use crate::model::{Category, Channel, H_CATEGORY, H_PATIENT};
 use crate::refusal::Shape;
 use crate::route::{self, Route, Target, Via};
 use http::header::{self, HeaderMap};
@@ -811,8 +811,10 @@ struct Judging<'a> {
     guard: Guard<'a>,
 }
 
-impl Judge for Judging<'_> {
-    fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
+impl Judging<'_> {
+    /// The verdict in each of `contexts` (none: the request's), the first drop
+    /// winning; recorded as the event's decision when `record`.
+    fn decide_in(&mut self, ids: &Identifiers, contexts: &[Context], record: bool) -> EventVerdict {
         let from_header;
         let ids = match (self.patient, ids.is_empty()) {
             (Some(p), true) => {
@@ -823,14 +825,40 @@ impl Judge for Judging<'_> {
             }
             _ => ids,
         };
-        let records = self.consent.lookup(ids);
-        let d = if self.trace {
-            let mut d = self.rt.policy.decide_traced(&self.context, records);
-            d.identifiers = ids.keys.clone();
-            d
+        let mut records = Some(self.consent.lookup(ids));
+        let own = [self.context];
+        let contexts = if contexts.is_empty() {
+            &own[..]
         } else {
-            self.rt.policy.decide(&self.context, records)
+            contexts
         };
+        let mut chosen: Option<Decision> = None;
+        for (i, ctx) in contexts.iter().enumerate() {
+            let recs = match i + 1 == contexts.len() {
+                true => records.take().unwrap_or_default(),
+                false => records.clone().unwrap_or_default(),
+            };
+            let d = match self.trace && record {
+                true => self.rt.policy.decide_traced(ctx, recs),
+                false => self.rt.policy.decide(ctx, recs),
+            };
+            let drop = d.verdict.is_drop();
+            if drop || chosen.is_none() {
+                chosen = Some(d);
+            }
+            if drop {
+                break;
+            }
+        }
+        let Some(mut d) = chosen else {
+            return EventVerdict::Drop(crate::decide::Reason::UnknownPatient);
+        };
+        if !record {
+            return d.verdict;
+        }
+        if self.trace {
+            d.identifiers = ids.keys.clone();
+        }
         // Whom the request may send for: kept events whose identity leaves.
         if let EventVerdict::Keep(k) = d.verdict {
             if !k.strip_identity {
@@ -865,6 +893,31 @@ impl Judge for Judging<'_> {
         };
         self.decisions.push(decided);
         v
+    }
+}
+
+impl Judge for Judging<'_> {
+    fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
+        self.decide_in(ids, &[], true)
+    }
+    fn decide_on(
+        &mut self,
+        ids: &Identifiers,
+        channels: &[Option<Channel>],
+        record: bool,
+    ) -> EventVerdict {
+        let contexts: Vec<Context> = channels
+            .iter()
+            .map(|ch| Context {
+                category: match ch {
+                    Some(c) => self.context.category.on_channel(*c),
+                    None => self.context.category,
+                },
+                channel: *ch,
+                ..self.context
+            })
+            .collect();
+        self.decide_in(ids, &contexts, record)
     }
     fn guard(
         &mut self,

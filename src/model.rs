@@ -51,6 +51,21 @@ impl Category {
         Category::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
+    /// The category a message of this category is when it reaches the patient
+    /// over `channel`: marketing is `marketing_email` by email and
+    /// `marketing_sms` by SMS; every other category is the same on any channel.
+    pub fn on_channel(self, channel: Channel) -> Category {
+        match (self, channel) {
+            (Category::MarketingEmail | Category::MarketingSms, Channel::Email) => {
+                Category::MarketingEmail
+            }
+            (Category::MarketingEmail | Category::MarketingSms, Channel::Sms) => {
+                Category::MarketingSms
+            }
+            (c, _) => c,
+        }
+    }
+
     /// Shipped default grant when a record does not set the category.
     pub(crate) fn shipped_default(self) -> Grant {
         match self {

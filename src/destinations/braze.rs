@@ -11,15 +11,24 @@
 //!   with no checkable identity (dropped as unknown). A send addressed to a
 //!   `segment_id`, an `audience` or a `broadcast` cannot be enforced per
 //!   recipient and is refused (`unenforceable_audience`, 451).
+//!   Each message kind in `messages` is decided with its channel: `email` by
+//!   email, `sms` and `whats_app` by SMS, with the request's category read on
+//!   that channel (marketing is `marketing_email` by email, `marketing_sms` by
+//!   SMS); push kinds, `content_card` and `webhook` reach no channel the consent
+//!   model names and are decided in the request's category. An unknown kind is
+//!   unreadable (422). Braze sends every kind to every recipient listed, so a
+//!   kind no recipient may receive is removed, and then a recipient is kept
+//!   only if every kind left may reach them (dropped otherwise, with the reason
+//!   of the first kind denied).
 //!
 //! Category: `marketing_email` by default for both endpoints, with no channel
-//! (Braze sends email, SMS and push alike); an app sending SMS through Braze
-//! names `X-Consent-Category: marketing_sms` per request.
+//! on `/users/track`; `X-Consent-Category` names another per request.
 
 use super::common::{self, enforce_array, keep_as_is};
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
+use crate::decide::EventVerdict;
 use crate::identify::Identifiers;
-use crate::model::{Category, DestKind};
+use crate::model::{Category, Channel, DestKind};
 use http::Method;
 use serde_json::Value;
 
@@ -84,6 +93,72 @@ fn enforce_track(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErr
     })
 }
 
+/// The channel a `messages` kind reaches its recipient over (`None`: one the
+/// consent model does not name, e.g. push); `Err` for a kind we do not know.
+fn kind_channel(kind: &str) -> Result<Option<Channel>, ()> {
+    match kind {
+        "email" => Ok(Some(Channel::Email)),
+        // WhatsApp goes to the phone number, like Twilio's `whatsapp:` sends.
+        "sms" | "whats_app" => Ok(Some(Channel::Sms)),
+        "apple_push" | "android_push" | "kindle_push" | "web_push" | "content_card" | "webhook" => {
+            Ok(None)
+        }
+        _ => Err(()),
+    }
+}
+
+/// The message kinds of a send with their channels, in payload order (a kind
+/// set to `null` is none).
+fn message_kinds(
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Vec<(String, Option<Channel>)>, BodyError> {
+    let msgs = match obj.get("messages") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(BodyError::Unreadable("`messages` is not an object".into())),
+    };
+    let mut kinds = Vec::new();
+    for (k, v) in msgs {
+        if v.is_null() {
+            continue;
+        }
+        let ch = kind_channel(k).map_err(|()| {
+            // Name the key only when it reads as a kind name, never as data.
+            let plain = k.len() <= 32 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            BodyError::Unreadable(match plain {
+                true => format!("`messages.{k}` is not a message kind consentgate decides"),
+                false => "`messages` holds a message kind consentgate does not decide".into(),
+            })
+        })?;
+        kinds.push((k.clone(), ch));
+    }
+    Ok(kinds)
+}
+
+/// A judge asking over the channels of the message kinds a recipient gets.
+struct Over<'j> {
+    judge: &'j mut dyn Judge,
+    channels: Vec<Option<Channel>>,
+}
+
+impl Judge for Over<'_> {
+    fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
+        self.judge.decide_on(ids, &self.channels, true)
+    }
+    fn guard(
+        &mut self,
+        index: usize,
+        event: &mut Value,
+    ) -> Result<Vec<String>, crate::guard::Reason> {
+        self.judge.guard(index, event)
+    }
+    fn guard_text(&mut self, index: usize, json: &[u8]) -> crate::guard::Scan {
+        self.judge.guard_text(index, json)
+    }
+}
+
+const RECIPIENTS: [&str; 2] = ["external_user_ids", "user_aliases"];
+
 fn enforce_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
     let mut root = common::parse_json(body)?;
     let Value::Object(obj) = &mut root else {
@@ -102,11 +177,9 @@ fn enforce_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
             });
         }
     }
-    let mut events = Vec::new();
-    let mut changed = false;
     let mut any = false;
-    for key in ["external_user_ids", "user_aliases"] {
-        let Some(list) = obj.get_mut(key) else {
+    for key in RECIPIENTS {
+        let Some(list) = obj.get(key) else {
             continue;
         };
         let Value::Array(list) = list else {
@@ -118,17 +191,63 @@ fn enforce_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
             ));
         }
         any = true;
-        let (c, applied) = enforce_array(list, judge, &recipient_ids, &keep_as_is);
-        if c && list.is_empty() {
-            obj.shift_remove(key);
-        }
-        changed |= c;
-        events.extend(applied);
     }
     if !any {
         return Err(BodyError::Unreadable(
             "no `external_user_ids` or `user_aliases` recipients".into(),
         ));
+    }
+    // Braze sends every kind to every recipient: a kind no recipient may get
+    // over its channel is removed; then a recipient is kept only if every
+    // kind left may reach them.
+    let kinds = message_kinds(obj)?;
+    let mut channels: Vec<Option<Channel>> = Vec::new();
+    for (_, ch) in &kinds {
+        if !channels.contains(ch) {
+            channels.push(*ch);
+        }
+    }
+    let mut open = Vec::new();
+    if channels.len() > 1 {
+        for ch in &channels {
+            let someone = RECIPIENTS
+                .iter()
+                .filter_map(|k| obj.get(*k).and_then(Value::as_array))
+                .flatten()
+                .any(|r| !judge.decide_on(&recipient_ids(r), &[*ch], false).is_drop());
+            if someone {
+                open.push(*ch);
+            }
+        }
+    }
+    let mut removed: Vec<String> = Vec::new();
+    if !open.is_empty() && open.len() < channels.len() {
+        if let Some(Value::Object(msgs)) = obj.get_mut("messages") {
+            for (k, ch) in &kinds {
+                if !open.contains(ch) {
+                    msgs.shift_remove(k);
+                    removed.push(format!("messages.{k}"));
+                }
+            }
+        }
+        channels = open;
+    }
+    let mut over = Over { judge, channels };
+    let mut events = Vec::new();
+    let mut changed = !removed.is_empty();
+    for key in RECIPIENTS {
+        let Some(Value::Array(list)) = obj.get_mut(key) else {
+            continue;
+        };
+        let (c, mut applied) = enforce_array(list, &mut over, &recipient_ids, &keep_as_is);
+        if c && list.is_empty() {
+            obj.shift_remove(key);
+        }
+        for a in applied.iter_mut().filter(|a| !a.verdict.is_drop()) {
+            a.strip_with(|v| v.extend(removed.iter().cloned()));
+        }
+        changed |= c;
+        events.extend(applied);
     }
     Ok(Enforced {
         body: changed.then(|| common::to_json(&root)),
@@ -275,6 +394,121 @@ mod tests {
         let all_ok = json!({"external_user_ids": ["crm:0031x00000abc"], "broadcast": false});
         let out = run("/messages/send", &all_ok).unwrap();
         assert!(out.body.is_none());
+    }
+
+    /// A judge that decides per channel as the proxy does (closures ignore it).
+    struct ByChannel<'a> {
+        store: &'a crate::consent::ConsentStore,
+        category: Category,
+        recorded: usize,
+    }
+
+    impl Judge for ByChannel<'_> {
+        fn decide(&mut self, ids: &Identifiers) -> EventVerdict {
+            self.decide_on(ids, &[], true)
+        }
+        fn decide_on(
+            &mut self,
+            ids: &Identifiers,
+            channels: &[Option<Channel>],
+            record: bool,
+        ) -> EventVerdict {
+            use crate::decide::{Context, Policy};
+            let own = [None];
+            let channels = if channels.is_empty() {
+                &own[..]
+            } else {
+                channels
+            };
+            self.recorded += usize::from(record);
+            let mut out = None;
+            for ch in channels {
+                let ctx = Context {
+                    category: ch.map_or(self.category, |c| self.category.on_channel(c)),
+                    channel: *ch,
+                    kind: DestKind::Email,
+                    header_gpc: false,
+                    stale: false,
+                };
+                let v = Policy::default()
+                    .decide(&ctx, self.store.lookup(ids))
+                    .verdict;
+                if v.is_drop() {
+                    return v;
+                }
+                out.get_or_insert(v);
+            }
+            out.unwrap_or(EventVerdict::Drop(crate::decide::Reason::UnknownPatient))
+        }
+        fn guard(&mut self, _: usize, _: &mut Value) -> Result<Vec<String>, crate::guard::Reason> {
+            Ok(Vec::new())
+        }
+        fn guard_text(&mut self, _: usize, _: &[u8]) -> crate::guard::Scan {
+            crate::guard::Scan::default()
+        }
+    }
+
+    fn send_by_channel(body: &Value, category: Category) -> (Result<Enforced, BodyError>, usize) {
+        let store = store();
+        let mut j = ByChannel {
+            store: &store,
+            category,
+            recorded: 0,
+        };
+        let bytes = serde_json::to_vec(body).unwrap();
+        let out = Braze.enforce(&req(&Method::POST, HOST, "/messages/send"), &bytes, &mut j);
+        (out, j.recorded)
+    }
+
+    #[test]
+    fn braze_message_kinds_decided_by_channel() {
+        use crate::decide::Reason;
+        let email = json!({"subject": "Hi", "body": "<p>x</p>"});
+        let sms = json!({"subscription_group_id": "g", "body": "x"});
+        // P-1009: email channel denied. P-1006: SMS channel denied, no marketing_sms.
+        let body = json!({"external_user_ids": ["P-1001", "P-1009", "P-1006"],
+                          "messages": {"email": email, "sms": sms}});
+        let (out, recorded) = send_by_channel(&body, Category::MarketingEmail);
+        let out = out.unwrap();
+        assert_eq!(recorded, 3, "one recorded decision per recipient");
+        assert_eq!(
+            out.events.iter().map(|e| e.verdict).collect::<Vec<_>>()[1..],
+            [
+                EventVerdict::Drop(Reason::ChannelDenied),
+                EventVerdict::Drop(Reason::ConsentDenied)
+            ]
+        );
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["external_user_ids"], json!(["P-1001"]));
+        assert_eq!(v["messages"], json!({"email": email, "sms": sms}));
+        // A kind nobody may receive goes; those left get the rest.
+        let body = json!({"external_user_ids": ["P-1009"],
+                          "messages": {"email": email, "sms": sms, "apple_push": {"alert": "x"}}});
+        let out = send_by_channel(&body, Category::MarketingEmail).0.unwrap();
+        assert!(!out.events[0].verdict.is_drop());
+        assert_eq!(out.events[0].fields_stripped(), ["messages.email"]);
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(
+            v["messages"],
+            json!({"sms": sms, "apple_push": {"alert": "x"}})
+        );
+        // Reminders: the category is kept, the channel still decides.
+        let body = json!({"external_user_ids": ["P-1006", "P-1007"], "messages": {"sms": sms}});
+        let out = send_by_channel(&body, Category::AppointmentReminders)
+            .0
+            .unwrap();
+        assert_eq!(drops(&out.events), vec![true, false]);
+        // Unknown or malformed kinds are unreadable.
+        for bad in [
+            json!({"external_user_ids": ["P-1001"], "messages": {"pigeon": {}}}),
+            json!({"external_user_ids": ["P-1001"], "messages": {"Email": email}}),
+            json!({"external_user_ids": ["P-1001"], "messages": "email"}),
+        ] {
+            assert!(matches!(
+                send_by_channel(&bad, Category::MarketingEmail).0,
+                Err(BodyError::Unreadable(_))
+            ));
+        }
     }
 
     #[test]

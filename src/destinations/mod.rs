@@ -155,6 +155,23 @@ pub struct SyntheticOk {
 pub trait Judge {
     /// The verdict for one event or recipient, in payload order.
     fn decide(&mut self, ids: &Identifiers) -> EventVerdict;
+    /// [`Judge::decide`] for a recipient a message reaches over each of
+    /// `channels` rather than over the destination's own (Braze: one request,
+    /// several message kinds). Each channel is decided with the request's
+    /// category as it reads on that channel ([`Category::on_channel`]); the
+    /// most restrictive verdict (the first drop) is the recipient's. With
+    /// `record`, that is the recipient's decision, like `decide`; without, it
+    /// is only asked (no decision recorded, nobody allowed for the guard).
+    /// An empty `channels` is `decide`. A plain closure ignores the channels.
+    fn decide_on(
+        &mut self,
+        ids: &Identifiers,
+        channels: &[Option<Channel>],
+        record: bool,
+    ) -> EventVerdict {
+        let _ = (channels, record);
+        self.decide(ids)
+    }
     /// A kept event (its payload index) as a value tree, as it will leave.
     /// `Err`: drop it, it names someone this request may not send for; `Ok`:
     /// the paths of unknown contacts removed from it (ad platforms and analytics).

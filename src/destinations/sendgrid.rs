@@ -7,9 +7,11 @@
 //! list left empty is removed; a personalization left with no `to` is removed
 //! (SendGrid requires one), and its remaining `cc`/`bcc` recipients are then
 //! reported dropped with the reason of its first dropped `to`, since they no
-//! longer receive anything. `mail_settings.bypass_list_management.enable: true`
-//! (and `bypass_unsubscribe_management`, which skips the same unsubscribe
-//! suppressions) is refused outright: it would defeat opt-outs.
+//! longer receive anything. Every `mail_settings.bypass_*_management`
+//! (`list`, `unsubscribe`, `spam`, `bounce`) that is on is refused outright
+//! (451 naming it): each skips a suppression list, and so opt-outs. `enable`
+//! is read as SendGrid may read it: `true`, `"true"` (any case), `1`, `"1"`
+//! are on; anything but a clear true or false is unreadable (422).
 
 use super::common::{self, enforce_array, enforce_json_batch, keep_as_is};
 use super::{Adapter, BodyError, Enforced, EventApplied, Judge, RequestView, SyntheticOk};
@@ -42,20 +44,100 @@ fn contact_ids(v: &Value) -> Identifiers {
     ids
 }
 
+/// The `mail_settings` that skip suppression lists, with what each skips.
+const BYPASS: [(&str, &str); 4] = [
+    (
+        "bypass_list_management",
+        "every unsubscribe group and suppression list",
+    ),
+    (
+        "bypass_unsubscribe_management",
+        "the global unsubscribe list",
+    ),
+    ("bypass_spam_management", "the spam report list"),
+    ("bypass_bounce_management", "the bounce list"),
+];
+
+/// A key as a lenient decoder may match it: without case, `_` or `-`
+/// (Go's `encoding/json` matches field names without case).
+fn folded(k: &str) -> String {
+    k.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// A flag as SendGrid may read it: `Some(true)` on (`true`, `"true"` in any
+/// case, `1`, `"1"`), `Some(false)` off (the same forms of false), `None`
+/// for anything else (`"yes"`, `2`, an object, `null`).
+fn flag(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_u64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        Value::String(s) if s.eq_ignore_ascii_case("true") || s == "1" => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") || s == "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Every `mail_settings.bypass_*_management` that is on refuses the request
+/// (451 naming the setting); one whose `enable` is neither a clear true nor a
+/// clear false is unreadable (422). Keys are matched as a lenient decoder
+/// would, so `Bypass_List_Management` or `Enable` count too.
 fn check_bypass(root: &Value) -> Result<(), BodyError> {
-    // Mail settings that skip unsubscribe / list suppressions.
-    for code in ["bypass_list_management", "bypass_unsubscribe_management"] {
-        let on = root
-            .get("mail_settings")
-            .and_then(|m| m.get(code))
-            .and_then(|s| s.get("enable"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if on {
-            return Err(BodyError::Forbidden {
-                code,
-                detail: format!("mail_settings.{code}.enable would skip unsubscribe suppressions"),
-            });
+    let Value::Object(top) = root else {
+        return Ok(());
+    };
+    for (k, settings) in top {
+        if folded(k) != "mailsettings" || settings.is_null() {
+            continue;
+        }
+        let Value::Object(settings) = settings else {
+            return Err(BodyError::Unreadable(
+                "`mail_settings` is not an object".into(),
+            ));
+        };
+        for (name, setting) in settings {
+            let name = folded(name);
+            let Some(&(code, skips)) = BYPASS.iter().find(|(c, _)| folded(c) == name) else {
+                continue;
+            };
+            let unclear = || {
+                BodyError::Unreadable(format!(
+                    "mail_settings.{code}.enable is neither true nor false"
+                ))
+            };
+            let state = match setting {
+                Value::Null => Some(false),
+                Value::Object(s) => {
+                    let mut enables = s.iter().filter(|(k, _)| folded(k) == "enable").peekable();
+                    if enables.peek().is_none() {
+                        return Err(unclear());
+                    }
+                    let mut on = false;
+                    for (_, v) in enables {
+                        on |= flag(v).ok_or_else(unclear)?;
+                    }
+                    Some(on)
+                }
+                _ => None,
+            };
+            match state {
+                None => return Err(unclear()),
+                Some(true) => {
+                    return Err(BodyError::Forbidden {
+                        code,
+                        detail: format!(
+                            "mail_settings.{code}.enable would skip {skips}, and so opt-outs"
+                        ),
+                    })
+                }
+                Some(false) => {}
+            }
         }
     }
     Ok(())
@@ -188,7 +270,7 @@ impl Adapter for SendGrid {
         "personalizations[].to/cc/bcc[].email; contacts[].email/phone_number_id/external_id"
     }
     fn ldu_signal(&self) -> &str {
-        "none (bypass_list_management refused)"
+        "none (bypass_*_management refused)"
     }
     fn refusal_shape(&self) -> crate::refusal::Shape {
         crate::refusal::Shape::SendGrid
@@ -282,6 +364,75 @@ mod tests {
             "mail_settings": {"bypass_list_management": {"enable": false}}
         });
         assert!(run("/v3/mail/send", Method::POST, &off).is_ok());
+    }
+
+    #[test]
+    fn sendgrid_bypass_flags_read_as_sendgrid_reads_them() {
+        let with = |settings: Value| {
+            let body = json!({
+                "personalizations": [{"to": [{"email": "jane.roe@example.com"}]}],
+                "mail_settings": settings
+            });
+            run("/v3/mail/send", Method::POST, &body)
+        };
+        for (code, _) in BYPASS {
+            for on in [
+                json!(true),
+                json!("true"),
+                json!("TRUE"),
+                json!(1),
+                json!("1"),
+            ] {
+                match with(json!({code: {"enable": on}})) {
+                    Err(BodyError::Forbidden { code: c, .. }) => assert_eq!(c, code),
+                    other => panic!("{code} = {on}: expected Forbidden, got {other:?}"),
+                }
+            }
+            for off in [
+                json!(false),
+                json!("False"),
+                json!(0),
+                json!("0"),
+                json!(null),
+            ] {
+                let settings = match off.is_null() {
+                    true => json!({code: null}),
+                    false => json!({code: {"enable": off}}),
+                };
+                assert!(with(settings).is_ok(), "{code} = {off}");
+            }
+            for unclear in [
+                json!({"enable": "yes"}),
+                json!({"enable": 2}),
+                json!({"enable": {}}),
+                json!({"enable": null}),
+                json!({}),
+                json!("true"),
+            ] {
+                assert!(
+                    matches!(with(json!({code: unclear})), Err(BodyError::Unreadable(_))),
+                    "{code} = {unclear}"
+                );
+            }
+            // Keys as a case-insensitive decoder reads them.
+            let upper = code.to_uppercase();
+            let body = json!({"personalizations": [{"to": [{"email": "jane.roe@example.com"}]}],
+                              "MAIL_SETTINGS": {upper: {"Enable": true}}});
+            assert!(matches!(
+                run("/v3/mail/send", Method::POST, &body),
+                Err(BodyError::Forbidden { .. })
+            ));
+            // Two `enable` keys: on if either is.
+            assert!(matches!(
+                with(json!({code: {"enable": false, "ENABLE": "1"}})),
+                Err(BodyError::Forbidden { .. })
+            ));
+        }
+        assert!(matches!(
+            with(json!(["bypass_list_management"])),
+            Err(BodyError::Unreadable(_))
+        ));
+        assert!(with(json!({"sandbox_mode": {"enable": true}})).is_ok());
     }
 
     #[test]

@@ -89,6 +89,10 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 /// Starts a fresh proxy, warms it with one small request of the same kind, then sends
 /// `n` copies of the batch at once and returns (growth of VmHWM in bytes, body bytes).
 async fn growth(name: &str, v: &Vendor, n: usize, people: &[&str]) -> (u64, usize) {
+    // One case at a time: each holds up to 32 MiB of batches in flight on a
+    // 2-core machine, and a figure measured beside another case's load says less.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = SERIAL.lock().await;
     let dir = test_dir(name);
     let ca = test_ca(&dir, VENDOR_HOSTS);
     let up = start_upstream(&ca).await;
@@ -149,7 +153,7 @@ async fn growth(name: &str, v: &Vendor, n: usize, people: &[&str]) -> (u64, usiz
     }
     // The trail: each batch is one `decision` record whose events cost about 110
     // bytes each (issue 21 asks at most 200), not a record of 500 per event.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let big: Vec<usize> = loop {
         let mut lines = Vec::new();
         for f in std::fs::read_dir(dir.join("audit")).unwrap() {

@@ -5,7 +5,13 @@
 //! The cases include the three disagreements issue 15 names (shadow with every
 //! event dropped, an oversized body with an unknown Content-Encoding, the
 //! PostgreSQL consent source), every refusal of README's table that is decided
-//! before anything is sent, and `on_blocked: synthetic_ok`.
+//! before anything is sent, and `on_blocked: synthetic_ok`. The others are
+//! conditions of the moment, not of the request, so `explain` cannot be asked
+//! them: 408 `request_timeout` and 431 `headers_too_large` (how the head or body
+//! arrived, refused by the listener before a request exists), 503 `overloaded`
+//! and `audit_unavailable` (the process's load and disk), 502
+//! `upstream_unavailable` and 504 `upstream_timeout` (the vendor); tests/limits.rs
+//! and tests/audit_state.rs cover them against the running binary.
 
 mod common;
 use common::*;
@@ -240,6 +246,52 @@ async fn explain_agrees_with_the_proxy_on_every_case() {
                    "from": {"email": "news@hospital.example"}, "subject": "Newsletter",
                    "content": [{"type": "text/plain", "value": "Hello"}]}),
         ),
+        // The egress guard (issue 16): a denied patient outside every event, a query
+        // parameter the adapter does not read, a query to an uninspected endpoint,
+        // a look-alike identity key; SendGrid's other bypass flags; gRPC.
+        Case::post("foreign_identifier", meta, events, {
+            let mut m = meta_events(&["jane.roe@example.com"]);
+            m["partner_agent"] = json!("for deny.me@example.com");
+            m
+        }),
+        Case::post(
+            "unread_query_param",
+            meta,
+            "/v19.0/1/events?data=%5B%5D",
+            meta_events(&["jane.roe@example.com"]),
+        ),
+        Case {
+            name: "query_to_uninspected_endpoint",
+            method: "GET",
+            host: meta,
+            path: "/v19.0/1/events?method=post&data=%5B%5D",
+            headers: vec![],
+            body: vec![],
+        },
+        Case::post(
+            "look_alike_key",
+            meta,
+            events,
+            json!({"data": [{"event_name": "Lead", "event_time": 1763600000, "action_source": "website",
+                             "user_data": {"em": ["jane.roe@example.com"], "EM": ["deny.me@example.com"]}}]}),
+        ),
+        Case::post(
+            "bypass_spam_management",
+            "api.sendgrid.com",
+            "/v3/mail/send",
+            json!({"personalizations": [{"to": [{"email": "jane.roe@example.com"}]}],
+                   "from": {"email": "news@hospital.example"}, "subject": "x",
+                   "content": [{"type": "text/plain", "value": "x"}],
+                   "mail_settings": {"bypass_spam_management": {"enable": "true"}}}),
+        ),
+        Case::post(
+            "grpc_not_inspected",
+            "googleads.googleapis.com",
+            "/google.ads.googleads.v17.services.ConversionUploadService/UploadClickConversions",
+            json!(null),
+        )
+        .header("content-type", "application/grpc")
+        .body(vec![0, 0, 0, 0, 2, 8, 1]),
     ];
     let seen = compare(&p, &up, &cases).await;
     let found = codes(&seen);
@@ -251,6 +303,9 @@ async fn explain_agrees_with_the_proxy_on_every_case() {
         "uninspected_endpoint",
         "bad_request",
         "unknown_destination",
+        "foreign_identifier",
+        "bypass_spam_management",
+        "grpc_not_inspected",
     ] {
         assert!(
             found.iter().any(|c| c == code),

@@ -144,16 +144,26 @@ fn phones(s: &str, out: &mut Vec<Found>) {
             continue;
         }
         let mut j = i;
+        // Just after the last digit: separators after it belong to the text
+        // around the number ("call 14155550102 today").
+        let mut end = i;
         let (mut digits, mut separators) = (String::new(), false);
         while j < b.len() {
             match b[j] {
-                c if c.is_ascii_digit() => digits.push(c as char),
+                c if c.is_ascii_digit() => {
+                    digits.push(c as char);
+                    end = j + 1;
+                }
                 b' ' | b'-' | b'.' | b'(' | b')' | b'/' => separators = true,
                 b'+' if j == i => {}
                 _ => break,
             }
             j += 1;
         }
+        let (j, separators) = match end {
+            e if e < j => (e, s[i..e].bytes().any(|c| !c.is_ascii_digit() && c != b'+')),
+            _ => (j, separators),
+        };
         let ends_in_word = j < b.len() && (b[j].is_ascii_alphabetic() || b[j] == b':');
         if (7..=15).contains(&digits.len()) && !ends_in_word {
             let formatted = b[i] == b'+' || (separators && looks_national(&s[i..j]));
@@ -569,6 +579,13 @@ mod tests {
             formatted: true
         }));
         assert!(f.contains(&Found::Token("crm:0031x00000abc".into())));
+        // A number followed by a space and a word is still a number.
+        assert!(found("re: call 14155550102 today").iter().any(
+            |x| matches!(x, Found::Phone { digits, .. } if digits == "14155550102")
+        ));
+        assert!(found("call (415) 555-0102 today").iter().any(
+            |x| matches!(x, Found::Phone { digits, formatted: true } if digits == "14155550102")
+        ));
         let h = identify::sha256_hex(b"jane.roe@example.com");
         assert!(found(&h).contains(&Found::Sha256(identify::sha256(b"jane.roe@example.com"))));
         let md5 = "0123456789abcdef0123456789ABCDEF";

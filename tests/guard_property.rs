@@ -141,12 +141,6 @@ const VENDORS: &[Vendor] = &[
     Vendor::Braze,
 ];
 
-impl Vendor {
-    fn ads(self) -> bool {
-        !matches!(self, Vendor::SendGrid | Vendor::Twilio | Vendor::Braze)
-    }
-}
-
 /// Set `v` at a JSON pointer, making objects on the way.
 fn put(root: &mut Value, pointer: &str, v: Value) {
     let mut cur = root;

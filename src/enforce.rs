@@ -404,7 +404,12 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             Some(r) => refuse(dest, r),
         };
     }
-    if let Some(r) = query.and_then(|q| unread_query_param(q, route.adapter.query_params())) {
+    let own_query = route.adapter.reads_query(&parts.method, parts.uri.path());
+    let params = route.adapter.query_params();
+    if let Some(r) = query
+        .filter(|_| !own_query)
+        .and_then(|q| unread_query_param(q, params))
+    {
         return refuse(dest, r);
     }
     let limit = rt.config.max_body_bytes;
@@ -506,6 +511,8 @@ pub(crate) struct Forward {
     pub decision: RequestDecision,
     /// The audit reason of the request-level record (`enforced`, `shadow`).
     pub reason: &'static str,
+    /// The upstream URI, when the adapter rewrote the query (GA4 `/g/collect`).
+    pub uri: Option<Uri>,
 }
 
 /// What the body decides.
@@ -557,9 +564,11 @@ pub(crate) fn plan(
     };
     let route = inspect.route;
     // When every event is dropped nothing leaves: no last pass is needed.
+    let query = e.enforced.query.take();
     let foreign = !e.all_dropped() && {
         let out_plain = e.enforced.body.as_deref().unwrap_or(&plain);
-        last_pass(&mut guard, inspect, parts, out_plain)
+        let out_query = query.as_deref().or(parts.uri.query());
+        last_pass(&mut guard, inspect, parts, out_plain, out_query)
     };
     e.interventions = guard.interventions;
     if route.mode == Mode::Shadow {
@@ -567,6 +576,7 @@ pub(crate) fn plan(
             body: reencoded(inspect, &plain, raw),
             decision: RequestDecision::Allowed,
             reason: "shadow",
+            uri: None,
         };
         return Planned {
             plan: Plan::Forward(shadow),
@@ -580,28 +590,58 @@ pub(crate) fn plan(
     if foreign {
         return refused(Refusal::foreign_identifier(), Some(e));
     }
-    let decision = match e.changed() {
+    match forwarded(inspect, &mut e, query, &plain, raw) {
+        Ok(f) => Planned {
+            plan: Plan::Forward(f),
+            enforcement: Some(e),
+        },
+        Err(r) => refused(r, Some(e)),
+    }
+}
+
+/// What leaves once everything is decided: the rewritten body (moved, not
+/// copied) or the original re-encoded, and the rewritten query if any.
+fn forwarded(
+    inspect: &Inspect<'_>,
+    e: &mut Enforcement,
+    query: Option<String>,
+    plain: &[u8],
+    raw: &[u8],
+) -> Result<Forward, Refusal> {
+    let decision = match e.changed() || query.is_some() {
         true => RequestDecision::Modified,
         false => RequestDecision::Allowed,
     };
-    // The rewritten body moves into the plan (`changed` was read above).
     let body = match e.enforced.body.take() {
         Some(new_plain) if inspect.encoding == Encoding::Identity => Outgoing::Rewritten(new_plain),
-        Some(new_plain) => match body::encode(inspect.encoding, &new_plain) {
-            Ok(b) => Outgoing::Rewritten(b),
-            Err(d) => return refused(Refusal::encode_failed(d), Some(e)),
-        },
-        None => reencoded(inspect, &plain, raw),
+        Some(new_plain) => Outgoing::Rewritten(
+            body::encode(inspect.encoding, &new_plain).map_err(Refusal::encode_failed)?,
+        ),
+        None => reencoded(inspect, plain, raw),
     };
-    let forward = Forward {
+    let uri = match query {
+        None => None,
+        Some(q) => Some(with_query(&inspect.uri, &q).ok_or_else(|| {
+            Refusal::encode_failed("the rewritten query string is not a valid URI".into())
+        })?),
+    };
+    Ok(Forward {
         body,
         decision,
         reason: "enforced",
+        uri,
+    })
+}
+
+/// `uri` with its query string replaced (removed when `q` is empty).
+fn with_query(uri: &Uri, q: &str) -> Option<Uri> {
+    let pq = match q {
+        "" => uri.path().to_string(),
+        q => format!("{}?{q}", uri.path()),
     };
-    Planned {
-        plan: Plan::Forward(forward),
-        enforcement: Some(e),
-    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// The body as it leaves when its content is unchanged: the original bytes when
@@ -622,9 +662,15 @@ fn reencoded(inspect: &Inspect<'_>, plain: &[u8], raw: &[u8]) -> Outgoing {
 /// The guard's last pass: every string the vendor would receive outside the
 /// events already guarded (the whole body again, the query, the header values
 /// but authentication). True: someone this request may not send for is named.
-fn last_pass(g: &mut Guard<'_>, inspect: &Inspect<'_>, parts: &Parts, body: &[u8]) -> bool {
+fn last_pass(
+    g: &mut Guard<'_>,
+    inspect: &Inspect<'_>,
+    parts: &Parts,
+    body: &[u8],
+    query: Option<&str>,
+) -> bool {
     let mut foreign = g.outside_body(body, inspect.content_type.as_deref());
-    if let Some(q) = parts.uri.query() {
+    if let Some(q) = query {
         let pairs: Vec<Cow<'_, str>> = form_urlencoded::parse(q.as_bytes())
             .flat_map(|(k, v)| [k, v])
             .collect();

@@ -580,9 +580,9 @@ mod tests {
         }));
         assert!(f.contains(&Found::Token("crm:0031x00000abc".into())));
         // A number followed by a space and a word is still a number.
-        assert!(found("re: call 14155550102 today").iter().any(
-            |x| matches!(x, Found::Phone { digits, .. } if digits == "14155550102")
-        ));
+        assert!(found("re: call 14155550102 today")
+            .iter()
+            .any(|x| matches!(x, Found::Phone { digits, .. } if digits == "14155550102")));
         assert!(found("call (415) 555-0102 today").iter().any(
             |x| matches!(x, Found::Phone { digits, formatted: true } if digits == "14155550102")
         ));

@@ -153,7 +153,7 @@ impl<'a> Exchange<'a> {
         let planned = tracing::debug_span!("plan")
             .in_scope(|| enforce::plan(rt, &self.app.consent, i, &parts, &raw, false));
         let Planned { plan, enforcement } = planned;
-        let (decision, reason, out) = match plan {
+        let (decision, reason, uri, out) = match plan {
             Plan::Refuse(refusal) => {
                 self.note(dest, enforcement);
                 return End::Refused { dest, refusal };
@@ -168,7 +168,7 @@ impl<'a> Exchange<'a> {
                         Bytes::from(b)
                     }
                 };
-                (f.decision, f.reason, out)
+                (f.decision, f.reason, f.uri, out)
             }
         };
         self.note(dest, enforcement);
@@ -181,7 +181,8 @@ impl<'a> Exchange<'a> {
             decision,
             reason,
         };
-        self.send(rt, egress, parts, i.uri.clone(), response::sliced_body(out))
+        let uri = uri.unwrap_or_else(|| i.uri.clone());
+        self.send(rt, egress, parts, uri, response::sliced_body(out))
             .await
     }
 

@@ -198,7 +198,7 @@ async fn twilio_query_fields_and_legacy_paths_are_read() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ga4_reads_its_credentials_and_refuses_other_hits() {
+async fn ga4_reads_its_credentials_and_decides_g_collect_hits() {
     let (p, up) = setup("query-ga4").await;
     let body = json!({"client_id": "123.456", "user_id": "P-1001",
                       "events": [{"name": "page_view", "params": {}}]});
@@ -210,18 +210,109 @@ async fn ga4_reads_its_credentials_and_refuses_other_hits() {
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(up.count(), 1);
-    // A gtag/server-side GTM hit carries the user in the query: not inspected, refused.
-    let hit = format!(
+    // A gtag/server-side GTM hit carries the user in the query: each hit is
+    // decided with the GA4 policy (issue 16.1, issue 17.2).
+    let ga = "www.google-analytics.com";
+    let hit = |uid: &str, extra: &[(&str, &str)]| {
+        let mut pairs = vec![
+            ("v", "2"),
+            ("tid", "G-TEST"),
+            ("cid", "111.222"),
+            ("uid", uid),
+            ("en", "page_view"),
+            ("dl", "https://hospital.example/oncology/appointments?id=7"),
+        ];
+        pairs.extend_from_slice(extra);
+        format!("/g/collect?{}", q(&pairs))
+    };
+    let r = send(p.proxy, Req::get(ga, &hit("P-1002", &[]))).await;
+    refused(
+        &r,
+        451,
+        "blocked_by_consent_policy",
+        "/g/collect, denied uid",
+    );
+    assert_eq!(
+        up.count(),
+        1,
+        "nothing of the denied patient's hit was sent"
+    );
+    // Granted: the hit leaves as it came.
+    let granted = hit("P-1001", &[("ep.note", "x")]);
+    let r = send(p.proxy, Req::get(ga, &granted)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.decision(), "allowed");
+    assert_eq!(up.last().path_and_query, granted);
+    // Sale/share opt-out (P-1003): uid gone, cid replaced, npa=1.
+    let r = send(p.proxy, Req::get(ga, &hit("P-1003", &[]))).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.decision(), "modified");
+    let got = up.last().path_and_query;
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(got.split_once('?').unwrap().1.as_bytes())
+            .into_owned()
+            .collect();
+    assert!(!pairs.iter().any(|(k, _)| k == "uid"), "{got}");
+    assert!(
+        pairs.iter().any(|(k, v)| k == "cid" && v != "111.222"),
+        "{got}"
+    );
+    assert!(pairs.iter().any(|(k, v)| k == "npa" && v == "1"), "{got}");
+    // limit_sensitive (P-1004): the page URL reduced, custom parameters gone.
+    let r = send(
+        p.proxy,
+        Req::get(
+            ga,
+            &hit("P-1004", &[("ep.search_term", "chemo"), ("dt", "Oncology")]),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = up.last().path_and_query;
+    assert!(
+        !got.contains("oncology") && !got.contains("chemo") && !got.contains("Oncology"),
+        "{got}"
+    );
+    // POST: shared parameters in the query, one hit per body line.
+    let post = format!(
         "/g/collect?{}",
         q(&[
             ("v", "2"),
             ("tid", "G-TEST"),
-            ("uid", "P-1002"),
-            ("em", "deny.me@example.com")
+            ("cid", "1.2"),
+            ("uid", "P-1002")
         ])
     );
-    let r = send(p.proxy, Req::get("www.google-analytics.com", &hit)).await;
-    refused(&r, 451, "uninspected_endpoint", "/g/collect");
+    let lines = "en=page_view&dl=https%3A%2F%2Fh.example%2F\nen=scroll";
+    let n = up.count();
+    let r = send(p.proxy, Req::post(ga, &post, lines)).await;
+    refused(
+        &r,
+        451,
+        "blocked_by_consent_policy",
+        "/g/collect POST, denied uid",
+    );
+    // A denied patient's address in a granted hit: the guard's last pass.
+    let r = send(
+        p.proxy,
+        Req::get(ga, &hit("P-1001", &[("ep.cc", "deny.me@example.com")])),
+    )
+    .await;
+    refused(
+        &r,
+        451,
+        "foreign_identifier",
+        "/g/collect, denied address in a granted hit",
+    );
+    // Two users in one request cannot be decided as one.
+    let two = format!("{post}&{}", q(&[("uid", "P-1001")]));
+    let r = send(p.proxy, Req::post(ga, &two, lines)).await;
+    refused(&r, 422, "unreadable_body", "/g/collect, two uids");
+    assert_eq!(up.count(), n);
+    for g in up.requests() {
+        assert_absent(g.path_and_query.as_bytes(), DENIED, "ga4 upstream query");
+        assert_absent(&g.body, DENIED, "ga4 upstream body");
+    }
     // A user id in an /mp/collect query is not what GA4 reads there.
     let bad = format!("{ok}&{}", q(&[("uid", "P-1002")]));
     let r = send(
@@ -230,5 +321,5 @@ async fn ga4_reads_its_credentials_and_refuses_other_hits() {
     )
     .await;
     refused(&r, 422, "unreadable_body", "uid in the mp query");
-    assert_eq!(up.count(), 1);
+    assert_eq!(up.count(), n);
 }

@@ -276,6 +276,7 @@ pub(crate) fn enforce_json_batch_checked(
     Ok(Enforced {
         body: changed.then_some(out),
         events: applied,
+        query: None,
     })
 }
 

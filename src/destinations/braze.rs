@@ -90,6 +90,7 @@ fn enforce_track(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErr
     Ok(Enforced {
         body: changed.then(|| common::to_json(&root)),
         events,
+        query: None,
     })
 }
 
@@ -252,6 +253,7 @@ fn enforce_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
     Ok(Enforced {
         body: changed.then(|| common::to_json(&root)),
         events,
+        query: None,
     })
 }
 

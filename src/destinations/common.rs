@@ -373,6 +373,7 @@ pub(crate) fn enforce_json_batch_at(
     Ok(super::Enforced {
         body: changed.then(|| to_json(&root)),
         events: applied,
+        query: None,
     })
 }
 
@@ -410,6 +411,7 @@ pub(crate) fn enforce_single_value(
     Ok(super::Enforced {
         body,
         events: applied,
+        query: None,
     })
 }
 
@@ -529,6 +531,7 @@ pub(crate) fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super:
     super::Enforced {
         body: None,
         events: vec![EventApplied::new(judge.decide(ids))],
+        query: None,
     }
 }
 

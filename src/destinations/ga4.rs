@@ -1,5 +1,8 @@
 //! Google Analytics 4 Measurement Protocol: `POST /mp/collect` (and the
-//! validation endpoint `/debug/mp/collect`) on www. or region1.google-analytics.com.
+//! validation endpoint `/debug/mp/collect`) on www. or region1.google-analytics.com,
+//! and the web hits gtag.js and server-side Tag Manager send to `/g/collect`
+//! (`GET` with the hit in the query, or `POST` with shared parameters in the
+//! query and one hit per body line): see [`enforce_hits`].
 //!
 //! One user per request: the whole body is one event for the decision, so a
 //! drop blocks the request. Sale/share opt-out removes `user_id`, `user_data`,
@@ -116,6 +119,161 @@ fn apply(v: &mut Value, keep: &Keep, a: &mut EventApplied) {
     a.hash_with(|h| common::hash_all(v, HASHED, h));
 }
 
+/// `/g/collect` parameters that identify the person (removed on a sale/share
+/// opt-out; `cid` is replaced by a random one instead).
+const HIT_IDENTITY: &[&str] = &["uid", "_uip", "em", "ul", "_uid"];
+/// `/g/collect` URL parameters, reduced to scheme://host/ under limit_sensitive.
+const HIT_URLS: &[&str] = &["dl", "dr"];
+
+fn is_hits(path: &str) -> bool {
+    common::path_segments(path) == ["g", "collect"]
+}
+
+/// One `/g/collect` request: the query's parameters apply to every hit, and each
+/// body line (if any) is one hit's own parameters. A web hit names one browser,
+/// so the request names at most one person: its `uid` (read as a patient and an
+/// external id, like `user_id`), or the app's `X-Patient-Id`. Each hit is decided
+/// (all alike) and the GA4 policy is applied to the query and to every line:
+/// a sale/share opt-out or GPC removes `uid`, `_uip`, `em`, `ul`, replaces `cid`
+/// and sets `npa=1` (no ad personalisation); limit_sensitive reduces `dl`/`dr`
+/// to scheme://host/ and removes `dt` and every custom event parameter (`ep.*`,
+/// `epn.*`). Two different `uid`s in one request are unreadable.
+fn enforce_hits(
+    query: Option<&str>,
+    body: &[u8],
+    judge: &mut dyn Judge,
+) -> Result<Enforced, BodyError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| BodyError::Unreadable("/g/collect body is not UTF-8".into()))?;
+    let parse = |s: &str| -> Vec<(String, String)> {
+        form_urlencoded::parse(s.as_bytes()).into_owned().collect()
+    };
+    let mut shared = parse(query.unwrap_or(""));
+    let mut lines: Vec<Vec<(String, String)>> = text
+        .split('\n')
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.is_empty())
+        .map(parse)
+        .collect();
+    let mut uids: Vec<&str> = Vec::new();
+    for (k, v) in shared.iter().chain(lines.iter().flatten()) {
+        if k == "uid" && !v.is_empty() && !uids.contains(&v.as_str()) {
+            uids.push(v);
+        }
+    }
+    if uids.len() > 1 {
+        return Err(BodyError::Unreadable(
+            "/g/collect names two users (`uid`); send one request per user".into(),
+        ));
+    }
+    let mut ids = Identifiers::new();
+    if let Some(u) = uids.first() {
+        ids.add_external(u);
+        ids.add_patient(u);
+    }
+    let hits = lines.len().max(1);
+    let mut applied: Vec<EventApplied> = (0..hits)
+        .map(|_| EventApplied::new(judge.decide(&ids)))
+        .collect();
+    let Some(keep) = applied.iter().find_map(|a| match a.verdict {
+        crate::decide::EventVerdict::Keep(k) => Some(k),
+        _ => None,
+    }) else {
+        return Ok(Enforced {
+            body: None,
+            events: applied,
+            query: None,
+        });
+    };
+    let mut a = EventApplied::new(crate::decide::EventVerdict::Keep(keep));
+    let mut changed = hit_policy(&mut shared, &keep, &mut a, true);
+    for l in lines.iter_mut() {
+        changed |= hit_policy(l, &keep, &mut a, false);
+    }
+    for x in applied.iter_mut().filter(|x| !x.verdict.is_drop()) {
+        *x = a.clone();
+    }
+    if !changed {
+        return Ok(Enforced {
+            body: None,
+            events: applied,
+            query: None,
+        });
+    }
+    let encode = |pairs: &[(String, String)]| {
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
+    };
+    let new_body = (!lines.is_empty()).then(|| {
+        let l: Vec<String> = lines.iter().map(|l| encode(l)).collect();
+        l.join("\n").into_bytes()
+    });
+    Ok(Enforced {
+        body: new_body,
+        events: applied,
+        query: Some(encode(&shared)),
+    })
+}
+
+/// The GA4 policy on one set of hit parameters; `shared` (the query) also
+/// carries the request-level signals. True when anything changed.
+fn hit_policy(
+    p: &mut Vec<(String, String)>,
+    keep: &Keep,
+    a: &mut EventApplied,
+    shared: bool,
+) -> bool {
+    let before = p.clone();
+    let mut stripped = Vec::new();
+    if keep.strip_identity {
+        p.retain(|(k, _)| {
+            let id = HIT_IDENTITY.contains(&k.as_str());
+            if id {
+                stripped.push(k.clone());
+            }
+            !id
+        });
+        for (k, v) in p.iter_mut() {
+            if k == "cid" {
+                *v = random_client_id();
+                stripped.push("cid".into());
+            }
+        }
+    }
+    if (keep.strip_identity || keep.ldu.is_some()) && shared {
+        p.retain(|(k, _)| k != "npa");
+        p.push(("npa".into(), "1".into()));
+        if !a.flags_set().iter().any(|f| f == "npa=1") {
+            a.ch().flags_set.push("npa=1".into());
+        }
+    }
+    if keep.limit_sensitive {
+        for (k, v) in p.iter_mut() {
+            if HIT_URLS.contains(&k.as_str()) {
+                let r = common::reduce_url(v);
+                if r != *v {
+                    *v = r;
+                    stripped.push(k.clone());
+                }
+            }
+        }
+        p.retain(|(k, _)| {
+            let sensitive = k == "dt" || k.starts_with("ep.") || k.starts_with("epn.");
+            if sensitive {
+                stripped.push(if k == "dt" { k.clone() } else { "ep.*".into() });
+            }
+            !sensitive
+        });
+    }
+    for s in stripped {
+        if !a.fields_stripped().contains(&s) {
+            a.ch().fields_stripped.push(s);
+        }
+    }
+    *p != before
+}
+
 impl Adapter for Ga4Mp {
     fn name(&self) -> &str {
         "ga4_mp"
@@ -139,16 +297,23 @@ impl Adapter for Ga4Mp {
         &["measurement_id", "api_secret", "firebase_app_id"]
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
-        common::post_path_matches(method, path, &|s| {
+        let hits = (*method == Method::GET || *method == Method::POST) && is_hits(path);
+        hits || common::post_path_matches(method, path, &|s| {
             matches!(s, ["mp", "collect"] | ["debug", "mp", "collect"])
         })
     }
+    fn reads_query(&self, _method: &Method, path: &str) -> bool {
+        is_hits(path)
+    }
     fn enforce(
         &self,
-        _req: &RequestView<'_>,
+        req: &RequestView<'_>,
         body: &[u8],
         judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
+        if is_hits(req.path) {
+            return enforce_hits(req.query, body, judge);
+        }
         common::enforce_json_single(body, judge, &identify_body, &apply)
     }
     fn synthetic_ok(&self) -> SyntheticOk {
@@ -283,7 +448,11 @@ mod tests {
             ));
         }
         assert!(Ga4Mp.inspects(&Method::POST, "/debug/mp/collect"));
-        assert!(!Ga4Mp.inspects(&Method::POST, "/g/collect"));
+        // Web hits are read too (their query is the hit: `reads_query`).
+        assert!(Ga4Mp.inspects(&Method::POST, "/g/collect"));
+        assert!(Ga4Mp.inspects(&Method::GET, "/g/collect"));
+        assert!(Ga4Mp.reads_query(&Method::GET, "/g/collect"));
+        assert!(!Ga4Mp.reads_query(&Method::POST, "/mp/collect"));
         assert!(!Ga4Mp.inspects(&Method::GET, "/mp/collect"));
     }
 }

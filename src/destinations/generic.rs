@@ -214,6 +214,7 @@ impl GenericAdapter {
         Ok(Enforced {
             body: changed.then(|| common::to_json(&root)),
             events: vec![a],
+            query: None,
         })
     }
 
@@ -244,6 +245,7 @@ impl GenericAdapter {
             return Ok(Enforced {
                 body: None,
                 events: vec![a],
+                query: None,
             });
         };
         let mut strip: Vec<&String> = Vec::new();
@@ -267,6 +269,7 @@ impl GenericAdapter {
         Ok(Enforced {
             body: changed.then(|| common::encode_form(&kept)),
             events: vec![a],
+            query: None,
         })
     }
 }

@@ -114,6 +114,7 @@ impl Adapter for LinkedinCapi {
                 Ok(Enforced {
                     body: changed.then(|| common::to_json(&root)),
                     events: applied,
+                    query: None,
                 })
             }
             Some(_) => Err(BodyError::Unreadable("`elements` is not an array".into())),

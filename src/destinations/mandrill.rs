@@ -102,6 +102,7 @@ impl Adapter for Mandrill {
         Ok(Enforced {
             body: changed.then(|| common::to_json(&root)),
             events: applied,
+            query: None,
         })
     }
     fn synthetic_ok(&self) -> SyntheticOk {

@@ -401,6 +401,7 @@ fn enforce_json(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
     Ok(Enforced {
         body: changed.then_some(out),
         events: applied,
+        query: None,
     })
 }
 
@@ -438,12 +439,14 @@ fn enforce_form(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
         return Ok(Enforced {
             body: None,
             events: applied,
+            query: None,
         });
     }
     pairs[i].1 = String::from_utf8_lossy(&text).into_owned();
     Ok(Enforced {
         body: Some(common::encode_form(&pairs)),
         events: applied,
+        query: None,
     })
 }
 
@@ -605,6 +608,7 @@ mod reference {
         Ok(Enforced {
             body: changed.then(|| common::to_json(&root)),
             events: applied,
+            query: None,
         })
     }
 
@@ -644,12 +648,14 @@ mod reference {
             return Ok(Enforced {
                 body: None,
                 events: applied,
+                query: None,
             });
         }
         pairs[i].1 = String::from_utf8_lossy(&common::to_json(&Value::Array(data))).into_owned();
         Ok(Enforced {
             body: Some(common::encode_form(&pairs)),
             events: applied,
+            query: None,
         })
     }
 

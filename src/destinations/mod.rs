@@ -128,6 +128,9 @@ pub struct Enforced {
     /// The rewritten body; `None` when the original bytes go out unchanged.
     pub body: Option<Vec<u8>>,
     pub events: Vec<EventApplied>,
+    /// The rewritten query string, for an endpoint whose query is its data
+    /// ([`Adapter::reads_query`]); `None` when the query goes out unchanged.
+    pub query: Option<String>,
 }
 
 /// A body the adapter refuses. Each maps to a status and a JSON error code.
@@ -250,6 +253,13 @@ pub trait Adapter: Send + Sync + 'static {
     /// no one's data (credentials, ids, switches), compared without case. Any
     /// other parameter makes the request unreadable (SPEC §6, the egress guard:
     /// the query is read like the body, and a field nobody reads is not sent).
+    /// Whether the endpoint's query string is data the adapter reads and
+    /// rewrites itself (GA4's `/g/collect` hits): then [`Adapter::query_params`]
+    /// does not apply, and the adapter may answer a new query in
+    /// [`Enforced::query`].
+    fn reads_query(&self, _method: &Method, _path: &str) -> bool {
+        false
+    }
     fn query_params(&self) -> &'static [&'static str] {
         &[]
     }

@@ -220,6 +220,7 @@ fn enforce_mail_send(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, Bod
     Ok(Enforced {
         body: changed.then(|| common::to_json(&root)),
         events: all,
+        query: None,
     })
 }
 

@@ -24,7 +24,7 @@ use serde_json::Value;
 use std::borrow::Cow;
 
 /// One identifier found in a string.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Found {
     /// A normalised email address.
     Email(String),
@@ -375,7 +375,13 @@ pub(crate) struct Guard<'a> {
     /// Ad platforms and analytics: unknown contacts outside identity fields go.
     remove_unknown: bool,
     pub(crate) interventions: Vec<Intervention>,
+    /// Who each identifier already looked up names (the same address is read in
+    /// its event and again in the last pass; a batch repeats its patients).
+    named: std::collections::HashMap<Found, Box<[Box<str>]>>,
 }
+
+/// Most identifiers one request remembers the lookup of.
+const MAX_REMEMBERED: usize = 4096;
 
 /// What scanning one place concluded.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -393,6 +399,7 @@ impl<'a> Guard<'a> {
             allowed: std::collections::HashSet::new(),
             remove_unknown,
             interventions: Vec::new(),
+            named: std::collections::HashMap::new(),
         }
     }
 
@@ -404,19 +411,34 @@ impl<'a> Guard<'a> {
     }
 
     /// Look up what a string holds.
-    pub(crate) fn scan_str(&self, s: &str) -> Scan {
+    pub(crate) fn scan_str(&mut self, s: &str) -> Scan {
         let mut found = Vec::new();
         scan_text(s, &mut found);
         let mut scan = Scan::default();
-        for f in &found {
-            let records = self.store.lookup(&f.identifiers());
-            if records.is_empty() {
-                scan.unknown_contact |= f.is_contact();
-            } else if records
-                .iter()
-                .any(|r| !self.allowed.contains(&*r.patient_id))
-            {
-                scan.foreign = true;
+        for f in found {
+            let foreign = match self.named.get(&f) {
+                Some(ids) if ids.is_empty() => None,
+                Some(ids) => Some(ids.iter().any(|p| !self.allowed.contains(p))),
+                None => {
+                    let ids: Box<[Box<str>]> = self
+                        .store
+                        .lookup(&f.identifiers())
+                        .into_iter()
+                        .map(|r| r.patient_id)
+                        .collect();
+                    let foreign = match ids.is_empty() {
+                        true => None,
+                        false => Some(ids.iter().any(|p| !self.allowed.contains(p))),
+                    };
+                    if self.named.len() < MAX_REMEMBERED {
+                        self.named.insert(f.clone(), ids);
+                    }
+                    foreign
+                }
+            };
+            match foreign {
+                None => scan.unknown_contact |= f.is_contact(),
+                Some(x) => scan.foreign |= x,
             }
         }
         scan
@@ -442,7 +464,7 @@ impl<'a> Guard<'a> {
     }
 
     fn walk(
-        &self,
+        &mut self,
         v: &mut Value,
         path: &mut String,
         foreign: &mut Option<String>,

@@ -85,7 +85,7 @@ const MAX_TOKENS: usize = 4096;
 pub(crate) fn scan_text(s: &str, out: &mut Vec<Found>) {
     scan_plain(s, out);
     if s.contains('%') {
-        let decoded = crate::destinations::common::percent_decode(s);
+        let decoded = crate::identify::percent_decode(s);
         if decoded != s {
             scan_plain(&decoded, out);
         }

@@ -24,6 +24,8 @@ const MANDRILL_KEY: &str = "mandrill-webhook-key-0123";
 const VENDOR_KEY: &str = "vendor-api-key-0123";
 const MD_EMAIL: &str = "md.loop@example.com";
 const SMS_PHONE: &str = "+14155550191";
+/// In the snapshot file only (plaintext there, hashed once stored).
+const SNAP_EMAIL: &str = "snap.loop@example.com";
 const ANSWER_21610: &str = r#"{"code": 21610, "message": "Attempt to send to unsubscribed recipient", "more_info": "https://www.twilio.com/docs/errors/21610", "status": 400}"#;
 
 fn patients(third_sms: &str) -> Vec<Value> {
@@ -37,6 +39,12 @@ fn patients(third_sms: &str) -> Vec<Value> {
             "categories": granted, "updated_at": "2026-11-20T10:00:00Z", "source": "crm"}),
         json!({"patient_id": "P-LOOP-3", "identifiers": {"external_ids": ["braze:braze-loop-3"]},
             "categories": granted, "channels": {"sms": third_sms},
+            "updated_at": if third_sms == "denied" { "2026-11-21T10:00:00Z" } else { "2026-11-20T10:00:00Z" },
+            "source": "crm"}),
+        // Denies the email channel in the same snapshot edit: SendGrid needs
+        // the address, which only the snapshot carries.
+        json!({"patient_id": "P-LOOP-4", "identifiers": {"emails": [SNAP_EMAIL]},
+            "categories": granted, "channels": {"email": third_sms},
             "updated_at": if third_sms == "denied" { "2026-11-21T10:00:00Z" } else { "2026-11-20T10:00:00Z" },
             "source": "crm"}),
     ]
@@ -188,6 +196,10 @@ async fn webhook_learned_and_snapshot_opt_outs_reach_the_other_vendors() {
     write_snapshot(&dir, &patients("denied"));
     let braze = wait_for(&up, "rest.iad-01.braze.com", 2).await;
     braze_unsubscribe(&braze[1], "braze-loop-3");
+    // ... and the address only the snapshot carries reaches SendGrid's suppressions.
+    let sg = wait_for(&up, "api.sendgrid.com", 2).await;
+    assert_eq!(sg[1].path_and_query, "/v3/asm/suppressions/global");
+    assert_eq!(sg[1].json(), json!({"recipient_emails": [SNAP_EMAIL]}));
 
     eventually("every push delivered", 10, || async {
         metric(
@@ -200,15 +212,15 @@ async fn webhook_learned_and_snapshot_opt_outs_reach_the_other_vendors() {
     .await;
     // One push per opt-out, none twice; nothing else went to those vendors.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    assert_eq!(to(&up, "api.sendgrid.com").len(), 1);
+    assert_eq!(to(&up, "api.sendgrid.com").len(), 2);
     assert_eq!(to(&up, "rest.iad-01.braze.com").len(), 2);
     // Each push is audited as `kind: sync`; no address in the audit or the outbox.
     let delivered = audit(&dir)
         .iter()
         .filter(|r| r["kind"] == "sync" && r["decision"] == "delivered")
         .count();
-    assert_eq!(delivered, 3);
-    assert_absent(&audit_bytes(&dir), &[MD_EMAIL, SMS_PHONE], "audit");
+    assert_eq!(delivered, 4);
+    assert_absent(&audit_bytes(&dir), &[MD_EMAIL, SMS_PHONE, SNAP_EMAIL], "audit");
     let mut outbox = Vec::new();
     for e in std::fs::read_dir(dir.join("sync-outbox"))
         .unwrap()
@@ -218,5 +230,5 @@ async fn webhook_learned_and_snapshot_opt_outs_reach_the_other_vendors() {
             outbox.extend(std::fs::read(e.path()).unwrap());
         }
     }
-    assert_absent(&outbox, &[MD_EMAIL, SMS_PHONE], "outbox");
+    assert_absent(&outbox, &[MD_EMAIL, SMS_PHONE, SNAP_EMAIL], "outbox");
 }

@@ -22,4 +22,4 @@ pub(crate) use file_source::{FileSourceConfig, FileSourceHandle};
 pub(crate) use postgres::{PgSourceConfig, PgSourceHandle};
 pub(crate) use record::ConsentRecord;
 pub(crate) use source::{ChangeEvent, ConsentWriter};
-pub(crate) use store::{ConsentStore, StoreObserver};
+pub(crate) use store::{ConsentStore, Plaintext, StoreObserver};

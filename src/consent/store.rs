@@ -255,10 +255,20 @@ impl Cands {
 /// held, after the change is visible to readers: it must be quick, must not
 /// block and must not call back into the store.
 pub(crate) trait StoreObserver: Send + Sync {
-    /// `rec` (stored form) is now the patient's record.
-    fn stored(&self, rec: &ConsentRecord);
+    /// `rec` (stored form) is now the patient's record; `plain` holds the
+    /// plaintext addresses the write carried before they were hashed (a
+    /// snapshot's records do; the journal and PostgreSQL hold hashes only).
+    fn stored(&self, rec: &ConsentRecord, plain: &Plaintext);
     /// The patient's record is gone.
     fn deleted(&self, patient_id: &str);
+}
+
+/// The plaintext emails and phones of a record as it was written, before the
+/// store hashed them: only for the sync outbox's observer, never kept.
+#[derive(Default)]
+pub(crate) struct Plaintext {
+    pub(crate) emails: Vec<String>,
+    pub(crate) phones: Vec<String>,
 }
 
 /// Outcome of an upsert.
@@ -388,10 +398,21 @@ impl ConsentStore {
         let _ = self.sync_observer.set(o);
     }
 
+    /// The plaintext a record carries, when an observer wants it.
+    fn plaintext_of(&self, rec: &ConsentRecord) -> Plaintext {
+        match self.sync_observer.get() {
+            None => Plaintext::default(),
+            Some(_) => Plaintext {
+                emails: rec.identifiers.emails.clone(),
+                phones: rec.identifiers.phones.clone(),
+            },
+        }
+    }
+
     /// Caller holds the writer lock.
-    fn observe_stored(&self, rec: &ConsentRecord) {
+    fn observe_stored(&self, rec: &ConsentRecord, plain: &Plaintext) {
         if let Some(o) = self.sync_observer.get() {
-            o.stored(rec);
+            o.stored(rec, plain);
         }
     }
 
@@ -415,6 +436,7 @@ impl ConsentStore {
     /// Insert or replace by last-write-wins. Plaintext identifiers are hashed first.
     #[cfg(test)]
     pub(crate) fn upsert(&self, rec: ConsentRecord) -> Upsert {
+        let plain = self.plaintext_of(&rec);
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
@@ -426,32 +448,35 @@ impl ConsentStore {
             return Upsert::Superseded;
         }
         self.put_locked(blob);
-        self.observe_stored(&rec);
+        self.observe_stored(&rec, &plain);
         Upsert::Applied
     }
 
     /// Insert or replace unconditionally (the source of truth said so).
     pub fn put(&self, rec: ConsentRecord) {
+        let plain = self.plaintext_of(&rec);
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
         self.put_locked(blob);
-        self.observe_stored(&rec);
+        self.observe_stored(&rec, &plain);
     }
 
     /// Like `put`, returning the record as stored.
     pub(crate) fn put_arc(&self, rec: ConsentRecord) -> Arc<ConsentRecord> {
+        let plain = self.plaintext_of(&rec);
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
         self.put_locked(blob);
-        self.observe_stored(&rec);
+        self.observe_stored(&rec, &plain);
         Arc::new(rec)
     }
 
     /// Put unless the store already holds exactly this record (snapshot
     /// reloads touch only what changed). `true` when something changed.
     pub(crate) fn put_if_changed(&self, rec: ConsentRecord) -> bool {
+        let plain = self.plaintext_of(&rec);
         let rec = prepare(rec);
         let blob = compact::encode(&rec, &self.interner);
         let _w = lock(&self.write);
@@ -466,7 +491,7 @@ impl ConsentStore {
             return false;
         }
         self.put_locked(blob);
-        self.observe_stored(&rec);
+        self.observe_stored(&rec, &plain);
         true
     }
 

@@ -36,7 +36,7 @@ use crate::audit::{AuditRecord, AuditWriter, EncKey, PseudonymKey};
 use crate::config::{Config, SourceKind, SyncCfg};
 use crate::consent::source::BoxFuture;
 use crate::consent::{
-    ConsentRecord, ConsentStore, PgSourceConfig, PlaintextCarrier, StoreObserver,
+    ConsentRecord, ConsentStore, PgSourceConfig, Plaintext, PlaintextCarrier, StoreObserver,
 };
 use crate::forward::UpstreamClient;
 use crate::metrics::Metrics;
@@ -275,8 +275,8 @@ impl SyncOutbox {
 struct Observer(Arc<Inner>);
 
 impl StoreObserver for Observer {
-    fn stored(&self, rec: &ConsentRecord) {
-        self.0.observe(rec);
+    fn stored(&self, rec: &ConsentRecord, plain: &Plaintext) {
+        self.0.observe(rec, plain);
     }
     fn deleted(&self, patient_id: &str) {
         let Backend::File(f) = &self.0.backend else {
@@ -384,7 +384,7 @@ impl Inner {
     }
 
     /// Called by the store, under its writer lock: quick, no I/O.
-    fn observe(&self, rec: &ConsentRecord) {
+    fn observe(&self, rec: &ConsentRecord, plain: &Plaintext) {
         let mut new = Vec::new();
         let version = i64::try_from(rec.version).unwrap_or(i64::MAX);
         for (i, t) in self.targets.iter().enumerate() {
@@ -405,7 +405,18 @@ impl Inner {
                     continue;
                 }
             }
-            let addrs = self.held_for(&rec.patient_id);
+            let mut addrs = self.held_for(&rec.patient_id);
+            // A snapshot's record names its addresses itself (SPEC §13: from any source).
+            for e in &plain.emails {
+                if !addrs.emails.contains(e) {
+                    addrs.emails.push(e.clone());
+                }
+            }
+            for ph in &plain.phones {
+                if !addrs.phones.contains(ph) {
+                    addrs.phones.push(ph.clone());
+                }
+            }
             new.push(Offer {
                 target: i,
                 key,

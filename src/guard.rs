@@ -94,9 +94,34 @@ pub(crate) fn scan_text(s: &str, out: &mut Vec<Found>) {
 
 fn scan_plain(s: &str, out: &mut Vec<Found>) {
     emails(s, out);
+    // Phones, digests and ids all hold a digit (a 32- or 64-hex digest without
+    // one is not a digest of anything real): most strings have none.
+    if !s.bytes().any(|b| b.is_ascii_digit()) {
+        return;
+    }
     phones(s, out);
     hex_runs(s, out);
     tokens(s, out);
+}
+
+/// Token separators among ASCII characters (a table: this runs on every
+/// character the vendor would receive).
+const TOKEN_SEPARATORS: [bool; 128] = {
+    let mut t = [false; 128];
+    let seps = b",;&=?/#\"'()<>|[]{} \t\n\r\x0b\x0c";
+    let mut i = 0;
+    while i < seps.len() {
+        t[seps[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+fn is_token_separator(c: char) -> bool {
+    match c.is_ascii() {
+        true => TOKEN_SEPARATORS[c as usize],
+        false => c.is_whitespace(),
+    }
 }
 
 /// The local part's characters as addresses are written in practice (RFC 5322
@@ -242,8 +267,9 @@ fn tokens(s: &str, out: &mut Vec<Found>) {
     if id_like(whole) {
         out.push(Found::Token(whole.to_string()));
     }
-    let seps = |c: char| c.is_whitespace() || ",;&=?/#\"'()<>|[]{}".contains(c);
-    let parts = s.split(seps).filter(|t| *t != whole && id_like(t));
+    let parts = s
+        .split(is_token_separator)
+        .filter(|t| *t != whole && id_like(t));
     for t in parts.take(MAX_TOKENS) {
         out.push(Found::Token(t.to_string()));
     }

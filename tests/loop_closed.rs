@@ -220,7 +220,11 @@ async fn webhook_learned_and_snapshot_opt_outs_reach_the_other_vendors() {
         .filter(|r| r["kind"] == "sync" && r["decision"] == "delivered")
         .count();
     assert_eq!(delivered, 4);
-    assert_absent(&audit_bytes(&dir), &[MD_EMAIL, SMS_PHONE, SNAP_EMAIL], "audit");
+    assert_absent(
+        &audit_bytes(&dir),
+        &[MD_EMAIL, SMS_PHONE, SNAP_EMAIL],
+        "audit",
+    );
     let mut outbox = Vec::new();
     for e in std::fs::read_dir(dir.join("sync-outbox"))
         .unwrap()

@@ -789,13 +789,7 @@ impl State {
                 Some(c) => (len > 0 && len + need > limit) || today > c.day,
             };
             if rotate {
-                if !buf.is_empty() {
-                    self.append(&buf, in_buf, &prev, len)
-                        .map_err(|e| (done, e))?;
-                    done += in_buf;
-                    in_buf = 0;
-                    buf.clear();
-                }
+                self.flush_batch(&mut buf, &mut in_buf, &mut done, &prev, len)?;
                 self.rotate(today).map_err(|e| (done, e))?;
                 if self.enforce_cap().map_err(|e| (done, e))? {
                     // The checkpoint is now the chain's head: chain this record to it.
@@ -810,13 +804,7 @@ impl State {
             if line_len >= BIG_LINE {
                 // A large batch's record (its events ride on it): written from
                 // where it was made, not copied into the batch buffer first.
-                if !buf.is_empty() {
-                    self.append(&buf, in_buf, &prev, len)
-                        .map_err(|e| (done, e))?;
-                    done += in_buf;
-                    in_buf = 0;
-                    buf.clear();
-                }
+                self.flush_batch(&mut buf, &mut in_buf, &mut done, &prev, len)?;
                 let mut line = sealed.take().unwrap_or_else(|| std::mem::take(&mut plain));
                 line.push(b'\n');
                 len += line.len() as u64;
@@ -836,6 +824,27 @@ impl State {
             self.append(&buf, in_buf, &prev, len)
                 .map_err(|e| (done, e))?;
         }
+        Ok(())
+    }
+
+    /// Write what `buf` holds (`in_buf` complete lines, the last chained to
+    /// `prev`) and empty it; `done` counts the records written so far.
+    fn flush_batch(
+        &mut self,
+        buf: &mut Vec<u8>,
+        in_buf: &mut usize,
+        done: &mut usize,
+        prev: &str,
+        len: u64,
+    ) -> Result<(), (usize, String)> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.append(buf, *in_buf, prev, len)
+            .map_err(|e| (*done, e))?;
+        *done += *in_buf;
+        *in_buf = 0;
+        buf.clear();
         Ok(())
     }
 

@@ -91,6 +91,9 @@ impl<'a> Node<'a> {
     }
 }
 
+/// The writer [`Object::write`] passes: it names no key, so it never runs.
+type WriteNothing = fn(&mut Vec<u8>) -> Result<(), ()>;
+
 /// A JSON object as ordered entries, duplicate keys merged (see the module doc).
 #[derive(Debug, Default)]
 pub(crate) struct Object<'a> {
@@ -147,16 +150,7 @@ impl<'a> Object<'a> {
 
     /// Write as compact JSON (raw values as they came).
     pub(crate) fn write(&self, out: &mut Vec<u8>) {
-        out.push(b'{');
-        for (i, (k, v)) in self.entries.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, &k.0);
-            out.push(b':');
-            v.write(out);
-        }
-        out.push(b'}');
+        let _ = self.write_entries(out, None::<(&str, WriteNothing)>);
     }
 
     /// [`Object::write`], with the value of `key` written by `f` (called once,
@@ -167,7 +161,16 @@ impl<'a> Object<'a> {
         key: &str,
         f: impl FnOnce(&mut Vec<u8>) -> Result<R, E>,
     ) -> Result<Option<R>, E> {
-        let mut f = Some(f);
+        self.write_entries(out, Some((key, f)))
+    }
+
+    /// Write the entries, the value of the named key (if any) by its writer.
+    fn write_entries<R, E>(
+        &self,
+        out: &mut Vec<u8>,
+        replace: Option<(&str, impl FnOnce(&mut Vec<u8>) -> Result<R, E>)>,
+    ) -> Result<Option<R>, E> {
+        let mut replace = replace;
         let mut result = None;
         out.push(b'{');
         for (i, (k, v)) in self.entries.iter().enumerate() {
@@ -176,8 +179,8 @@ impl<'a> Object<'a> {
             }
             write_str(out, &k.0);
             out.push(b':');
-            match f.take_if(|_| k.0 == key) {
-                Some(f) => result = Some(f(out)?),
+            match replace.take_if(|(key, _)| k.0 == *key) {
+                Some((_, f)) => result = Some(f(out)?),
                 None => v.write(out),
             }
         }

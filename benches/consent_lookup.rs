@@ -47,6 +47,7 @@ fn synth(i: usize) -> ConsentRecord {
             external_ids: vec![external(i)],
             email_sha256: Vec::new(),
             phone_sha256: Vec::new(),
+            email_md5: Vec::new(),
         },
         jurisdiction: Some("US-CA".into()),
         categories,

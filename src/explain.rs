@@ -227,6 +227,7 @@ fn id_json(k: &IdKey, pseudonym: &dyn Fn(&str) -> String) -> Value {
         IdKey::External(x) => json!({"kind": "external_id", "pseudonym": pseudonym(x)}),
         IdKey::EmailHash(h) => json!({"kind": "email", "pseudonym": pseudonym(&hex::encode(h))}),
         IdKey::PhoneHash(h) => json!({"kind": "phone", "pseudonym": pseudonym(&hex::encode(h))}),
+        IdKey::EmailMd5(h) => json!({"kind": "email_md5", "pseudonym": pseudonym(&hex::encode(h))}),
     }
 }
 

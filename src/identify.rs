@@ -22,6 +22,9 @@ pub enum IdKey {
     EmailHash([u8; 32]),
     /// SHA-256 of a normalised phone (or a 64-hex value taken as already hashed).
     PhoneHash([u8; 32]),
+    /// A 32-hex value where an email stands: the MD5 of a normalised email
+    /// (Mailchimp's subscriber hash).
+    EmailMd5([u8; 16]),
 }
 
 /// Identifiers found in one event or recipient.
@@ -58,6 +61,8 @@ impl Identifiers {
     pub fn add_email(&mut self, v: &str) {
         if let Some(h) = parse_sha256_hex(v) {
             self.push(IdKey::EmailHash(h));
+        } else if let Some(h) = parse_md5_hex(v) {
+            self.push(IdKey::EmailMd5(h));
         } else if let Some(n) = normalize_email(v) {
             self.push(IdKey::EmailHash(sha256(n.as_bytes())));
         }
@@ -81,6 +86,11 @@ pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+pub(crate) fn md5(data: &[u8]) -> [u8; 16] {
+    use md5::Digest as _;
+    md5::Md5::digest(data).into()
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha256(data))
 }
@@ -92,6 +102,17 @@ pub(crate) fn parse_sha256_hex(v: &str) -> Option<[u8; 32]> {
         return None;
     }
     let mut out = [0u8; 32];
+    hex::decode_to_slice(v.to_ascii_lowercase(), &mut out).ok()?;
+    Some(out)
+}
+
+/// `Some` when `v` is exactly 32 hex digits (either case).
+pub(crate) fn parse_md5_hex(v: &str) -> Option<[u8; 16]> {
+    let v = v.trim();
+    if v.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
     hex::decode_to_slice(v.to_ascii_lowercase(), &mut out).ok()?;
     Some(out)
 }

@@ -259,3 +259,35 @@ async fn an_event_naming_a_patient_kept_later_in_the_batch_is_kept() {
         got.json()
     );
 }
+
+/// SPEC §5: the index holds the MD5 of each normalised email (Mailchimp's
+/// subscriber hash), so the MD5 of a denied patient's email is recognised
+/// wherever it stands: in a granted event's free field it drops the event, and
+/// as Meta's `em` it is the denied patient's own event.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_md5_of_a_denied_email_is_recognised() {
+    let (p, up) = setup("guard-md5", "").await;
+    let md5 = |e: &str| {
+        use md5::Digest as _;
+        hex::encode(md5::Md5::digest(e.as_bytes()))
+    };
+    let body = json!({"data": [
+        event("jane.roe@example.com", json!({})),
+        event("jane.roe@example.com", json!({"custom_data": {"ref": md5("deny.me@example.com")}})),
+        event(&md5("deny.me@example.com").to_uppercase(), json!({})),
+    ]});
+    let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = up.last();
+    assert_absent(&got.body, DENIED, "meta upstream bytes");
+    assert_eq!(got.json()["data"].as_array().unwrap().len(), 1);
+    let m = String::from_utf8(admin_get(&p, "/metrics").await.body).unwrap();
+    assert_eq!(metric(&m, "foreign_identifier"), 1, "{m}");
+
+    // The MD5 of an address nobody holds names nobody: the event is kept.
+    let unknown = md5("nobody.here@example.com");
+    let body = json!({"data": [event("jane.roe@example.com", json!({"custom_data": {"ref": unknown}}))]});
+    let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&up.last().body).contains(&unknown));
+}

@@ -15,6 +15,7 @@
 //! varint n, n x (varint len + external id)
 //! varint n, n x 32-byte email SHA-256
 //! varint n, n x 32-byte phone SHA-256
+//! varint n, n x 16-byte email MD5
 //! ```
 //!
 //! The encoding is canonical (equal records give equal bytes) and round-trips
@@ -22,7 +23,7 @@
 //! (SPEC §8) relies on. Decoding never panics: a blob that does not parse
 //! yields `None` and matches nothing.
 
-use super::record::{ConsentRecord, RecordIdentifiers, Sha256Hex};
+use super::record::{ConsentRecord, HexDigest, RecordIdentifiers};
 use crate::model::{Category, Channel, Grant};
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
@@ -255,23 +256,28 @@ impl<'a> Cursor<'a> {
     fn count(&mut self) -> Option<usize> {
         usize::try_from(self.var()?).ok()
     }
-    fn digests(&mut self) -> Option<Digests<'a>> {
+    fn digests<const N: usize>(&mut self) -> Option<Digests<'a, N>> {
         let n = self.count()?;
-        let bytes = self.take(n.checked_mul(32)?)?;
+        let bytes = self.take(n.checked_mul(N)?)?;
         Some(Digests(bytes))
     }
 }
 
-/// A run of 32-byte digests inside a blob.
+/// A run of `N`-byte digests inside a blob.
 #[derive(Clone, Copy)]
-pub(crate) struct Digests<'a>(&'a [u8]);
+pub(crate) struct Digests<'a, const N: usize>(&'a [u8]);
 
-impl<'a> Digests<'a> {
+impl<'a, const N: usize> Digests<'a, N> {
     pub(crate) fn iter(self) -> impl Iterator<Item = &'a [u8]> {
-        self.0.chunks_exact(32)
+        self.0.chunks_exact(N)
     }
-    fn contains(self, d: &[u8; 32]) -> bool {
+    fn contains(self, d: &[u8; N]) -> bool {
         self.iter().any(|x| x == d.as_slice())
+    }
+    fn to_vec(self) -> Option<Vec<HexDigest<N>>> {
+        self.iter()
+            .map(|x| <[u8; N]>::try_from(x).ok().map(HexDigest))
+            .collect()
     }
 }
 
@@ -318,8 +324,9 @@ pub(crate) struct Parsed<'a> {
 pub(crate) struct Sections<'a> {
     external: Cursor<'a>,
     n_external: usize,
-    pub(crate) emails: Digests<'a>,
-    pub(crate) phones: Digests<'a>,
+    pub(crate) emails: Digests<'a, 32>,
+    pub(crate) phones: Digests<'a, 32>,
+    pub(crate) md5s: Digests<'a, 16>,
 }
 
 impl<'a> Sections<'a> {
@@ -361,11 +368,13 @@ impl<'a> Parsed<'a> {
         }
         let emails = c.digests()?;
         let phones = c.digests()?;
+        let md5s = c.digests()?;
         Some(Sections {
             external,
             n_external,
             emails,
             phones,
+            md5s,
         })
     }
 
@@ -400,6 +409,9 @@ impl<'a> Parsed<'a> {
     pub(crate) fn has_phone(&self, d: &[u8; 32]) -> bool {
         self.sections().is_some_and(|s| s.phones.contains(d))
     }
+    pub(crate) fn has_email_md5(&self, d: &[u8; 16]) -> bool {
+        self.sections().is_some_and(|s| s.md5s.contains(d))
+    }
 
     fn updated_at(&self) -> Option<DateTime<Utc>> {
         DateTime::from_timestamp(self.secs, self.nanos)
@@ -424,19 +436,15 @@ impl<'a> Parsed<'a> {
             .external_ids()
             .map(|b| std::str::from_utf8(b).ok().map(str::to_string))
             .collect::<Option<Vec<_>>>()?;
-        let digests = |d: Digests<'_>| {
-            d.iter()
-                .map(|x| <[u8; 32]>::try_from(x).ok().map(Sha256Hex))
-                .collect::<Option<Vec<_>>>()
-        };
         Some(ConsentRecord {
             patient_id: std::str::from_utf8(self.patient_id).ok()?.to_string(),
             identifiers: RecordIdentifiers {
                 emails: Vec::new(),
                 phones: Vec::new(),
                 external_ids,
-                email_sha256: digests(s.emails)?,
-                phone_sha256: digests(s.phones)?,
+                email_sha256: s.emails.to_vec()?,
+                phone_sha256: s.phones.to_vec()?,
+                email_md5: s.md5s.to_vec()?,
             },
             jurisdiction: self.jurisdiction.resolve(interner).map(Arc::from),
             categories: Category::ALL
@@ -480,7 +488,8 @@ pub(crate) fn encode(r: &ConsentRecord, interner: &Interner) -> Box<[u8]> {
     let mut out = Vec::with_capacity(
         24 + r.patient_id.len()
             + ids.external_ids.iter().map(|x| x.len() + 2).sum::<usize>()
-            + 32 * (ids.email_sha256.len() + ids.phone_sha256.len()),
+            + 32 * (ids.email_sha256.len() + ids.phone_sha256.len())
+            + 16 * ids.email_md5.len(),
     );
     let mut bits = Grants::of(r).0;
     let secs = r.updated_at.timestamp();
@@ -525,6 +534,10 @@ pub(crate) fn encode(r: &ConsentRecord, interner: &Interner) -> Box<[u8]> {
     }
     put_var(&mut out, ids.phone_sha256.len() as u64);
     for h in &ids.phone_sha256 {
+        out.extend_from_slice(&h.0);
+    }
+    put_var(&mut out, ids.email_md5.len() as u64);
+    for h in &ids.email_md5 {
         out.extend_from_slice(&h.0);
     }
     out.into_boxed_slice()

@@ -8,40 +8,48 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// A SHA-256 digest, held as 32 raw bytes and written as 64 lowercase hex digits.
+/// A digest of `N` bytes, held raw and written as `2N` lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Sha256Hex(pub [u8; 32]);
+pub struct HexDigest<const N: usize>(pub [u8; N]);
 
-impl Sha256Hex {
-    pub(crate) fn parse(v: &str) -> Option<Sha256Hex> {
-        identify::parse_sha256_hex(v).map(Sha256Hex)
+/// A SHA-256 digest (64 hex digits).
+pub type Sha256Hex = HexDigest<32>;
+/// An MD5 digest (32 hex digits): Mailchimp's subscriber hash of an email.
+pub type Md5Hex = HexDigest<16>;
+
+impl<const N: usize> HexDigest<N> {
+    /// `Some` when `v` is exactly `2N` hex digits (either case).
+    pub(crate) fn parse(v: &str) -> Option<HexDigest<N>> {
+        let v = v.trim();
+        if v.len() != 2 * N {
+            return None;
+        }
+        let mut out = [0u8; N];
+        hex::decode_to_slice(v.to_ascii_lowercase(), &mut out).ok()?;
+        Some(HexDigest(out))
     }
     fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 }
 
-impl std::fmt::Debug for Sha256Hex {
+impl<const N: usize> std::fmt::Debug for HexDigest<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
     }
 }
 
-impl Serialize for Sha256Hex {
+impl<const N: usize> Serialize for HexDigest<N> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0u8; 64];
-        // Encoding 32 bytes into a 64-byte buffer cannot fail.
-        match hex::encode_to_slice(self.0, &mut buf) {
-            Ok(()) => s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default()),
-            Err(_) => Err(serde::ser::Error::custom("sha256 encoding")),
-        }
+        s.serialize_str(&self.to_hex())
     }
 }
 
-impl<'de> Deserialize<'de> for Sha256Hex {
+impl<'de, const N: usize> Deserialize<'de> for HexDigest<N> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Sha256Hex::parse(&s).ok_or_else(|| serde::de::Error::custom("not 64 hex digits"))
+        HexDigest::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("not {} hex digits", 2 * N)))
     }
 }
 
@@ -60,6 +68,11 @@ pub struct RecordIdentifiers {
     pub email_sha256: Vec<Sha256Hex>,
     #[serde(default)]
     pub phone_sha256: Vec<Sha256Hex>,
+    /// MD5 of each normalised email (Mailchimp's subscriber hash), so a 32-hex
+    /// value in a payload is matched too (SPEC §5). Filled from plaintext
+    /// emails when stored; a source may also give it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub email_md5: Vec<Md5Hex>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,18 +266,22 @@ impl ConsentRecord {
         let ids = &mut self.identifiers;
         for e in std::mem::take(&mut ids.emails) {
             for h in identify::email_index_hashes(&e) {
-                push_unique(&mut ids.email_sha256, Sha256Hex(h));
+                push_unique(&mut ids.email_sha256, HexDigest(h));
+            }
+            if let Some(n) = identify::normalize_email(&e) {
+                push_unique(&mut ids.email_md5, HexDigest(identify::md5(n.as_bytes())));
             }
         }
         for p in std::mem::take(&mut ids.phones) {
             for h in identify::phone_index_hashes(&p) {
-                push_unique(&mut ids.phone_sha256, Sha256Hex(h));
+                push_unique(&mut ids.phone_sha256, HexDigest(h));
             }
         }
         ids.emails.shrink_to_fit();
         ids.phones.shrink_to_fit();
         ids.email_sha256.shrink_to_fit();
         ids.phone_sha256.shrink_to_fit();
+        ids.email_md5.shrink_to_fit();
         ids.external_ids.shrink_to_fit();
         self.patient_id.shrink_to_fit();
         self
@@ -414,11 +431,15 @@ fn str_list<'v>(field: &str, v: &'v serde_json::Value) -> Result<Vec<&'v str>, F
         .collect()
 }
 
-fn hash_list(field: &str, v: &serde_json::Value) -> Result<Vec<Sha256Hex>, FieldError> {
+fn hash_list<const N: usize>(
+    field: &str,
+    v: &serde_json::Value,
+) -> Result<Vec<HexDigest<N>>, FieldError> {
     let mut out = Vec::new();
     for (i, s) in str_list(field, v)?.into_iter().enumerate() {
-        let h = Sha256Hex::parse(s)
-            .ok_or_else(|| FieldError::new(format!("{field}[{i}]"), "not 64 hex digits"))?;
+        let h = HexDigest::parse(s).ok_or_else(|| {
+            FieldError::new(format!("{field}[{i}]"), format!("not {} hex digits", 2 * N))
+        })?;
         push_unique(&mut out, h);
     }
     Ok(out)
@@ -446,6 +467,7 @@ fn parse_identifiers(v: &serde_json::Value) -> Result<RecordIdentifiers, FieldEr
             }
             "email_sha256" => ids.email_sha256 = hash_list(&path, val)?,
             "phone_sha256" => ids.phone_sha256 = hash_list(&path, val)?,
+            "email_md5" => ids.email_md5 = hash_list(&path, val)?,
             _ => return Err(FieldError::new(path, "unknown field")),
         }
     }
@@ -490,8 +512,8 @@ mod tests {
         ] {
             assert_eq!(stored(p), e164, "{p}");
         }
-        assert!(e164.contains(&Sha256Hex(identify::sha256(b"14155550100"))));
-        assert!(e164.contains(&Sha256Hex(identify::sha256(b"+14155550100"))));
+        assert!(e164.contains(&HexDigest(identify::sha256(b"14155550100"))));
+        assert!(e164.contains(&HexDigest(identify::sha256(b"+14155550100"))));
         let e = ConsentRecord::from_json(
             br#"{"patient_id":"P","identifiers":{"phones":["555-0100"]},"updated_at":"2026-11-20T10:00:00Z"}"#,
         )

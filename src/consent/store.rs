@@ -43,6 +43,7 @@ enum Key<'a> {
     External(&'a [u8]),
     Email(&'a [u8; 32]),
     Phone(&'a [u8; 32]),
+    EmailMd5(&'a [u8; 16]),
 }
 
 /// Where an identifier's entries live: its shard and the low 32 bits of its hash.
@@ -52,9 +53,12 @@ struct Slot {
     h32: u32,
 }
 
-fn digest_u64(d: &[u8; 32]) -> u64 {
-    let [a, b, c, e, f, g, h, i, ..] = *d;
-    u64::from_le_bytes([a, b, c, e, f, g, h, i])
+fn digest_u64<const N: usize>(d: &[u8; N]) -> u64 {
+    let mut first = [0u8; 8];
+    for (to, from) in first.iter_mut().zip(d) {
+        *to = *from;
+    }
+    u64::from_le_bytes(first)
 }
 
 /// Mixes the stored 32 bits (Fibonacci hashing): bucket positions depend on
@@ -346,6 +350,7 @@ impl ConsentStore {
             // same digest as email and as phone lands in different places.
             Key::Email(d) => digest_u64(d) ^ 0x6a09_e667_f3bc_c908,
             Key::Phone(d) => digest_u64(d) ^ 0xbb67_ae85_84ca_a73b,
+            Key::EmailMd5(d) => digest_u64(d) ^ 0x3c6e_f372_fe94_f82b,
         };
         Slot {
             shard: (h >> (64 - SHARD_BITS)) as usize,
@@ -384,6 +389,11 @@ impl ConsentStore {
             for d in s.phones.iter() {
                 if let Ok(d) = <&[u8; 32]>::try_from(d) {
                     v.push(self.slot(Key::Phone(d)));
+                }
+            }
+            for d in s.md5s.iter() {
+                if let Ok(d) = <&[u8; 16]>::try_from(d) {
+                    v.push(self.slot(Key::EmailMd5(d)));
                 }
             }
         }
@@ -611,6 +621,7 @@ impl ConsentStore {
                 IdKey::External(x) => Key::External(x.as_bytes()),
                 IdKey::EmailHash(h) => Key::Email(h),
                 IdKey::PhoneHash(h) => Key::Phone(h),
+                IdKey::EmailMd5(h) => Key::EmailMd5(h),
             };
             let s = self.slot(key);
             let mut elsewhere = Cands::default();
@@ -649,6 +660,7 @@ impl ConsentStore {
             Key::External(x) => p.has_external(x),
             Key::Email(d) => p.has_email(d),
             Key::Phone(d) => p.has_phone(d),
+            Key::EmailMd5(d) => p.has_email_md5(d),
         };
         if holds && !out.iter().any(|v| v.patient_id.as_bytes() == p.patient_id) {
             if let Some(v) = p.view(&self.interner) {
@@ -753,6 +765,11 @@ mod tests {
             |i: &mut Identifiers| i.add_email(&identify::sha256_hex(b"jdoe@gmail.com")),
             |i: &mut Identifiers| i.add_phone("14155550100"),
             |i: &mut Identifiers| i.add_phone(&identify::sha256_hex(b"+14155550100")),
+            // Mailchimp's subscriber hash: MD5 of the normalised email, any case.
+            |i: &mut Identifiers| i.add_email(&hex::encode(identify::md5(b"j.doe@gmail.com"))),
+            |i: &mut Identifiers| {
+                i.add_email(&hex::encode(identify::md5(b"j.doe@gmail.com")).to_uppercase())
+            },
         ] {
             let mut ids = Identifiers::new();
             add(&mut ids);
@@ -763,6 +780,34 @@ mod tests {
         ids.add_external("crm:1");
         assert!(s.lookup(&ids).is_empty());
         assert_eq!(s.index_len(), 0);
+    }
+
+    #[test]
+    fn md5s_are_kept_and_given_back_and_a_record_without_them_is_not_matched_by_one() {
+        let s = ConsentStore::new();
+        s.put(rec(r#"{"patient_id":"P-1","identifiers":{"emails":[" Jane@Example.com "]},"updated_at":"2026-11-20T10:00:00Z"}"#));
+        let md5 = hex::encode(identify::md5(b"jane@example.com"));
+        let got = s.get("P-1").unwrap();
+        assert_eq!(got.identifiers.email_md5.len(), 1);
+        // GET gives the MD5 back, and the record read back stores the same.
+        let json = serde_json::to_string(&*got).unwrap();
+        assert!(json.contains(&format!(r#""email_md5":["{md5}"]"#)), "{json}");
+        let again = ConsentStore::new();
+        again.put(serde_json::from_str(&json).unwrap());
+        let mut ids = Identifiers::new();
+        ids.add_email(&md5);
+        assert_eq!(again.lookup(&ids).len(), 1);
+        // Only hashes given: no MD5 can be made, so none matches.
+        let sha = identify::sha256_hex(b"other@example.com");
+        s.put(rec(&format!(r#"{{"patient_id":"P-2","identifiers":{{"email_sha256":["{sha}"]}},"updated_at":"2026-11-20T10:00:00Z"}}"#)));
+        let mut ids = Identifiers::new();
+        ids.add_email(&hex::encode(identify::md5(b"other@example.com")));
+        assert!(s.lookup(&ids).is_empty());
+        // Removed with the email: the MD5 no longer names P-1.
+        s.put(rec(r#"{"patient_id":"P-1","updated_at":"2026-11-21T10:00:00Z"}"#));
+        let mut ids = Identifiers::new();
+        ids.add_email(&md5);
+        assert!(s.lookup(&ids).is_empty());
     }
 
     #[test]

@@ -18,6 +18,8 @@ mod destinations;
 mod enforce;
 mod explain;
 mod forward;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 mod guard;
 mod identify;
 mod learn;

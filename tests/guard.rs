@@ -286,7 +286,8 @@ async fn the_md5_of_a_denied_email_is_recognised() {
 
     // The MD5 of an address nobody holds names nobody: the event is kept.
     let unknown = md5("nobody.here@example.com");
-    let body = json!({"data": [event("jane.roe@example.com", json!({"custom_data": {"ref": unknown}}))]});
+    let body =
+        json!({"data": [event("jane.roe@example.com", json!({"custom_data": {"ref": unknown}}))]});
     let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&up.last().body).contains(&unknown));

@@ -791,7 +791,10 @@ mod tests {
         assert_eq!(got.identifiers.email_md5.len(), 1);
         // GET gives the MD5 back, and the record read back stores the same.
         let json = serde_json::to_string(&*got).unwrap();
-        assert!(json.contains(&format!(r#""email_md5":["{md5}"]"#)), "{json}");
+        assert!(
+            json.contains(&format!(r#""email_md5":["{md5}"]"#)),
+            "{json}"
+        );
         let again = ConsentStore::new();
         again.put(serde_json::from_str(&json).unwrap());
         let mut ids = Identifiers::new();
@@ -804,7 +807,9 @@ mod tests {
         ids.add_email(&hex::encode(identify::md5(b"other@example.com")));
         assert!(s.lookup(&ids).is_empty());
         // Removed with the email: the MD5 no longer names P-1.
-        s.put(rec(r#"{"patient_id":"P-1","updated_at":"2026-11-21T10:00:00Z"}"#));
+        s.put(rec(
+            r#"{"patient_id":"P-1","updated_at":"2026-11-21T10:00:00Z"}"#,
+        ));
         let mut ids = Identifiers::new();
         ids.add_email(&md5);
         assert!(s.lookup(&ids).is_empty());

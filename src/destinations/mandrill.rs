@@ -170,7 +170,8 @@ fn address_list(v: &str, out: &mut Vec<String>) -> Result<(), ()> {
         if t.is_empty() {
             continue;
         }
-        let addr = match t.find('<') {
+        // The last `<`: a quoted display name may hold one too.
+        let addr = match t.rfind('<') {
             Some(start) => {
                 let inner = t[start + 1..].strip_suffix('>').ok_or(())?;
                 // An obsolete source route (`<@relay:a@x>`) is not the address.
@@ -481,7 +482,7 @@ mod tests {
     fn mandrill_raw_header_parsing() {
         let mut out = Vec::new();
         address_list(
-            r#""Roe, Jane" <Jane.Roe@Example.com>, x@y.org (a comment, with comma), Team: a@b.c, "q" <@relay.example:d@e.f>;, , undisclosed-recipients:;"#,
+            r#""Roe, Jane <x>" <Jane.Roe@Example.com>, x@y.org (a comment, with comma), Team: a@b.c, "q" <@relay.example:d@e.f>;, , undisclosed-recipients:;"#,
             &mut out,
         )
         .unwrap();

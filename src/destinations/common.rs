@@ -511,6 +511,21 @@ pub(crate) fn enforce_single(ids: &Identifiers, judge: &mut dyn Judge) -> super:
     }
 }
 
+/// For a request that cannot leave without any one of the people it names (a
+/// search, a merge, recipients inside raw MIME headers): once one of `applied`
+/// is dropped, every kept one is dropped too, as `foreign_identifier` (the
+/// request names someone it may not send for), so the whole request is refused
+/// (`blocked_by_consent_policy`). Returns whether it did.
+pub(crate) fn all_or_nothing(applied: &mut [EventApplied]) -> bool {
+    if !applied.iter().any(|a| a.verdict.is_drop()) {
+        return false;
+    }
+    for a in applied.iter_mut().filter(|a| !a.verdict.is_drop()) {
+        a.verdict = EventVerdict::Drop(crate::decide::Reason::ForeignIdentifier);
+    }
+    true
+}
+
 /// A kept event that needs no rewriting (messaging and CRM vendors: no LDU).
 pub(crate) fn keep_as_is(_: &mut Value, _: &crate::decide::Keep, _: &mut EventApplied) {}
 

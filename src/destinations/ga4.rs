@@ -1,6 +1,8 @@
 //! Google Analytics 4 Measurement Protocol: `POST /mp/collect` (and the
-//! validation endpoint `/debug/mp/collect`) on www. or region1.google-analytics.com,
-//! and the web hits gtag.js and server-side Tag Manager send to `/g/collect`
+//! validation endpoint `/debug/mp/collect`) on www. or region1.google-analytics.com
+//! and on gtag's regional hosts `*.analytics.google.com` (`region1.analytics.google.com`;
+//! the same paths, read the same way), and the web hits gtag.js and server-side Tag
+//! Manager send to `/g/collect`
 //! (`GET` with the hit in the query, or `POST` with shared parameters in the
 //! query and one hit per body line): see [`enforce_hits`].
 //!
@@ -291,7 +293,7 @@ impl Adapter for Ga4Mp {
         matches!(
             host,
             "www.google-analytics.com" | "region1.google-analytics.com"
-        )
+        ) || common::host_matches("*.analytics.google.com", host)
     }
     fn query_params(&self) -> &'static [&'static str] {
         &["measurement_id", "api_secret", "firebase_app_id"]
@@ -448,6 +450,11 @@ mod tests {
             ));
         }
         assert!(Ga4Mp.inspects(&Method::POST, "/debug/mp/collect"));
+        // gtag's regional hosts route here too; the bare name and look-alikes do not.
+        assert!(Ga4Mp.matches_host("region1.analytics.google.com"));
+        assert!(!Ga4Mp.matches_host("analytics.google.com"));
+        assert!(!Ga4Mp.matches_host("region1.analytics.google.com.evil.test"));
+        assert!(!Ga4Mp.matches_host("evilanalytics.google.com"));
         // Web hits are read too (their query is the hit: `reads_query`).
         assert!(Ga4Mp.inspects(&Method::POST, "/g/collect"));
         assert!(Ga4Mp.inspects(&Method::GET, "/g/collect"));

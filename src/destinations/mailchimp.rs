@@ -2,15 +2,28 @@
 //! one decision per member.
 //!
 //! - `POST /3.0/lists/{id}/members`: one member (`email_address`).
-//! - `PUT|PATCH /3.0/lists/{id}/members/{hash}`: one member; the identifier is
-//!   the body's `email_address` (the path holds its MD5, which cannot be looked
-//!   up, unless the app put the address itself there, which Mailchimp accepts).
+//! - `PUT|PATCH /3.0/lists/{id}/members/{hash}`: one member; the identifiers
+//!   are the body's `email_address` and the path's subscriber hash (or the
+//!   address itself, which Mailchimp accepts in its place).
+//! - `POST /3.0/lists/{id}/members/{hash}/{events,tags,notes}`: one member,
+//!   named by the path's subscriber hash (and the body's `email_address`, when
+//!   there is one); the body (an event's properties, tags, a note) is about them.
+//! - `POST /3.0/ecommerce/stores/{id}/customers`, `PUT|PATCH …/customers/{id}`:
+//!   one store customer (`email_address`; the store's customer id is not a
+//!   consent identifier).
+//! - `POST /3.0/customer-journeys/journeys/{j}/steps/{s}/actions/trigger`: one
+//!   contact (`email_address`).
 //! - `POST /3.0/lists/{id}`: batch `members[]`, one decision each.
 //! - `POST /3.0/batches`: `operations[]`, one decision per operation; its
 //!   `body` is a JSON string holding a member (or a `members[]` batch).
 //!
-//! `merge_fields.PHONE` is a phone identifier. A member with no identifier is
-//! an unknown patient and is dropped.
+//! The subscriber hash in a `…/members/{hash}` path is Mailchimp's MD5 of the
+//! lower-cased address: it is looked up with `Identifiers::add_email`, which
+//! reads 32 hex digits as that MD5 where the consent index keeps them (and an
+//! address with an `@` as itself). `merge_fields.PHONE` is a phone identifier.
+//! A member with no identifier the index knows is an unknown patient and is
+//! dropped (a single-member request is then refused); `X-Patient-Id` names the
+//! patient of a request that names nobody.
 
 use super::common::{self, keep_as_is};
 use super::{Adapter, BodyError, Enforced, Judge, RequestView, SyntheticOk};
@@ -37,14 +50,13 @@ fn member_ids(v: &Value, ids: &mut Identifiers) {
     );
 }
 
-/// An email address named in a `.../members/{subscriber}` path.
+/// The subscriber of a `.../members/{subscriber}` path: an email address, or
+/// its MD5 subscriber hash (read as such by `add_email` where the index keeps
+/// MD5s; anything else adds nothing).
 fn path_ids(segs: &[&str], ids: &mut Identifiers) {
     if let Some(pos) = segs.iter().position(|s| *s == "members") {
         if let Some(sub) = segs.get(pos + 1) {
-            let sub = common::percent_decode(sub);
-            if sub.contains('@') {
-                ids.add_email(&sub);
-            }
+            ids.add_email(&common::percent_decode(sub));
         }
     }
 }
@@ -94,6 +106,17 @@ fn route(method: &Method, path: &str) -> Option<Route> {
     match (method, common::path_segments(path).as_slice()) {
         (&Method::POST, ["3.0", "lists", _, "members"]) => Some(Route::Member),
         (&Method::PUT | &Method::PATCH, ["3.0", "lists", _, "members", _]) => Some(Route::Member),
+        (&Method::POST, ["3.0", "lists", _, "members", _, "events" | "tags" | "notes"]) => {
+            Some(Route::Member)
+        }
+        (&Method::POST, ["3.0", "ecommerce", "stores", _, "customers"]) => Some(Route::Member),
+        (&Method::PUT | &Method::PATCH, ["3.0", "ecommerce", "stores", _, "customers", _]) => {
+            Some(Route::Member)
+        }
+        (
+            &Method::POST,
+            ["3.0", "customer-journeys", "journeys", _, "steps", _, "actions", "trigger"],
+        ) => Some(Route::Member),
         (&Method::POST, ["3.0", "lists", _]) => Some(Route::ListBatch),
         (&Method::POST, ["3.0", "batches"]) => Some(Route::Batches),
         _ => None,
@@ -146,7 +169,8 @@ impl Adapter for Mailchimp {
                 let ids = |op: &Value| operation_ids(0, op).unwrap_or_default();
                 common::enforce_json_batch(body, "operations", judge, &ids, &keep_as_is)
             }
-            // A single member (and anything else routed here by the proxy).
+            // A single member, customer or contact (and anything else routed
+            // here by the proxy).
             _ => {
                 let root = common::parse_json(body)?;
                 if !root.is_object() {
@@ -165,7 +189,7 @@ impl Adapter for Mailchimp {
         }
     }
     fn identifier_fields(&self) -> &str {
-        "email_address, merge_fields.PHONE (members[], operations[].body)"
+        "email_address, merge_fields.PHONE (members[], operations[].body); members/{hash} path"
     }
     fn ldu_signal(&self) -> &str {
         "none (status as sent)"
@@ -201,6 +225,81 @@ mod tests {
         assert!(Mailchimp.inspects(&Method::POST, "/3.0/batches"));
         assert!(!Mailchimp.inspects(&Method::GET, "/3.0/lists/abc/members"));
         assert!(!Mailchimp.inspects(&Method::DELETE, "/3.0/lists/abc/members/0a1b"));
+        for p in [
+            "/3.0/lists/abc/members/0a1b/events",
+            "/3.0/lists/abc/members/0a1b/tags",
+            "/3.0/lists/abc/members/0a1b/notes",
+            "/3.0/ecommerce/stores/s1/customers",
+            "/3.0/customer-journeys/journeys/7/steps/9/actions/trigger",
+        ] {
+            assert!(Mailchimp.inspects(&Method::POST, p), "{p}");
+        }
+        for m in [Method::PUT, Method::PATCH] {
+            assert!(Mailchimp.inspects(&m, "/3.0/ecommerce/stores/s1/customers/c1"));
+        }
+        assert!(!Mailchimp.inspects(&Method::PUT, "/3.0/ecommerce/stores/s1/customers"));
+        assert!(!Mailchimp.inspects(&Method::POST, "/3.0/lists/abc/members/0a1b/goals"));
+        assert!(!Mailchimp.inspects(&Method::GET, "/3.0/lists/abc/members/0a1b/events"));
+    }
+
+    #[test]
+    fn mailchimp_member_actions_customers_and_journeys() {
+        let hash = |e: &str| md5_hex(e);
+        // A member event naming its member by hash and by address.
+        let ev = json!({"name": "appointment_booked", "properties": {"clinic": "north"},
+                        "email_address": "jane.roe@example.com"});
+        let out = run(
+            Method::POST,
+            &format!(
+                "/3.0/lists/l1/members/{}/events",
+                hash("jane.roe@example.com")
+            ),
+            &serde_json::to_vec(&ev).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(drops(&out.events), vec![false]);
+        assert!(out.body.is_none());
+        // Tags for a denied member (address in the path).
+        let out = run(
+            Method::POST,
+            "/3.0/lists/l1/members/deny.me%40example.com/tags",
+            br#"{"tags":[{"name":"oncology","status":"active"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(drops(&out.events), vec![true]);
+        // A note naming nobody the index knows (a hash of an unknown address).
+        let out = run(
+            Method::POST,
+            &format!(
+                "/3.0/lists/l1/members/{}/notes",
+                hash("unknown.person@example.com")
+            ),
+            br#"{"note":"called"}"#,
+        )
+        .unwrap();
+        assert_eq!(drops(&out.events), vec![true]);
+        for (method, path) in [
+            (Method::POST, "/3.0/ecommerce/stores/s1/customers"),
+            (Method::PUT, "/3.0/ecommerce/stores/s1/customers/c9"),
+            (Method::PATCH, "/3.0/ecommerce/stores/s1/customers/c9"),
+            (
+                Method::POST,
+                "/3.0/customer-journeys/journeys/7/steps/9/actions/trigger",
+            ),
+        ] {
+            let keep =
+                json!({"id": "c9", "email_address": "jane.roe@example.com", "opt_in_status": true});
+            let out = run(method.clone(), path, &serde_json::to_vec(&keep).unwrap()).unwrap();
+            assert_eq!(drops(&out.events), vec![false], "{path}");
+            let deny =
+                json!({"id": "c9", "email_address": "Deny.Me@example.com", "opt_in_status": true});
+            let out = run(method.clone(), path, &serde_json::to_vec(&deny).unwrap()).unwrap();
+            assert_eq!(drops(&out.events), vec![true], "{path}");
+            assert!(matches!(
+                run(method, path, b"[]"),
+                Err(BodyError::Unreadable(_))
+            ));
+        }
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! Meta Conversions API: `POST graph.facebook.com/{version}/{pixel}/events`.
+//! Meta Conversions API: `POST graph.facebook.com/{version}/{pixel}/events`,
+//! and the same calls inside a Graph batch (`POST /{version}/` with a `batch`
+//! field: [`graph_batch`]).
 //!
 //! The body is JSON `{"data":[…]}` or form-encoded with a `data` field holding
 //! a JSON array; the Python SDK puts each event in that array as a JSON-encoded
 //! string (double encoding). Events are re-encoded the way they arrived, and
 //! other form fields (`access_token`, `test_event_code`, …) are kept as they are.
+
+mod graph_batch;
 
 use super::adspec::{Fields, Sensitive};
 use super::batch::Batch;
@@ -470,11 +474,12 @@ impl Adapter for MetaCapi {
         &["access_token", "appsecret_proof"]
     }
     fn inspects(&self, method: &Method, path: &str) -> bool {
-        common::post_path_matches(method, path, &|s| match s {
-            [v, _pixel, "events"] => v.starts_with('v'),
-            [_pixel, "events"] => true,
-            _ => false,
-        })
+        graph_batch::is_batch_path(method, path)
+            || common::post_path_matches(method, path, &|s| match s {
+                [v, _pixel, "events"] => v.starts_with('v'),
+                [_pixel, "events"] => true,
+                _ => false,
+            })
     }
     fn enforce(
         &self,
@@ -482,6 +487,9 @@ impl Adapter for MetaCapi {
         body: &[u8],
         judge: &mut dyn Judge,
     ) -> Result<Enforced, BodyError> {
+        if graph_batch::is_batch_path(req.method, req.path) {
+            return graph_batch::enforce(req, body, judge);
+        }
         match req.content_type {
             Some("application/json") => enforce_json(body, judge),
             Some("application/x-www-form-urlencoded") => enforce_form(body, judge),
@@ -504,7 +512,7 @@ impl Adapter for MetaCapi {
         }
     }
     fn identifier_fields(&self) -> &str {
-        "user_data.em, user_data.ph, user_data.external_id"
+        "user_data.em, user_data.ph, user_data.external_id (also in batch calls)"
     }
     fn ldu_signal(&self) -> &str {
         "data_processing_options [\"LDU\"] + _country/_state (1/1000 US-CA, else 0/0)"

@@ -65,6 +65,8 @@ const SYSTEM_ROOT_BUNDLES: &[&str] = &[
 pub(crate) const BUILTIN_PERMITTED_HOSTS: &[&str] = &[
     "graph.facebook.com",
     "google-analytics.com",
+    // gtag's regional hosts (`region1.analytics.google.com`).
+    "analytics.google.com",
     "googleads.googleapis.com",
     "business-api.tiktok.com",
     "api.linkedin.com",

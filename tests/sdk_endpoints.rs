@@ -931,9 +931,8 @@ async fn mailchimp_member_actions_customers_and_journeys() {
 }
 
 /// The subscriber hash alone names the member once the consent index keeps the
-/// MD5 of each normalised address (`IdKey::EmailMd5`, on main).
+/// MD5 of each normalised address (`IdKey::EmailMd5`).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the MD5 index (main)"]
 async fn mailchimp_member_action_by_hash_only() {
     let (p, up) = setup("sdk-mailchimp-md5").await;
     let path = format!("/3.0/lists/a1b2c3/members/{}/events", md5(JANE));

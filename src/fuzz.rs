@@ -380,12 +380,38 @@ fn plan_one(method: &str, host: &str, pq: &str, ct: &str, enc: u8, body: &[u8]) 
     };
     let mut text = String::from_utf8_lossy(&plain).to_lowercase();
     if let Some(u) = &f.uri {
+        text.push('\n');
         text.push_str(&u.to_string().to_lowercase());
     }
-    for form in denied_forms() {
-        assert!(
-            !text.contains(form.as_str()),
-            "a form of the denied patient reached {host}{pq}"
-        );
+    // As the vendor reads it: percent escapes decoded too.
+    let decoded = crate::identify::percent_decode(&text).to_lowercase();
+    for t in [&text, &decoded] {
+        for form in denied_forms() {
+            assert!(
+                !holds_token(t, form),
+                "a form of the denied patient reached {host}{pq}"
+            );
+        }
     }
+}
+
+/// Whether `form` stands in `text` as a whole identifier: not glued to more
+/// characters of its kind (`xdeny.me@example.com` is another address; a digest
+/// followed by more hex digits is no digest a vendor matches).
+fn holds_token(text: &str, form: &str) -> bool {
+    let b = text.as_bytes();
+    let hex = form.bytes().all(|c| c.is_ascii_hexdigit());
+    let glued_before = |c: u8| match hex {
+        true => c.is_ascii_hexdigit(),
+        false => c.is_ascii_alphanumeric() || b"._%+-'".contains(&c),
+    };
+    let glued_after = |c: u8| match hex {
+        true => c.is_ascii_hexdigit(),
+        false => c.is_ascii_alphanumeric() || c == b'-',
+    };
+    text.match_indices(form).any(|(i, m)| {
+        let before = i.checked_sub(1).and_then(|j| b.get(j)).copied();
+        let after = b.get(i + m.len()).copied();
+        !before.is_some_and(glued_before) && !after.is_some_and(glued_after)
+    })
 }

@@ -9,11 +9,10 @@
 //! sent: the denied patient anywhere, and the sale/share-opted-out patient on ad
 //! platforms and analytics (their identity is stripped there).
 //!
-//! Adapters: Meta (JSON and form), TikTok, Snap, Pinterest, GA4, SendGrid,
-//! Twilio SMS and Braze (not yet: Google Ads, LinkedIn, HubSpot, Klaviyo,
-//! Mailchimp, Mandrill, Genesys, Twilio Voice). Not yet generated: the MD5 of an
-//! address (the consent index holds no MD5 yet, issue 16 item 4); MD5 forms are
-//! still looked for in what arrives. It found one leak when written: a bare
+//! Adapters: Meta (JSON and form), TikTok, Snap, Pinterest, GA4, Google Ads,
+//! LinkedIn, SendGrid, Mandrill, Mailchimp, Klaviyo, HubSpot, Braze, Twilio SMS
+//! and Voice, and Genesys. Identifiers are also written as the MD5 of an address
+//! (Mailchimp's subscriber hash). It found one leak when written: a bare
 //! number followed by a space and a word ("call 14155550102 today") was not read
 //! as a phone. `GUARD_PROPERTY_REQUESTS` (default 10,000) and
 //! `GUARD_PROPERTY_SEED` change the run; a failure prints the seed and the case.
@@ -92,11 +91,17 @@ fn sha256(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
+fn md5(s: &str) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(s.as_bytes()))
+}
+
 /// One of the person's identifiers in one of the forms an app writes it.
 fn written(r: &mut Rng, w: Who) -> String {
     let (email, phone) = (w.email(), w.phone());
     let national = format!("({}) {}-{}", &phone[2..5], &phone[5..8], &phone[8..]);
-    match r.below(8) {
+    match r.below(9) {
+        8 => md5(&email),
         0 => email,
         1 => email.to_uppercase(),
         2 => format!(" {email} "),
@@ -127,9 +132,37 @@ enum Vendor {
     SendGrid,
     Twilio,
     Braze,
+    GoogleAds,
+    LinkedIn,
+    HubSpot,
+    Klaviyo,
+    Mailchimp,
+    Mandrill,
+    Genesys,
+    TwilioVoice,
 }
 
+/// Destinations that decide per recipient: a sale/share opt-out does not stop them.
+const MESSAGING: &[&str] = &[
+    "api.sendgrid.com",
+    "api.twilio.com",
+    "rest.iad-01.braze.com",
+    "api.hubapi.com",
+    "a.klaviyo.com",
+    "us21.api.mailchimp.com",
+    "mandrillapp.com",
+    "api.mypurecloud.com",
+];
+
 const VENDORS: &[Vendor] = &[
+    Vendor::GoogleAds,
+    Vendor::LinkedIn,
+    Vendor::HubSpot,
+    Vendor::Klaviyo,
+    Vendor::Mailchimp,
+    Vendor::Mandrill,
+    Vendor::Genesys,
+    Vendor::TwilioVoice,
     Vendor::MetaJson,
     Vendor::MetaForm,
     Vendor::TikTok,
@@ -297,6 +330,158 @@ fn request(r: &mut Rng, v: Vendor) -> (&'static str, String, &'static str, Vec<u
                 json!({"attributes": attrs}),
             )
         }
+        Vendor::GoogleAds => {
+            let convs: Vec<Value> = (0..n)
+                .map(|_| {
+                    let w = who(r);
+                    let mut c = json!({"conversionAction": "customers/123/conversionActions/9",
+                        "conversionDateTime": "2026-11-20 10:00:00+00:00", "gclid": "Cj0-gclid",
+                        "userIdentifiers": [{"hashedEmail": written(r, w)}]});
+                    if r.chance(30) {
+                        let m = who(r);
+                        put(&mut c, "/orderId", json!(mention(r, m)));
+                    }
+                    c
+                })
+                .collect();
+            (
+                "googleads.googleapis.com",
+                "/v17/customers/123:uploadClickConversions".into(),
+                json_ct,
+                json!({"partialFailure": true, "conversions": convs}),
+            )
+        }
+        Vendor::LinkedIn => {
+            let els: Vec<Value> = (0..n)
+                .map(|i| {
+                    let w = who(r);
+                    let mut e = json!({"conversion": "urn:lla:llaPartnerConversion:123",
+                        "conversionHappenedAt": 1763630000000u64 + i, "eventId": format!("e{i}"),
+                        "user": {"userIds": [{"idType": "SHA256_EMAIL", "idValue": written(r, w)}]}});
+                    if r.chance(30) {
+                        let m = who(r);
+                        put(&mut e, "/user/userInfo/title", json!(mention(r, m)));
+                    }
+                    e
+                })
+                .collect();
+            (
+                "api.linkedin.com",
+                "/rest/conversionEvents".into(),
+                json_ct,
+                json!({"elements": els}),
+            )
+        }
+        Vendor::HubSpot => {
+            let inputs: Vec<Value> = (0..n)
+                .map(|_| {
+                    let w = who(r);
+                    let mut c = json!({"properties": {"email": w.email(), "firstname": "Pat"}});
+                    if r.chance(30) {
+                        let m = who(r);
+                        put(&mut c, "/properties/notes", json!(mention(r, m)));
+                    }
+                    c
+                })
+                .collect();
+            (
+                "api.hubapi.com",
+                "/crm/v3/objects/contacts/batch/create".into(),
+                json_ct,
+                json!({"inputs": inputs}),
+            )
+        }
+        Vendor::Klaviyo => {
+            let w = who(r);
+            let mut attrs = json!({"email": w.email(), "first_name": "Pat"});
+            if r.chance(30) {
+                let m = who(r);
+                put(&mut attrs, "/properties/note", json!(mention(r, m)));
+            }
+            (
+                "a.klaviyo.com",
+                "/api/profiles".into(),
+                "application/vnd.api+json",
+                json!({"data": {"type": "profile", "attributes": attrs}}),
+            )
+        }
+        Vendor::Mailchimp => {
+            let members: Vec<Value> = (0..n)
+                .map(|_| {
+                    let w = who(r);
+                    let mut m = json!({"email_address": w.email(), "status": "subscribed"});
+                    if r.chance(30) {
+                        let x = who(r);
+                        put(&mut m, "/merge_fields/NOTE", json!(mention(r, x)));
+                    }
+                    m
+                })
+                .collect();
+            (
+                "us21.api.mailchimp.com",
+                "/3.0/lists/l1".into(),
+                json_ct,
+                json!({"members": members, "update_existing": true}),
+            )
+        }
+        Vendor::Mandrill => {
+            let to: Vec<Value> = (0..n)
+                .map(|_| json!({"email": who(r).email(), "type": "to"}))
+                .collect();
+            let html = match r.chance(30) {
+                true => {
+                    let m = who(r);
+                    mention(r, m)
+                }
+                false => "<p>See you tomorrow</p>".to_string(),
+            };
+            (
+                "mandrillapp.com",
+                "/api/1.0/messages/send.json".into(),
+                json_ct,
+                json!({"key": "k", "message": {"to": to, "subject": "Clinic news", "html": html,
+                                                "from_email": "news@hospital.example"}}),
+            )
+        }
+        Vendor::Genesys => {
+            let contacts: Vec<Value> = (0..n)
+                .map(|i| {
+                    let w = who(r);
+                    let mut c = json!({"id": format!("c{i}"), "contactListId": "cl-1",
+                                       "data": {"HomePhone": w.phone(), "First": "Pat"}, "callable": true});
+                    if r.chance(30) {
+                        let m = who(r);
+                        put(&mut c, "/data/Note", json!(mention(r, m)));
+                    }
+                    c
+                })
+                .collect();
+            return (
+                "api.mypurecloud.com",
+                "/api/v2/outbound/contactlists/cl-1/contacts".into(),
+                json_ct,
+                Value::Array(contacts).to_string().into_bytes(),
+            );
+        }
+        Vendor::TwilioVoice => {
+            let w = who(r);
+            let m = who(r);
+            let url = match r.chance(30) {
+                true => format!("https://hospital.example/twiml?note={}", written(r, m)),
+                false => "https://hospital.example/twiml".to_string(),
+            };
+            let form = form_urlencoded::Serializer::new(String::new())
+                .append_pair("To", &w.phone())
+                .append_pair("From", "+14155559999")
+                .append_pair("Url", &url)
+                .finish();
+            return (
+                "api.twilio.com",
+                "/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Calls.json".into(),
+                "application/x-www-form-urlencoded",
+                form.into_bytes(),
+            );
+        }
         Vendor::Twilio => {
             let w = who(r);
             let m = who(r);
@@ -390,7 +575,15 @@ async fn no_generated_request_leaks_a_patient_who_must_not_be_sent() {
                 if zipped {
                     req = req.header("content-encoding", "gzip");
                 }
-                if matches!(v, Vendor::Braze | Vendor::SendGrid) {
+                if matches!(
+                    v,
+                    Vendor::Braze
+                        | Vendor::SendGrid
+                        | Vendor::HubSpot
+                        | Vendor::Klaviyo
+                        | Vendor::Mailchimp
+                        | Vendor::Mandrill
+                ) {
                     req = req.header("x-consent-category", "marketing_email");
                 }
                 let resp = send(proxy, req).await;
@@ -417,12 +610,7 @@ async fn no_generated_request_leaks_a_patient_who_must_not_be_sent() {
     for g in &got {
         let bytes = gunzip(&g.body);
         let mut ids = vec![DENIED.0, DENIED.1];
-        let messaging = [
-            "api.sendgrid.com",
-            "api.twilio.com",
-            "rest.iad-01.braze.com",
-        ];
-        if !messaging.contains(&g.sni.as_deref().unwrap_or_default()) {
+        if !MESSAGING.contains(&g.sni.as_deref().unwrap_or_default()) {
             ids.extend([OPTED_OUT.0, OPTED_OUT.1]);
         }
         let what = format!(

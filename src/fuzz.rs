@@ -378,19 +378,30 @@ fn plan_one(method: &str, host: &str, pq: &str, ct: &str, enc: u8, body: &[u8]) 
             Err(e) => panic!("forwarded a body that does not decode: {e:?}"),
         },
     };
-    let mut text = String::from_utf8_lossy(&plain).to_lowercase();
-    if let Some(u) = &f.uri {
-        text.push('\n');
-        text.push_str(&u.to_string().to_lowercase());
+    // What the vendor reads: a form's keys and values decoded, a JSON text's
+    // strings unescaped, any other text as it is; each also percent-decoded.
+    let mut read: Vec<String> = Vec::new();
+    if ct == FORM {
+        for (k, v) in form_urlencoded::parse(&plain) {
+            read.push(k.into_owned());
+            read.push(v.into_owned());
+        }
+    } else {
+        read.push(String::from_utf8_lossy(&plain).into_owned());
+        let _ = guard::json_strings(&plain, &mut |s| read.push(s.into_owned()));
     }
-    // As the vendor reads it: percent escapes decoded too.
-    let decoded = crate::identify::percent_decode(&text).to_lowercase();
-    for t in [&text, &decoded] {
-        for form in denied_forms() {
-            assert!(
-                !holds_token(t, form),
-                "a form of the denied patient reached {host}{pq}"
-            );
+    if let Some(u) = &f.uri {
+        read.push(u.to_string());
+    }
+    for r in &read {
+        let decoded = crate::identify::percent_decode(r);
+        for t in [r.to_lowercase(), decoded.to_lowercase()] {
+            for form in denied_forms() {
+                assert!(
+                    !holds_token(&t, form),
+                    "a form of the denied patient reached {host}{pq}"
+                );
+            }
         }
     }
 }

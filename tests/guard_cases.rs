@@ -145,3 +145,78 @@ async fn look_alike_keys_of_messaging_adapters_never_let_the_denied_patient_thro
     }
     assert_eq!(up.count(), 0, "none of those went upstream");
 }
+
+/// Issue 16: a denied patient named in a field no adapter reads, inside a
+/// granted recipient's message, for SendGrid, Twilio and Braze (Meta and
+/// TikTok: tests/guard.rs). The recipient's entry goes (so the request is
+/// refused when it was the only one) and nothing of the denied patient arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn denied_patients_in_free_fields_of_messaging_never_arrive() {
+    let (p, up) = setup("guard-cases-free").await;
+    let cases: Vec<(&str, Req, u16)> = vec![
+        (
+            "SendGrid recipient name",
+            sendgrid(mail(
+                json!({"to": [{"email": "jane.roe@example.com", "name": "deny.me@example.com"}]}),
+                json!({}),
+            )),
+            451,
+        ),
+        (
+            "SendGrid custom_args",
+            sendgrid(mail(
+                json!({"to": [{"email": "jane.roe@example.com"}], "custom_args": {"ref": "crm:0031x00000den"}}),
+                json!({}),
+            )),
+            451,
+        ),
+        (
+            "Twilio Body",
+            twilio(&[
+                ("To", "+14155550100"),
+                ("From", "+14155559999"),
+                ("Body", "Your partner (415) 555-0102 is booked too"),
+            ]),
+            451,
+        ),
+        (
+            "Twilio StatusCallback",
+            twilio(&[
+                ("To", "+14155550100"),
+                ("From", "+14155559999"),
+                ("Body", "See you tomorrow"),
+                (
+                    "StatusCallback",
+                    "https://hospital.example/cb?who=deny.me%40example.com",
+                ),
+            ]),
+            451,
+        ),
+        (
+            "Braze attribute note",
+            braze(
+                "/users/track",
+                json!({"attributes": [
+                    {"external_id": "P-1001", "email": "jane.roe@example.com", "note": "family: P-1002"},
+                    {"external_id": "P-1001", "first_name": "Jane"}
+                ]}),
+            ),
+            200,
+        ),
+    ];
+    for (what, req, status) in cases {
+        let r = send(p.proxy, req).await;
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert_eq!(r.status, status, "{what}: {body}");
+        assert_absent(&r.body, DENIED, what);
+    }
+    for got in up.requests() {
+        assert_absent(&got.body, DENIED, "upstream body");
+        assert_absent(got.path_and_query.as_bytes(), DENIED, "upstream query");
+        assert_absent(got.body.as_slice(), &["P-1002"], "upstream body");
+    }
+    // Only the Braze request went, without the attribute that named P-1002.
+    assert_eq!(up.count(), 1);
+    let got = up.last().json();
+    assert_eq!(got["attributes"].as_array().map(Vec::len), Some(1), "{got}");
+}

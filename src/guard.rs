@@ -104,14 +104,22 @@ fn scan_plain(s: &str, out: &mut Vec<Found>) {
     tokens(s, out);
 }
 
-/// Token separators among ASCII characters (a table: this runs on every
-/// character the vendor would receive).
-const TOKEN_SEPARATORS: [bool; 128] = {
+/// The ASCII characters an id is written with: letters, digits and `-_.:+@~`.
+/// Everything else separates tokens (control characters, `%`, quotes,
+/// brackets, other punctuation): an id glued to any of them is still read.
+/// A table: this runs on every character the vendor would receive.
+const TOKEN_CHARS: [bool; 128] = {
     let mut t = [false; 128];
-    let seps = b",;&=?/#\"'()<>|[]{} \t\n\r\x0b\x0c";
     let mut i = 0;
-    while i < seps.len() {
-        t[seps[i] as usize] = true;
+    while i < 128 {
+        let c = i as u8;
+        t[i] = c.is_ascii_alphanumeric();
+        i += 1;
+    }
+    let extra = b"-_.:+@~";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
         i += 1;
     }
     t
@@ -119,8 +127,8 @@ const TOKEN_SEPARATORS: [bool; 128] = {
 
 fn is_token_separator(c: char) -> bool {
     match c.is_ascii() {
-        true => TOKEN_SEPARATORS[c as usize],
-        false => c.is_whitespace(),
+        true => !TOKEN_CHARS[c as usize],
+        false => !c.is_alphanumeric(),
     }
 }
 
@@ -689,6 +697,19 @@ mod tests {
         assert!(found("call 415.555.0102")
             .iter()
             .any(|x| matches!(x, Found::Phone { digits, .. } if digits == "14155550102")));
+        // An id glued to characters no id is written with is still read
+        // (found by fuzzing: NUL bytes, `%` and quotes around an external id).
+        for glued in [
+            "\0\0crm:0031x00000den\0",
+            "\"crm:0031x00000den%L\"",
+            "x*crm:0031x00000den!",
+            "«crm:0031x00000den»",
+        ] {
+            assert!(
+                found(glued).contains(&Found::Token("crm:0031x00000den".into())),
+                "{glued:?}"
+            );
+        }
         let md5 = "0123456789abcdef0123456789ABCDEF";
         assert!(found(md5).contains(&Found::Md5(md5.to_lowercase())));
         assert!(found("https://h.example/?e=jane%40example.com")

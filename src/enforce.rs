@@ -404,24 +404,14 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
             Some(r) => refuse(dest, r),
         };
     }
-    let own_query = route.adapter.reads_query(&parts.method, parts.uri.path());
-    let params = route.adapter.query_params();
-    if let Some(r) = query
-        .filter(|_| !own_query)
-        .and_then(|q| unread_query_param(q, params))
-    {
+    if let Some(r) = query.and_then(|q| query_refusal(route, parts, q)) {
         return refuse(dest, r);
     }
     let limit = rt.config.max_body_bytes;
     if declared_length(&parts.headers).is_some_and(|n| n > limit) {
         return refuse(dest, Refusal::too_large(limit));
     }
-    let encoding = match Encoding::parse(
-        parts
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .map(|v| v.to_str().unwrap_or("(not text)")),
-    ) {
+    let encoding = match request_encoding(&parts.headers) {
         Ok(e) => e,
         Err(e) => return refuse(dest, Refusal::body(e, limit)),
     };
@@ -434,6 +424,24 @@ pub(crate) fn gate<'rt>(rt: &'rt Runtime, head: &Head<'_>) -> Gate<'rt> {
         limit,
         content_type: media_type(&parts.headers),
     })
+}
+
+/// A query parameter of an inspected endpoint that its adapter does not read
+/// (unless the query is the endpoint's data, as GA4 `/g/collect`'s hits are).
+fn query_refusal(route: &Route, parts: &Parts, query: &str) -> Option<Refusal> {
+    let adapter = &route.adapter;
+    if adapter.reads_query(&parts.method, parts.uri.path()) {
+        return None;
+    }
+    unread_query_param(query, adapter.query_params())
+}
+
+/// The request's one Content-Encoding.
+fn request_encoding(h: &HeaderMap) -> Result<Encoding, BodyReadError> {
+    Encoding::parse(
+        h.get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("(not text)")),
+    )
 }
 
 /// A request to an endpoint no adapter inspects: it passes unread only in

@@ -253,6 +253,7 @@ fn denied_forms() -> &'static [String] {
             crate::identify::sha256_hex(b"14155550102"),
             crate::identify::sha256_hex(b"+14155550102"),
             "crm:0031x00000den".to_string(),
+            "p-1002".to_string(),
         ]
     })
 }
@@ -407,18 +408,26 @@ fn plan_one(method: &str, host: &str, pq: &str, ct: &str, enc: u8, body: &[u8]) 
 }
 
 /// Whether `form` stands in `text` as a whole identifier: not glued to more
-/// characters of its kind (`xdeny.me@example.com` is another address; a digest
-/// followed by more hex digits is no digest a vendor matches).
+/// characters of its kind, as a vendor matching it would read it
+/// (`xdeny.me@example.com` is another address; a digest followed by more hex
+/// digits is no digest; `P-1002509` is another id, while `C@crm:…` and
+/// `crm:….` hold one: README "The egress guard").
 fn holds_token(text: &str, form: &str) -> bool {
     let b = text.as_bytes();
-    let hex = form.bytes().all(|c| c.is_ascii_hexdigit());
-    let glued_before = |c: u8| match hex {
-        true => c.is_ascii_hexdigit(),
-        false => c.is_ascii_alphanumeric() || b"._%+-'".contains(&c),
+    let kind = match form {
+        f if f.bytes().all(|c| c.is_ascii_hexdigit()) => 0,
+        f if f.contains('@') => 1,
+        _ => 2,
     };
-    let glued_after = |c: u8| match hex {
-        true => c.is_ascii_hexdigit(),
-        false => c.is_ascii_alphanumeric() || c == b'-',
+    let glued_before = |c: u8| match kind {
+        0 => c.is_ascii_hexdigit(),
+        1 => c.is_ascii_alphanumeric() || b"._%+-'".contains(&c),
+        _ => c.is_ascii_alphanumeric() || b"-_:".contains(&c),
+    };
+    let glued_after = |c: u8| match kind {
+        0 => c.is_ascii_hexdigit(),
+        1 => c.is_ascii_alphanumeric() || c == b'-',
+        _ => c.is_ascii_alphanumeric() || b"-_:".contains(&c),
     };
     text.match_indices(form).any(|(i, m)| {
         let before = i.checked_sub(1).and_then(|j| b.get(j)).copied();

@@ -292,11 +292,20 @@ fn tokens(s: &str, out: &mut Vec<Found>) {
     if id_like(whole) {
         out.push(Found::Token(whole.to_string()));
     }
-    let parts = s
-        .split(is_token_separator)
-        .filter(|t| *t != whole && id_like(t));
-    for t in parts.take(MAX_TOKENS) {
-        out.push(Found::Token(t.to_string()));
+    let mut n = 0;
+    for t in s.split(is_token_separator).filter(|t| !t.is_empty()) {
+        // The token, and each part of it between `.`, `@`, `+` and `~` (an id
+        // glued to a word by one of them, or ending a sentence, is still read).
+        let parts = t.split(['.', '@', '+', '~']).filter(|p| *p != t);
+        for c in std::iter::once(t).chain(parts) {
+            if c != whole && id_like(c) {
+                if n == MAX_TOKENS {
+                    return;
+                }
+                n += 1;
+                out.push(Found::Token(c.to_string()));
+            }
+        }
     }
 }
 
@@ -704,6 +713,9 @@ mod tests {
             "\"crm:0031x00000den%L\"",
             "x*crm:0031x00000den!",
             "«crm:0031x00000den»",
+            "C@crm:0031x00000den",
+            "see crm:0031x00000den.",
+            "x.crm:0031x00000den+y",
         ] {
             assert!(
                 found(glued).contains(&Found::Token("crm:0031x00000den".into())),

@@ -304,6 +304,8 @@ async fn an_id_glued_to_other_characters_is_still_read() {
         event("jane.roe@example.com", json!({"custom_data": {"ref": "\u{0}\u{0}crm:0031x00000den\u{0}"}})),
         event("jane.roe@example.com", json!({"custom_data": {"ref": "id=crm:0031x00000den%L"}})),
         event("jane.roe@example.com", json!({"custom_data": {"ref": "*crm:0031x00000den!"}})),
+        event("jane.roe@example.com", json!({"custom_data": {"ref": "C@crm:0031x00000den"}})),
+        event("jane.roe@example.com", json!({"custom_data": {"ref": "see crm:0031x00000den."}})),
     ]});
     let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));

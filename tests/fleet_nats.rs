@@ -534,3 +534,31 @@ async fn admin_writes_to_a_watcher_are_refused_with_405_reads_work() {
     drop((owner, w));
     drop_bucket(&name).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_of_an_empty_bucket_is_ready_at_once_and_follows_the_owner_when_it_starts() {
+    let (name, store) = bucket("empty").await;
+    let dir = test_dir("fleet-empty");
+    let ca = test_ca(&dir.join("upstream"), VENDOR_HOSTS);
+    let up = start_upstream(&ca).await;
+    let url = format!("nats://{NATS}");
+    // start_proxy waits for /readyz 200: an empty bucket sends nothing, yet it is loaded.
+    let w = start(&up, &ca, "fleet-empty-w", |_| {
+        watcher_yaml(&url, &name, "5m")
+    });
+    assert_eq!(metric(&w, "consentgate_consent_records").await, 0.0);
+    assert_eq!(metric(&w, "consentgate_consent_source_up").await, 1.0);
+    let owner = start(&up, &ca, "fleet-empty-owner", |d| owner_yaml(d, &name));
+    wait_replicated(&store).await;
+    let n = fixture().len() as f64;
+    wait_until("the watcher holds the fixture", 5, || async {
+        metric(&w, "consentgate_consent_records").await == n
+    })
+    .await;
+    for (id, phone) in fixture() {
+        let o = outcome(&owner, &up, sms(&id, &phone)).await;
+        assert_eq!(outcome(&w, &up, sms(&id, &phone)).await, o, "{id}");
+    }
+    drop((owner, w));
+    drop_bucket(&name).await;
+}

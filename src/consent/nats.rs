@@ -115,9 +115,11 @@ async fn bucket(client: &async_nats::Client, name: &str) -> Result<Store, String
     }
 }
 
-/// The stream's last sequence (a round trip to the server).
+/// The stream's last sequence (a round trip to the server); 0 when it holds
+/// no message at all (empty, or purged as a whole: nothing will be sent).
 async fn last_sequence(kv: &Store) -> Result<u64, String> {
     match tokio::time::timeout(REQUEST_TIMEOUT, kv.stream.get_info()).await {
+        Ok(Ok(i)) if i.state.messages == 0 => Ok(0),
         Ok(Ok(i)) => Ok(i.state.last_sequence),
         Ok(Err(e)) => Err(format!("stream info: {e}")),
         Err(_) => Err("stream info: timed out".into()),
@@ -443,8 +445,8 @@ impl Replica {
                 Ok(Some(Ok(e))) => e,
                 Ok(Some(Err(e))) => return Err(format!("watch: {e}")),
                 Ok(None) => return Err("watch ended".into()),
-                // Only delete markers left (or nothing): they are not sent as pending.
-                Err(_) => return Ok(out),
+                // The stream holds messages, so they come: a slow server.
+                Err(_) => return Err("reading the bucket timed out".into()),
             };
             let done = e.delta == 0;
             if e.operation == Operation::Put {

@@ -161,6 +161,9 @@ pub(crate) struct NatsCfg {
     pub(crate) credentials_file: Option<PathBuf>,
     /// PEM trust anchors for `tls://` (else the system's).
     pub(crate) ca_file: Option<PathBuf>,
+    /// Where a watcher's refused admin writes should go (the owner's admin
+    /// API), named in its 405 answer.
+    pub(crate) owner_admin_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -934,7 +937,17 @@ impl Reader {
             }
             let nm = nm.unwrap_or(&empty);
             let np = "consent.nats";
-            self.known(nm, np, &["url", "bucket", "credentials_file", "ca_file"]);
+            self.known(
+                nm,
+                np,
+                &[
+                    "url",
+                    "bucket",
+                    "credentials_file",
+                    "ca_file",
+                    "owner_admin_url",
+                ],
+            );
             if nats_needed && !nm.is_empty() && self.scalar(nm, np, "bucket").is_none() {
                 self.err_at(line_of(nm.span()), "consent.nats.bucket", "required");
             }
@@ -949,6 +962,16 @@ impl Reader {
                 bucket: self.parsed(nm, np, "bucket", "consent".into(), check_bucket),
                 credentials_file: self.input_file(nm, np, "credentials_file"),
                 ca_file: self.input_file(nm, np, "ca_file"),
+                owner_admin_url: self.opt_parsed(nm, np, "owner_admin_url", |v| {
+                    match url::Url::parse(v) {
+                        Ok(u)
+                            if matches!(u.scheme(), "http" | "https") && u.password().is_none() =>
+                        {
+                            Ok(v.to_string())
+                        }
+                        _ => Err("expected an http:// or https:// URL without credentials".into()),
+                    }
+                }),
             };
             let file = if source == SourceKind::File {
                 self.input_file(m, p, "file")
@@ -2193,6 +2216,10 @@ mod tests {
             (
                 "consent:\n  source: nats\n  nats:\n    bucket: b\n    credentials_file: /nonexistent/x.creds\n",
                 "t.yaml:5: consent.nats.credentials_file: file not found",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    bucket: b\n    owner_admin_url: gateway:15000\n",
+                "t.yaml:5: consent.nats.owner_admin_url: expected an http",
             ),
             (
                 "consent:\n  source: nats\n  nats:\n    bucket: b\n    tls: true\n",

@@ -526,7 +526,10 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
     };
     let mut api_ctx = ApiContext::new(consent.clone(), consent_source.writer(), tokens);
     if cfg.consent.source == crate::config::SourceKind::Nats {
-        api_ctx = api_ctx.read_only(&cfg.consent.nats.bucket);
+        api_ctx = api_ctx.read_only(
+            &cfg.consent.nats.bucket,
+            cfg.consent.nats.owner_admin_url.as_deref(),
+        );
     }
     if let Some(c) = &carrier {
         api_ctx = api_ctx.with_carrier(c.clone());

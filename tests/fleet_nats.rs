@@ -499,7 +499,10 @@ async fn admin_writes_to_a_watcher_are_refused_with_405_reads_work() {
     let owner = start(&up, &ca, "fleet-ro-owner", |d| owner_yaml(d, &name));
     wait_replicated(&store).await;
     let url = format!("nats://{NATS}");
-    let w = start(&up, &ca, "fleet-ro-w", |_| watcher_yaml(&url, &name, "5m"));
+    let w = start(&up, &ca, "fleet-ro-w", |_| {
+        watcher_yaml(&url, &name, "5m")
+            + "    owner_admin_url: https://consentgate-gateway.egress.svc:15000\n"
+    });
     for (method, body) in [
         ("PUT", grant_sms("+14155550107")),
         (
@@ -518,6 +521,10 @@ async fn admin_writes_to_a_watcher_are_refused_with_405_reads_work() {
             "{j}"
         );
         assert_eq!(j["bucket"], name.as_str());
+        assert_eq!(
+            j["writes_go_to"],
+            "https://consentgate-gateway.egress.svc:15000"
+        );
     }
     // Nothing changed; reads work.
     assert!(has_record(&w, "P-1007").await);

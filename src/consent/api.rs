@@ -153,8 +153,9 @@ pub(crate) struct ApiContext {
     on_change: OnChange,
     /// The sync outbox's plaintext carrier, when `sync:` has targets.
     pub(crate) carrier: Option<Arc<dyn PlaintextCarrier>>,
-    /// Fed by this NATS bucket (SPEC §14): writes are refused with 405.
-    read_only: Option<String>,
+    /// Fed by this NATS bucket (SPEC §14): writes are refused with 405,
+    /// naming the owner's admin API when configured.
+    read_only: Option<(String, Option<String>)>,
 }
 
 impl ApiContext {
@@ -175,8 +176,8 @@ impl ApiContext {
 
     /// The store follows NATS bucket `bucket`: reads only; writes go to the
     /// owner's admin API (the instance with `consent.replicate_to: nats`).
-    pub(crate) fn read_only(mut self, bucket: &str) -> Self {
-        self.read_only = Some(bucket.to_string());
+    pub(crate) fn read_only(mut self, bucket: &str, owner_admin_url: Option<&str>) -> Self {
+        self.read_only = Some((bucket.to_string(), owner_admin_url.map(str::to_string)));
         self
     }
 
@@ -423,14 +424,14 @@ where
             None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
         };
     }
-    if let Some(bucket) = &ctx.read_only {
+    if let Some((bucket, owner)) = &ctx.read_only {
         let mut r = json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({
                 "error": "read_only_replica",
                 "detail": "consent here follows a NATS bucket; write through the owner's \
                            admin API (the instance with consent.replicate_to: nats)",
-                "writes_go_to": "owner_admin_api",
+                "writes_go_to": owner.as_deref().unwrap_or("the owner's admin API"),
                 "bucket": bucket,
             }),
         );

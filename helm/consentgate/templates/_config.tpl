@@ -59,6 +59,9 @@ consent:
     url: {{ $c.consent.nats.url | quote }}
     bucket: {{ $c.consent.nats.bucket | quote }}
     credentials_file: {{ if $s.natsCredentials.name }}/etc/consentgate/secrets/nats-creds/{{ $s.natsCredentials.key }}{{ else }}null{{ end }}
+{{- if $c.consent.nats.ownerAdminUrl }}
+    owner_admin_url: {{ $c.consent.nats.ownerAdminUrl | quote }}
+{{- end }}
 {{- end }}
 admin:
   tokens_file: /etc/consentgate/secrets/admin-tokens/{{ $s.adminTokens.key }}

@@ -327,6 +327,7 @@ def check_consentgate_container(scenario, c, pod, config, ports_expected, sideca
         "upstream.extra_ca": config["upstream"].get("extra_ca"),
         "consent.postgres.password_file": config["consent"]["postgres"].get("password_file"),
         "consent.journal_key_file": config["consent"].get("journal_key_file"),
+        "consent.nats.credentials_file": (config["consent"].get("nats") or {}).get("credentials_file"),
     }
     for k in ("cert", "key", "client_ca"):
         read_only[f"admin.tls.{k}"] = (config["admin"].get("tls") or {}).get(k)
@@ -789,8 +790,10 @@ BAD_VALUES = [
      "/config/consent/maxStaleness"),
     ("typo config.consent.maxStalenes", {"config": {"consent": {"maxStalenes": "5m"}}},
      "additional properties 'maxStalenes'"),
-    ("config.consent.source: nats (not in this binary)", {"config": {"consent": {"source": "nats"}}},
+    ("config.consent.source: redis (not in this binary)", {"config": {"consent": {"source": "redis"}}},
      "/config/consent/source"),
+    ("config.consent.nats.url: http://", {"config": {"consent": {"nats": {"url": "http://nats:4222"}}}},
+     "/config/consent/nats/url"),
     ("config.maxBodyBytes: 8 MB", {"config": {"maxBodyBytes": "8 MB"}}, "/config/maxBodyBytes"),
     ("config.limits.maxHeaderBytes: 0", {"config": {"limits": {"maxHeaderBytes": 0}}}, "/config/limits/maxHeaderBytes"),
     ("config.logLevel: verbose", {"config": {"logLevel": "verbose"}}, "/config/logLevel"),
@@ -821,6 +824,8 @@ BAD_VALUES = [
     # the chart's own checks (templates/_helpers.tpl, _rules.tpl)
     ("unknown mode", {"mode": "bogus"}, "/mode"),
     ("no CA secret", {"secrets": {"ca": {"name": ""}}}, "secrets.ca.name"),
+    ("nats source that also replicates", {"config": {"consent": {"source": "nats", "replicateTo": "nats"}}},
+     "config.consent.replicateTo"),
     ("postgres without password secret", {"secrets": {"postgresPassword": {"name": ""}}}, "secrets.postgresPassword.name"),
     ("admin TLS without its secret", {"secrets": {"adminTls": {"name": ""}}}, "secrets.adminTls.name"),
     ("file source with an empty snapshot",
@@ -1128,6 +1133,15 @@ def main():
                              "admin": {"tls": {"enabled": False}}},
                   "gateway": {"replicas": 1}, "autoscaling": {"enabled": False}},
                  ["Deployment", "Service", "PodDisruptionBudget", "ConfigMap"], "gateway", known_metrics, known_keys)
+    run_scenario("gateway (replicates into a NATS bucket)",
+                 deep_merge(GATEWAY_FULL, {"secrets": {"natsCredentials": {"name": "consentgate-nats-writer"}},
+                                           "config": {"consent": {"replicateTo": "nats",
+                                                                  "nats": {"url": "tls://nats.nats:4222",
+                                                                           "bucket": "consent"}}}}),
+                 GATEWAY_EXPECT + MONITORING + ["Deployment"], "gateway", known_metrics, known_keys)
+    run_scenario("sidecar (examples/sidecar-nats-values.yaml: follows a NATS bucket)",
+                 load_yaml(CHART / "examples" / "sidecar-nats-values.yaml"),
+                 ["ConfigMap", "Deployment"], "sidecar", known_metrics, known_keys, namespace="apps")
     run_scenario("sidecar (examples/sidecar-values.yaml)", sidecar_example,
                  ["ConfigMap", "Deployment"] + SIDECAR_MONITORING, "sidecar", known_metrics, known_keys,
                  namespace="apps")

@@ -141,6 +141,29 @@ pub(crate) struct ParentProxy {
 pub(crate) enum SourceKind {
     File,
     Postgres,
+    /// A NATS JetStream key-value bucket (SPEC §14), read only.
+    Nats,
+}
+
+/// `consent.replicate_to`: where an owning instance mirrors its changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReplicateTo {
+    Nats,
+}
+
+/// `consent.nats`: the bucket a fleet follows (SPEC §14).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct NatsCfg {
+    /// `nats://host:port` or `tls://host:port` (comma-separated for a cluster).
+    pub(crate) url: String,
+    pub(crate) bucket: String,
+    /// A `.creds` file (JWT + NKey seed).
+    pub(crate) credentials_file: Option<PathBuf>,
+    /// PEM trust anchors for `tls://` (else the system's).
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Where a watcher's refused admin writes should go (the owner's admin
+    /// API), named in its 405 answer.
+    pub(crate) owner_admin_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -155,6 +178,8 @@ pub(crate) struct ConsentCfg {
     pub(crate) journal_previous_key_file: Option<PathBuf>,
     pub(crate) max_staleness: Duration,
     pub(crate) postgres: PostgresCfg,
+    pub(crate) nats: NatsCfg,
+    pub(crate) replicate_to: Option<ReplicateTo>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -441,6 +466,41 @@ fn check_postgres_url(v: &str) -> Result<(), String> {
         None => Ok(()),
         Some((_, m)) => PgSslMode::parse(&m).map(|_| ()),
     }
+}
+
+/// `consent.nats.url`: one or more comma-separated `nats://` or `tls://`
+/// server addresses, without a password (credentials go in
+/// `consent.nats.credentials_file`).
+fn check_nats_url(v: &str) -> Result<String, String> {
+    for one in v.split(',') {
+        let one = one.trim();
+        if !(one.starts_with("nats://") || one.starts_with("tls://")) {
+            return Err("expected nats://host:port or tls://host:port".into());
+        }
+        let u = url::Url::parse(one).map_err(|e| format!("not a valid URL: {e}"))?;
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err("the URL names no host".into());
+        }
+        if u.password().is_some() || !u.username().is_empty() {
+            return Err(
+                "credentials must not be in the URL; use consent.nats.credentials_file".into(),
+            );
+        }
+    }
+    Ok(v.trim().to_string())
+}
+
+/// A JetStream bucket name: letters, digits, `-` and `_`.
+fn check_bucket(v: &str) -> Result<String, String> {
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err("expected 1 to 64 letters, digits, '-' or '_'".into());
+    }
+    Ok(v.to_string())
 }
 
 /// One configuration error: the file, the line, the dotted key and what is wrong.
@@ -843,13 +903,76 @@ impl Reader {
                     "journal_previous_key_file",
                     "max_staleness",
                     "postgres",
+                    "nats",
+                    "replicate_to",
                 ],
             );
             let source = self.parsed(m, p, "source", SourceKind::File, |v| match v {
                 "file" => Ok(SourceKind::File),
                 "postgres" => Ok(SourceKind::Postgres),
-                _ => Err(format!("expected file or postgres, got {v:?}")),
+                "nats" => Ok(SourceKind::Nats),
+                _ => Err(format!("expected file, postgres or nats, got {v:?}")),
             });
+            let replicate_to = self.opt_parsed(m, p, "replicate_to", |v| match v {
+                "nats" => Ok(ReplicateTo::Nats),
+                _ => Err(format!("expected nats, got {v:?}")),
+            });
+            if replicate_to.is_some() && source == SourceKind::Nats {
+                let line = self.scalar(m, p, "replicate_to").map_or(0, |(_, l)| l);
+                self.err_at(
+                    line,
+                    "consent.replicate_to",
+                    "an instance whose source is nats follows the bucket; only a file or \
+                     postgres source replicates into it",
+                );
+            }
+            let nats_needed = source == SourceKind::Nats || replicate_to.is_some();
+            let nm = self.mapping(m, p, "nats");
+            if nm.is_none() && nats_needed {
+                let line = self
+                    .scalar(m, p, "source")
+                    .or_else(|| self.scalar(m, p, "replicate_to"))
+                    .map_or(0, |(_, l)| l);
+                self.err_at(line, "consent.nats", "required: url and bucket");
+            }
+            let nm = nm.unwrap_or(&empty);
+            let np = "consent.nats";
+            self.known(
+                nm,
+                np,
+                &[
+                    "url",
+                    "bucket",
+                    "credentials_file",
+                    "ca_file",
+                    "owner_admin_url",
+                ],
+            );
+            if nats_needed && !nm.is_empty() && self.scalar(nm, np, "bucket").is_none() {
+                self.err_at(line_of(nm.span()), "consent.nats.bucket", "required");
+            }
+            let nats = NatsCfg {
+                url: self.parsed(
+                    nm,
+                    np,
+                    "url",
+                    "nats://127.0.0.1:4222".into(),
+                    check_nats_url,
+                ),
+                bucket: self.parsed(nm, np, "bucket", "consent".into(), check_bucket),
+                credentials_file: self.input_file(nm, np, "credentials_file"),
+                ca_file: self.input_file(nm, np, "ca_file"),
+                owner_admin_url: self.opt_parsed(nm, np, "owner_admin_url", |v| {
+                    match url::Url::parse(v) {
+                        Ok(u)
+                            if matches!(u.scheme(), "http" | "https") && u.password().is_none() =>
+                        {
+                            Ok(v.to_string())
+                        }
+                        _ => Err("expected an http:// or https:// URL without credentials".into()),
+                    }
+                }),
+            };
             let file = if source == SourceKind::File {
                 self.input_file(m, p, "file")
                     .unwrap_or_else(|| "config/consent.example.jsonl".into())
@@ -890,6 +1013,8 @@ impl Reader {
                     at_least(v, Duration::from_secs(1))
                 }),
                 postgres,
+                nats,
+                replicate_to,
             }
         };
         let admin = {
@@ -2046,6 +2171,65 @@ mod tests {
         assert!(shown[1].starts_with("t.yaml:3: unknown_destinations:"));
         assert!(shown[2].starts_with("t.yaml:4: max_body_bytes:"));
         assert!(shown[3].starts_with("t.yaml:5: colour: unknown key"));
+    }
+
+    #[test]
+    fn nats_source_and_replicate_to() {
+        let text = "consent:\n  source: nats\n  nats:\n    url: tls://nats.internal:4222\n    bucket: consent_v1\n";
+        let c = parse(text, "t.yaml").unwrap();
+        assert_eq!(c.consent.source, SourceKind::Nats);
+        assert_eq!(c.consent.nats.url, "tls://nats.internal:4222");
+        assert_eq!(c.consent.nats.bucket, "consent_v1");
+        assert_eq!(c.consent.replicate_to, None);
+        let text = "consent:\n  source: file\n  replicate_to: nats\n  nats:\n    url: nats://a:4222, nats://b:4222\n    bucket: c\n";
+        let c = parse(text, "t.yaml").unwrap();
+        assert_eq!(c.consent.replicate_to, Some(ReplicateTo::Nats));
+        for (text, want) in [
+            (
+                "consent:\n  source: nats\n",
+                "t.yaml:2: consent.nats: required",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    url: nats://n:4222\n",
+                "t.yaml:4: consent.nats.bucket: required",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    url: http://n:4222\n    bucket: b\n",
+                "t.yaml:4: consent.nats.url: expected nats://",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    url: nats://u:pw@n:4222\n    bucket: b\n",
+                "t.yaml:4: consent.nats.url: credentials must not be in the URL",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    url: nats://n:4222\n    bucket: a.b\n",
+                "t.yaml:5: consent.nats.bucket: expected 1 to 64",
+            ),
+            (
+                "consent:\n  source: nats\n  replicate_to: nats\n  nats:\n    bucket: b\n",
+                "t.yaml:3: consent.replicate_to: an instance whose source is nats",
+            ),
+            (
+                "consent:\n  replicate_to: kafka\n",
+                "t.yaml:2: consent.replicate_to: expected nats",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    bucket: b\n    credentials_file: /nonexistent/x.creds\n",
+                "t.yaml:5: consent.nats.credentials_file: file not found",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    bucket: b\n    owner_admin_url: gateway:15000\n",
+                "t.yaml:5: consent.nats.owner_admin_url: expected an http",
+            ),
+            (
+                "consent:\n  source: nats\n  nats:\n    bucket: b\n    tls: true\n",
+                "t.yaml:5: consent.nats.tls: unknown key",
+            ),
+        ] {
+            let errs = parse(text, "t.yaml").unwrap_err();
+            let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            assert!(shown.iter().any(|e| e.starts_with(want)), "{text}: {shown:?}");
+        }
     }
 
     #[test]

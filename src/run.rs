@@ -292,6 +292,7 @@ pub fn run(explicit: Option<&Path>) -> i32 {
 enum ConsentSource {
     File(FileSourceHandle),
     Postgres(PgSourceHandle),
+    Nats(crate::consent::nats::NatsSourceHandle),
 }
 
 impl ConsentSource {
@@ -299,13 +300,14 @@ impl ConsentSource {
         match self {
             ConsentSource::File(s) => s.writer(),
             ConsentSource::Postgres(s) => s.writer(),
+            ConsentSource::Nats(s) => s.writer(),
         }
     }
 
     /// The consent version applied so far (PostgreSQL only): the sync cursor.
     fn applied_version(&self) -> Option<crate::sync::AppliedVersion> {
         match self {
-            ConsentSource::File(_) => None,
+            ConsentSource::File(_) | ConsentSource::Nats(_) => None,
             ConsentSource::Postgres(s) => Some(s.applied_version_source()),
         }
     }
@@ -340,6 +342,14 @@ async fn start_consent_source(
                 .await
                 .map(ConsentSource::Postgres)
         }
+        crate::config::SourceKind::Nats => crate::consent::nats::start(
+            cfg.consent.nats.clone(),
+            cfg.consent.max_staleness,
+            store,
+            observer,
+        )
+        .await
+        .map(ConsentSource::Nats),
     }
 }
 
@@ -489,6 +499,12 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
         }
     };
     let carrier = sync.as_ref().map(crate::sync::SyncOutbox::carrier);
+    // `consent.replicate_to: nats` observes the store from its first load too (SPEC §14).
+    let replica = cfg.consent.replicate_to.map(|_| {
+        let (r, observer) = crate::consent::nats::Replica::new(consent.clone());
+        consent.set_replica_observer(observer);
+        r
+    });
     let consent_source =
         match start_consent_source(&cfg, consent.clone(), &metrics, Access::ReadWrite).await {
             Ok(s) => s,
@@ -498,7 +514,23 @@ async fn serve(runtime: Runtime, source: ConfigSource) -> i32 {
             }
         };
     tracing::info!(records = consent.len(), "consent loaded");
+    let _replica = match replica {
+        None => None,
+        Some(r) => match crate::consent::nats::start_replica(&cfg.consent.nats, r).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(error = %e, "consent replication to NATS failed to start");
+                return 1;
+            }
+        },
+    };
     let mut api_ctx = ApiContext::new(consent.clone(), consent_source.writer(), tokens);
+    if cfg.consent.source == crate::config::SourceKind::Nats {
+        api_ctx = api_ctx.read_only(
+            &cfg.consent.nats.bucket,
+            cfg.consent.nats.owner_admin_url.as_deref(),
+        );
+    }
     if let Some(c) = &carrier {
         api_ctx = api_ctx.with_carrier(c.clone());
     }

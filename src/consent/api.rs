@@ -153,6 +153,9 @@ pub(crate) struct ApiContext {
     on_change: OnChange,
     /// The sync outbox's plaintext carrier, when `sync:` has targets.
     pub(crate) carrier: Option<Arc<dyn PlaintextCarrier>>,
+    /// Fed by this NATS bucket (SPEC §14): writes are refused with 405,
+    /// naming the owner's admin API when configured.
+    read_only: Option<(String, Option<String>)>,
 }
 
 impl ApiContext {
@@ -167,7 +170,15 @@ impl ApiContext {
             tokens: Arc::new(tokens),
             on_change: no_op_on_change(),
             carrier: None,
+            read_only: None,
         }
+    }
+
+    /// The store follows NATS bucket `bucket`: reads only; writes go to the
+    /// owner's admin API (the instance with `consent.replicate_to: nats`).
+    pub(crate) fn read_only(mut self, bucket: &str, owner_admin_url: Option<&str>) -> Self {
+        self.read_only = Some((bucket.to_string(), owner_admin_url.map(str::to_string)));
+        self
     }
 
     pub(crate) fn with_carrier(mut self, c: Arc<dyn PlaintextCarrier>) -> Self {
@@ -412,6 +423,21 @@ where
             Some(rec) => record_response(&rec),
             None => error(StatusCode::NOT_FOUND, "not_found", "no such patient"),
         };
+    }
+    if let Some((bucket, owner)) = &ctx.read_only {
+        let mut r = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({
+                "error": "read_only_replica",
+                "detail": "consent here follows a NATS bucket; write through the owner's \
+                           admin API (the instance with consent.replicate_to: nats)",
+                "writes_go_to": owner.as_deref().unwrap_or("the owner's admin API"),
+                "bucket": bucket,
+            }),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return r;
     }
     let pre = match if_match(req.headers()) {
         Ok(p) => p,

@@ -10,6 +10,7 @@ pub(crate) mod api;
 pub(crate) mod compact;
 pub(crate) mod file_source;
 pub(crate) mod journal;
+pub(crate) mod nats;
 pub(crate) mod pg_tls;
 pub(crate) mod postgres;
 pub(crate) mod record;

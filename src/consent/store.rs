@@ -299,6 +299,9 @@ pub struct ConsentStore {
     source_up: AtomicBool,
     /// The sync outbox's observer (set once, before the source loads).
     sync_observer: std::sync::OnceLock<Arc<dyn StoreObserver>>,
+    /// The NATS replica's observer (`consent.replicate_to`; set once, before
+    /// the source loads). Told of the stored form only, never plaintext.
+    replica_observer: std::sync::OnceLock<Arc<dyn StoreObserver>>,
     /// Tests: every identifier hashes to one slot, so every lookup has to be
     /// decided by verification alone.
     #[cfg(test)]
@@ -317,6 +320,7 @@ impl Default for ConsentStore {
             last_good_ms: AtomicU64::new(0),
             source_up: AtomicBool::new(false),
             sync_observer: std::sync::OnceLock::new(),
+            replica_observer: std::sync::OnceLock::new(),
             #[cfg(test)]
             collide: false,
         }
@@ -408,6 +412,12 @@ impl ConsentStore {
         let _ = self.sync_observer.set(o);
     }
 
+    /// Install the NATS replica's observer (once; later calls are ignored),
+    /// before the source loads.
+    pub(crate) fn set_replica_observer(&self, o: Arc<dyn StoreObserver>) {
+        let _ = self.replica_observer.set(o);
+    }
+
     /// The plaintext a record carries, when an observer wants it.
     fn plaintext_of(&self, rec: &ConsentRecord) -> Plaintext {
         match self.sync_observer.get() {
@@ -423,6 +433,9 @@ impl ConsentStore {
     fn observe_stored(&self, rec: &ConsentRecord, plain: &Plaintext) {
         if let Some(o) = self.sync_observer.get() {
             o.stored(rec, plain);
+        }
+        if let Some(o) = self.replica_observer.get() {
+            o.stored(rec, &Plaintext::default());
         }
     }
 
@@ -607,6 +620,9 @@ impl ConsentStore {
             }
         }
         if let Some(o) = self.sync_observer.get() {
+            o.deleted(patient_id.trim());
+        }
+        if let Some(o) = self.replica_observer.get() {
             o.deleted(patient_id.trim());
         }
         true

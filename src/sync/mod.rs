@@ -206,6 +206,13 @@ impl SyncOutbox {
                     .map_err(|e| format!("sync outbox (postgres): {e}"))?;
                 Backend::Pg(PgBackend { cfg: pgc, cursors })
             }
+            SourceKind::Nats => {
+                return Err(
+                    "sync: targets run on the instance that owns the consent source \
+                     (file or postgres), not on one that follows a NATS bucket"
+                        .into(),
+                )
+            }
         };
         let (done, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
@@ -1021,6 +1028,7 @@ pub(crate) async fn status(cfg: &Config) -> Result<serde_json::Value, String> {
             targets.extend(by.into_values());
             "postgres"
         }
+        SourceKind::Nats => "none",
     };
     let pending: i64 = targets
         .iter()

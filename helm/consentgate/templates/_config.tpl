@@ -51,6 +51,18 @@ consent:
   postgres:
     url: {{ $c.consent.postgres.url | quote }}
     password_file: {{ if eq $c.consent.source "postgres" }}/etc/consentgate/secrets/postgres/{{ $s.postgresPassword.key }}{{ else }}null{{ end }}
+{{- if or (eq $c.consent.source "nats") $c.consent.replicateTo }}
+{{- if $c.consent.replicateTo }}
+  replicate_to: {{ $c.consent.replicateTo }}
+{{- end }}
+  nats:
+    url: {{ $c.consent.nats.url | quote }}
+    bucket: {{ $c.consent.nats.bucket | quote }}
+    credentials_file: {{ if $s.natsCredentials.name }}/etc/consentgate/secrets/nats-creds/{{ $s.natsCredentials.key }}{{ else }}null{{ end }}
+{{- if $c.consent.nats.ownerAdminUrl }}
+    owner_admin_url: {{ $c.consent.nats.ownerAdminUrl | quote }}
+{{- end }}
+{{- end }}
 admin:
   tokens_file: /etc/consentgate/secrets/admin-tokens/{{ $s.adminTokens.key }}
   ready_requires_fresh_consent: {{ if $sidecar }}{{ .Values.sidecar.readyRequiresFreshConsent }}{{ else }}{{ $c.admin.readyRequiresFreshConsent }}{{ end }}

@@ -96,6 +96,9 @@ keys and malformed durations before this runs; these are the rules across keys).
 {{- if and (eq .Values.config.consent.source "postgres") (not .Values.secrets.postgresPassword.name) -}}
 {{- fail "consent.source is postgres: set secrets.postgresPassword.name" -}}
 {{- end -}}
+{{- if and (eq .Values.config.consent.source "nats") .Values.config.consent.replicateTo -}}
+{{- fail "config.consent.replicateTo: a release whose source is nats follows the bucket; set replicateTo on the gateway (source postgres or file)" -}}
+{{- end -}}
 {{- if eq .Values.config.consent.source "file" -}}
 {{- if not (or .Values.config.consent.file.existingConfigMap .Values.config.consent.file.inline) -}}
 {{- fail "config.consent.source is file but the snapshot is empty: set config.consent.file.existingConfigMap (or .inline); with no records every event would be dropped. For a shared source use config.consent.source: postgres" -}}

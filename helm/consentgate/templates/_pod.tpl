@@ -92,6 +92,11 @@ the volumes it mounts. Context: a dict with Values and Release (see _sidecar.tpl
       mountPath: /etc/consentgate/secrets/journal-key
       readOnly: true
     {{- end }}
+    {{- if .Values.secrets.natsCredentials.name }}
+    - name: consentgate-nats-creds
+      mountPath: /etc/consentgate/secrets/nats-creds
+      readOnly: true
+    {{- end }}
     {{- if eq .Values.config.consent.source "postgres" }}
     - name: consentgate-postgres
       mountPath: /etc/consentgate/secrets/postgres
@@ -156,6 +161,12 @@ container mounts them (the app gets ca.pem alone, from its own volume). */ -}}
 - name: consentgate-journal-key
   secret:
     secretName: {{ .Values.secrets.journalKey.name }}
+    defaultMode: {{ $mode }}
+{{- end }}
+{{- if .Values.secrets.natsCredentials.name }}
+- name: consentgate-nats-creds
+  secret:
+    secretName: {{ .Values.secrets.natsCredentials.name }}
     defaultMode: {{ $mode }}
 {{- end }}
 {{- if eq .Values.config.consent.source "postgres" }}

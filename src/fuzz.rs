@@ -431,7 +431,13 @@ fn holds_token(text: &str, form: &str) -> bool {
     };
     text.match_indices(form).any(|(i, m)| {
         let before = i.checked_sub(1).and_then(|j| b.get(j)).copied();
-        let after = b.get(i + m.len()).copied();
-        !before.is_some_and(glued_before) && !after.is_some_and(glued_after)
+        let end = i + m.len();
+        let after = b.get(end).copied();
+        // `deny.me@example.com.toacam` is an address at another domain; a full
+        // stop that ends a sentence is not part of the address.
+        let longer_domain = kind == 1
+            && after == Some(b'.')
+            && b.get(end + 1).is_some_and(u8::is_ascii_alphanumeric);
+        !before.is_some_and(glued_before) && !after.is_some_and(glued_after) && !longer_domain
     })
 }

@@ -155,11 +155,21 @@ fn emails(s: &str, out: &mut Vec<Found>) {
             end += 1;
         }
         let local = &s[start..at];
-        let domain = s[at + 1..end].trim_end_matches(['.', '-']);
-        let tld_ok = domain
-            .rsplit_once('.')
-            .is_some_and(|(_, tld)| tld.len() >= 2 && tld.bytes().all(|c| c.is_ascii_alphabetic()));
-        if !local.is_empty() && tld_ok {
+        let mut domain = s[at + 1..end].trim_end_matches(['.', '-']);
+        let tld_ok = |d: &str| {
+            d.rsplit_once('.').is_some_and(|(_, tld)| {
+                tld.len() >= 2 && tld.bytes().all(|c| c.is_ascii_alphabetic())
+            })
+        };
+        // `jane@example.com.n3`: labels after the address that no address ends
+        // with are text glued to it, not part of it.
+        while !tld_ok(domain) {
+            match domain.rsplit_once('.') {
+                Some((head, _)) => domain = head,
+                None => break,
+            }
+        }
+        if !local.is_empty() && tld_ok(domain) {
             out.push(Found::Email(format!("{local}@{domain}").to_lowercase()));
         }
     }
@@ -719,6 +729,13 @@ mod tests {
         ] {
             assert!(
                 found(glued).contains(&Found::Token("crm:0031x00000den".into())),
+                "{glued:?}"
+            );
+        }
+        // An address with text glued after it by a full stop (found by fuzzing).
+        for glued in ["deny.me@example.com.n3", "Deny.Me@Example.com.2&e"] {
+            assert!(
+                found(glued).contains(&Found::Email("deny.me@example.com".into())),
                 "{glued:?}"
             );
         }

@@ -313,3 +313,19 @@ async fn an_id_glued_to_other_characters_is_still_read() {
     assert_absent(&got.body, DENIED, "meta upstream bytes");
     assert_eq!(got.json()["data"].as_array().unwrap().len(), 1);
 }
+
+/// Found by fuzzing: an address with text glued after it by a full stop
+/// (`deny.me@example.com.n3`) was not read as an address at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_with_text_glued_after_it_is_still_read() {
+    let (p, up) = setup("guard-glued-address", "").await;
+    let body = json!({"data": [
+        event("jane.roe@example.com", json!({})),
+        event("jane.roe@example.com", json!({"custom_data": {"note": "cc deny.me@example.com.n3"}})),
+    ]});
+    let r = send(p.proxy, Req::post(META, EVENTS, body.to_string())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = up.last();
+    assert_absent(&got.body, DENIED, "meta upstream bytes");
+    assert_eq!(got.json()["data"].as_array().unwrap().len(), 1);
+}

@@ -117,25 +117,29 @@ fn enforce_json(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyErro
         None => return Err(missing_batch()),
     };
     let (changed, events) = enforce_calls(&mut calls, judge)?;
-    if !changed {
-        return Ok(Enforced {
-            body: None,
-            events,
-            query: None,
-        });
+    if changed {
+        let batch = match as_text {
+            true => Value::String(
+                String::from_utf8_lossy(&common::to_json(&Value::Array(calls))).into(),
+            ),
+            false => Value::Array(calls),
+        };
+        obj.insert("batch".into(), batch);
     }
-    let batch = match as_text {
-        true => {
-            Value::String(String::from_utf8_lossy(&common::to_json(&Value::Array(calls))).into())
-        }
-        false => Value::Array(calls),
-    };
-    obj.insert("batch".into(), batch);
-    Ok(Enforced {
-        body: Some(common::to_json(&root)),
+    Ok(rewritten(changed, events, || common::to_json(&root)))
+}
+
+/// The body as enforced: written again only when a call changed.
+fn rewritten(
+    changed: bool,
+    events: Vec<EventApplied>,
+    write: impl FnOnce() -> Vec<u8>,
+) -> Enforced {
+    Enforced {
+        body: changed.then(write),
         events,
         query: None,
-    })
+    }
 }
 
 fn enforce_form_body(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, BodyError> {
@@ -155,19 +159,10 @@ fn enforce_form_body(body: &[u8], judge: &mut dyn Judge) -> Result<Enforced, Bod
     };
     let mut calls = parse_calls(&pairs[i].1)?;
     let (changed, events) = enforce_calls(&mut calls, judge)?;
-    if !changed {
-        return Ok(Enforced {
-            body: None,
-            events,
-            query: None,
-        });
-    }
-    pairs[i].1 = String::from_utf8_lossy(&common::to_json(&Value::Array(calls))).into_owned();
-    Ok(Enforced {
-        body: Some(common::encode_form(&pairs)),
-        events,
-        query: None,
-    })
+    Ok(rewritten(changed, events, || {
+        pairs[i].1 = String::from_utf8_lossy(&common::to_json(&Value::Array(calls))).into_owned();
+        common::encode_form(&pairs)
+    }))
 }
 
 /// What one call is: an events call (its body), or another call that carries

@@ -43,9 +43,16 @@ fn tick_for(max_staleness: Duration) -> Duration {
 }
 /// A request to the server that takes longer counts as a failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Opening the bucket and starting a watch. Longer than a request's: when a
+/// fleet restarts at once, the server answers hundreds of consumer creations
+/// while it streams their snapshots (2-3 s each was seen with 100 watchers on
+/// 2 cores), and a timed-out attempt only adds to the herd.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const KEY_PREFIX: &str = "p.";
+/// Writes in flight while reconciling the bucket with the store.
+const RECONCILE_IN_FLIGHT: usize = 64;
 
 /// The bucket key of a patient id.
 pub(crate) fn key_of(patient_id: &str) -> String {
@@ -107,8 +114,9 @@ async fn connect(cfg: &NatsCfg) -> Result<async_nats::Client, String> {
 }
 
 async fn bucket(client: &async_nats::Client, name: &str) -> Result<Store, String> {
-    let js = async_nats::jetstream::new(client.clone());
-    match tokio::time::timeout(REQUEST_TIMEOUT, js.get_key_value(name)).await {
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(SETUP_TIMEOUT);
+    match tokio::time::timeout(SETUP_TIMEOUT, js.get_key_value(name)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("bucket {name}: {e}")),
         Err(_) => Err(format!("bucket {name}: timed out")),
@@ -117,8 +125,8 @@ async fn bucket(client: &async_nats::Client, name: &str) -> Result<Store, String
 
 /// The stream's last sequence (a round trip to the server); 0 when it holds
 /// no message at all (empty, or purged as a whole: nothing will be sent).
-async fn last_sequence(kv: &Store) -> Result<u64, String> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, kv.stream.get_info()).await {
+async fn last_sequence(kv: &Store, limit: Duration) -> Result<u64, String> {
+    match tokio::time::timeout(limit, kv.stream.get_info()).await {
         Ok(Ok(i)) if i.state.messages == 0 => Ok(0),
         Ok(Ok(i)) => Ok(i.state.last_sequence),
         Ok(Err(e)) => Err(format!("stream info: {e}")),
@@ -184,6 +192,7 @@ impl Watcher {
         };
         if changed && observe {
             (self.observer)(seconds_since(e));
+            tracing::debug!(revision = e.revision, "consent change applied");
         }
     }
 
@@ -207,7 +216,7 @@ impl Watcher {
     /// revision + 1, until it ends with an error.
     async fn session(&self, kv: &Store) -> Result<(), String> {
         let from = self.last.load(Ordering::Relaxed);
-        let seq = last_sequence(kv).await?;
+        let seq = last_sequence(kv, SETUP_TIMEOUT).await?;
         let watch = if from == 0 {
             kv.watch_with_history(">").await
         } else {
@@ -293,7 +302,7 @@ impl Watcher {
                 self.store.mark_down();
                 continue;
             };
-            match last_sequence(k).await {
+            match last_sequence(k, REQUEST_TIMEOUT).await {
                 Ok(seq) if self.last.load(Ordering::Relaxed) >= seq => self.caught_up(),
                 Ok(seq) => {
                     self.target.store(seq, Ordering::Relaxed);
@@ -433,7 +442,7 @@ impl Replica {
     /// The bucket's current entries (deleted keys left out), by key.
     async fn read_bucket(kv: &Store) -> Result<HashMap<String, Entry>, String> {
         let mut out = HashMap::new();
-        if last_sequence(kv).await? == 0 {
+        if last_sequence(kv, SETUP_TIMEOUT).await? == 0 {
             return Ok(out);
         }
         let mut w = kv
@@ -467,13 +476,30 @@ impl Replica {
         // sees at least everything before.
         drop(self.take());
         let mut bucket = Self::read_bucket(kv).await?;
-        let (mut written, mut deleted) = (0, 0);
-        for id in self.store.patient_ids() {
-            let cur = bucket.remove(&key_of(&id));
-            if self.write_one(kv, &id, cur, true).await? {
+        // The snapshot says each key's state (absent included), so no key is
+        // read again; writes are compare-and-set, so a key changed since the
+        // snapshot is read and retried. Up to RECONCILE_IN_FLIGHT at once: a
+        // million patients are a million round trips.
+        let work: Vec<(Arc<str>, Option<Entry>)> = self
+            .store
+            .patient_ids()
+            .into_iter()
+            .map(|id| {
+                let cur = bucket.remove(&key_of(&id));
+                (id, cur)
+            })
+            .collect();
+        let mut writes = futures_util::stream::iter(work)
+            .map(|(id, cur)| async move { self.write_one(kv, &id, Some(cur), true).await })
+            .buffer_unordered(RECONCILE_IN_FLIGHT);
+        let mut written = 0;
+        while let Some(r) = writes.next().await {
+            if r? {
                 written += 1;
             }
         }
+        drop(writes);
+        let mut deleted = 0;
         for (key, e) in bucket {
             match kv.delete_expect_revision(&key, Some(e.revision)).await {
                 Ok(()) => deleted += 1,
@@ -483,14 +509,15 @@ impl Replica {
         Ok((written, deleted))
     }
 
-    /// Write the store's state of one patient. `cur`: the bucket's entry if
-    /// already read. `force`: the store wins (reconciliation); else last
-    /// write wins by `updated_at`. `true` when the bucket changed.
+    /// Write the store's state of one patient. `cur`: the bucket's entry
+    /// (`Some(None)`: absent) if already read. `force`: the store wins
+    /// (reconciliation); else last write wins by `updated_at`. `true` when
+    /// the bucket changed.
     async fn write_one(
         &self,
         kv: &Store,
         patient_id: &str,
-        mut cur: Option<Entry>,
+        mut cur: Option<Option<Entry>>,
         force: bool,
     ) -> Result<bool, String> {
         let key = key_of(patient_id);
@@ -503,7 +530,7 @@ impl Replica {
         };
         for _ in 0..8 {
             let entry = match cur.take() {
-                Some(e) => Some(e),
+                Some(known) => known,
                 None => match tokio::time::timeout(REQUEST_TIMEOUT, kv.entry(key.clone())).await {
                     Ok(Ok(e)) => e,
                     Ok(Err(e)) => return Err(format!("get: {e}")),

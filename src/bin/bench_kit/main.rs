@@ -8,12 +8,14 @@
 //! bench_kit load --target plain|tls|connect --addr ADDR ...            # open-loop / saturation load
 //! bench_kit tls [--iters N] [--mints M]                                # P5: minted vs static handshakes
 //! bench_kit pgprop --url URL --admin ADDR --token T --patient ID [--n N] # PostgreSQL propagation
+//! bench_kit fanout --bin CONSENTGATE --work DIR [--watchers N] ...      # NATS fleet fan-out
 //! bench_kit crit [--warm-up-time S] [--measurement-time S] [--sample-size N] [BENCH]
 //! ```
 //!
 //! `crit` runs the same criterion benchmarks as `cargo bench` (the files in
 //! `benches/` are compiled in here as modules), with criterion's usual output.
 
+mod fanout;
 mod load;
 mod pgprop;
 mod tls;
@@ -34,7 +36,7 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_kit upstream|load|tls|pgprop|crit [args...] (see src/bin/bench_kit/main.rs)"
+        "usage: bench_kit upstream|load|tls|pgprop|fanout|crit [args...] (see src/bin/bench_kit/main.rs)"
     );
     std::process::exit(2)
 }
@@ -82,6 +84,7 @@ fn main() {
         Some("load") => load::main(),
         Some("tls") => tls::main(),
         Some("pgprop") => pgprop::main(),
+        Some("fanout") => fanout::main(),
         Some("crit") => crit(),
         _ => usage(),
     }

@@ -337,7 +337,6 @@ impl ConsentStore {
         self.records.load(Ordering::Relaxed)
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -447,6 +446,11 @@ impl ConsentStore {
         let local = sh.find_patient(s.shard, s, pid)?;
         let p = sh.blob(local).and_then(Parsed::new)?;
         Some(f(&p))
+    }
+
+    /// Whether the store holds a record of `patient_id` (no decoding).
+    pub(crate) fn contains(&self, patient_id: &str) -> bool {
+        self.with_blob(patient_id, |_| ()).is_some()
     }
 
     /// The stored record (the admin API's GET and PATCH, writers' checks).

@@ -57,7 +57,10 @@ fn args() -> Args {
     let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
-        let n = || v.parse::<usize>().unwrap_or_else(|_| panic!("{k}: a number"));
+        let n = || {
+            v.parse::<usize>()
+                .unwrap_or_else(|_| panic!("{k}: a number"))
+        };
         match k.as_str() {
             "--bin" => a.bin = PathBuf::from(&v),
             "--work" => a.work = PathBuf::from(&v),
@@ -365,7 +368,7 @@ async fn changes(a: &Args, own: &Proc, store: &kv::Store) -> Vec<(u64, i64)> {
     let mut out = Vec::with_capacity(a.changes);
     for i in 0..a.changes {
         let id = format!("P-{:08}", (i * 7919) % a.patients);
-        let value = if (i / a.patients) % 2 == 0 {
+        let value = if (i / a.patients).is_multiple_of(2) {
             "denied"
         } else {
             "granted"
@@ -444,11 +447,14 @@ async fn fleet(a: &Args, js: &jetstream::Context, nats_pid: Option<u32>) {
     let watchers: Vec<Proc> = (0..a.watchers)
         .map(|i| spawn(a, &format!("w{i:03}"), &watcher_consent(a, &bucket), log))
         .collect();
-    let mut ready = all_ready(&watchers.iter().collect::<Vec<_>>(), Duration::from_secs(600))
-        .await
-        .into_iter()
-        .map(|d| d.as_secs_f64())
-        .collect::<Vec<_>>();
+    let mut ready = all_ready(
+        &watchers.iter().collect::<Vec<_>>(),
+        Duration::from_secs(600),
+    )
+    .await
+    .into_iter()
+    .map(|d| d.as_secs_f64())
+    .collect::<Vec<_>>();
     let wall = t.elapsed().as_secs_f64();
     let nats_boot = cpu() - c0;
     println!(

@@ -6,7 +6,8 @@
 //! snapshot's record is newer than the delete), and every other record removed.
 //! A snapshot is parsed whole before anything is applied: one bad line leaves
 //! the store exactly as it was, and the error names the line and the field
-//! (never the content).
+//! (never the content). The first load into an empty store is streamed
+//! instead ([`Inner::load_first`]): a bad line there fails the start.
 //!
 //! The file is watched (its parent directory, so editors that replace the file
 //! by rename are seen), changes are debounced, and a one-second poll of the
@@ -167,7 +168,10 @@ impl Inner {
     /// parsed records are ever held whole: a million patients loaded through
     /// `apply` peaked at 2.3 times the memory they then kept, and took twice
     /// as long, most of it in malloc. A bad line empties the store again and
-    /// fails the start.
+    /// fails the start. Not used when sync targets observe the store: their
+    /// outbox queues a push for every state it is shown, and streaming shows
+    /// a patient's earlier lines (and a failed start's records) before the
+    /// final state, on every start.
     fn load_first(&self) -> Result<usize, String> {
         *lock(&self.seen) = fingerprint(&self.cfg.file).ok();
         match self.stream_in() {
@@ -408,7 +412,7 @@ pub(crate) async fn start(
     });
     let first = inner.clone();
     let n = tokio::task::spawn_blocking(move || {
-        if first.store.is_empty() {
+        if first.store.is_empty() && !first.store.feeds_sync() {
             first.load_first()
         } else {
             first.reload(false)
@@ -669,6 +673,45 @@ mod tests {
             store.get("P-1").unwrap().updated_at.to_rfc3339(),
             "2026-02-01T00:00:00+00:00"
         );
+    }
+
+    /// Records every `stored` and `deleted` call, by patient.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl crate::consent::store::StoreObserver for Seen {
+        fn stored(&self, rec: &ConsentRecord, _: &crate::consent::store::Plaintext) {
+            lock(&self.0).push(format!("stored {}", rec.patient_id));
+        }
+        fn deleted(&self, patient_id: &str) {
+            lock(&self.0).push(format!("deleted {patient_id}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn sync_targets_see_only_each_patients_final_record_on_start() {
+        // The sync outbox queues a push for every state it is shown: a
+        // patient's older line, or a record the journal replaces, must not be
+        // shown on the way to the final one (as the streamed load would).
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let line = |v: &str, day: u32| {
+            format!(
+                r#"{{"patient_id":"P-1","categories":{{"advertising":"{v}"}},"updated_at":"2026-01-{day:02}T00:00:00Z"}}"#
+            )
+        };
+        std::fs::write(
+            &c.file,
+            [line("denied", 1), line("denied", 2), B.to_string()].join("\n"),
+        )
+        .unwrap();
+        let store = Arc::new(ConsentStore::new());
+        let seen = Arc::new(Seen::default());
+        store.set_sync_observer(seen.clone());
+        let _h = start(c, store.clone(), quiet()).await.unwrap();
+        let mut calls = lock(&seen.0).clone();
+        calls.sort();
+        assert_eq!(calls, ["stored P-1", "stored P-2"]);
     }
 
     #[tokio::test]

@@ -296,7 +296,10 @@ impl Watcher {
                 continue;
             }
             if kv.is_none() {
-                kv = bucket(&self.client, &self.cfg.bucket).await.ok();
+                kv = tokio::time::timeout(REQUEST_TIMEOUT, bucket(&self.client, &self.cfg.bucket))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
             }
             let Some(k) = &kv else {
                 self.store.mark_down();

@@ -448,6 +448,12 @@ impl ConsentStore {
         Some(f(&p))
     }
 
+    /// Whether storing a record is reported to sync targets' outbox (which
+    /// queues a push for every state it sees, so it must see final states only).
+    pub(crate) fn feeds_sync(&self) -> bool {
+        self.sync_observer.get().is_some()
+    }
+
     /// Whether the store holds a record of `patient_id` (no decoding).
     pub(crate) fn contains(&self, patient_id: &str) -> bool {
         self.with_blob(patient_id, |_| ()).is_some()

@@ -79,6 +79,29 @@ fn parse_snapshot(bytes: &[u8]) -> Result<Vec<ConsentRecord>, String> {
     Ok(out)
 }
 
+/// What a journal entry does to the snapshot's record of its patient.
+enum Overlay<'j> {
+    Keep,
+    Put(&'j ConsentRecord),
+    Delete,
+}
+
+/// The journal on top of a snapshot (last write wins by `updated_at`): a
+/// journaled record replaces the snapshot's unless that one is newer; a
+/// journaled delete removes it unless it is newer than the delete.
+fn over_snapshot<'j>(entry: &'j Entry, snapshot: Option<&ConsentRecord>) -> Overlay<'j> {
+    match entry {
+        Entry::Put { record, .. } => match snapshot {
+            Some(cur) if !record.supersedes(cur) => Overlay::Keep,
+            _ => Overlay::Put(record),
+        },
+        Entry::Delete { ts, .. } if snapshot.is_some_and(|s| s.updated_at <= *ts) => {
+            Overlay::Delete
+        }
+        Entry::Delete { .. } => Overlay::Keep,
+    }
+}
+
 /// Read and parse a snapshot file; errors name the file and the line.
 pub fn load_snapshot(path: &Path) -> Result<Vec<ConsentRecord>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("consent.file {}: {e}", path.display()))?;
@@ -217,9 +240,7 @@ impl Inner {
                 .map_err(|e| err(format!("line {n}: {e}")))?;
             let id = rec.patient_id.trim();
             // A patient written twice: the later by `updated_at` wins.
-            if self.store.contains(id)
-                && self.store.get(id).is_some_and(|cur| !rec.supersedes(&cur))
-            {
+            if self.store.get(id).is_some_and(|cur| !rec.supersedes(&cur)) {
                 continue;
             }
             rec.version = journal.version_of(id);
@@ -227,19 +248,15 @@ impl Inner {
         }
         for (id, entry) in journal.state() {
             let id = id.trim();
-            let cur = self.store.get(id);
-            match entry {
-                Entry::Put { record, .. } => {
-                    if cur.is_none_or(|c| record.supersedes(&c)) {
-                        let mut rec = (**record).clone();
-                        rec.version = journal.version_of(id);
-                        self.store.put(rec);
-                    }
+            match over_snapshot(entry, self.store.get(id).as_deref()) {
+                Overlay::Keep => {}
+                Overlay::Put(r) => {
+                    let mut rec = r.clone();
+                    rec.version = journal.version_of(id);
+                    self.store.put(rec);
                 }
-                Entry::Delete { ts, .. } => {
-                    if cur.is_some_and(|c| c.updated_at <= *ts) {
-                        self.store.delete(id);
-                    }
+                Overlay::Delete => {
+                    self.store.delete(id);
                 }
             }
         }
@@ -262,17 +279,13 @@ impl Inner {
         }
         for (id, entry) in journal.state() {
             let id = id.trim();
-            match entry {
-                Entry::Put { record, .. } => match winners.get(id) {
-                    Some(cur) if !record.supersedes(cur) => {}
-                    _ => {
-                        winners.insert(id.to_string(), (**record).clone());
-                    }
-                },
-                Entry::Delete { ts, .. } => {
-                    if winners.get(id).is_some_and(|s| s.updated_at <= *ts) {
-                        winners.remove(id);
-                    }
+            match over_snapshot(entry, winners.get(id)) {
+                Overlay::Keep => {}
+                Overlay::Put(r) => {
+                    winners.insert(id.to_string(), r.clone());
+                }
+                Overlay::Delete => {
+                    winners.remove(id);
                 }
             }
         }

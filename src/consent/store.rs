@@ -454,11 +454,6 @@ impl ConsentStore {
         self.sync_observer.get().is_some()
     }
 
-    /// Whether the store holds a record of `patient_id` (no decoding).
-    pub(crate) fn contains(&self, patient_id: &str) -> bool {
-        self.with_blob(patient_id, |_| ()).is_some()
-    }
-
     /// The stored record (the admin API's GET and PATCH, writers' checks).
     pub(crate) fn get(&self, patient_id: &str) -> Option<Arc<ConsentRecord>> {
         self.with_blob(patient_id, |p| p.record(&self.interner))
